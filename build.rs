@@ -1,0 +1,13 @@
+//! Compiles `proto/` with the vendored protoc, so `cargo build` needs nothing from apt.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["proto/artisync/v1/sync.proto", "proto/artisync/v1/admin.proto"],
+        &["proto"],
+    )?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

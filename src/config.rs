@@ -1,0 +1,593 @@
+//! The TOML configuration: serde structs with defaults, and `validate()`, which names the
+//! offending key. Nothing is touched on disk before a config has validated.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, always naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole agent configuration (`artisync run --config FILE`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Unique human name of this node in the cluster (logs, status, conflict copy names).
+    pub node: String,
+    /// gRPC listen address for peers and the health probe.
+    pub listen: SocketAddr,
+    /// Directory for the index, node id, conflict copies and the admin socket.
+    pub state_dir: PathBuf,
+    /// Allow plaintext peer connections to non-loopback addresses.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Mutual TLS between peers.
+    pub tls: Option<TlsConfig>,
+    /// Full rescan of every folder as a backstop for missed watcher events, in seconds.
+    #[serde(default = "default_rescan_interval_secs")]
+    pub rescan_interval_secs: u64,
+    /// Quiet time after a file event with no close-after-write before the path is shipped, ms.
+    #[serde(default = "default_quiet_period_ms")]
+    pub quiet_period_ms: u64,
+    /// A file written to but never closed is shipped after this much quiet time anyway, ms.
+    #[serde(default = "default_open_write_hold_ms")]
+    pub open_write_hold_ms: u64,
+    /// How long deletions are remembered, in days.
+    #[serde(default = "default_tombstone_ttl_days")]
+    pub tombstone_ttl_days: u64,
+    /// Files up to this size travel inline with their index record; larger ones are fetched.
+    #[serde(default = "default_inline_max_bytes")]
+    pub inline_max_bytes: u64,
+    #[serde(default, rename = "folder")]
+    pub folders: Vec<FolderConfig>,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerConfig>,
+    /// DB-backed artifact retrieval (validated here; served by the retriever).
+    pub retriever: Option<RetrieverConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate (PEM) that signs every peer's certificate.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FolderConfig {
+    /// Folder id, the same on every node (e.g. `synapse-configs`).
+    pub id: String,
+    /// Local root directory of the folder.
+    pub path: PathBuf,
+    /// Extra glob patterns (relative to the root) that are never synced.
+    #[serde(default)]
+    pub ignore: Vec<String>,
+    /// Hold `*.xml` files that are not well-formed instead of shipping them.
+    #[serde(default = "default_true")]
+    pub xml_gate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The peer's node name (as in its own `node` key).
+    pub name: String,
+    /// `http://host:port` (plaintext) or `https://host:port` (TLS).
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrieverConfig {
+    /// `db` (this node reads the database) or `hub` (it asks an agent that does).
+    #[serde(default = "default_retriever_kind")]
+    pub artifact_retriever: String,
+    /// Folder id that artifacts deploy into.
+    #[serde(default = "default_retriever_folder")]
+    pub folder: String,
+    /// `sqlite://...`, `postgres://...` or `mysql://...` (mode `db`).
+    pub database_url: Option<String>,
+    /// Address of the hub agent (mode `hub`).
+    pub hub: Option<String>,
+    /// Labels this node deploys.
+    #[serde(default)]
+    pub gateway_labels: Vec<String>,
+    /// First retry delay in ms; doubles per failure, capped at one hour.
+    #[serde(default = "default_retry_ms")]
+    pub deployment_retry_duration: u64,
+    #[serde(default = "default_max_retry_count")]
+    pub max_retry_count: u32,
+    /// `sync` (health NOT_SERVING until the start-up deploy is done) or `async`.
+    #[serde(default = "default_retrieval_mode")]
+    pub data_retrieval_mode: String,
+    /// Wait after an event before fetching, in ms.
+    #[serde(default = "default_event_waiting_time")]
+    pub event_waiting_time: u64,
+    /// Full reconcile against the DB, in seconds.
+    #[serde(default = "default_reconcile_interval")]
+    pub reconcile_interval: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_rescan_interval_secs() -> u64 {
+    3600
+}
+fn default_quiet_period_ms() -> u64 {
+    25
+}
+fn default_open_write_hold_ms() -> u64 {
+    10_000
+}
+fn default_tombstone_ttl_days() -> u64 {
+    30
+}
+fn default_inline_max_bytes() -> u64 {
+    256 * 1024
+}
+fn default_retriever_kind() -> String {
+    "db".into()
+}
+fn default_retriever_folder() -> String {
+    "synapse-configs".into()
+}
+fn default_retry_ms() -> u64 {
+    15_000
+}
+fn default_max_retry_count() -> u32 {
+    5
+}
+fn default_retrieval_mode() -> String {
+    "async".into()
+}
+fn default_event_waiting_time() -> u64 {
+    1
+}
+fn default_reconcile_interval() -> u64 {
+    300
+}
+
+/// Longest allowed inline size: one gRPC message must stay well under tonic's 4 MiB default.
+const INLINE_MAX_LIMIT: u64 = 1024 * 1024;
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `origin` is only used in messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything serde cannot: names, paths, addresses, cross-references.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_name(&self.node) {
+            return Err(invalid(
+                "node",
+                format!(
+                    "{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                    self.node
+                ),
+            ));
+        }
+        if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        if !self.insecure && self.tls.is_none() && !self.listen.ip().is_loopback() {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{} is not a loopback address: configure [tls] or set insecure = true",
+                    self.listen
+                ),
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            for (key, p) in [("tls.ca", &tls.ca), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if !p.is_file() {
+                    return Err(invalid(key, format!("{} is not a readable file", p.display())));
+                }
+            }
+        }
+        if self.quiet_period_ms == 0 || self.quiet_period_ms > 60_000 {
+            return Err(invalid("quiet_period_ms", "must be between 1 and 60000"));
+        }
+        if self.rescan_interval_secs == 0 {
+            return Err(invalid("rescan_interval_secs", "must be at least 1"));
+        }
+        if self.inline_max_bytes > INLINE_MAX_LIMIT {
+            return Err(invalid(
+                "inline_max_bytes",
+                format!("must be at most {INLINE_MAX_LIMIT}"),
+            ));
+        }
+        self.validate_folders()?;
+        self.validate_peers()?;
+        if let Some(r) = &self.retriever {
+            r.validate(self)?;
+        }
+        Ok(())
+    }
+
+    fn validate_folders(&self) -> Result<(), ConfigError> {
+        if self.folders.is_empty() && self.retriever.is_none() {
+            return Err(invalid("folder", "at least one [[folder]] is required"));
+        }
+        let mut ids = HashSet::new();
+        let mut roots: Vec<(&str, PathBuf)> = Vec::new();
+        for (i, f) in self.folders.iter().enumerate() {
+            let key = format!("folder[{i}]");
+            if !valid_name(&f.id) {
+                return Err(invalid(
+                    format!("{key}.id"),
+                    format!("{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'", f.id),
+                ));
+            }
+            if !ids.insert(f.id.as_str()) {
+                return Err(invalid(format!("{key}.id"), format!("duplicate folder id {:?}", f.id)));
+            }
+            if !f.path.is_absolute() {
+                return Err(invalid(
+                    format!("{key}.path"),
+                    format!("{} must be an absolute path", f.path.display()),
+                ));
+            }
+            let meta = std::fs::symlink_metadata(&f.path).map_err(|e| {
+                invalid(format!("{key}.path"), format!("{}: {e}", f.path.display()))
+            })?;
+            if !meta.is_dir() {
+                return Err(invalid(
+                    format!("{key}.path"),
+                    format!("{} is not a directory", f.path.display()),
+                ));
+            }
+            let canonical = f.path.canonicalize().map_err(|e| {
+                invalid(format!("{key}.path"), format!("{}: {e}", f.path.display()))
+            })?;
+            for (other, other_root) in &roots {
+                if canonical.starts_with(other_root) || other_root.starts_with(&canonical) {
+                    return Err(invalid(
+                        format!("{key}.path"),
+                        format!("overlaps the path of folder {other:?}"),
+                    ));
+                }
+            }
+            if let Ok(state) = self.state_dir.canonicalize() {
+                if state.starts_with(&canonical) {
+                    return Err(invalid(
+                        "state_dir",
+                        format!("must not lie inside folder {:?}", f.id),
+                    ));
+                }
+            }
+            for (j, pattern) in f.ignore.iter().enumerate() {
+                globset::Glob::new(pattern).map_err(|e| {
+                    invalid(format!("{key}.ignore[{j}]"), format!("bad glob {pattern:?}: {e}"))
+                })?;
+            }
+            roots.push((&f.id, canonical));
+        }
+        Ok(())
+    }
+
+    fn validate_peers(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let key = format!("peer[{i}]");
+            if !valid_name(&p.name) {
+                return Err(invalid(format!("{key}.name"), format!("{:?} is not a valid node name", p.name)));
+            }
+            if p.name == self.node {
+                return Err(invalid(format!("{key}.name"), "a node cannot be its own peer"));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(format!("{key}.name"), format!("duplicate peer {:?}", p.name)));
+            }
+            let Some(address) = &p.address else {
+                return Err(invalid(format!("{key}.address"), format!("peer {:?} has no address", p.name)));
+            };
+            self.check_address(&format!("{key}.address"), address)?;
+        }
+        Ok(())
+    }
+
+    /// An `http://` or `https://` address with a host and port; plaintext only on loopback
+    /// unless `insecure`, TLS only with `[tls]`.
+    pub fn check_address(&self, key: &str, address: &str) -> Result<(), ConfigError> {
+        let (secure, host) = parse_peer_address(address).map_err(|p| invalid(key, p))?;
+        if secure && self.tls.is_none() {
+            return Err(invalid(key, format!("{address} uses https but there is no [tls] section")));
+        }
+        if !secure && !self.insecure && !host_is_loopback(&host) {
+            return Err(invalid(
+                key,
+                format!("{address} is plaintext to a non-loopback host: use https with [tls], or set insecure = true"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn rescan_interval(&self) -> Duration {
+        Duration::from_secs(self.rescan_interval_secs)
+    }
+
+    pub fn quiet_period(&self) -> Duration {
+        Duration::from_millis(self.quiet_period_ms)
+    }
+
+    pub fn open_write_hold(&self) -> Duration {
+        Duration::from_millis(self.open_write_hold_ms)
+    }
+
+    pub fn tombstone_ttl(&self) -> Duration {
+        Duration::from_secs(self.tombstone_ttl_days * 24 * 3600)
+    }
+
+    pub fn folder(&self, id: &str) -> Option<&FolderConfig> {
+        self.folders.iter().find(|f| f.id == id)
+    }
+
+    /// Path of the admin socket in `state_dir`.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir.join("admin.sock")
+    }
+}
+
+impl RetrieverConfig {
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        match self.artifact_retriever.as_str() {
+            "db" => {
+                let Some(url) = &self.database_url else {
+                    return Err(invalid("retriever.database_url", "required when artifact_retriever = \"db\""));
+                };
+                let scheme = url.split(':').next().unwrap_or_default();
+                if !matches!(scheme, "sqlite" | "postgres" | "postgresql" | "mysql" | "mariadb") {
+                    return Err(invalid(
+                        "retriever.database_url",
+                        "must start with sqlite:, postgres://, postgresql:// or mysql://",
+                    ));
+                }
+            }
+            "hub" => {
+                let Some(hub) = &self.hub else {
+                    return Err(invalid("retriever.hub", "required when artifact_retriever = \"hub\""));
+                };
+                config.check_address("retriever.hub", hub)?;
+            }
+            other => {
+                return Err(invalid(
+                    "retriever.artifact_retriever",
+                    format!("{other:?} must be \"db\" or \"hub\""),
+                ));
+            }
+        }
+        if config.folder(&self.folder).is_none() {
+            return Err(invalid(
+                "retriever.folder",
+                format!("no [[folder]] has id {:?}", self.folder),
+            ));
+        }
+        if !matches!(self.data_retrieval_mode.as_str(), "sync" | "async") {
+            return Err(invalid("retriever.data_retrieval_mode", "must be \"sync\" or \"async\""));
+        }
+        if self.gateway_labels.iter().any(|l| l.trim().is_empty()) {
+            return Err(invalid("retriever.gateway_labels", "labels must not be empty"));
+        }
+        if self.deployment_retry_duration == 0 {
+            return Err(invalid("retriever.deployment_retry_duration", "must be at least 1 ms"));
+        }
+        Ok(())
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Splits a peer address into (uses TLS, host). Errors name the problem.
+pub fn parse_peer_address(address: &str) -> Result<(bool, String), String> {
+    let (secure, rest) = if let Some(r) = address.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = address.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("{address:?} must start with http:// or https://"));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+        return Err(format!("{address:?} must be scheme://host:port with no path"));
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (h, p) = bracketed
+            .split_once("]:")
+            .ok_or_else(|| format!("{address:?}: expected [ipv6]:port"))?;
+        (h.to_owned(), p)
+    } else {
+        let (h, p) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{address:?} has no port"))?;
+        (h.to_owned(), p)
+    };
+    if host.is_empty() {
+        return Err(format!("{address:?} has no host"));
+    }
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{address:?} has an invalid port {port:?}"))?;
+    Ok((secure, host))
+}
+
+fn host_is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(dir: &Path) -> String {
+        format!(
+            "node = \"gw1\"\nlisten = \"127.0.0.1:7701\"\nstate_dir = \"{}/state\"\n\n[[folder]]\nid = \"synapse-configs\"\npath = \"{}\"\n",
+            dir.display(),
+            dir.join("sc").display()
+        )
+    }
+
+    fn setup() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("sc")).expect("mkdir");
+        dir
+    }
+
+    fn err_of(text: &str) -> String {
+        match Config::parse(text, Path::new("test.toml")) {
+            Ok(_) => panic!("config should have been refused:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let dir = setup();
+        let c = Config::parse(&base(dir.path()), Path::new("t")).expect("valid");
+        assert_eq!(c.quiet_period_ms, 25);
+        assert_eq!(c.rescan_interval_secs, 3600);
+        assert_eq!(c.folders[0].id, "synapse-configs");
+        assert!(c.folders[0].xml_gate);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = setup();
+        let e = err_of(&format!("{}colour = \"blue\"\n", base(dir.path())));
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn missing_folder_path_is_named() {
+        let dir = setup();
+        let text = base(dir.path()).replace("/sc\"", "/nope\"");
+        let e = err_of(&text);
+        assert!(e.contains("folder[0].path") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_folder_id_is_named() {
+        let dir = setup();
+        std::fs::create_dir(dir.path().join("ep")).expect("mkdir");
+        let e = err_of(&format!(
+            "{}\n[[folder]]\nid = \"synapse-configs\"\npath = \"{}\"\n",
+            base(dir.path()),
+            dir.path().join("ep").display()
+        ));
+        assert!(e.contains("folder[1].id") && e.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn peer_problems_are_named() {
+        let dir = setup();
+        let b = base(dir.path());
+        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw2\"\n"));
+        assert!(e.contains("peer[0].address"), "{e}");
+        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw2\"\naddress = \"gw2:7701\"\n"));
+        assert!(e.contains("http://"), "{e}");
+        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw2\"\naddress = \"http://10.1.2.3:7701\"\n"));
+        assert!(e.contains("non-loopback"), "{e}");
+        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw2\"\naddress = \"http://127.0.0.1:x\"\n"));
+        assert!(e.contains("invalid port"), "{e}");
+        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw1\"\naddress = \"http://127.0.0.1:1\"\n"));
+        assert!(e.contains("own peer"), "{e}");
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_tls_or_insecure() {
+        let dir = setup();
+        let text = base(dir.path()).replace("127.0.0.1:7701", "0.0.0.0:7701");
+        assert!(err_of(&text).contains("`listen`"));
+        let ok = text.replace("node = \"gw1\"", "node = \"gw1\"\ninsecure = true");
+        Config::parse(&ok, Path::new("t")).expect("insecure allows it");
+    }
+
+    #[test]
+    fn bad_ignore_glob_and_overlapping_folders_are_named() {
+        let dir = setup();
+        let e = err_of(&format!("{}ignore = [\"a[\"]\n", base(dir.path())));
+        assert!(e.contains("folder[0].ignore[0]"), "{e}");
+        std::fs::create_dir(dir.path().join("sc/inner")).expect("mkdir");
+        let e = err_of(&format!(
+            "{}\n[[folder]]\nid = \"inner\"\npath = \"{}\"\n",
+            base(dir.path()),
+            dir.path().join("sc/inner").display()
+        ));
+        assert!(e.contains("overlaps"), "{e}");
+    }
+
+    #[test]
+    fn retriever_is_validated() {
+        let dir = setup();
+        let b = base(dir.path());
+        let e = err_of(&format!("{b}\n[retriever]\nartifact_retriever = \"db\"\n"));
+        assert!(e.contains("retriever.database_url"), "{e}");
+        let e = err_of(&format!("{b}\n[retriever]\ndatabase_url = \"oracle://x\"\n"));
+        assert!(e.contains("retriever.database_url"), "{e}");
+        let e = err_of(&format!("{b}\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\nfolder = \"nope\"\n"));
+        assert!(e.contains("retriever.folder"), "{e}");
+    }
+
+    #[test]
+    fn example_config_in_repo_parses_after_path_substitution() {
+        let dir = setup();
+        std::fs::create_dir(dir.path().join("ep")).expect("mkdir");
+        let text = include_str!("../examples/gw1.toml")
+            .replace("/opt/wso2am/repository/deployment/server/synapse-configs", &dir.path().join("sc").display().to_string())
+            .replace("/opt/wso2am/repository/deployment/server/executionplans", &dir.path().join("ep").display().to_string());
+        let c = Config::parse(&text, Path::new("examples/gw1.toml")).expect("example is valid");
+        assert_eq!(c.folders.len(), 2);
+        assert_eq!(c.peers.len(), 1);
+    }
+}

@@ -1,0 +1,313 @@
+//! Watching a folder with inotify (via `notify`). The watcher is a hint, the scanner the truth:
+//! every event only names a path for the engine to look at, and anything that may have lost
+//! events (queue overflow, watcher error, the root itself moving) asks for a full rescan.
+//!
+//! A path is handed on when its writer closes it (close-after-write), or after a quiet period
+//! when no close can be expected (create, rename, delete, chmod). A file that was written to
+//! but not closed yet is held until its close, or until `open_write_hold` of quiet has passed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::RelPath;
+
+use super::ignore::Ignore;
+
+/// Raw events buffered between the notify thread and the debouncer; past this, a rescan.
+const RAW_QUEUE: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(
+        "cannot watch {path}: the inotify watch limit is reached; raise fs.inotify.max_user_watches (sysctl) and restart"
+    )]
+    TooManyWatches { path: PathBuf },
+    #[error("cannot watch {path}: {source}")]
+    Notify { path: PathBuf, source: notify::Error },
+}
+
+/// What the watcher hands to the folder engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Look at these paths.
+    Paths(Vec<RelPath>),
+    /// Events may have been lost, or the root changed: walk the whole folder.
+    Rescan,
+}
+
+#[derive(Debug)]
+enum Raw {
+    /// A path changed; `written` when data was written, `closed` on close-after-write.
+    Path { path: PathBuf, written: bool, closed: bool },
+    Rescan,
+}
+
+/// Converts one notify event into raw items (pure; unit-tested).
+fn convert(event: &notify::Event) -> Vec<Raw> {
+    if event.need_rescan() || matches!(event.kind, EventKind::Other) {
+        return vec![Raw::Rescan];
+    }
+    let (written, closed) = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => (false, true),
+        // Opens and reads change nothing.
+        EventKind::Access(_) => return Vec::new(),
+        EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any) => (true, false),
+        _ => (false, false),
+    };
+    event
+        .paths
+        .iter()
+        .map(|p| Raw::Path {
+            path: p.clone(),
+            written,
+            closed,
+        })
+        .collect()
+}
+
+/// Watches `root` until `cancel`, sending batches of changed paths to `out`.
+pub struct FolderWatcher {
+    _watcher: RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FolderWatcher {
+    pub fn start(
+        root: &Path,
+        ignore: Ignore,
+        quiet: Duration,
+        open_write_hold: Duration,
+        out: mpsc::Sender<Change>,
+        cancel: CancellationToken,
+    ) -> Result<Self, WatchError> {
+        let (tx, rx) = mpsc::channel::<Raw>(RAW_QUEUE);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let flag = overflow.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let items = match res {
+                Ok(event) => convert(&event),
+                Err(_) => vec![Raw::Rescan],
+            };
+            for item in items {
+                if tx.try_send(item).is_err() {
+                    flag.store(true, Ordering::Release);
+                }
+            }
+        })
+        .map_err(|source| watch_error(root, source))?;
+        watcher
+            .watch(root, RecursiveMode::Recursive)
+            .map_err(|source| watch_error(root, source))?;
+        let debouncer = Debouncer {
+            root: root.to_owned(),
+            ignore,
+            quiet,
+            open_write_hold,
+            pending: HashMap::new(),
+            overflow,
+        };
+        let task = tokio::spawn(debouncer.run(rx, out, cancel));
+        Ok(Self {
+            _watcher: watcher,
+            task,
+        })
+    }
+
+    /// Waits for the debouncer to stop (after cancel).
+    pub async fn join(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "watcher task failed");
+        }
+    }
+}
+
+fn watch_error(root: &Path, source: notify::Error) -> WatchError {
+    let no_space = matches!(&source.kind, notify::ErrorKind::Io(e) if e.raw_os_error() == Some(nix::libc::ENOSPC))
+        || matches!(source.kind, notify::ErrorKind::MaxFilesWatch);
+    if no_space {
+        WatchError::TooManyWatches {
+            path: root.to_owned(),
+        }
+    } else {
+        WatchError::Notify {
+            path: root.to_owned(),
+            source,
+        }
+    }
+}
+
+struct Pending {
+    due: Instant,
+}
+
+struct Debouncer {
+    root: PathBuf,
+    ignore: Ignore,
+    quiet: Duration,
+    open_write_hold: Duration,
+    pending: HashMap<RelPath, Pending>,
+    overflow: Arc<AtomicBool>,
+}
+
+impl Debouncer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Raw>, out: mpsc::Sender<Change>, cancel: CancellationToken) {
+        loop {
+            let next_due = self.pending.values().map(|p| p.due).min();
+            let sleep = async {
+                match next_due {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                item = rx.recv() => {
+                    let Some(item) = item else { return };
+                    let mut rescan = matches!(item, Raw::Rescan);
+                    self.take(item, &mut rescan);
+                    // Drain what is already queued so a burst becomes one batch.
+                    while let Ok(item) = rx.try_recv() {
+                        if matches!(item, Raw::Rescan) { rescan = true; }
+                        self.take(item, &mut rescan);
+                    }
+                    if self.overflow.swap(false, Ordering::AcqRel) {
+                        tracing::warn!(root = %self.root.display(), "watch queue overflowed; rescanning");
+                        rescan = true;
+                    }
+                    if rescan {
+                        self.pending.clear();
+                        if out.send(Change::Rescan).await.is_err() { return; }
+                    }
+                }
+                _ = sleep => {}
+            }
+            let now = Instant::now();
+            let mut ready: Vec<RelPath> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.due <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            if !ready.is_empty() {
+                for k in &ready {
+                    self.pending.remove(k);
+                }
+                ready.sort();
+                if out.send(Change::Paths(ready)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, item: Raw, rescan: &mut bool) {
+        let Raw::Path { path, written, closed } = item else {
+            return;
+        };
+        let Ok(rel) = path.strip_prefix(&self.root) else {
+            return;
+        };
+        if rel.as_os_str().is_empty() {
+            // The root itself was deleted, moved or changed: only a full look can tell.
+            *rescan = true;
+            return;
+        }
+        let rel = match rel.to_str().map(RelPath::new) {
+            Some(Ok(r)) => r,
+            _ => {
+                tracing::warn!(path = %path.display(), "skipping a path that is not valid UTF-8 or not a valid relative path");
+                return;
+            }
+        };
+        if self.ignore.is_ignored(&rel) {
+            return;
+        }
+        let now = Instant::now();
+        let due = if closed {
+            now
+        } else if written {
+            now + self.open_write_hold
+        } else {
+            now + self.quiet
+        };
+        match self.pending.get_mut(&rel) {
+            // A close makes it ready now; otherwise a newer event can only push the deadline
+            // (a write extends a pending quiet period to the open-write hold).
+            Some(p) if closed => p.due = now,
+            Some(p) => p.due = p.due.max(due),
+            None => {
+                self.pending.insert(rel, Pending { due });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange};
+
+    fn ev(kind: EventKind, p: &str) -> notify::Event {
+        notify::Event::new(kind).add_path(PathBuf::from(p))
+    }
+
+    #[test]
+    fn convert_classifies_events() {
+        let close = convert(&ev(EventKind::Access(AccessKind::Close(AccessMode::Write)), "/r/a"));
+        assert!(matches!(&close[..], [Raw::Path { closed: true, written: false, .. }]));
+        let write = convert(&ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/r/a"));
+        assert!(matches!(&write[..], [Raw::Path { closed: false, written: true, .. }]));
+        let create = convert(&ev(EventKind::Create(CreateKind::File), "/r/a"));
+        assert!(matches!(&create[..], [Raw::Path { closed: false, written: false, .. }]));
+        assert!(convert(&ev(EventKind::Access(AccessKind::Open(AccessMode::Any)), "/r/a")).is_empty());
+        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert!(matches!(&convert(&overflow)[..], [Raw::Rescan]));
+    }
+
+    fn debouncer(root: &str) -> Debouncer {
+        Debouncer {
+            root: PathBuf::from(root),
+            ignore: Ignore::new(&[]).expect("ignore"),
+            quiet: Duration::from_millis(25),
+            open_write_hold: Duration::from_secs(10),
+            pending: HashMap::new(),
+            overflow: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_written_file_waits_for_its_close_and_a_quiet_one_for_the_quiet_period() {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, mut out) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(debouncer("/r").run(rx, out_tx, cancel.clone()));
+        let raw = |p: &str, written, closed| Raw::Path { path: PathBuf::from(p), written, closed };
+        tx.send(raw("/r/slow.siddhiql", true, false)).await.expect("send");
+        tx.send(raw("/r/created", false, false)).await.expect("send");
+        tx.send(raw("/r/x.swp", true, true)).await.expect("send");
+        // The quiet one comes after 25 ms; the open one is still held.
+        let first = out.recv().await.expect("batch");
+        assert_eq!(first, Change::Paths(vec![RelPath::new("created").expect("valid")]));
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tx.send(raw("/r/slow.siddhiql", false, true)).await.expect("send");
+        let second = out.recv().await.expect("batch");
+        assert_eq!(second, Change::Paths(vec![RelPath::new("slow.siddhiql").expect("valid")]));
+        assert!(Instant::now() - t0 < Duration::from_secs(6), "released at its close, not at the hold");
+        tx.send(Raw::Rescan).await.expect("send");
+        assert_eq!(out.recv().await, Some(Change::Rescan));
+        tx.send(raw("/r", false, false)).await.expect("send");
+        assert_eq!(out.recv().await, Some(Change::Rescan), "an event on the root itself rescans");
+        cancel.cancel();
+        task.await.expect("join");
+    }
+}

@@ -1,0 +1,42 @@
+//! artisync keeps the artifact folders of an API-gateway cluster identical, without NFS or
+//! rsync: every node runs one agent that watches its folders, and agents replicate changes
+//! among each other over gRPC with version vectors and deterministic conflict resolution.
+//!
+//! # Layout
+//! - [`model`]: the pure core: paths, version vectors, records, the replica state machine.
+//! - [`store`]: the crash-safe local index (SQLite, WAL).
+//! - [`fs`]: scan + hash, watch, safe batched apply, ignore rules, the XML gate.
+//! - [`engine`]: one task per folder that owns its replica and wires the edges to the model.
+//! - [`net`]: the peer gRPC service and the client sessions to each peer.
+//! - [`admin`]: the local admin service on a unix socket (status, conflicts, resume).
+//! - [`daemon`]: starts everything, health service, systemd notify, graceful shutdown.
+//! - [`demo`]: a three-node cluster on loopback.
+//! - [`config`]: the TOML configuration and its validation.
+
+pub mod admin;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod engine;
+pub mod fs;
+pub mod model;
+pub mod net;
+pub mod store;
+
+/// Generated protobuf/gRPC code. Never leaks past `net` and `admin`.
+pub mod pb {
+    pub mod sync {
+        tonic::include_proto!("artisync.v1");
+    }
+    pub mod admin {
+        tonic::include_proto!("artisync.admin.v1");
+    }
+}
+
+/// Milliseconds since the Unix epoch: the one place the wall clock is read for the model.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,15 @@
+//! The pure core: paths, versions, records and the replica state machine. No I/O, no clock
+//! reads; everything that acts on the world lives in `fs`, `store` and `net`.
+
+mod path;
+mod record;
+mod replica;
+mod version;
+
+pub use path::{MAX_PATH_BYTES, PathError, RelPath};
+pub use record::{FileRecord, Hash, Kind, Observed};
+pub use replica::{Decision, Replica};
+pub use version::{Causality, Hlc, NodeId, Stamp, VersionVector};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+//! Version vectors, node ids and modification stamps.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Random, stable identity of a node (kept in `state_dir`). Ties between concurrent writes with
+/// the same clock value are broken by the larger node id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// How two version vectors relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Causality {
+    Equal,
+    /// `self` happened before `other` (other dominates).
+    Before,
+    /// `self` happened after `other` (self dominates).
+    After,
+    Concurrent,
+}
+
+/// Per-node counters of the writes a version has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VersionVector(BTreeMap<NodeId, u64>);
+
+impl VersionVector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn from_entries(entries: impl IntoIterator<Item = (NodeId, u64)>) -> Self {
+        Self(entries.into_iter().filter(|(_, c)| *c > 0).collect())
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+        self.0.iter().map(|(n, c)| (*n, *c))
+    }
+
+    pub fn get(&self, node: NodeId) -> u64 {
+        self.0.get(&node).copied().unwrap_or(0)
+    }
+
+    /// Records one more write by `node`.
+    pub fn bump(&mut self, node: NodeId) {
+        *self.0.entry(node).or_insert(0) += 1;
+    }
+
+    /// Pointwise maximum: the result dominates (or equals) both.
+    pub fn merge(&mut self, other: &VersionVector) {
+        for (node, counter) in &other.0 {
+            let c = self.0.entry(*node).or_insert(0);
+            *c = (*c).max(*counter);
+        }
+    }
+
+    pub fn merged(&self, other: &VersionVector) -> VersionVector {
+        let mut v = self.clone();
+        v.merge(other);
+        v
+    }
+
+    pub fn compare(&self, other: &VersionVector) -> Causality {
+        let mut less = false;
+        let mut greater = false;
+        let nodes = self.0.keys().chain(other.0.keys());
+        for node in nodes {
+            match self.get(*node).cmp(&other.get(*node)) {
+                Ordering::Less => less = true,
+                Ordering::Greater => greater = true,
+                Ordering::Equal => {}
+            }
+        }
+        match (less, greater) {
+            (false, false) => Causality::Equal,
+            (true, false) => Causality::Before,
+            (false, true) => Causality::After,
+            (true, true) => Causality::Concurrent,
+        }
+    }
+}
+
+impl fmt::Display for VersionVector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(n, c)| format!("{n}:{c}")).collect();
+        write!(f, "{{{}}}", parts.join(","))
+    }
+}
+
+/// Modification stamp of a write: hybrid logical clock value and the writer. Totally ordered;
+/// two different writes never share a stamp, so "later stamp wins" is deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Stamp {
+    pub hlc: u64,
+    pub node: NodeId,
+}
+
+impl fmt::Display for Stamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.hlc, self.node)
+    }
+}
+
+/// Bits of an HLC value kept for the logical counter under the millisecond wall time.
+const HLC_LOGICAL_BITS: u32 = 16;
+
+/// Hybrid logical clock: never goes backwards, moves past every stamp it has seen, and tracks
+/// wall time in milliseconds when clocks agree. The wall time is an input, never read here.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hlc {
+    last: u64,
+}
+
+impl Hlc {
+    /// A stamp value for a new local event at wall time `now_ms`.
+    pub fn tick(&mut self, now_ms: u64) -> u64 {
+        let physical = now_ms << HLC_LOGICAL_BITS;
+        self.last = physical.max(self.last + 1);
+        self.last
+    }
+
+    /// Moves the clock past a value seen from elsewhere.
+    pub fn observe(&mut self, seen: u64) {
+        self.last = self.last.max(seen);
+    }
+
+    /// Wall-clock milliseconds of a stamp value (for display).
+    pub fn millis(value: u64) -> u64 {
+        value >> HLC_LOGICAL_BITS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vv(entries: &[(u64, u64)]) -> VersionVector {
+        VersionVector::from_entries(entries.iter().map(|(n, c)| (NodeId(*n), *c)))
+    }
+
+    #[test]
+    fn compare_covers_all_four_relations() {
+        assert_eq!(vv(&[(1, 1)]).compare(&vv(&[(1, 1)])), Causality::Equal);
+        assert_eq!(vv(&[(1, 1)]).compare(&vv(&[(1, 2)])), Causality::Before);
+        assert_eq!(vv(&[(1, 2), (2, 1)]).compare(&vv(&[(1, 2)])), Causality::After);
+        assert_eq!(vv(&[(1, 1)]).compare(&vv(&[(2, 1)])), Causality::Concurrent);
+        assert_eq!(vv(&[]).compare(&vv(&[(2, 1)])), Causality::Before);
+    }
+
+    #[test]
+    fn merge_dominates_both_sides() {
+        let a = vv(&[(1, 3), (2, 1)]);
+        let b = vv(&[(2, 4), (3, 1)]);
+        let m = a.merged(&b);
+        assert_eq!(m, vv(&[(1, 3), (2, 4), (3, 1)]));
+        assert!(matches!(m.compare(&a), Causality::After));
+        assert!(matches!(m.compare(&b), Causality::After));
+    }
+
+    #[test]
+    fn hlc_is_monotonic_even_when_wall_clock_goes_back() {
+        let mut c = Hlc::default();
+        let a = c.tick(1000);
+        let b = c.tick(999);
+        assert!(b > a);
+        c.observe(u64::from(u32::MAX) << 20);
+        assert!(c.tick(1001) > u64::from(u32::MAX) << 20);
+        assert_eq!(Hlc::millis(Hlc::default().tick(1234)), 1234);
+    }
+}

@@ -1,0 +1,422 @@
+//! The crash-safe local index: one embedded SQLite database (WAL) in `state_dir`.
+//!
+//! Holds, per folder, one row per path (the replicated record plus the local stat key used to
+//! skip rehashing unchanged files), the folder's epoch, the per-peer cursors (how far this node
+//! has applied each peer's index) and the conflict log. A batch of records and the cursor that
+//! batch advances are written in one transaction, so after a crash the index and the cursor
+//! agree; the disk is made durable *before* the transaction (see `fs::apply`), so the index never
+//! claims content the disk does not have.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::model::{FileRecord, Kind, NodeId, RelPath, Stamp, VersionVector};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("index database {path}: {source}")]
+    Db { path: PathBuf, source: sqlx::Error },
+    #[error("index database {path}: corrupt row for {what}: {problem}")]
+    Corrupt {
+        path: PathBuf,
+        what: String,
+        problem: String,
+    },
+}
+
+/// What a scan last saw of a file: when all three match, its hash is not recomputed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatKey {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ino: u64,
+}
+
+/// A record as stored: the replicated part and this node's stat key for it.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub record: FileRecord,
+    pub stat: Option<StatKey>,
+}
+
+/// How far this node has applied a peer's index of one folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// One kept losing side of a conflict.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConflictEntry {
+    pub folder: String,
+    pub path: String,
+    pub copy: String,
+    pub winner_node: String,
+    pub created_ms: u64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    folder TEXT NOT NULL,
+    path TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    hash BLOB,
+    version BLOB NOT NULL,
+    stamp_hlc INTEGER NOT NULL,
+    stamp_node INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    stat_size INTEGER,
+    stat_mtime_ns INTEGER,
+    stat_ino INTEGER,
+    PRIMARY KEY (folder, path)
+);
+CREATE TABLE IF NOT EXISTS peer_cursors (
+    peer INTEGER NOT NULL,
+    folder TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (peer, folder)
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    folder TEXT NOT NULL,
+    path TEXT NOT NULL,
+    copy TEXT NOT NULL,
+    winner_node TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+"#;
+
+// SQLite integers are signed 64-bit: u64 values are stored by bit pattern.
+fn to_db(v: u64) -> i64 {
+    v as i64
+}
+fn from_db(v: i64) -> u64 {
+    v as u64
+}
+
+fn encode_version(v: &VersionVector) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * 4);
+    for (node, counter) in v.entries() {
+        out.extend_from_slice(&node.0.to_le_bytes());
+        out.extend_from_slice(&counter.to_le_bytes());
+    }
+    out
+}
+
+fn decode_version(bytes: &[u8]) -> Option<VersionVector> {
+    if bytes.len() % 16 != 0 {
+        return None;
+    }
+    let entries = bytes.chunks_exact(16).map(|c| {
+        let (n, k) = c.split_at(8);
+        (
+            NodeId(u64::from_le_bytes(n.try_into().unwrap_or_default())),
+            u64::from_le_bytes(k.try_into().unwrap_or_default()),
+        )
+    });
+    Some(VersionVector::from_entries(entries))
+}
+
+impl Store {
+    /// Opens (creating if needed) `state_dir/index.db`.
+    pub async fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let path = state_dir.join("index.db");
+        let err = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(err)?
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a commit survives a process crash; after a power loss the last
+            // commits may roll back, which the start-up rescan repairs (disk wins, as a local
+            // change whose content then merges with the peers' identical one).
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(err)?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err)?;
+        Ok(Self { pool, path })
+    }
+
+    fn db_err(&self, source: sqlx::Error) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The folder's index epoch, created on first use. A new epoch (a lost or reset index)
+    /// makes every peer send this node's folder in full again.
+    pub async fn epoch(&self, folder: &str, fresh: u64) -> Result<u64, StoreError> {
+        let key = format!("epoch:{folder}");
+        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)")
+            .bind(&key)
+            .bind(fresh.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
+            .bind(&key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        let value: String = row.get(0);
+        value.parse().map_err(|_| StoreError::Corrupt {
+            path: self.path.clone(),
+            what: key,
+            problem: format!("epoch {value:?} is not a number"),
+        })
+    }
+
+    /// Every stored record of a folder.
+    pub async fn load_folder(&self, folder: &str) -> Result<Vec<StoredRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT path, kind, deleted, size, mode, hash, version, stamp_hlc, stamp_node, seq, \
+             stat_size, stat_mtime_ns, stat_ino FROM files WHERE folder = ?",
+        )
+        .bind(folder)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db_err(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let path: String = row.get(0);
+            let corrupt = |problem: &str| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: format!("{folder}/{path}"),
+                problem: problem.to_owned(),
+            };
+            let rel = RelPath::new(&path).map_err(|e| corrupt(&e.to_string()))?;
+            let hash: Option<Vec<u8>> = row.get(5);
+            let hash = match hash {
+                None => None,
+                Some(h) => Some(<[u8; 32]>::try_from(h.as_slice()).map_err(|_| corrupt("hash length"))?),
+            };
+            let version: Vec<u8> = row.get(6);
+            let version = decode_version(&version).ok_or_else(|| corrupt("version vector"))?;
+            let stat_size: Option<i64> = row.get(10);
+            let stat = stat_size.map(|s| StatKey {
+                size: from_db(s),
+                mtime_ns: row.get::<Option<i64>, _>(11).unwrap_or_default(),
+                ino: from_db(row.get::<Option<i64>, _>(12).unwrap_or_default()),
+            });
+            let kind: i64 = row.get(1);
+            out.push(StoredRecord {
+                record: FileRecord {
+                    path: rel,
+                    kind: if kind == 1 { Kind::Dir } else { Kind::File },
+                    deleted: row.get::<i64, _>(2) != 0,
+                    size: from_db(row.get(3)),
+                    mode: u32::try_from(row.get::<i64, _>(4)).unwrap_or(0o644),
+                    hash,
+                    version,
+                    stamp: Stamp {
+                        hlc: from_db(row.get(7)),
+                        node: NodeId(from_db(row.get(8))),
+                    },
+                    seq: from_db(row.get(9)),
+                },
+                stat,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes records (and optionally a peer cursor) in one transaction.
+    pub async fn commit(
+        &self,
+        folder: &str,
+        records: &[StoredRecord],
+        cursor: Option<(NodeId, Cursor)>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
+        for StoredRecord { record: r, stat } in records {
+            sqlx::query(
+                "INSERT OR REPLACE INTO files (folder, path, kind, deleted, size, mode, hash, version, \
+                 stamp_hlc, stamp_node, seq, stat_size, stat_mtime_ns, stat_ino) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(folder)
+            .bind(r.path.as_str())
+            .bind(if r.kind == Kind::Dir { 1i64 } else { 0 })
+            .bind(i64::from(r.deleted))
+            .bind(to_db(r.size))
+            .bind(i64::from(r.mode))
+            .bind(r.hash.map(|h| h.to_vec()))
+            .bind(encode_version(&r.version))
+            .bind(to_db(r.stamp.hlc))
+            .bind(to_db(r.stamp.node.0))
+            .bind(to_db(r.seq))
+            .bind(stat.map(|s| to_db(s.size)))
+            .bind(stat.map(|s| s.mtime_ns))
+            .bind(stat.map(|s| to_db(s.ino)))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        }
+        if let Some((peer, c)) = cursor {
+            sqlx::query("INSERT OR REPLACE INTO peer_cursors (peer, folder, epoch, seq) VALUES (?, ?, ?, ?)")
+                .bind(to_db(peer.0))
+                .bind(folder)
+                .bind(to_db(c.epoch))
+                .bind(to_db(c.seq))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db_err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.db_err(e))
+    }
+
+    /// Updates only the stat keys of records (after a rescan found the same content).
+    pub async fn update_stats(&self, folder: &str, stats: &[(RelPath, StatKey)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
+        for (path, s) in stats {
+            sqlx::query("UPDATE files SET stat_size = ?, stat_mtime_ns = ?, stat_ino = ? WHERE folder = ? AND path = ?")
+                .bind(to_db(s.size))
+                .bind(s.mtime_ns)
+                .bind(to_db(s.ino))
+                .bind(folder)
+                .bind(path.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db_err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.db_err(e))
+    }
+
+    /// Removes rows (purged tombstones).
+    pub async fn remove(&self, folder: &str, paths: &[RelPath]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
+        for p in paths {
+            sqlx::query("DELETE FROM files WHERE folder = ? AND path = ?")
+                .bind(folder)
+                .bind(p.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db_err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.db_err(e))
+    }
+
+    pub async fn cursor(&self, peer: NodeId, folder: &str) -> Result<Cursor, StoreError> {
+        let row = sqlx::query("SELECT epoch, seq FROM peer_cursors WHERE peer = ? AND folder = ?")
+            .bind(to_db(peer.0))
+            .bind(folder)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        Ok(row
+            .map(|r| Cursor {
+                epoch: from_db(r.get(0)),
+                seq: from_db(r.get(1)),
+            })
+            .unwrap_or_default())
+    }
+
+    pub async fn add_conflict(&self, entry: &ConflictEntry) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO conflicts (folder, path, copy, winner_node, created_ms) VALUES (?, ?, ?, ?, ?)")
+            .bind(&entry.folder)
+            .bind(&entry.path)
+            .bind(&entry.copy)
+            .bind(&entry.winner_node)
+            .bind(to_db(entry.created_ms))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    pub async fn conflicts(&self) -> Result<Vec<ConflictEntry>, StoreError> {
+        let rows = sqlx::query("SELECT folder, path, copy, winner_node, created_ms FROM conflicts ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ConflictEntry {
+                folder: r.get(0),
+                path: r.get(1),
+                copy: r.get(2),
+                winner_node: r.get(3),
+                created_ms: from_db(r.get(4)),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(path: &str, seq: u64) -> StoredRecord {
+        let mut version = VersionVector::new();
+        version.bump(NodeId(u64::MAX - 3));
+        StoredRecord {
+            record: FileRecord {
+                path: RelPath::new(path).expect("valid"),
+                kind: Kind::File,
+                deleted: false,
+                size: 5,
+                mode: 0o640,
+                hash: Some(*blake3::hash(b"hello").as_bytes()),
+                version,
+                stamp: Stamp {
+                    hlc: u64::MAX - 7,
+                    node: NodeId(u64::MAX - 3),
+                },
+                seq,
+            },
+            stat: Some(StatKey {
+                size: 5,
+                mtime_ns: 1_700_000_000_123_456_789,
+                ino: 42,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn records_cursors_and_epoch_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).await.expect("open");
+            assert_eq!(store.epoch("f", 7).await.expect("epoch"), 7);
+            store
+                .commit("f", &[rec("a/b.xml", 1), rec("c", 2)], Some((NodeId(9), Cursor { epoch: 3, seq: 11 })))
+                .await
+                .expect("commit");
+        }
+        let store = Store::open(dir.path()).await.expect("reopen");
+        assert_eq!(store.epoch("f", 8).await.expect("epoch"), 7, "epoch is stable");
+        let mut rows = store.load_folder("f").await.expect("load");
+        rows.sort_by(|a, b| a.record.path.cmp(&b.record.path));
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].record.same_version(&rec("a/b.xml", 1).record));
+        assert_eq!(rows[0].stat, rec("a/b.xml", 1).stat);
+        assert_eq!(store.cursor(NodeId(9), "f").await.expect("cursor"), Cursor { epoch: 3, seq: 11 });
+        assert_eq!(store.cursor(NodeId(10), "f").await.expect("cursor"), Cursor::default());
+        store.remove("f", &[RelPath::new("c").expect("valid")]).await.expect("remove");
+        assert_eq!(store.load_folder("f").await.expect("load").len(), 1);
+        assert!(store.load_folder("other").await.expect("load").is_empty());
+    }
+}
