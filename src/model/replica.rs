@@ -12,7 +12,10 @@
 //! associative and idempotent, so every node that has seen the same writes holds the same
 //! record, whatever the delivery order. Stamps are hybrid-logical-clock values that grow along
 //! causality, so a write that dominates another also has the greater stamp, and plain
-//! "remote dominates -> take it" agrees with the rule.
+//! "remote dominates -> take it" agrees with the rule. One exception keeps conflict copies
+//! sound: a node whose file beats a concurrent live file with other content does not absorb
+//! that write (it does not hold its bytes); the nodes holding it make the conflict copy and
+//! send back the merged record.
 //!
 //! The contract adds "delete vs modify: the modification wins". When the delete has the greater
 //! stamp, the node that sees the conflict writes the live content again as a *new* write (its own

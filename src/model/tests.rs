@@ -49,9 +49,7 @@ fn carry_out(r: &mut Replica, d: Decision) -> Option<FileRecord> {
 fn shared_base(p: &RelPath) -> (Replica, Replica, FileRecord) {
     let mut a = Replica::new(A);
     let mut b = Replica::new(B);
-    let rec = a
-        .observe_local(p, Some(&file(1)), 1000)
-        .expect("new file");
+    let rec = a.observe_local(p, Some(&file(1)), 1000).expect("new file");
     let d = b.receive(&rec, 1000);
     assert!(carry_out(&mut b, d).is_some());
     (a, b, rec)
@@ -63,9 +61,7 @@ fn shared_base(p: &RelPath) -> (Replica, Replica, FileRecord) {
 fn new_file_gets_first_version_stamp_and_seq() {
     let p = path("default/api/x.xml");
     let mut a = Replica::new(A);
-    let rec = a
-        .observe_local(&p, Some(&file(7)), 1234)
-        .expect("new file");
+    let rec = a.observe_local(&p, Some(&file(7)), 1234).expect("new file");
     assert_eq!(rec.path, p);
     assert_eq!(rec.kind, Kind::File);
     assert!(!rec.deleted);
@@ -105,9 +101,14 @@ fn modification_bumps_own_counter_and_stamp() {
     // A mode change alone is a new version too.
     let mut chmod = file(2);
     chmod.mode = 0o600;
-    let third = a.observe_local(&p, Some(&chmod), 999).expect("mode changed");
+    let third = a
+        .observe_local(&p, Some(&chmod), 999)
+        .expect("mode changed");
     assert_eq!(third.version, vv(&[(A, 3)]));
-    assert!(third.stamp > second.stamp, "HLC never goes back with the wall clock");
+    assert!(
+        third.stamp > second.stamp,
+        "HLC never goes back with the wall clock"
+    );
 }
 
 #[test]
@@ -124,7 +125,9 @@ fn delete_leaves_a_versioned_tombstone() {
     assert_eq!(a.get(&p), Some(&tomb));
     // Still absent: nothing new. Re-created: a new version on top of the tombstone.
     assert_eq!(a.observe_local(&p, None, 3000), None);
-    let again = a.observe_local(&p, Some(&file(1)), 3000).expect("re-created");
+    let again = a
+        .observe_local(&p, Some(&file(1)), 3000)
+        .expect("re-created");
     assert_eq!(again.version, vv(&[(A, 3)]));
     assert!(!again.deleted);
 }
@@ -194,7 +197,9 @@ fn unknown_path_is_applied_as_is() {
     assert!(stored.same_version(&rec));
     assert_eq!(stored.seq, 1);
     // The clock moved past the remote stamp although the local wall clock is behind.
-    let own = b.observe_local(&path("y"), Some(&file(2)), 500).expect("new");
+    let own = b
+        .observe_local(&path("y"), Some(&file(2)), 500)
+        .expect("new");
     assert!(own.stamp.hlc > rec.stamp.hlc);
 }
 
@@ -341,7 +346,10 @@ fn assert_winner(loser_d: &Decision, winner_d: &Decision, fx: &FileRecord, fy: &
     }
     assert!(fx.same_version(fy), "{fx:?} vs {fy:?}");
     assert_eq!(content(fx), winning_content);
-    assert_eq!(fx.version, vv(&[(fx.stamp.node, 1), (other(fx.stamp.node), 1)]));
+    assert_eq!(
+        fx.version,
+        vv(&[(fx.stamp.node, 1), (other(fx.stamp.node), 1)])
+    );
 }
 
 fn other(n: NodeId) -> NodeId {
@@ -515,7 +523,10 @@ fn winner_does_not_absorb_a_concurrent_write_it_does_not_hold() {
         }
         carry_out(&mut a, d);
     }
-    assert_eq!(copies, 1, "A's losing write 1 must be kept as a conflict copy");
+    assert_eq!(
+        copies, 1,
+        "A's losing write 1 must be kept as a conflict copy"
+    );
     assert_eq!(a.get(&p).and_then(content), Some(2));
 }
 
@@ -538,7 +549,11 @@ mod sim {
     #[derive(Debug, Clone)]
     pub enum Op {
         /// The user writes file content `content` at `path` on `node`.
-        Write { node: Index, path: Index, content: u8 },
+        Write {
+            node: Index,
+            path: Index,
+            content: u8,
+        },
         /// The user deletes `path` on `node`.
         Delete { node: Index, path: Index },
         /// One in-flight message arrives; with `duplicate`, a copy stays in flight.
@@ -649,10 +664,16 @@ mod sim {
                     node,
                     path,
                     content,
-                } => self.user(node.index(self.nodes.len()), path.index(self.paths.len()), Some(*content)),
-                Op::Delete { node, path } => {
-                    self.user(node.index(self.nodes.len()), path.index(self.paths.len()), None)
-                }
+                } => self.user(
+                    node.index(self.nodes.len()),
+                    path.index(self.paths.len()),
+                    Some(*content),
+                ),
+                Op::Delete { node, path } => self.user(
+                    node.index(self.nodes.len()),
+                    path.index(self.paths.len()),
+                    None,
+                ),
                 Op::Deliver { msg, duplicate } => {
                     if self.in_flight.is_empty() {
                         return;
@@ -700,6 +721,7 @@ mod sim {
             let now = self.now(to);
             let n = &mut self.nodes[to];
             let on_disk = n.disk.get(&remote.path).copied();
+            let local_version = n.replica.get(&remote.path).map(|l| l.version.clone());
             let decision = n.replica.receive(remote, now);
             let committed = match decision {
                 Decision::Ignore => return,
@@ -711,6 +733,14 @@ mod sim {
                     record,
                     conflict_copy,
                 } => {
+                    if record.deleted && on_disk.is_some() {
+                        // Delete vs modify: a live file only goes when the delete saw it.
+                        assert_eq!(
+                            local_version.map(|v| v.compare(&remote.version)),
+                            Some(Causality::Before),
+                            "a live file must not lose to a concurrent delete"
+                        );
+                    }
                     if conflict_copy {
                         let lost = on_disk.expect("a conflict copy needs a live local file");
                         assert_ne!(Some(lost), content(&record), "copy of identical content");
