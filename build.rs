@@ -5,7 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["proto/artisync/v1/sync.proto", "proto/artisync/v1/admin.proto"],
+        &[
+            "proto/artisync/v1/sync.proto",
+            "proto/artisync/v1/admin.proto",
+        ],
         &["proto"],
     )?;
     println!("cargo:rerun-if-changed=proto");

@@ -1,1 +1,225 @@
-//! TODO
+//! The local admin service: `artisync status`, `conflicts` and `resume` talk to the running
+//! agent over a unix socket in `state_dir` (mode 0600: only the agent's user may use it).
+//! Answers are JSON documents; the CLI prints them as they are (`--json`) or as text.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{FolderHandle, FolderStatus};
+use crate::model::NodeId;
+use crate::net::{PeerStatus, PeerStatuses};
+use crate::pb::admin as pb;
+use crate::store::{ConflictEntry, Store};
+
+/// The whole `artisync status --json` document.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StatusReport {
+    pub node: String,
+    pub node_id: String,
+    pub listen: String,
+    pub uptime_secs: u64,
+    pub folders: Vec<FolderReport>,
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct FolderReport {
+    pub id: String,
+    pub path: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    pub tombstones: u64,
+    pub seq: u64,
+    /// Not paused, nothing held, and every peer connected with nothing left to apply.
+    pub in_sync: bool,
+    pub paused: Option<String>,
+    pub held: std::collections::BTreeMap<String, String>,
+    pub unreadable: std::collections::BTreeMap<String, String>,
+    pub conflicts: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PeerReport {
+    pub name: String,
+    pub address: String,
+    pub connected: bool,
+    pub last_seen_ms: Option<u64>,
+    pub behind: HashMap<String, u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct AdminService {
+    pub node: NodeId,
+    pub node_name: String,
+    pub listen: String,
+    pub started: std::time::Instant,
+    pub folders: Arc<HashMap<String, FolderHandle>>,
+    pub peers: PeerStatuses,
+    pub store: Store,
+}
+
+impl AdminService {
+    pub fn report(&self) -> StatusReport {
+        let peers: Vec<PeerStatus> = self
+            .peers
+            .lock()
+            .map(|m| {
+                let mut v: Vec<PeerStatus> = m.values().cloned().collect();
+                v.sort_by(|a, b| a.name.cmp(&b.name));
+                v
+            })
+            .unwrap_or_default();
+        let mut folders: Vec<FolderStatus> = self.folders.values().map(|h| h.status()).collect();
+        folders.sort_by(|a, b| a.id.cmp(&b.id));
+        let folders = folders
+            .into_iter()
+            .map(|f| {
+                let peers_done = peers
+                    .iter()
+                    .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));
+                FolderReport {
+                    in_sync: f.paused.is_none() && f.held.is_empty() && peers_done,
+                    id: f.id,
+                    path: f.path,
+                    files: f.files,
+                    dirs: f.dirs,
+                    bytes: f.bytes,
+                    tombstones: f.tombstones,
+                    seq: f.seq,
+                    paused: f.paused,
+                    held: f.held,
+                    unreadable: f.unreadable,
+                    conflicts: f.conflicts,
+                    last_error: f.last_error,
+                }
+            })
+            .collect();
+        StatusReport {
+            node: self.node_name.clone(),
+            node_id: self.node.to_string(),
+            listen: self.listen.clone(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            folders,
+            peers: peers
+                .into_iter()
+                .map(|p| PeerReport {
+                    name: p.name,
+                    address: p.address,
+                    connected: p.connected,
+                    last_seen_ms: p.last_seen_ms,
+                    behind: p.behind,
+                    last_error: p.last_error,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn into_server(self) -> pb::admin_server::AdminServer<Self> {
+        pb::admin_server::AdminServer::new(self)
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Result<Response<pb::Json>, Status> {
+    serde_json::to_string_pretty(value)
+        .map(|json| Response::new(pb::Json { json }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(&self, _: Request<pb::Empty>) -> Result<Response<pb::Json>, Status> {
+        json(&self.report())
+    }
+
+    async fn conflicts(&self, _: Request<pb::Empty>) -> Result<Response<pb::Json>, Status> {
+        let list: Vec<ConflictEntry> = self
+            .store
+            .conflicts()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        json(&list)
+    }
+
+    async fn resume(
+        &self,
+        request: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::Json>, Status> {
+        let folder = request.into_inner().folder;
+        let handle = self
+            .folders
+            .get(&folder)
+            .ok_or_else(|| Status::not_found(format!("no folder {folder:?}")))?;
+        let text = handle
+            .resume()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        json(&serde_json::json!({ "folder": folder, "result": text }))
+    }
+}
+
+/// Errors of the CLI side of the admin socket.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    #[error(
+        "the agent is not running (no admin socket at {0}); start it with `artisync run --config FILE`"
+    )]
+    NotRunning(String),
+    #[error("admin socket {path}: {message}")]
+    Call { path: String, message: String },
+}
+
+/// Connects to the agent's admin socket.
+pub async fn connect(
+    socket: &Path,
+) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>, AdminClientError> {
+    let path = socket.display().to_string();
+    if !socket.exists() {
+        return Err(AdminClientError::NotRunning(path));
+    }
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("unix://{path}")).map_err(|e| {
+            AdminClientError::Call {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|_| AdminClientError::NotRunning(path.clone()))?;
+    Ok(pb::admin_client::AdminClient::new(channel))
+}
+
+/// One admin call returning its JSON document.
+pub async fn call(
+    socket: &Path,
+    what: &str,
+    folder: Option<String>,
+) -> Result<String, AdminClientError> {
+    let mut client = connect(socket).await?;
+    let path = socket.display().to_string();
+    let result = match (what, folder) {
+        ("status", _) => client.status(pb::Empty {}).await,
+        ("conflicts", _) => client.conflicts(pb::Empty {}).await,
+        ("resume", Some(folder)) => client.resume(pb::ResumeRequest { folder }).await,
+        _ => {
+            return Err(AdminClientError::Call {
+                path,
+                message: format!("unknown admin call {what}"),
+            });
+        }
+    };
+    result
+        .map(|r| r.into_inner().json)
+        .map_err(|s| AdminClientError::Call {
+            path,
+            message: s.message().to_owned(),
+        })
+}

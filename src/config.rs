@@ -221,9 +221,16 @@ impl Config {
             ));
         }
         if let Some(tls) = &self.tls {
-            for (key, p) in [("tls.ca", &tls.ca), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+            for (key, p) in [
+                ("tls.ca", &tls.ca),
+                ("tls.cert", &tls.cert),
+                ("tls.key", &tls.key),
+            ] {
                 if !p.is_file() {
-                    return Err(invalid(key, format!("{} is not a readable file", p.display())));
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", p.display()),
+                    ));
                 }
             }
         }
@@ -258,11 +265,17 @@ impl Config {
             if !valid_name(&f.id) {
                 return Err(invalid(
                     format!("{key}.id"),
-                    format!("{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'", f.id),
+                    format!(
+                        "{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                        f.id
+                    ),
                 ));
             }
             if !ids.insert(f.id.as_str()) {
-                return Err(invalid(format!("{key}.id"), format!("duplicate folder id {:?}", f.id)));
+                return Err(invalid(
+                    format!("{key}.id"),
+                    format!("duplicate folder id {:?}", f.id),
+                ));
             }
             if !f.path.is_absolute() {
                 return Err(invalid(
@@ -300,7 +313,10 @@ impl Config {
             }
             for (j, pattern) in f.ignore.iter().enumerate() {
                 globset::Glob::new(pattern).map_err(|e| {
-                    invalid(format!("{key}.ignore[{j}]"), format!("bad glob {pattern:?}: {e}"))
+                    invalid(
+                        format!("{key}.ignore[{j}]"),
+                        format!("bad glob {pattern:?}: {e}"),
+                    )
                 })?;
             }
             roots.push((&f.id, canonical));
@@ -313,16 +329,28 @@ impl Config {
         for (i, p) in self.peers.iter().enumerate() {
             let key = format!("peer[{i}]");
             if !valid_name(&p.name) {
-                return Err(invalid(format!("{key}.name"), format!("{:?} is not a valid node name", p.name)));
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("{:?} is not a valid node name", p.name),
+                ));
             }
             if p.name == self.node {
-                return Err(invalid(format!("{key}.name"), "a node cannot be its own peer"));
+                return Err(invalid(
+                    format!("{key}.name"),
+                    "a node cannot be its own peer",
+                ));
             }
             if !names.insert(p.name.as_str()) {
-                return Err(invalid(format!("{key}.name"), format!("duplicate peer {:?}", p.name)));
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("duplicate peer {:?}", p.name),
+                ));
             }
             let Some(address) = &p.address else {
-                return Err(invalid(format!("{key}.address"), format!("peer {:?} has no address", p.name)));
+                return Err(invalid(
+                    format!("{key}.address"),
+                    format!("peer {:?} has no address", p.name),
+                ));
             };
             self.check_address(&format!("{key}.address"), address)?;
         }
@@ -334,12 +362,17 @@ impl Config {
     pub fn check_address(&self, key: &str, address: &str) -> Result<(), ConfigError> {
         let (secure, host) = parse_peer_address(address).map_err(|p| invalid(key, p))?;
         if secure && self.tls.is_none() {
-            return Err(invalid(key, format!("{address} uses https but there is no [tls] section")));
+            return Err(invalid(
+                key,
+                format!("{address} uses https but there is no [tls] section"),
+            ));
         }
         if !secure && !self.insecure && !host_is_loopback(&host) {
             return Err(invalid(
                 key,
-                format!("{address} is plaintext to a non-loopback host: use https with [tls], or set insecure = true"),
+                format!(
+                    "{address} is plaintext to a non-loopback host: use https with [tls], or set insecure = true"
+                ),
             ));
         }
         Ok(())
@@ -376,10 +409,16 @@ impl RetrieverConfig {
         match self.artifact_retriever.as_str() {
             "db" => {
                 let Some(url) = &self.database_url else {
-                    return Err(invalid("retriever.database_url", "required when artifact_retriever = \"db\""));
+                    return Err(invalid(
+                        "retriever.database_url",
+                        "required when artifact_retriever = \"db\"",
+                    ));
                 };
                 let scheme = url.split(':').next().unwrap_or_default();
-                if !matches!(scheme, "sqlite" | "postgres" | "postgresql" | "mysql" | "mariadb") {
+                if !matches!(
+                    scheme,
+                    "sqlite" | "postgres" | "postgresql" | "mysql" | "mariadb"
+                ) {
                     return Err(invalid(
                         "retriever.database_url",
                         "must start with sqlite:, postgres://, postgresql:// or mysql://",
@@ -388,7 +427,10 @@ impl RetrieverConfig {
             }
             "hub" => {
                 let Some(hub) = &self.hub else {
-                    return Err(invalid("retriever.hub", "required when artifact_retriever = \"hub\""));
+                    return Err(invalid(
+                        "retriever.hub",
+                        "required when artifact_retriever = \"hub\"",
+                    ));
                 };
                 config.check_address("retriever.hub", hub)?;
             }
@@ -406,13 +448,22 @@ impl RetrieverConfig {
             ));
         }
         if !matches!(self.data_retrieval_mode.as_str(), "sync" | "async") {
-            return Err(invalid("retriever.data_retrieval_mode", "must be \"sync\" or \"async\""));
+            return Err(invalid(
+                "retriever.data_retrieval_mode",
+                "must be \"sync\" or \"async\"",
+            ));
         }
         if self.gateway_labels.iter().any(|l| l.trim().is_empty()) {
-            return Err(invalid("retriever.gateway_labels", "labels must not be empty"));
+            return Err(invalid(
+                "retriever.gateway_labels",
+                "labels must not be empty",
+            ));
         }
         if self.deployment_retry_duration == 0 {
-            return Err(invalid("retriever.deployment_retry_duration", "must be at least 1 ms"));
+            return Err(invalid(
+                "retriever.deployment_retry_duration",
+                "must be at least 1 ms",
+            ));
         }
         Ok(())
     }
@@ -421,7 +472,8 @@ impl RetrieverConfig {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Splits a peer address into (uses TLS, host). Errors name the problem.
@@ -435,7 +487,9 @@ pub fn parse_peer_address(address: &str) -> Result<(bool, String), String> {
     };
     let authority = rest.trim_end_matches('/');
     if authority.is_empty() || authority.contains('/') || authority.contains('@') {
-        return Err(format!("{address:?} must be scheme://host:port with no path"));
+        return Err(format!(
+            "{address:?} must be scheme://host:port with no path"
+        ));
     }
     let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
         let (h, p) = bracketed
@@ -534,13 +588,21 @@ mod tests {
         let b = base(dir.path());
         let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw2\"\n"));
         assert!(e.contains("peer[0].address"), "{e}");
-        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw2\"\naddress = \"gw2:7701\"\n"));
+        let e = err_of(&format!(
+            "{b}\n[[peer]]\nname = \"gw2\"\naddress = \"gw2:7701\"\n"
+        ));
         assert!(e.contains("http://"), "{e}");
-        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw2\"\naddress = \"http://10.1.2.3:7701\"\n"));
+        let e = err_of(&format!(
+            "{b}\n[[peer]]\nname = \"gw2\"\naddress = \"http://10.1.2.3:7701\"\n"
+        ));
         assert!(e.contains("non-loopback"), "{e}");
-        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw2\"\naddress = \"http://127.0.0.1:x\"\n"));
+        let e = err_of(&format!(
+            "{b}\n[[peer]]\nname = \"gw2\"\naddress = \"http://127.0.0.1:x\"\n"
+        ));
         assert!(e.contains("invalid port"), "{e}");
-        let e = err_of(&format!("{b}\n[[peer]]\nname = \"gw1\"\naddress = \"http://127.0.0.1:1\"\n"));
+        let e = err_of(&format!(
+            "{b}\n[[peer]]\nname = \"gw1\"\naddress = \"http://127.0.0.1:1\"\n"
+        ));
         assert!(e.contains("own peer"), "{e}");
     }
 
@@ -573,9 +635,13 @@ mod tests {
         let b = base(dir.path());
         let e = err_of(&format!("{b}\n[retriever]\nartifact_retriever = \"db\"\n"));
         assert!(e.contains("retriever.database_url"), "{e}");
-        let e = err_of(&format!("{b}\n[retriever]\ndatabase_url = \"oracle://x\"\n"));
+        let e = err_of(&format!(
+            "{b}\n[retriever]\ndatabase_url = \"oracle://x\"\n"
+        ));
         assert!(e.contains("retriever.database_url"), "{e}");
-        let e = err_of(&format!("{b}\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\nfolder = \"nope\"\n"));
+        let e = err_of(&format!(
+            "{b}\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\nfolder = \"nope\"\n"
+        ));
         assert!(e.contains("retriever.folder"), "{e}");
     }
 
@@ -584,8 +650,14 @@ mod tests {
         let dir = setup();
         std::fs::create_dir(dir.path().join("ep")).expect("mkdir");
         let text = include_str!("../examples/gw1.toml")
-            .replace("/opt/wso2am/repository/deployment/server/synapse-configs", &dir.path().join("sc").display().to_string())
-            .replace("/opt/wso2am/repository/deployment/server/executionplans", &dir.path().join("ep").display().to_string());
+            .replace(
+                "/opt/wso2am/repository/deployment/server/synapse-configs",
+                &dir.path().join("sc").display().to_string(),
+            )
+            .replace(
+                "/opt/wso2am/repository/deployment/server/executionplans",
+                &dir.path().join("ep").display().to_string(),
+            );
         let c = Config::parse(&text, Path::new("examples/gw1.toml")).expect("example is valid");
         assert_eq!(c.folders.len(), 2);
         assert_eq!(c.peers.len(), 1);

@@ -1,1 +1,316 @@
-//! TODO
+//! Wiring: starts the folder engines and watchers, the gRPC server (peers + health), the admin
+//! socket and the peer sessions; tells systemd when it is ready and pets the watchdog; on
+//! cancellation, stops everything under a deadline.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tracing::{error, info, warn};
+
+use crate::admin::AdminService;
+use crate::config::Config;
+use crate::engine::{self, FolderEngine, FolderHandle};
+use crate::fs::watch::{Change, FolderWatcher};
+use crate::model::NodeId;
+use crate::net::{self, PeerService};
+use crate::store::Store;
+
+/// How long shutdown waits for tasks to finish.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+/// How often files that were unstable, held or paused are looked at again.
+const RETRY_LOOK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state_dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "state_dir {0} is in use by another artisync process (lock held); two agents must not share one state_dir"
+    )]
+    Locked(PathBuf),
+    #[error("node id file {path}: {problem}")]
+    NodeId { path: PathBuf, problem: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    #[error(transparent)]
+    Watch(#[from] crate::fs::watch::WatchError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: {source}")]
+    Admin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Reads the node id kept in `state_dir`, creating it on first start.
+pub fn node_id(state_dir: &Path) -> Result<NodeId, DaemonError> {
+    let path = state_dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16)
+            .ok()
+            .filter(|v| *v != 0)
+            .map(NodeId)
+            .ok_or_else(|| DaemonError::NodeId {
+                path: path.clone(),
+                problem: format!("{:?} is not a 16-digit hex node id", text.trim()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = NodeId(rand::random::<u64>().max(1));
+            let (mut f, tmp) =
+                crate::fs::apply::create_temp(state_dir, 0o600).map_err(|source| {
+                    DaemonError::StateDir {
+                        path: state_dir.to_owned(),
+                        source,
+                    }
+                })?;
+            use std::io::Write;
+            let io = |source| DaemonError::StateDir {
+                path: path.clone(),
+                source,
+            };
+            f.write_all(format!("{id}\n").as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(id)
+        }
+        Err(e) => Err(DaemonError::NodeId {
+            path,
+            problem: e.to_string(),
+        }),
+    }
+}
+
+/// Creates `state_dir` (mode 0700) and takes its lock for the life of the process, so two
+/// agents never share one index.
+fn prepare_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    let io = |source| DaemonError::StateDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| DaemonError::Locked(dir.to_owned()))
+}
+
+/// Handles the caller gets once the agent is up (tests and the demo use them).
+#[derive(Clone)]
+pub struct Running {
+    pub node: NodeId,
+    pub listen: std::net::SocketAddr,
+    pub folders: Arc<HashMap<String, FolderHandle>>,
+}
+
+/// Runs the agent until `cancel`. `ready` receives the running handles once it serves.
+pub async fn run(
+    config: Config,
+    cancel: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Running>>,
+) -> Result<(), DaemonError> {
+    let _lock = prepare_state_dir(&config.state_dir)?;
+    let node = node_id(&config.state_dir)?;
+    let store = Store::open(&config.state_dir).await?;
+    let opts = engine::engine_options(&config, node);
+    info!(node = %config.node, node_id = %node, folders = config.folders.len(), peers = config.peers.len(), "starting");
+
+    let tracker = TaskTracker::new();
+    let mut handles = HashMap::new();
+    let mut watchers = Vec::new();
+    for folder in &config.folders {
+        let (mut engine, handle, inbox) =
+            FolderEngine::open(folder, store.clone(), opts.clone()).await?;
+        // Watch first, then scan: nothing changed during the scan is missed.
+        let (tx, mut rx) = mpsc::channel::<Change>(64);
+        let watcher = FolderWatcher::start(
+            &folder.path,
+            engine.ignore().clone(),
+            config.quiet_period(),
+            config.open_write_hold(),
+            tx,
+            cancel.clone(),
+        )?;
+        watchers.push(watcher);
+        engine.initial_scan().await?;
+        let status = handle.status();
+        info!(folder = %folder.id, files = status.files, seq = status.seq, "folder scanned");
+        tracker.spawn(engine.run(inbox, config.rescan_interval(), RETRY_LOOK, cancel.clone()));
+        let h = handle.clone();
+        tracker.spawn(async move {
+            while let Some(change) = rx.recv().await {
+                if h.local(change).await.is_err() {
+                    break;
+                }
+            }
+        });
+        handles.insert(folder.id.clone(), handle);
+    }
+    let folders = Arc::new(handles);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let listen = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let peer_service = PeerService::new(
+        node,
+        config.node.clone(),
+        folders.clone(),
+        config.inline_max_bytes,
+        cancel.clone(),
+    );
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)));
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(net::server_tls(tls).await?)
+            .map_err(|e| net::NetError::Peer {
+                peer: "(server)".into(),
+                message: e.to_string(),
+            })?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(peer_service.into_server());
+    let grpc_cancel = cancel.clone();
+    tracker.spawn(async move {
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, grpc_cancel.cancelled())
+            .await
+        {
+            error!(error = %e, "gRPC server failed");
+            grpc_cancel.cancel();
+        }
+    });
+
+    let statuses: net::PeerStatuses = Arc::new(Mutex::new(HashMap::new()));
+    let admin = AdminService {
+        node,
+        node_name: config.node.clone(),
+        listen: listen.to_string(),
+        started: std::time::Instant::now(),
+        folders: folders.clone(),
+        peers: statuses.clone(),
+        store: store.clone(),
+    };
+    let socket = config.admin_socket();
+    let _ = std::fs::remove_file(&socket);
+    let uds = tokio::net::UnixListener::bind(&socket).map_err(|source| DaemonError::Admin {
+        path: socket.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(
+        |source| DaemonError::Admin {
+            path: socket.clone(),
+            source,
+        },
+    )?;
+    let admin_cancel = cancel.clone();
+    tracker.spawn(async move {
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+        if let Err(e) = Server::builder()
+            .add_service(admin.into_server())
+            .serve_with_incoming_shutdown(incoming, admin_cancel.cancelled())
+            .await
+        {
+            error!(error = %e, "admin server failed");
+        }
+    });
+
+    for session in net::peer_sessions(&config, node, folders.clone(), statuses) {
+        tracker.spawn(session.run(cancel.clone()));
+    }
+
+    health.set_service_status("", ServingStatus::Serving).await;
+    info!(node = %config.node, listen = %listen, "serving");
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    if let Some(interval) = watchdog_interval() {
+        let c = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => notify_systemd(&[sd_notify::NotifyState::Watchdog]),
+                }
+            }
+        });
+    }
+    if let Some(ready) = ready {
+        let _ = ready.send(Running {
+            node,
+            listen,
+            folders: folders.clone(),
+        });
+    }
+
+    cancel.cancelled().await;
+    info!(node = %config.node, "shutting down");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("some tasks did not stop within the shutdown deadline");
+    }
+    for w in watchers {
+        w.join().await;
+    }
+    let _ = std::fs::remove_file(&socket);
+    info!(node = %config.node, "stopped");
+    Ok(())
+}
+
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(state) {
+            warn!(error = %e, "sd_notify failed");
+        }
+    }
+}
+
+/// Half the systemd watchdog period, when systemd asked for one.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    Some(Duration::from_micros(usec / 2))
+}

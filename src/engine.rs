@@ -1,1 +1,936 @@
-//! TODO
+//! The folder engine: one task per folder that owns the folder's [`Replica`] and is the only
+//! writer of its index and its files. Everything reaches it as a message (local changes from the
+//! watcher, index batches from peer sessions, status and resume requests), so local scans and
+//! remote applies never race each other.
+//!
+//! Flow: watcher -> `look` (stat + hash) -> model `observe_local` -> index commit -> subscribers
+//! woken. Peer batch -> model `receive` -> re-check the disk -> fetch content -> batched apply
+//! -> index commit with the peer cursor -> subscribers woken (relay).
+//!
+//! Blocking work (hashing, fsync, rename) runs under `block_in_place`: the daemon runs on the
+//! multi-threaded runtime.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, FolderConfig};
+use crate::fs::apply::{self, Content, Op};
+use crate::fs::ignore::Ignore;
+use crate::fs::scan::{self, Look};
+use crate::fs::watch::Change;
+use crate::fs::xml;
+use crate::model::{Decision, FileRecord, Hash, Hlc, Kind, NodeId, RelPath, Replica};
+use crate::store::{ConflictEntry, Cursor, StatKey, Store, StoreError, StoredRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("folder {folder} is paused: {reason}")]
+    Paused { folder: String, reason: String },
+    #[error(
+        "folder {folder}: {failed} of the peer's changes could not be applied yet (first: {path}: {problem})"
+    )]
+    ApplyFailed {
+        folder: String,
+        failed: usize,
+        path: String,
+        problem: String,
+    },
+    #[error("folder {folder}: {source}")]
+    Scan {
+        folder: String,
+        source: scan::ScanError,
+    },
+    #[error("folder engine {0} has stopped")]
+    Stopped(String),
+}
+
+/// Fetches the content of a file from the peer that announced it, into a verified temp file.
+pub trait Fetcher: Send + Sync {
+    fn fetch<'a>(
+        &'a self,
+        folder: &'a str,
+        path: &'a RelPath,
+        hash: Hash,
+        dir: &'a Path,
+        mode: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathBuf, String>> + Send + 'a>>;
+}
+
+/// One record from a peer, with its content when it travelled inline.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub record: FileRecord,
+    pub inline: Option<Vec<u8>>,
+}
+
+/// A batch of a peer's index.
+pub struct RemoteBatch {
+    pub peer: String,
+    pub epoch: u64,
+    pub up_to_seq: u64,
+    pub records: Vec<Incoming>,
+    pub fetcher: Arc<dyn Fetcher>,
+}
+
+/// The engine's message queue, handed from [`FolderEngine::open`] to [`FolderEngine::run`].
+pub struct Inbox(mpsc::Receiver<Msg>);
+
+enum Msg {
+    Local(Change),
+    Remote(RemoteBatch, oneshot::Sender<Result<u64, EngineError>>),
+    Resume(oneshot::Sender<String>),
+}
+
+/// Live state of a folder, as `artisync status` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FolderStatus {
+    pub id: String,
+    pub path: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    pub tombstones: u64,
+    pub seq: u64,
+    pub epoch: u64,
+    /// Why the folder is paused (mass-delete guard), if it is.
+    pub paused: Option<String>,
+    /// Files held back by the validation gate, with the reason.
+    pub held: BTreeMap<String, String>,
+    /// Local paths that could not be read on the last look.
+    pub unreadable: BTreeMap<String, String>,
+    pub last_error: Option<String>,
+    pub conflicts: u64,
+}
+
+/// Cheap, cloneable access to a running folder engine.
+#[derive(Clone)]
+pub struct FolderHandle {
+    pub id: String,
+    pub root: PathBuf,
+    pub epoch: u64,
+    pub store: Store,
+    tx: mpsc::Sender<Msg>,
+    seq: watch::Receiver<u64>,
+    status: Arc<Mutex<FolderStatus>>,
+}
+
+impl FolderHandle {
+    /// Sends local changes (from the watcher or a timer).
+    pub async fn local(&self, change: Change) -> Result<(), EngineError> {
+        self.tx
+            .send(Msg::Local(change))
+            .await
+            .map_err(|_| EngineError::Stopped(self.id.clone()))
+    }
+
+    /// Applies a peer's batch; returns the peer sequence now applied.
+    pub async fn remote(&self, batch: RemoteBatch) -> Result<u64, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Remote(batch, tx))
+            .await
+            .map_err(|_| EngineError::Stopped(self.id.clone()))?;
+        rx.await
+            .map_err(|_| EngineError::Stopped(self.id.clone()))?
+    }
+
+    /// Operator confirmation for a paused folder.
+    pub async fn resume(&self) -> Result<String, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Resume(tx))
+            .await
+            .map_err(|_| EngineError::Stopped(self.id.clone()))?;
+        rx.await.map_err(|_| EngineError::Stopped(self.id.clone()))
+    }
+
+    /// A receiver that changes whenever the folder's index sequence grows.
+    pub fn subscribe_seq(&self) -> watch::Receiver<u64> {
+        self.seq.clone()
+    }
+
+    pub fn status(&self) -> FolderStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// Knobs of an engine that come from the config.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub node: NodeId,
+    pub node_name: String,
+    pub conflicts_dir: PathBuf,
+    pub tombstone_ttl_ms: u64,
+}
+
+pub struct FolderEngine {
+    id: String,
+    root: PathBuf,
+    root_identity: Option<(u64, u64)>,
+    opts: EngineOptions,
+    ignore: Ignore,
+    xml_gate: bool,
+    store: Store,
+    replica: Replica,
+    stats: HashMap<RelPath, StatKey>,
+    seq_tx: watch::Sender<u64>,
+    status: Arc<Mutex<FolderStatus>>,
+    paused: Option<String>,
+    /// The operator confirmed the folder's current state: the next scan may delete.
+    confirmed: bool,
+    held: BTreeMap<RelPath, String>,
+    unreadable: BTreeMap<RelPath, String>,
+    unstable: BTreeSet<RelPath>,
+    symlinks_logged: BTreeSet<RelPath>,
+    last_error: Option<String>,
+    conflicts: u64,
+}
+
+/// Messages queued to one engine before senders wait.
+const ENGINE_QUEUE: usize = 64;
+
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+impl FolderEngine {
+    /// Loads the folder's index and prepares the engine (no scan yet).
+    pub async fn open(
+        folder: &FolderConfig,
+        store: Store,
+        opts: EngineOptions,
+    ) -> Result<(Self, FolderHandle, Inbox), EngineError> {
+        let epoch = store.epoch(&folder.id, rand::random::<u64>() | 1).await?;
+        let rows = store.load_folder(&folder.id).await?;
+        let mut stats = HashMap::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
+        for StoredRecord { record, stat } in rows {
+            if let Some(s) = stat {
+                stats.insert(record.path.clone(), s);
+            }
+            records.push(record);
+        }
+        let replica = Replica::from_records(opts.node, records);
+        let (seq_tx, seq_rx) = watch::channel(replica.seq());
+        let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
+        let status = Arc::new(Mutex::new(FolderStatus::default()));
+        let ignore = Ignore::new(&folder.ignore).map_err(|e| EngineError::Scan {
+            folder: folder.id.clone(),
+            source: scan::ScanError::Io {
+                path: folder.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            },
+        })?;
+        let conflicts = store
+            .conflicts()
+            .await?
+            .iter()
+            .filter(|c| c.folder == folder.id)
+            .count() as u64;
+        let engine = Self {
+            id: folder.id.clone(),
+            root: folder.path.clone(),
+            root_identity: scan::root_identity(&folder.path),
+            opts,
+            ignore,
+            xml_gate: folder.xml_gate,
+            store: store.clone(),
+            replica,
+            stats,
+            seq_tx,
+            status: status.clone(),
+            paused: None,
+            confirmed: false,
+            held: BTreeMap::new(),
+            unreadable: BTreeMap::new(),
+            unstable: BTreeSet::new(),
+            symlinks_logged: BTreeSet::new(),
+            last_error: None,
+            conflicts,
+        };
+        engine.publish_status(epoch);
+        let handle = FolderHandle {
+            id: folder.id.clone(),
+            root: folder.path.clone(),
+            epoch,
+            store,
+            tx,
+            seq: seq_rx,
+            status,
+        };
+        Ok((engine, handle, Inbox(rx)))
+    }
+
+    pub fn ignore(&self) -> &Ignore {
+        &self.ignore
+    }
+
+    /// Removes leftovers of a crash and brings the index up to date with the disk.
+    pub async fn initial_scan(&mut self) -> Result<(), EngineError> {
+        let removed = block(|| apply::remove_stale_temps(&self.root));
+        if removed > 0 {
+            info!(folder = %self.id, count = removed, "removed temp files left by an earlier crash");
+        }
+        self.on_local(Change::Rescan).await
+    }
+
+    /// Runs until cancelled. `rescan_every` is the backstop full scan.
+    pub async fn run(
+        mut self,
+        Inbox(mut rx): Inbox,
+        rescan_every: std::time::Duration,
+        retry_every: std::time::Duration,
+        cancel: CancellationToken,
+    ) {
+        let epoch = self.store.epoch(&self.id, 0).await.unwrap_or(0);
+        let mut rescan = tokio::time::interval(rescan_every);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescan.tick().await;
+        let mut retry = tokio::time::interval(retry_every);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    match msg {
+                        Msg::Local(change) => {
+                            if let Err(e) = self.on_local(change).await {
+                                warn!(folder = %self.id, error = %e, "local change not recorded");
+                                self.last_error = Some(e.to_string());
+                            }
+                        }
+                        Msg::Remote(batch, reply) => {
+                            let r = self.on_remote(batch).await;
+                            if let Err(e) = &r {
+                                self.last_error = Some(e.to_string());
+                            }
+                            let _ = reply.send(r);
+                        }
+                        Msg::Resume(reply) => {
+                            let text = self.resume().await;
+                            let _ = reply.send(text);
+                        }
+                    }
+                }
+                _ = rescan.tick() => {
+                    if let Err(e) = self.on_local(Change::Rescan).await {
+                        warn!(folder = %self.id, error = %e, "periodic rescan failed");
+                    }
+                    self.purge_tombstones().await;
+                }
+                _ = retry.tick(), if !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
+                    let mut paths: Vec<RelPath> = std::mem::take(&mut self.unstable).into_iter().collect();
+                    paths.extend(self.held.keys().cloned());
+                    let change = if self.paused.is_some() { Change::Rescan } else { Change::Paths(paths) };
+                    if let Err(e) = self.on_local(change).await {
+                        debug!(folder = %self.id, error = %e, "retry look failed");
+                    }
+                }
+            }
+            self.publish_status(epoch);
+        }
+        debug!(folder = %self.id, "engine stopped");
+    }
+
+    fn publish_status(&self, epoch: u64) {
+        let mut s = FolderStatus {
+            id: self.id.clone(),
+            path: self.root.display().to_string(),
+            seq: self.replica.seq(),
+            epoch,
+            paused: self.paused.clone(),
+            held: self
+                .held
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            unreadable: self
+                .unreadable
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            last_error: self.last_error.clone(),
+            conflicts: self.conflicts,
+            ..Default::default()
+        };
+        for r in self.replica.records() {
+            match (r.deleted, r.kind) {
+                (true, _) => s.tombstones += 1,
+                (false, Kind::Dir) => s.dirs += 1,
+                (false, Kind::File) => {
+                    s.files += 1;
+                    s.bytes += r.size;
+                }
+            }
+        }
+        if let Ok(mut guard) = self.status.lock() {
+            *guard = s;
+        }
+    }
+
+    async fn resume(&mut self) -> String {
+        match self.paused.take() {
+            Some(reason) => {
+                info!(folder = %self.id, reason = %reason, "operator confirmed the folder's state; resuming");
+                self.confirmed = true;
+                self.root_identity = scan::root_identity(&self.root);
+                if let Err(e) = self.on_local(Change::Rescan).await {
+                    return format!("folder {} resumed, but the rescan failed: {e}", self.id);
+                }
+                format!("folder {} resumed (was paused: {reason})", self.id)
+            }
+            None => format!("folder {} was not paused", self.id),
+        }
+    }
+
+    fn pause(&mut self, reason: String) {
+        if self.paused.as_deref() != Some(reason.as_str()) {
+            warn!(folder = %self.id, reason = %reason, "pausing folder: no deletions are sent until the root is back or an operator runs `artisync resume`");
+        }
+        self.paused = Some(reason);
+    }
+
+    fn live_count(&self) -> usize {
+        self.replica.records().filter(|r| !r.deleted).count()
+    }
+
+    fn known(&self, path: &RelPath) -> Option<(StatKey, Hash)> {
+        let rec = self.replica.get(path)?;
+        if rec.deleted {
+            return None;
+        }
+        Some((*self.stats.get(path)?, rec.hash?))
+    }
+
+    /// Looks at local paths (or the whole folder) and records what changed.
+    async fn on_local(&mut self, change: Change) -> Result<(), EngineError> {
+        // Mass-delete guard, part 1: the root must be there and be the same directory.
+        let identity = block(|| scan::root_identity(&self.root));
+        match identity {
+            None => {
+                self.pause(format!(
+                    "folder root {} is missing or not a directory",
+                    self.root.display()
+                ));
+                return Ok(());
+            }
+            Some(id) if self.root_identity.is_some_and(|old| old != id) && !self.confirmed => {
+                self.pause(format!(
+                    "folder root {} was replaced (another directory or mount)",
+                    self.root.display()
+                ));
+                // Accept the new identity once it has content again (checked below).
+            }
+            Some(_) => {}
+        }
+        let full = matches!(change, Change::Rescan) || self.paused.is_some();
+        let mut paths: BTreeSet<RelPath> = BTreeSet::new();
+        if full {
+            let walk = block(|| scan::walk(&self.root, &self.ignore)).map_err(|source| {
+                EngineError::Scan {
+                    folder: self.id.clone(),
+                    source,
+                }
+            })?;
+            self.log_walk_problems(&walk);
+            // Mass-delete guard, part 2: an empty root while the index has content.
+            if walk.paths.is_empty() && self.live_count() > 0 && !self.confirmed {
+                self.pause(format!(
+                    "folder root {} is empty but the index has {} entries (unmounted disk?)",
+                    self.root.display(),
+                    self.live_count()
+                ));
+                return Ok(());
+            }
+            if self.paused.is_some() {
+                info!(folder = %self.id, "folder root is back with content; resuming");
+                self.paused = None;
+            }
+            self.root_identity = identity;
+            paths.extend(walk.paths);
+            paths.extend(
+                self.replica
+                    .records()
+                    .filter(|r| !r.deleted)
+                    .map(|r| r.path.clone()),
+            );
+        } else if let Change::Paths(list) = change {
+            for p in list {
+                self.expand(&p, &mut paths);
+            }
+        }
+        self.confirmed = false;
+        self.observe(paths).await
+    }
+
+    /// A changed directory may hide changes below it (a directory moved in or out, or created
+    /// before its watch existed): look at its whole subtree.
+    fn expand(&self, path: &RelPath, out: &mut BTreeSet<RelPath>) {
+        out.insert(path.clone());
+        let on_disk = self.root.join(path.as_str());
+        let is_dir = std::fs::symlink_metadata(&on_disk)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        if is_dir {
+            if let Ok(walk) = scan::walk(&on_disk, &self.ignore) {
+                for sub in walk.paths {
+                    if let Ok(p) = RelPath::new(&format!("{path}/{sub}")) {
+                        out.insert(p);
+                    }
+                }
+            }
+        }
+        // Whatever the index has below it, too (a directory that went away).
+        for r in self.replica.records() {
+            if !r.deleted && r.path.starts_with(path) {
+                out.insert(r.path.clone());
+            }
+        }
+    }
+
+    fn log_walk_problems(&mut self, walk: &scan::Walk) {
+        for s in &walk.symlinks {
+            if self.symlinks_logged.insert(s.clone()) {
+                info!(folder = %self.id, path = %s, "skipping symlink (symlinks are never synced)");
+            }
+        }
+        for b in &walk.bad_names {
+            warn!(folder = %self.id, path = %b.display(), "skipping a name that is not valid UTF-8 or not a valid path");
+        }
+        for e in &walk.errors {
+            warn!(folder = %self.id, error = %e, "cannot read part of the folder");
+        }
+    }
+
+    async fn observe(&mut self, paths: BTreeSet<RelPath>) -> Result<(), EngineError> {
+        let now = crate::now_ms();
+        let mut commits: Vec<StoredRecord> = Vec::new();
+        let mut stat_updates: Vec<(RelPath, StatKey)> = Vec::new();
+        let looks: Vec<(RelPath, Result<Look, scan::ScanError>)> = block(|| {
+            paths
+                .into_iter()
+                .filter(|p| !self.ignore.is_ignored(p))
+                .map(|p| {
+                    let known = self.known(&p);
+                    let look = scan::look(&self.root, &p, known);
+                    (p, look)
+                })
+                .collect()
+        });
+        for (path, look) in looks {
+            let look = match look {
+                Ok(l) => {
+                    self.unreadable.remove(&path);
+                    l
+                }
+                Err(e) => {
+                    warn!(folder = %self.id, path = %path, error = %e, "cannot read file");
+                    self.unreadable.insert(path, e.to_string());
+                    continue;
+                }
+            };
+            let observed = match look {
+                Look::Unstable => {
+                    self.unstable.insert(path);
+                    continue;
+                }
+                Look::Symlink => {
+                    if self.symlinks_logged.insert(path.clone()) {
+                        info!(folder = %self.id, path = %path, "skipping symlink (symlinks are never synced)");
+                    }
+                    continue;
+                }
+                Look::Absent => None,
+                Look::Present(obs, stat) => Some((obs, stat)),
+            };
+            if let Some((obs, _)) = &observed {
+                if self.xml_gate && obs.kind == Kind::File && xml::is_gated(path.as_str()) {
+                    let unchanged = self.replica.get(&path).is_some_and(|r| r.matches(obs));
+                    if !unchanged {
+                        let full = self.root.join(path.as_str());
+                        let verdict = block(|| std::fs::read(&full))
+                            .map_err(|e| e.to_string())
+                            .and_then(|bytes| xml::check_well_formed(&bytes));
+                        if let Err(problem) = verdict {
+                            if self.held.insert(path.clone(), problem.clone()).is_none() {
+                                warn!(folder = %self.id, path = %path, problem = %problem, "holding XML that is not well-formed; it is not shipped until it parses");
+                            }
+                            continue;
+                        }
+                    }
+                }
+            }
+            if self.held.remove(&path).is_some() {
+                info!(folder = %self.id, path = %path, "held file is well-formed now (or gone)");
+            }
+            let obs = observed.as_ref().map(|(o, _)| o);
+            match self.replica.observe_local(&path, obs, now) {
+                Some(record) => {
+                    debug!(folder = %self.id, path = %path, deleted = record.deleted, seq = record.seq, "local change");
+                    let stat = observed.map(|(_, s)| s);
+                    match stat {
+                        Some(s) => {
+                            self.stats.insert(path, s);
+                        }
+                        None => {
+                            self.stats.remove(&path);
+                        }
+                    }
+                    commits.push(StoredRecord { record, stat });
+                }
+                None => {
+                    if let Some((_, s)) = observed {
+                        if self.stats.get(&path) != Some(&s) {
+                            self.stats.insert(path.clone(), s);
+                            stat_updates.push((path, s));
+                        }
+                    }
+                }
+            }
+        }
+        if !stat_updates.is_empty() {
+            self.store.update_stats(&self.id, &stat_updates).await?;
+        }
+        if !commits.is_empty() {
+            info!(folder = %self.id, count = commits.len(), "local changes recorded");
+            self.store.commit(&self.id, &commits, None).await?;
+            self.seq_tx.send_replace(self.replica.seq());
+        }
+        Ok(())
+    }
+
+    /// True when the disk at `path` still shows what the index says (so it may be replaced).
+    fn disk_matches_index(&self, path: &RelPath) -> bool {
+        let meta = std::fs::symlink_metadata(self.root.join(path.as_str()));
+        match (self.replica.get(path), meta) {
+            (None, Err(_)) => true,
+            (Some(r), Err(_)) => r.deleted,
+            (None, Ok(_)) => false,
+            (Some(r), Ok(m)) => {
+                if r.deleted {
+                    return false;
+                }
+                match r.kind {
+                    Kind::Dir => m.is_dir(),
+                    Kind::File => m.is_file() && self.stats.get(path) == Some(&scan::stat_key(&m)),
+                }
+            }
+        }
+    }
+
+    async fn on_remote(&mut self, batch: RemoteBatch) -> Result<u64, EngineError> {
+        if let Some(reason) = &self.paused {
+            return Err(EngineError::Paused {
+                folder: self.id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let now = crate::now_ms();
+        let mut commits: Vec<StoredRecord> = Vec::new();
+        // (remote seq, record, conflict copy, content source)
+        let mut applies: Vec<(u64, FileRecord, bool, Option<Vec<u8>>)> = Vec::new();
+        let mut local_changed: Vec<StoredRecord> = Vec::new();
+        for Incoming {
+            record: remote,
+            inline,
+        } in batch.records
+        {
+            if self.ignore.is_ignored(&remote.path) {
+                continue;
+            }
+            let remote_seq = remote.seq;
+            let mut decision = self.replica.receive(&remote, now);
+            if matches!(decision, Decision::Apply { .. })
+                && !block(|| self.disk_matches_index(&remote.path))
+            {
+                // The file changed under us since the last look: record that first, so the
+                // peer's version meets it as a concurrent change instead of overwriting it.
+                let mut one = BTreeSet::new();
+                one.insert(remote.path.clone());
+                let before = self.replica.seq();
+                self.observe(one).await?;
+                if self.replica.seq() != before {
+                    if let Some(r) = self.replica.get(&remote.path) {
+                        local_changed.push(StoredRecord {
+                            record: r.clone(),
+                            stat: self.stats.get(&remote.path).copied(),
+                        });
+                    }
+                }
+                decision = self.replica.receive(&remote, now);
+            }
+            match decision {
+                Decision::Ignore => {}
+                Decision::Store(record) => {
+                    let stat = self.stats.get(&record.path).copied();
+                    let record = self.replica.commit(record);
+                    commits.push(StoredRecord { record, stat });
+                }
+                Decision::Apply {
+                    record,
+                    conflict_copy,
+                } => {
+                    applies.push((remote_seq, record, conflict_copy, inline));
+                }
+            }
+        }
+        let mut failed: Option<(u64, String, String)> = None;
+        let mut failures = 0usize;
+        let mut note_failure =
+            |seq: u64,
+             path: &RelPath,
+             problem: String,
+             failed: &mut Option<(u64, String, String)>| {
+                failures += 1;
+                if failed.as_ref().is_none_or(|(s, _, _)| seq < *s) {
+                    *failed = Some((seq, path.to_string(), problem));
+                }
+            };
+        // Build the disk operations; fetch what did not travel inline.
+        let mut ops: Vec<Op> = Vec::new();
+        let mut op_meta: Vec<(u64, FileRecord)> = Vec::new();
+        let mut no_op: Vec<FileRecord> = Vec::new();
+        for (remote_seq, record, conflict_copy, inline) in applies {
+            let local = self.replica.get(&record.path).cloned();
+            if conflict_copy {
+                if let Err(e) = self
+                    .keep_conflict_copy(&record, local.as_ref(), now, &batch.peer)
+                    .await
+                {
+                    note_failure(
+                        remote_seq,
+                        &record.path,
+                        format!("cannot keep conflict copy: {e}"),
+                        &mut failed,
+                    );
+                    continue;
+                }
+            }
+            let local_live = local.as_ref().filter(|l| !l.deleted);
+            let op = if record.deleted {
+                match local_live.map(|l| l.kind) {
+                    Some(Kind::Dir) => Some(Op::RemoveDir {
+                        path: record.path.clone(),
+                    }),
+                    Some(Kind::File) => Some(Op::RemoveFile {
+                        path: record.path.clone(),
+                    }),
+                    None => None,
+                }
+            } else if record.kind == Kind::Dir {
+                match local_live {
+                    Some(l) if l.kind == Kind::Dir && l.mode == record.mode => None,
+                    _ => Some(Op::Mkdir {
+                        path: record.path.clone(),
+                        mode: record.mode,
+                    }),
+                }
+            } else if local_live.is_some_and(|l| l.kind == Kind::File && l.hash == record.hash) {
+                // Same bytes already here: at most the mode differs.
+                match local_live {
+                    Some(l) if l.mode == record.mode => None,
+                    _ => Some(Op::Chmod {
+                        path: record.path.clone(),
+                        mode: record.mode,
+                    }),
+                }
+            } else {
+                let Some(hash) = record.hash else {
+                    note_failure(
+                        remote_seq,
+                        &record.path,
+                        "live file without a hash".into(),
+                        &mut failed,
+                    );
+                    continue;
+                };
+                let content = match inline {
+                    Some(bytes) if *blake3::hash(&bytes).as_bytes() == hash => {
+                        Content::Bytes(bytes)
+                    }
+                    Some(_) => {
+                        note_failure(
+                            remote_seq,
+                            &record.path,
+                            "inline content does not match its hash".into(),
+                            &mut failed,
+                        );
+                        continue;
+                    }
+                    None => {
+                        let dir = match record.path.parent() {
+                            Some(p) => self.root.join(p.as_str()),
+                            None => self.root.clone(),
+                        };
+                        match batch
+                            .fetcher
+                            .fetch(&self.id, &record.path, hash, &dir, record.mode)
+                            .await
+                        {
+                            Ok(tmp) => Content::Temp(tmp),
+                            Err(e) => {
+                                note_failure(
+                                    remote_seq,
+                                    &record.path,
+                                    format!("fetch failed: {e}"),
+                                    &mut failed,
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                };
+                Some(Op::Write {
+                    path: record.path.clone(),
+                    content,
+                    mode: record.mode,
+                })
+            };
+            match op {
+                Some(op) => {
+                    ops.push(op);
+                    op_meta.push((remote_seq, record));
+                }
+                None => no_op.push(record),
+            }
+        }
+        let results = if ops.is_empty() {
+            Vec::new()
+        } else {
+            block(|| apply::apply_batch(&self.root, ops))
+        };
+        let mut applied = 0usize;
+        for ((remote_seq, record), result) in op_meta.into_iter().zip(results) {
+            match result {
+                Ok(stat) => {
+                    applied += 1;
+                    match stat {
+                        Some(s) => {
+                            self.stats.insert(record.path.clone(), s);
+                        }
+                        None => {
+                            self.stats.remove(&record.path);
+                        }
+                    }
+                    let record = self.replica.commit(record);
+                    commits.push(StoredRecord { record, stat });
+                }
+                Err(e)
+                    if record.deleted
+                        && record.kind == Kind::Dir
+                        && e.raw_os_error() == Some(nix::libc::ENOTEMPTY) =>
+                {
+                    // Only ignored or unsynced files keep it alive here; it stays, and no
+                    // deletion is recorded for it, so nothing is lost.
+                    warn!(folder = %self.id, path = %record.path, peer = %batch.peer, "directory deleted on a peer still has local content; keeping it");
+                }
+                Err(e) => {
+                    warn!(folder = %self.id, path = %record.path, peer = %batch.peer, error = %e, "cannot apply change");
+                    note_failure(remote_seq, &record.path, e.to_string(), &mut failed);
+                }
+            }
+        }
+        for record in no_op {
+            let stat = self.stats.get(&record.path).copied();
+            let record = self.replica.commit(record);
+            commits.push(StoredRecord { record, stat });
+        }
+        let applied_up_to = match &failed {
+            Some((seq, _, _)) => seq.saturating_sub(1),
+            None => batch.up_to_seq,
+        };
+        let cursor = Cursor {
+            epoch: batch.epoch,
+            seq: applied_up_to,
+        };
+        commits.extend(local_changed);
+        self.store
+            .commit(&self.id, &commits, Some((&batch.peer, cursor)))
+            .await?;
+        if !commits.is_empty() {
+            self.seq_tx.send_replace(self.replica.seq());
+        }
+        if applied > 0 {
+            info!(folder = %self.id, peer = %batch.peer, count = applied, "applied peer changes");
+        }
+        match failed {
+            Some((_, path, problem)) => Err(EngineError::ApplyFailed {
+                folder: self.id.clone(),
+                failed: failures,
+                path,
+                problem,
+            }),
+            None => Ok(applied_up_to),
+        }
+    }
+
+    /// Keeps the local bytes that lose a conflict under `state_dir/conflicts/<folder>/<path>.<node>.<stamp>`.
+    async fn keep_conflict_copy(
+        &mut self,
+        winner: &FileRecord,
+        local: Option<&FileRecord>,
+        now: u64,
+        peer: &str,
+    ) -> Result<(), std::io::Error> {
+        let Some(local) = local else { return Ok(()) };
+        let writer = if local.stamp.node == self.opts.node {
+            self.opts.node_name.clone()
+        } else {
+            local.stamp.node.to_string()
+        };
+        let dest = self.opts.conflicts_dir.join(&self.id).join(format!(
+            "{}.{}.{}",
+            local.path,
+            writer,
+            Hlc::millis(local.stamp.hlc)
+        ));
+        let src = self.root.join(local.path.as_str());
+        let kept = block(|| apply::keep_copy(&src, &dest))?;
+        if kept {
+            warn!(folder = %self.id, path = %local.path, peer = %peer, copy = %dest.display(), "conflict: concurrent change elsewhere wins; local version kept as a conflict copy");
+            self.conflicts += 1;
+            let entry = ConflictEntry {
+                folder: self.id.clone(),
+                path: local.path.to_string(),
+                copy: dest.display().to_string(),
+                winner_node: winner.stamp.node.to_string(),
+                created_ms: now,
+            };
+            if let Err(e) = self.store.add_conflict(&entry).await {
+                warn!(folder = %self.id, error = %e, "cannot log conflict in the index");
+            }
+        }
+        Ok(())
+    }
+
+    async fn purge_tombstones(&mut self) {
+        let cutoff = crate::now_ms().saturating_sub(self.opts.tombstone_ttl_ms);
+        let purged = self.replica.purge_tombstones(cutoff);
+        if !purged.is_empty() {
+            if let Err(e) = self.store.remove(&self.id, &purged).await {
+                warn!(folder = %self.id, error = %e, "cannot purge tombstones");
+            } else {
+                info!(folder = %self.id, count = purged.len(), "purged old tombstones");
+            }
+        }
+    }
+}
+
+/// Everything a running folder needs from the config, bundled for the daemon.
+pub fn engine_options(config: &Config, node: NodeId) -> EngineOptions {
+    EngineOptions {
+        node,
+        node_name: config.node.clone(),
+        conflicts_dir: config.state_dir.join("conflicts"),
+        tombstone_ttl_ms: config.tombstone_ttl().as_millis() as u64,
+    }
+}

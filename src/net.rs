@@ -1,1 +1,762 @@
-//! TODO
+//! The gRPC edge between peers: the `Peer` service every node serves, and the session every
+//! node runs to each configured peer (subscribe to its index, hand batches to the folder
+//! engines, fetch large contents, reconnect with backoff). Generated types stop here: records
+//! are converted to and from the model at this boundary, and every path from a peer is
+//! validated before anything else sees it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, PeerConfig, TlsConfig};
+use crate::engine::{FolderHandle, Incoming, RemoteBatch};
+use crate::model::{FileRecord, Hash, Kind, NodeId, RelPath, Stamp, VersionVector};
+use crate::pb::sync as pb;
+use crate::pb::sync::peer_client::PeerClient;
+use crate::pb::sync::peer_server::Peer;
+use crate::store::StoredRecord;
+
+/// Largest gRPC message accepted (batches carry inline contents).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Records per index batch, and the inline bytes one batch may carry.
+const BATCH_RECORDS: u32 = 1000;
+const BATCH_INLINE_BYTES: u64 = 4 * 1024 * 1024;
+/// Chunk size of large-file transfers.
+const CHUNK_BYTES: usize = 1024 * 1024;
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("peer {peer}: {message}")]
+    Peer { peer: String, message: String },
+    #[error("TLS material {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("peer {peer}: {source}")]
+    Transport {
+        peer: String,
+        source: tonic::transport::Error,
+    },
+}
+
+// ---------------------------------------------------------------- conversions
+
+/// Converts a model record to the wire.
+pub fn record_to_pb(r: &FileRecord, inline: Option<Vec<u8>>) -> pb::Record {
+    pb::Record {
+        path: r.path.to_string(),
+        kind: match r.kind {
+            Kind::File => pb::Kind::File as i32,
+            Kind::Dir => pb::Kind::Dir as i32,
+        },
+        deleted: r.deleted,
+        size: r.size,
+        mode: r.mode,
+        hash: r.hash.map(|h| h.to_vec()).unwrap_or_default(),
+        version: r
+            .version
+            .entries()
+            .map(|(n, c)| pb::VersionEntry {
+                node: n.0,
+                counter: c,
+            })
+            .collect(),
+        stamp_hlc: r.stamp.hlc,
+        stamp_node: r.stamp.node.0,
+        seq: r.seq,
+        inline_data: inline,
+    }
+}
+
+/// Validates and converts a record from a peer. The error says what is wrong with it.
+pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
+    let path = RelPath::new(&p.path).map_err(|e| e.to_string())?;
+    let kind = match pb::Kind::try_from(p.kind) {
+        Ok(pb::Kind::File) => Kind::File,
+        Ok(pb::Kind::Dir) => Kind::Dir,
+        Err(_) => return Err(format!("{path}: unknown kind {}", p.kind)),
+    };
+    let hash: Option<Hash> = if p.hash.is_empty() {
+        None
+    } else {
+        Some(
+            p.hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| format!("{path}: hash is {} bytes, not 32", p.hash.len()))?,
+        )
+    };
+    if !p.deleted && kind == Kind::File && hash.is_none() {
+        return Err(format!("{path}: live file without a hash"));
+    }
+    if p.mode > 0o7777 {
+        return Err(format!("{path}: mode {:o} out of range", p.mode));
+    }
+    if p.version.is_empty() {
+        return Err(format!("{path}: empty version vector"));
+    }
+    if let Some(data) = &p.inline_data {
+        if data.len() as u64 != p.size {
+            return Err(format!(
+                "{path}: inline content is {} bytes, record says {}",
+                data.len(),
+                p.size
+            ));
+        }
+    }
+    Ok(Incoming {
+        record: FileRecord {
+            path,
+            kind,
+            deleted: p.deleted,
+            size: p.size,
+            mode: p.mode,
+            hash,
+            version: VersionVector::from_entries(
+                p.version.iter().map(|e| (NodeId(e.node), e.counter)),
+            ),
+            stamp: Stamp {
+                hlc: p.stamp_hlc,
+                node: NodeId(p.stamp_node),
+            },
+            seq: p.seq,
+        },
+        inline: p.inline_data,
+    })
+}
+
+// ---------------------------------------------------------------- server
+
+/// The `Peer` service: streams this node's folder indexes and serves file contents.
+#[derive(Clone)]
+pub struct PeerService {
+    node: NodeId,
+    node_name: String,
+    folders: Arc<HashMap<String, FolderHandle>>,
+    inline_max: u64,
+    cancel: CancellationToken,
+}
+
+impl PeerService {
+    pub fn new(
+        node: NodeId,
+        node_name: String,
+        folders: Arc<HashMap<String, FolderHandle>>,
+        inline_max: u64,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            node,
+            node_name,
+            folders,
+            inline_max,
+            cancel,
+        }
+    }
+
+    pub fn into_server(self) -> pb::peer_server::PeerServer<Self> {
+        pb::peer_server::PeerServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Reads the content of small live files for inline transfer; a file whose bytes no longer
+/// match the record is sent without content (the receiver fetches, or a newer record follows).
+fn read_inline(root: &Path, rows: &[StoredRecord], inline_max: u64) -> Vec<Option<Vec<u8>>> {
+    let mut budget = BATCH_INLINE_BYTES;
+    rows.iter()
+        .map(|row| {
+            let r = &row.record;
+            if r.deleted || r.kind != Kind::File || r.size > inline_max || r.size > budget {
+                return None;
+            }
+            let bytes = std::fs::read(root.join(r.path.as_str())).ok()?;
+            if Some(*blake3::hash(&bytes).as_bytes()) != r.hash {
+                return None;
+            }
+            budget -= r.size;
+            Some(bytes)
+        })
+        .collect()
+}
+
+async fn pump_folder(
+    svc: PeerService,
+    handle: FolderHandle,
+    mut since: u64,
+    tx: mpsc::Sender<Result<pb::IndexBatch, Status>>,
+    subscriber: String,
+) {
+    let mut seq_rx = handle.subscribe_seq();
+    let mut announced = false;
+    loop {
+        seq_rx.borrow_and_update();
+        let rows = match handle.store.since(&handle.id, since, BATCH_RECORDS).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(folder = %handle.id, peer = %subscriber, error = %e, "cannot read index for peer");
+                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                return;
+            }
+        };
+        let max_seq = *seq_rx.borrow();
+        if !rows.is_empty() || !announced {
+            let root = handle.root.clone();
+            let inline_max = svc.inline_max;
+            let (rows, inline) = match tokio::task::spawn_blocking(move || {
+                let inline = read_inline(&root, &rows, inline_max);
+                (rows, inline)
+            })
+            .await
+            {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+            let up_to = rows.last().map_or(since, |r| r.record.seq);
+            let batch = pb::IndexBatch {
+                node_id: svc.node.0,
+                node_name: svc.node_name.clone(),
+                folder: handle.id.clone(),
+                epoch: handle.epoch,
+                up_to_seq: up_to,
+                max_seq: max_seq.max(up_to),
+                records: rows
+                    .iter()
+                    .zip(inline)
+                    .map(|(row, data)| record_to_pb(&row.record, data))
+                    .collect(),
+            };
+            if tx.send(Ok(batch)).await.is_err() {
+                return;
+            }
+            announced = true;
+            since = up_to;
+            continue;
+        }
+        tokio::select! {
+            _ = svc.cancel.cancelled() => return,
+            _ = tx.closed() => return,
+            changed = seq_rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Chunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type SubscribeStream = ReceiverStream<Result<pb::IndexBatch, Status>>;
+    type FetchStream = ChunkStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        if req.node_id == self.node.0 {
+            return Err(Status::failed_precondition(
+                "a node cannot subscribe to itself (check peer addresses)",
+            ));
+        }
+        let subscriber = req.node_name.clone();
+        info!(peer = %subscriber, folders = req.folders.len(), "peer subscribed");
+        let (tx, rx) = mpsc::channel(4);
+        for cursor in req.folders {
+            let Some(handle) = self.folders.get(&cursor.folder) else {
+                debug!(peer = %subscriber, folder = %cursor.folder, "peer asks for a folder this node does not have");
+                continue;
+            };
+            let since = if cursor.epoch == handle.epoch {
+                cursor.since_seq
+            } else {
+                0
+            };
+            tokio::spawn(pump_folder(
+                self.clone(),
+                handle.clone(),
+                since,
+                tx.clone(),
+                subscriber.clone(),
+            ));
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let req = request.into_inner();
+        let handle = self
+            .folders
+            .get(&req.folder)
+            .ok_or_else(|| Status::not_found(format!("no folder {:?}", req.folder)))?;
+        let path = RelPath::new(&req.path).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let full = handle.root.join(path.as_str());
+        let file = tokio::fs::File::open(&full)
+            .await
+            .map_err(|e| Status::not_found(format!("{path}: {e}")))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut file = file;
+            loop {
+                let mut buf = vec![0u8; CHUNK_BYTES];
+                match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(pb::Chunk { data: buf })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+// ---------------------------------------------------------------- TLS
+
+async fn read_pem(path: &Path) -> Result<Vec<u8>, NetError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|source| NetError::TlsFile {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Server side of mutual TLS: this node's identity, and peers must present a cert from the CA.
+pub async fn server_tls(tls: &TlsConfig) -> Result<ServerTlsConfig, NetError> {
+    let cert = read_pem(&tls.cert).await?;
+    let key = read_pem(&tls.key).await?;
+    let ca = read_pem(&tls.ca).await?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca)))
+}
+
+async fn client_tls(tls: &TlsConfig, host: &str) -> Result<ClientTlsConfig, NetError> {
+    let cert = read_pem(&tls.cert).await?;
+    let key = read_pem(&tls.key).await?;
+    let ca = read_pem(&tls.ca).await?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(host))
+}
+
+/// Builds a (lazy) channel to a peer address, with TLS for `https://`.
+pub async fn channel(
+    address: &str,
+    tls: Option<&TlsConfig>,
+    peer: &str,
+) -> Result<Channel, NetError> {
+    let transport = |source| NetError::Transport {
+        peer: peer.to_owned(),
+        source,
+    };
+    let mut endpoint = Endpoint::from_shared(address.to_owned())
+        .map_err(transport)?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let (secure, host) =
+        crate::config::parse_peer_address(address).map_err(|message| NetError::Peer {
+            peer: peer.to_owned(),
+            message,
+        })?;
+    if secure {
+        let tls = tls.ok_or_else(|| NetError::Peer {
+            peer: peer.to_owned(),
+            message: "https address but no [tls] configured".into(),
+        })?;
+        endpoint = endpoint
+            .tls_config(client_tls(tls, &host).await?)
+            .map_err(transport)?;
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+// ---------------------------------------------------------------- client sessions
+
+/// What `artisync status` shows about one peer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub address: String,
+    pub connected: bool,
+    /// Milliseconds since the Unix epoch of the last message from the peer.
+    pub last_seen_ms: Option<u64>,
+    pub last_error: Option<String>,
+    /// Per folder: how many of the peer's index sequence numbers are not applied here yet.
+    pub behind: HashMap<String, u64>,
+}
+
+/// Shared status of all peer sessions.
+pub type PeerStatuses = Arc<Mutex<HashMap<String, PeerStatus>>>;
+
+fn set_status(statuses: &PeerStatuses, name: &str, f: impl FnOnce(&mut PeerStatus)) {
+    if let Ok(mut map) = statuses.lock() {
+        if let Some(s) = map.get_mut(name) {
+            f(s);
+        }
+    }
+}
+
+/// Fetches contents from one peer into verified temp files.
+struct PeerFetcher {
+    client: PeerClient<Channel>,
+}
+
+impl crate::engine::Fetcher for PeerFetcher {
+    fn fetch<'a>(
+        &'a self,
+        folder: &'a str,
+        path: &'a RelPath,
+        hash: Hash,
+        dir: &'a Path,
+        mode: u32,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<PathBuf, String>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let mut stream = client
+                .fetch(pb::FetchRequest {
+                    folder: folder.to_owned(),
+                    path: path.to_string(),
+                    hash: hash.to_vec(),
+                })
+                .await
+                .map_err(|s| s.message().to_owned())?
+                .into_inner();
+            let dir_owned = dir.to_owned();
+            let (file, tmp) = tokio::task::spawn_blocking(move || {
+                crate::fs::apply::create_temp(&dir_owned, mode)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            let mut file = tokio::fs::File::from_std(file);
+            let mut hasher = blake3::Hasher::new();
+            let result: Result<(), String> = async {
+                while let Some(chunk) =
+                    stream.message().await.map_err(|s| s.message().to_owned())?
+                {
+                    hasher.update(&chunk.data);
+                    file.write_all(&chunk.data)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                file.flush().await.map_err(|e| e.to_string())?;
+                if *hasher.finalize().as_bytes() != hash {
+                    return Err(
+                        "content does not match its hash (changed on the peer meanwhile?)".into(),
+                    );
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+            Ok(tmp)
+        })
+    }
+}
+
+/// Keeps a subscription to one peer alive until cancelled.
+pub struct PeerSession {
+    pub node: NodeId,
+    pub node_name: String,
+    pub peer: PeerConfig,
+    pub tls: Option<TlsConfig>,
+    pub folders: Arc<HashMap<String, FolderHandle>>,
+    pub statuses: PeerStatuses,
+}
+
+impl PeerSession {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.session_once() => r,
+            };
+            set_status(&self.statuses, &self.peer.name, |s| s.connected = false);
+            if let Err(e) = &result {
+                set_status(&self.statuses, &self.peer.name, |s| {
+                    s.last_error = Some(e.to_string())
+                });
+                if backoff >= Duration::from_secs(1) {
+                    warn!(peer = %self.peer.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "peer session failed");
+                } else {
+                    debug!(peer = %self.peer.name, error = %e, "peer session failed");
+                }
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = BACKOFF_MIN;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn session_once(&self) -> Result<(), NetError> {
+        let name = self.peer.name.clone();
+        let perr = |message: String| NetError::Peer {
+            peer: name.clone(),
+            message,
+        };
+        let address = self.peer.address.clone().unwrap_or_default();
+        let channel = channel(&address, self.tls.as_ref(), &name).await?;
+        let mut client = PeerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut cursors = Vec::new();
+        for handle in self.folders.values() {
+            let c = handle
+                .store
+                .cursor(&name, &handle.id)
+                .await
+                .map_err(|e| perr(e.to_string()))?;
+            cursors.push(pb::FolderCursor {
+                folder: handle.id.clone(),
+                epoch: c.epoch,
+                since_seq: c.seq,
+            });
+        }
+        let mut stream = client
+            .subscribe(pb::SubscribeRequest {
+                node_id: self.node.0,
+                node_name: self.node_name.clone(),
+                folders: cursors,
+            })
+            .await
+            .map_err(|s| perr(format!("subscribe: {}", s.message())))?
+            .into_inner();
+        info!(peer = %name, address = %address, "connected to peer");
+        set_status(&self.statuses, &name, |s| {
+            s.connected = true;
+            s.last_error = None;
+            s.last_seen_ms = Some(crate::now_ms());
+        });
+        let fetcher: Arc<dyn crate::engine::Fetcher> = Arc::new(PeerFetcher {
+            client: client.clone(),
+        });
+        while let Some(batch) = stream
+            .message()
+            .await
+            .map_err(|s| perr(format!("stream: {}", s.message())))?
+        {
+            if batch.node_name != name {
+                return Err(perr(format!(
+                    "address {address} answers as node {:?}, not {name:?}; fix the peer's address",
+                    batch.node_name
+                )));
+            }
+            let Some(handle) = self.folders.get(&batch.folder) else {
+                continue;
+            };
+            let mut records = Vec::with_capacity(batch.records.len());
+            for r in batch.records {
+                match record_from_pb(r) {
+                    Ok(inc) => records.push(inc),
+                    Err(problem) => {
+                        warn!(peer = %name, folder = %batch.folder, problem = %problem, "refusing a record from peer");
+                    }
+                }
+            }
+            let max_seq = batch.max_seq;
+            let applied = handle
+                .remote(RemoteBatch {
+                    peer: name.clone(),
+                    epoch: batch.epoch,
+                    up_to_seq: batch.up_to_seq,
+                    records,
+                    fetcher: fetcher.clone(),
+                })
+                .await
+                .map_err(|e| perr(e.to_string()))?;
+            set_status(&self.statuses, &name, |s| {
+                s.last_seen_ms = Some(crate::now_ms());
+                s.behind
+                    .insert(batch.folder.clone(), max_seq.saturating_sub(applied));
+            });
+        }
+        Err(perr("peer closed the stream".into()))
+    }
+}
+
+/// Starts one session per configured peer.
+pub fn peer_sessions(
+    config: &Config,
+    node: NodeId,
+    folders: Arc<HashMap<String, FolderHandle>>,
+    statuses: PeerStatuses,
+) -> Vec<PeerSession> {
+    if let Ok(mut map) = statuses.lock() {
+        for p in &config.peers {
+            map.insert(
+                p.name.clone(),
+                PeerStatus {
+                    name: p.name.clone(),
+                    address: p.address.clone().unwrap_or_default(),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    config
+        .peers
+        .iter()
+        .map(|p| PeerSession {
+            node,
+            node_name: config.node.clone(),
+            peer: p.clone(),
+            tls: config.tls.clone(),
+            folders: folders.clone(),
+            statuses: statuses.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FileRecord {
+        let mut version = VersionVector::new();
+        version.bump(NodeId(3));
+        FileRecord {
+            path: RelPath::new("default/api/a.xml").expect("valid"),
+            kind: Kind::File,
+            deleted: false,
+            size: 4,
+            mode: 0o644,
+            hash: Some(*blake3::hash(b"<a/>").as_bytes()),
+            version,
+            stamp: Stamp {
+                hlc: 99,
+                node: NodeId(3),
+            },
+            seq: 7,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_the_wire() {
+        let r = sample();
+        let back = record_from_pb(record_to_pb(&r, Some(b"<a/>".to_vec()))).expect("valid");
+        assert!(back.record.same_version(&r));
+        assert_eq!(back.record.seq, 7);
+        assert_eq!(back.inline.as_deref(), Some(&b"<a/>"[..]));
+    }
+
+    #[test]
+    fn hostile_records_are_refused() {
+        let good = record_to_pb(&sample(), None);
+        let cases: Vec<(pb::Record, &str)> = vec![
+            (
+                pb::Record {
+                    path: "../../etc/passwd".into(),
+                    ..good.clone()
+                },
+                "component",
+            ),
+            (
+                pb::Record {
+                    path: "/etc/passwd".into(),
+                    ..good.clone()
+                },
+                "absolute",
+            ),
+            (
+                pb::Record {
+                    path: "a/\0b".into(),
+                    ..good.clone()
+                },
+                "NUL",
+            ),
+            (
+                pb::Record {
+                    hash: vec![1, 2, 3],
+                    ..good.clone()
+                },
+                "32",
+            ),
+            (
+                pb::Record {
+                    hash: vec![],
+                    ..good.clone()
+                },
+                "without a hash",
+            ),
+            (
+                pb::Record {
+                    kind: 9,
+                    ..good.clone()
+                },
+                "kind",
+            ),
+            (
+                pb::Record {
+                    mode: 0o100000,
+                    ..good.clone()
+                },
+                "mode",
+            ),
+            (
+                pb::Record {
+                    version: vec![],
+                    ..good.clone()
+                },
+                "version",
+            ),
+            (
+                pb::Record {
+                    inline_data: Some(vec![0; 10]),
+                    ..good.clone()
+                },
+                "inline",
+            ),
+        ];
+        for (rec, expect) in cases {
+            let path = rec.path.clone();
+            match record_from_pb(rec) {
+                Ok(_) => panic!("{path}: accepted, expected refusal mentioning {expect}"),
+                Err(e) => assert!(e.contains(expect), "{e} should mention {expect}"),
+            }
+        }
+    }
+}

@@ -28,11 +28,25 @@ pub enum Content {
 /// One change to make on disk.
 #[derive(Debug)]
 pub enum Op {
-    Write { path: RelPath, content: Content, mode: u32 },
-    Chmod { path: RelPath, mode: u32 },
-    Mkdir { path: RelPath, mode: u32 },
-    RemoveFile { path: RelPath },
-    RemoveDir { path: RelPath },
+    Write {
+        path: RelPath,
+        content: Content,
+        mode: u32,
+    },
+    Chmod {
+        path: RelPath,
+        mode: u32,
+    },
+    Mkdir {
+        path: RelPath,
+        mode: u32,
+    },
+    RemoveFile {
+        path: RelPath,
+    },
+    RemoveDir {
+        path: RelPath,
+    },
 }
 
 impl Op {
@@ -67,7 +81,12 @@ pub fn create_temp(dir: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
     for _ in 0..16 {
         let name = format!("{TEMP_PREFIX}{:016x}{TEMP_SUFFIX}", rand::random::<u64>());
         let path = dir.join(name);
-        match OpenOptions::new().write(true).create_new(true).mode(mode & 0o777 | 0o600).open(&path) {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode & 0o777 | 0o600)
+            .open(&path)
+        {
             Ok(f) => return Ok((f, path)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -134,7 +153,11 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
                     .and_then(|_| stat_of(&target));
                 results[i] = Some(r);
             }
-            Op::Write { path, content, mode } => {
+            Op::Write {
+                path,
+                content,
+                mode,
+            } => {
                 let dir = parent_dir(root, path);
                 let r = (|| -> std::io::Result<PathBuf> {
                     let tmp = match content {
@@ -148,7 +171,9 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
                         }
                         Content::Temp(tmp) => tmp.clone(),
                     };
-                    if let Err(e) = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode)) {
+                    if let Err(e) =
+                        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode))
+                    {
                         let _ = std::fs::remove_file(&tmp);
                         return Err(e);
                     }
@@ -232,7 +257,9 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
 /// Keeps the losing side of a conflict: copies `src` to `dest` (outside every synced folder),
 /// durably. Returns `Ok(false)` when `src` no longer exists.
 pub fn keep_copy(src: &Path, dest: &Path) -> std::io::Result<bool> {
-    let dir = dest.parent().ok_or_else(|| std::io::Error::other("conflict copy has no directory"))?;
+    let dir = dest
+        .parent()
+        .ok_or_else(|| std::io::Error::other("conflict copy has no directory"))?;
     std::fs::create_dir_all(dir)?;
     let (f, tmp) = create_temp(dir, 0o600)?;
     drop(f);
@@ -240,7 +267,11 @@ pub fn keep_copy(src: &Path, dest: &Path) -> std::io::Result<bool> {
         Ok(_) => {}
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return if e.kind() == std::io::ErrorKind::NotFound { Ok(false) } else { Err(e) };
+            return if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(false)
+            } else {
+                Err(e)
+            };
         }
     }
     File::open(&tmp)?.sync_all()?;
@@ -256,7 +287,11 @@ pub fn remove_stale_temps(root: &Path) -> usize {
         .into_iter()
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_file())
-        .filter(|e| e.file_name().to_str().is_some_and(super::ignore::Ignore::is_temp))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(super::ignore::Ignore::is_temp)
+        })
         .filter(|e| std::fs::remove_file(e.path()).is_ok())
         .count()
 }
@@ -277,26 +312,58 @@ mod tests {
         std::fs::write(root.join("old/deep/f"), b"x").expect("write");
         let mut ops = vec![
             Op::RemoveDir { path: p("old") },
-            Op::RemoveDir { path: p("old/deep") },
-            Op::RemoveFile { path: p("old/deep/f") },
-            Op::Write { path: p("api/sub/b.xml"), content: Content::Bytes(b"<b/>".to_vec()), mode: 0o640 },
-            Op::Mkdir { path: p("api/sub"), mode: 0o750 },
-            Op::Mkdir { path: p("api"), mode: 0o755 },
+            Op::RemoveDir {
+                path: p("old/deep"),
+            },
+            Op::RemoveFile {
+                path: p("old/deep/f"),
+            },
+            Op::Write {
+                path: p("api/sub/b.xml"),
+                content: Content::Bytes(b"<b/>".to_vec()),
+                mode: 0o640,
+            },
+            Op::Mkdir {
+                path: p("api/sub"),
+                mode: 0o750,
+            },
+            Op::Mkdir {
+                path: p("api"),
+                mode: 0o755,
+            },
         ];
         for i in 0..20 {
-            ops.push(Op::Write { path: p(&format!("many/{i}.xml")), content: Content::Bytes(vec![b'a'; i]), mode: 0o644 });
+            ops.push(Op::Write {
+                path: p(&format!("many/{i}.xml")),
+                content: Content::Bytes(vec![b'a'; i]),
+                mode: 0o644,
+            });
         }
         let results = apply_batch(root, ops);
         for r in &results {
             assert!(r.is_ok(), "{r:?}");
         }
         assert!(!root.join("old").exists());
-        assert_eq!(std::fs::read(root.join("api/sub/b.xml")).expect("read"), b"<b/>");
-        let mode = std::fs::metadata(root.join("api/sub/b.xml")).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(
+            std::fs::read(root.join("api/sub/b.xml")).expect("read"),
+            b"<b/>"
+        );
+        let mode = std::fs::metadata(root.join("api/sub/b.xml"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o640);
-        let mode = std::fs::metadata(root.join("api/sub")).expect("meta").permissions().mode() & 0o777;
+        let mode = std::fs::metadata(root.join("api/sub"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o750);
-        assert_eq!(std::fs::read(root.join("many/19.xml")).expect("read").len(), 19);
+        assert_eq!(
+            std::fs::read(root.join("many/19.xml")).expect("read").len(),
+            19
+        );
         assert_eq!(remove_stale_temps(root), 0, "no temp file is left behind");
     }
 
@@ -314,7 +381,11 @@ mod tests {
     fn stale_temps_are_removed_and_copies_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_, tmp) = create_temp(dir.path(), 0o644).expect("temp");
-        assert!(tmp.file_name().and_then(|n| n.to_str()).is_some_and(super::super::ignore::Ignore::is_temp));
+        assert!(
+            tmp.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(super::super::ignore::Ignore::is_temp)
+        );
         assert_eq!(remove_stale_temps(dir.path()), 1);
         std::fs::write(dir.path().join("src"), b"bytes").expect("write");
         let dest = dir.path().join("c/x/y.node.1");

@@ -53,7 +53,10 @@ impl Ignore {
         let mut end = 0;
         for component in s.split('/') {
             end += component.len();
-            if Self::is_temp(component) || self.names.is_match(component) || self.paths.is_match(&s[..end]) {
+            if Self::is_temp(component)
+                || self.names.is_match(component)
+                || self.paths.is_match(&s[..end])
+            {
                 return true;
             }
             end += 1;
@@ -85,7 +88,13 @@ mod tests {
         ] {
             assert!(ig.is_ignored(&p(s)), "{s} should be ignored");
         }
-        for s in ["api/x.xml", "default/api/y.xml", "plans/a.siddhiql", ".artisync.x", "default/tmpx/a"] {
+        for s in [
+            "api/x.xml",
+            "default/api/y.xml",
+            "plans/a.siddhiql",
+            ".artisync.x",
+            "default/tmpx/a",
+        ] {
             assert!(!ig.is_ignored(&p(s)), "{s} should not be ignored");
         }
     }

@@ -139,7 +139,10 @@ pub fn walk(root: &Path, ignore: &Ignore) -> Result<Walk, ScanError> {
     if !meta.is_dir() {
         return Err(ScanError::Io {
             path: root.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "folder root is not a directory"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "folder root is not a directory",
+            ),
         });
     }
     let mut it = walkdir::WalkDir::new(root)
@@ -155,7 +158,12 @@ pub fn walk(root: &Path, ignore: &Ignore) -> Result<Walk, ScanError> {
                 continue;
             }
         };
-        let rel = entry.path().strip_prefix(root).ok().and_then(|r| r.to_str()).map(RelPath::new);
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .ok()
+            .and_then(|r| r.to_str())
+            .map(RelPath::new);
         let rel = match rel {
             Some(Ok(r)) => r,
             _ => {
@@ -186,7 +194,10 @@ pub type Known = HashMap<RelPath, (StatKey, Hash)>;
 
 /// Identity of a folder root, to notice it being replaced or unmounted.
 pub fn root_identity(root: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(root).ok().filter(|m| m.is_dir()).map(|m| (m.dev(), m.ino()))
+    std::fs::metadata(root)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
 }
 
 #[cfg(test)]
@@ -205,11 +216,15 @@ mod tests {
         assert_eq!(obs.size, 4);
         // With a matching stat key the stored hash is trusted (no read).
         let fake = [7u8; 32];
-        let Look::Present(obs2, _) = look(dir.path(), &rel, Some((key, fake))).expect("look") else {
+        let Look::Present(obs2, _) = look(dir.path(), &rel, Some((key, fake))).expect("look")
+        else {
             panic!("expected a file");
         };
         assert_eq!(obs2.hash, Some(fake));
-        assert_eq!(look(dir.path(), &RelPath::new("nope").expect("valid"), None).expect("look"), Look::Absent);
+        assert_eq!(
+            look(dir.path(), &RelPath::new("nope").expect("valid"), None).expect("look"),
+            Look::Absent
+        );
     }
 
     #[test]

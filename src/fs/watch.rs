@@ -32,7 +32,10 @@ pub enum WatchError {
     )]
     TooManyWatches { path: PathBuf },
     #[error("cannot watch {path}: {source}")]
-    Notify { path: PathBuf, source: notify::Error },
+    Notify {
+        path: PathBuf,
+        source: notify::Error,
+    },
 }
 
 /// What the watcher hands to the folder engine.
@@ -47,7 +50,11 @@ pub enum Change {
 #[derive(Debug)]
 enum Raw {
     /// A path changed; `written` when data was written, `closed` on close-after-write.
-    Path { path: PathBuf, written: bool, closed: bool },
+    Path {
+        path: PathBuf,
+        written: bool,
+        closed: bool,
+    },
     Rescan,
 }
 
@@ -60,7 +67,9 @@ fn convert(event: &notify::Event) -> Vec<Raw> {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => (false, true),
         // Opens and reads change nothing.
         EventKind::Access(_) => return Vec::new(),
-        EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any) => (true, false),
+        EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any) => {
+            (true, false)
+        }
         _ => (false, false),
     };
     event
@@ -159,7 +168,12 @@ struct Debouncer {
 }
 
 impl Debouncer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Raw>, out: mpsc::Sender<Change>, cancel: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Raw>,
+        out: mpsc::Sender<Change>,
+        cancel: CancellationToken,
+    ) {
         loop {
             let next_due = self.pending.values().map(|p| p.due).min();
             let sleep = async {
@@ -210,7 +224,12 @@ impl Debouncer {
     }
 
     fn take(&mut self, item: Raw, rescan: &mut bool) {
-        let Raw::Path { path, written, closed } = item else {
+        let Raw::Path {
+            path,
+            written,
+            closed,
+        } = item
+        else {
             return;
         };
         let Ok(rel) = path.strip_prefix(&self.root) else {
@@ -262,13 +281,46 @@ mod tests {
 
     #[test]
     fn convert_classifies_events() {
-        let close = convert(&ev(EventKind::Access(AccessKind::Close(AccessMode::Write)), "/r/a"));
-        assert!(matches!(&close[..], [Raw::Path { closed: true, written: false, .. }]));
-        let write = convert(&ev(EventKind::Modify(ModifyKind::Data(DataChange::Any)), "/r/a"));
-        assert!(matches!(&write[..], [Raw::Path { closed: false, written: true, .. }]));
+        let close = convert(&ev(
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            "/r/a",
+        ));
+        assert!(matches!(
+            &close[..],
+            [Raw::Path {
+                closed: true,
+                written: false,
+                ..
+            }]
+        ));
+        let write = convert(&ev(
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            "/r/a",
+        ));
+        assert!(matches!(
+            &write[..],
+            [Raw::Path {
+                closed: false,
+                written: true,
+                ..
+            }]
+        ));
         let create = convert(&ev(EventKind::Create(CreateKind::File), "/r/a"));
-        assert!(matches!(&create[..], [Raw::Path { closed: false, written: false, .. }]));
-        assert!(convert(&ev(EventKind::Access(AccessKind::Open(AccessMode::Any)), "/r/a")).is_empty());
+        assert!(matches!(
+            &create[..],
+            [Raw::Path {
+                closed: false,
+                written: false,
+                ..
+            }]
+        ));
+        assert!(
+            convert(&ev(
+                EventKind::Access(AccessKind::Open(AccessMode::Any)),
+                "/r/a"
+            ))
+            .is_empty()
+        );
         let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
         assert!(matches!(&convert(&overflow)[..], [Raw::Rescan]));
     }
@@ -290,23 +342,46 @@ mod tests {
         let (out_tx, mut out) = mpsc::channel(16);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(debouncer("/r").run(rx, out_tx, cancel.clone()));
-        let raw = |p: &str, written, closed| Raw::Path { path: PathBuf::from(p), written, closed };
-        tx.send(raw("/r/slow.siddhiql", true, false)).await.expect("send");
-        tx.send(raw("/r/created", false, false)).await.expect("send");
+        let raw = |p: &str, written, closed| Raw::Path {
+            path: PathBuf::from(p),
+            written,
+            closed,
+        };
+        tx.send(raw("/r/slow.siddhiql", true, false))
+            .await
+            .expect("send");
+        tx.send(raw("/r/created", false, false))
+            .await
+            .expect("send");
         tx.send(raw("/r/x.swp", true, true)).await.expect("send");
         // The quiet one comes after 25 ms; the open one is still held.
         let first = out.recv().await.expect("batch");
-        assert_eq!(first, Change::Paths(vec![RelPath::new("created").expect("valid")]));
+        assert_eq!(
+            first,
+            Change::Paths(vec![RelPath::new("created").expect("valid")])
+        );
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(5)).await;
-        tx.send(raw("/r/slow.siddhiql", false, true)).await.expect("send");
+        tx.send(raw("/r/slow.siddhiql", false, true))
+            .await
+            .expect("send");
         let second = out.recv().await.expect("batch");
-        assert_eq!(second, Change::Paths(vec![RelPath::new("slow.siddhiql").expect("valid")]));
-        assert!(Instant::now() - t0 < Duration::from_secs(6), "released at its close, not at the hold");
+        assert_eq!(
+            second,
+            Change::Paths(vec![RelPath::new("slow.siddhiql").expect("valid")])
+        );
+        assert!(
+            Instant::now() - t0 < Duration::from_secs(6),
+            "released at its close, not at the hold"
+        );
         tx.send(Raw::Rescan).await.expect("send");
         assert_eq!(out.recv().await, Some(Change::Rescan));
         tx.send(raw("/r", false, false)).await.expect("send");
-        assert_eq!(out.recv().await, Some(Change::Rescan), "an event on the root itself rescans");
+        assert_eq!(
+            out.recv().await,
+            Some(Change::Rescan),
+            "an event on the root itself rescans"
+        );
         cancel.cancel();
         task.await.expect("join");
     }

@@ -35,7 +35,10 @@ pub fn check_well_formed(bytes: &[u8]) -> Result<(), String> {
             }
             Ok(Event::Text(t)) if depth == 0 => {
                 if !t.iter().all(|b| b.is_ascii_whitespace()) {
-                    return Err(format!("text outside the root element at byte {}", reader.buffer_position()));
+                    return Err(format!(
+                        "text outside the root element at byte {}",
+                        reader.buffer_position()
+                    ));
                 }
             }
             Ok(Event::Eof) => break,
@@ -86,7 +89,11 @@ mod tests {
             b"garbage",
             b"<api><a></a>",
         ] {
-            assert!(check_well_formed(doc).is_err(), "{:?}", String::from_utf8_lossy(doc));
+            assert!(
+                check_well_formed(doc).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(doc)
+            );
         }
     }
 }

@@ -43,7 +43,10 @@ impl RelPath {
         if path.contains('\0') {
             return Err(PathError::Nul(path.replace('\0', "\\0")));
         }
-        if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        if path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
             return Err(PathError::BadComponent(path.to_owned()));
         }
         Ok(Self(path.to_owned()))
@@ -90,25 +93,40 @@ mod tests {
     #[test]
     fn accepts_normal_relative_paths() {
         for p in ["a", "default/api/x.xml", "a b/c.d", "..hidden", "x..y/z"] {
-            assert_eq!(RelPath::new(p).map(|r| r.as_str().to_owned()), Ok(p.to_owned()));
+            assert_eq!(
+                RelPath::new(p).map(|r| r.as_str().to_owned()),
+                Ok(p.to_owned())
+            );
         }
     }
 
     #[test]
     fn refuses_escapes_and_malformed_paths() {
         assert_eq!(RelPath::new(""), Err(PathError::Empty));
-        assert!(matches!(RelPath::new("/etc/passwd"), Err(PathError::Absolute(_))));
+        assert!(matches!(
+            RelPath::new("/etc/passwd"),
+            Err(PathError::Absolute(_))
+        ));
         assert!(matches!(RelPath::new("a/\0b"), Err(PathError::Nul(_))));
         for p in ["..", "../x", "a/../../x", "a//b", "a/./b", "a/", "./a"] {
-            assert!(matches!(RelPath::new(p), Err(PathError::BadComponent(_))), "{p}");
+            assert!(
+                matches!(RelPath::new(p), Err(PathError::BadComponent(_))),
+                "{p}"
+            );
         }
-        assert!(matches!(RelPath::new(&"a".repeat(5000)), Err(PathError::TooLong(_))));
+        assert!(matches!(
+            RelPath::new(&"a".repeat(5000)),
+            Err(PathError::TooLong(_))
+        ));
     }
 
     #[test]
     fn parent_depth_and_prefix() {
         let p = RelPath::new("default/api/x.xml").expect("valid");
-        assert_eq!(p.parent().map(|p| p.to_string()), Some("default/api".into()));
+        assert_eq!(
+            p.parent().map(|p| p.to_string()),
+            Some("default/api".into())
+        );
         assert_eq!(p.file_name(), "x.xml");
         assert_eq!(p.depth(), 3);
         let d = RelPath::new("default").expect("valid");

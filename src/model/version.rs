@@ -148,7 +148,10 @@ mod tests {
     fn compare_covers_all_four_relations() {
         assert_eq!(vv(&[(1, 1)]).compare(&vv(&[(1, 1)])), Causality::Equal);
         assert_eq!(vv(&[(1, 1)]).compare(&vv(&[(1, 2)])), Causality::Before);
-        assert_eq!(vv(&[(1, 2), (2, 1)]).compare(&vv(&[(1, 2)])), Causality::After);
+        assert_eq!(
+            vv(&[(1, 2), (2, 1)]).compare(&vv(&[(1, 2)])),
+            Causality::After
+        );
         assert_eq!(vv(&[(1, 1)]).compare(&vv(&[(2, 1)])), Causality::Concurrent);
         assert_eq!(vv(&[]).compare(&vv(&[(2, 1)])), Causality::Before);
     }

@@ -84,8 +84,9 @@ CREATE TABLE IF NOT EXISTS files (
     stat_ino INTEGER,
     PRIMARY KEY (folder, path)
 );
+CREATE INDEX IF NOT EXISTS files_by_seq ON files (folder, seq);
 CREATE TABLE IF NOT EXISTS peer_cursors (
-    peer INTEGER NOT NULL,
+    peer TEXT NOT NULL,
     folder TEXT NOT NULL,
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -100,6 +101,13 @@ CREATE TABLE IF NOT EXISTS conflicts (
     created_ms INTEGER NOT NULL
 );
 "#;
+
+macro_rules! columns {
+    () => {
+        "path, kind, deleted, size, mode, hash, version, stamp_hlc, stamp_node, seq, \
+         stat_size, stat_mtime_ns, stat_ino"
+    };
+}
 
 // SQLite integers are signed 64-bit: u64 values are stored by bit pattern.
 fn to_db(v: u64) -> i64 {
@@ -191,14 +199,44 @@ impl Store {
 
     /// Every stored record of a folder.
     pub async fn load_folder(&self, folder: &str) -> Result<Vec<StoredRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT path, kind, deleted, size, mode, hash, version, stamp_hlc, stamp_node, seq, \
-             stat_size, stat_mtime_ns, stat_ino FROM files WHERE folder = ?",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM files WHERE folder = ?"
+        ))
         .bind(folder)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.db_err(e))?;
+        self.decode(folder, rows)
+    }
+
+    /// Up to `limit` records of a folder changed after `seq`, in sequence order.
+    pub async fn since(
+        &self,
+        folder: &str,
+        seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM files WHERE folder = ? AND seq > ? ORDER BY seq LIMIT ?"
+        ))
+        .bind(folder)
+        .bind(to_db(seq))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db_err(e))?;
+        self.decode(folder, rows)
+    }
+
+    fn decode(
+        &self,
+        folder: &str,
+        rows: Vec<sqlx::sqlite::SqliteRow>,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let path: String = row.get(0);
@@ -211,7 +249,9 @@ impl Store {
             let hash: Option<Vec<u8>> = row.get(5);
             let hash = match hash {
                 None => None,
-                Some(h) => Some(<[u8; 32]>::try_from(h.as_slice()).map_err(|_| corrupt("hash length"))?),
+                Some(h) => {
+                    Some(<[u8; 32]>::try_from(h.as_slice()).map_err(|_| corrupt("hash length"))?)
+                }
             };
             let version: Vec<u8> = row.get(6);
             let version = decode_version(&version).ok_or_else(|| corrupt("version vector"))?;
@@ -248,7 +288,7 @@ impl Store {
         &self,
         folder: &str,
         records: &[StoredRecord],
-        cursor: Option<(NodeId, Cursor)>,
+        cursor: Option<(&str, Cursor)>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
         for StoredRecord { record: r, stat } in records {
@@ -277,7 +317,7 @@ impl Store {
         }
         if let Some((peer, c)) = cursor {
             sqlx::query("INSERT OR REPLACE INTO peer_cursors (peer, folder, epoch, seq) VALUES (?, ?, ?, ?)")
-                .bind(to_db(peer.0))
+                .bind(peer)
                 .bind(folder)
                 .bind(to_db(c.epoch))
                 .bind(to_db(c.seq))
@@ -289,7 +329,11 @@ impl Store {
     }
 
     /// Updates only the stat keys of records (after a rescan found the same content).
-    pub async fn update_stats(&self, folder: &str, stats: &[(RelPath, StatKey)]) -> Result<(), StoreError> {
+    pub async fn update_stats(
+        &self,
+        folder: &str,
+        stats: &[(RelPath, StatKey)],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
         for (path, s) in stats {
             sqlx::query("UPDATE files SET stat_size = ?, stat_mtime_ns = ?, stat_ino = ? WHERE folder = ? AND path = ?")
@@ -319,9 +363,9 @@ impl Store {
         tx.commit().await.map_err(|e| self.db_err(e))
     }
 
-    pub async fn cursor(&self, peer: NodeId, folder: &str) -> Result<Cursor, StoreError> {
+    pub async fn cursor(&self, peer: &str, folder: &str) -> Result<Cursor, StoreError> {
         let row = sqlx::query("SELECT epoch, seq FROM peer_cursors WHERE peer = ? AND folder = ?")
-            .bind(to_db(peer.0))
+            .bind(peer)
             .bind(folder)
             .fetch_optional(&self.pool)
             .await
@@ -348,10 +392,12 @@ impl Store {
     }
 
     pub async fn conflicts(&self) -> Result<Vec<ConflictEntry>, StoreError> {
-        let rows = sqlx::query("SELECT folder, path, copy, winner_node, created_ms FROM conflicts ORDER BY id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.db_err(e))?;
+        let rows = sqlx::query(
+            "SELECT folder, path, copy, winner_node, created_ms FROM conflicts ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db_err(e))?;
         Ok(rows
             .into_iter()
             .map(|r| ConflictEntry {
@@ -402,20 +448,37 @@ mod tests {
             let store = Store::open(dir.path()).await.expect("open");
             assert_eq!(store.epoch("f", 7).await.expect("epoch"), 7);
             store
-                .commit("f", &[rec("a/b.xml", 1), rec("c", 2)], Some((NodeId(9), Cursor { epoch: 3, seq: 11 })))
+                .commit(
+                    "f",
+                    &[rec("a/b.xml", 1), rec("c", 2)],
+                    Some(("gw2", Cursor { epoch: 3, seq: 11 })),
+                )
                 .await
                 .expect("commit");
         }
         let store = Store::open(dir.path()).await.expect("reopen");
-        assert_eq!(store.epoch("f", 8).await.expect("epoch"), 7, "epoch is stable");
+        assert_eq!(
+            store.epoch("f", 8).await.expect("epoch"),
+            7,
+            "epoch is stable"
+        );
         let mut rows = store.load_folder("f").await.expect("load");
         rows.sort_by(|a, b| a.record.path.cmp(&b.record.path));
         assert_eq!(rows.len(), 2);
         assert!(rows[0].record.same_version(&rec("a/b.xml", 1).record));
         assert_eq!(rows[0].stat, rec("a/b.xml", 1).stat);
-        assert_eq!(store.cursor(NodeId(9), "f").await.expect("cursor"), Cursor { epoch: 3, seq: 11 });
-        assert_eq!(store.cursor(NodeId(10), "f").await.expect("cursor"), Cursor::default());
-        store.remove("f", &[RelPath::new("c").expect("valid")]).await.expect("remove");
+        assert_eq!(
+            store.cursor("gw2", "f").await.expect("cursor"),
+            Cursor { epoch: 3, seq: 11 }
+        );
+        assert_eq!(
+            store.cursor("gw3", "f").await.expect("cursor"),
+            Cursor::default()
+        );
+        store
+            .remove("f", &[RelPath::new("c").expect("valid")])
+            .await
+            .expect("remove");
         assert_eq!(store.load_folder("f").await.expect("load").len(), 1);
         assert!(store.load_folder("other").await.expect("load").is_empty());
     }
