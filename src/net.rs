@@ -180,22 +180,28 @@ impl PeerService {
 
 /// Reads the content of small live files for inline transfer; a file whose bytes no longer
 /// match the record is sent without content (the receiver fetches, or a newer record follows).
-fn read_inline(root: &Path, rows: &[StoredRecord], inline_max: u64) -> Vec<Option<Vec<u8>>> {
+/// The batch is cut before the first small file that no longer fits the batch's inline budget,
+/// so it travels inline in the next batch instead of costing a fetch round trip.
+fn read_inline(root: &Path, rows: &mut Vec<StoredRecord>, inline_max: u64) -> Vec<Option<Vec<u8>>> {
     let mut budget = BATCH_INLINE_BYTES;
-    rows.iter()
-        .map(|row| {
-            let r = &row.record;
-            if r.deleted || r.kind != Kind::File || r.size > inline_max || r.size > budget {
-                return None;
-            }
-            let bytes = std::fs::read(root.join(r.path.as_str())).ok()?;
-            if Some(*blake3::hash(&bytes).as_bytes()) != r.hash {
-                return None;
-            }
-            budget -= r.size;
-            Some(bytes)
-        })
-        .collect()
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let r = &row.record;
+        if r.deleted || r.kind != Kind::File || r.size > inline_max {
+            out.push(None);
+            continue;
+        }
+        if r.size > budget && i > 0 {
+            rows.truncate(i);
+            break;
+        }
+        let bytes = std::fs::read(root.join(r.path.as_str()))
+            .ok()
+            .filter(|b| Some(*blake3::hash(b).as_bytes()) == r.hash);
+        budget = budget.saturating_sub(r.size);
+        out.push(bytes);
+    }
+    out
 }
 
 async fn pump_folder(
@@ -222,7 +228,8 @@ async fn pump_folder(
             let root = handle.root.clone();
             let inline_max = svc.inline_max;
             let (rows, inline) = match tokio::task::spawn_blocking(move || {
-                let inline = read_inline(&root, &rows, inline_max);
+                let mut rows = rows;
+                let inline = read_inline(&root, &mut rows, inline_max);
                 (rows, inline)
             })
             .await
