@@ -136,7 +136,8 @@ pub async fn run(
     let _lock = prepare_state_dir(&config.state_dir)?;
     let node = node_id(&config.state_dir)?;
     let store = Store::open(&config.state_dir).await?;
-    let opts = engine::engine_options(&config, node);
+    let names: engine::NodeNames = Arc::new(Mutex::new(HashMap::new()));
+    let opts = engine::engine_options(&config, node, names.clone());
     info!(node = %config.node, node_id = %node, folders = config.folders.len(), peers = config.peers.len(), "starting");
 
     let tracker = TaskTracker::new();
@@ -253,7 +254,7 @@ pub async fn run(
         }
     });
 
-    for session in net::peer_sessions(&config, node, folders.clone(), statuses) {
+    for session in net::peer_sessions(&config, node, folders.clone(), statuses, names) {
         tracker.spawn(session.run(cancel.clone()));
     }
 

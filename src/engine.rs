@@ -162,10 +162,14 @@ impl FolderHandle {
     }
 }
 
+/// Names of the nodes seen so far (from peer batches), for naming conflict copies.
+pub type NodeNames = Arc<Mutex<HashMap<NodeId, String>>>;
+
 /// Knobs of an engine that come from the config.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub node: NodeId,
+    pub names: NodeNames,
     pub node_name: String,
     pub conflicts_dir: PathBuf,
     pub tombstone_ttl_ms: u64,
@@ -490,8 +494,8 @@ impl FolderEngine {
             }
         }
         // Whatever the index has below it, too (a directory that went away).
-        for r in self.replica.records() {
-            if !r.deleted && r.path.starts_with(path) {
+        for r in self.replica.under(path) {
+            if !r.deleted {
                 out.insert(r.path.clone());
             }
         }
@@ -638,7 +642,6 @@ impl FolderEngine {
         let mut commits: Vec<StoredRecord> = Vec::new();
         // (remote seq, record, conflict copy, content source)
         let mut applies: Vec<(u64, FileRecord, bool, Option<Vec<u8>>)> = Vec::new();
-        let mut local_changed: Vec<StoredRecord> = Vec::new();
         for Incoming {
             record: remote,
             inline,
@@ -654,18 +657,8 @@ impl FolderEngine {
             {
                 // The file changed under us since the last look: record that first, so the
                 // peer's version meets it as a concurrent change instead of overwriting it.
-                let mut one = BTreeSet::new();
-                one.insert(remote.path.clone());
-                let before = self.replica.seq();
-                self.observe(one).await?;
-                if self.replica.seq() != before {
-                    if let Some(r) = self.replica.get(&remote.path) {
-                        local_changed.push(StoredRecord {
-                            record: r.clone(),
-                            stat: self.stats.get(&remote.path).copied(),
-                        });
-                    }
-                }
+                // (`observe` commits it to the index on its own.)
+                self.observe(BTreeSet::from([remote.path.clone()])).await?;
                 decision = self.replica.receive(&remote, now);
             }
             match decision {
@@ -852,7 +845,6 @@ impl FolderEngine {
             epoch: batch.epoch,
             seq: applied_up_to,
         };
-        commits.extend(local_changed);
         self.store
             .commit(&self.id, &commits, Some((&batch.peer, cursor)))
             .await?;
@@ -882,11 +874,19 @@ impl FolderEngine {
         peer: &str,
     ) -> Result<(), std::io::Error> {
         let Some(local) = local else { return Ok(()) };
-        let writer = if local.stamp.node == self.opts.node {
-            self.opts.node_name.clone()
-        } else {
-            local.stamp.node.to_string()
+        let name_of = |id: NodeId| -> String {
+            if id == self.opts.node {
+                return self.opts.node_name.clone();
+            }
+            self.opts
+                .names
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&id).cloned())
+                .unwrap_or_else(|| id.to_string())
         };
+        let writer = name_of(local.stamp.node);
+        let winner_name = name_of(winner.stamp.node);
         let dest = self.opts.conflicts_dir.join(&self.id).join(format!(
             "{}.{}.{}",
             local.path,
@@ -902,7 +902,7 @@ impl FolderEngine {
                 folder: self.id.clone(),
                 path: local.path.to_string(),
                 copy: dest.display().to_string(),
-                winner_node: winner.stamp.node.to_string(),
+                winner_node: winner_name,
                 created_ms: now,
             };
             if let Err(e) = self.store.add_conflict(&entry).await {
@@ -926,9 +926,10 @@ impl FolderEngine {
 }
 
 /// Everything a running folder needs from the config, bundled for the daemon.
-pub fn engine_options(config: &Config, node: NodeId) -> EngineOptions {
+pub fn engine_options(config: &Config, node: NodeId, names: NodeNames) -> EngineOptions {
     EngineOptions {
         node,
+        names,
         node_name: config.node.clone(),
         conflicts_dir: config.state_dir.join("conflicts"),
         tombstone_ttl_ms: config.tombstone_ttl().as_millis() as u64,

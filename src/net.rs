@@ -36,6 +36,9 @@ const BATCH_RECORDS: u32 = 1000;
 const BATCH_INLINE_BYTES: u64 = 4 * 1024 * 1024;
 /// Chunk size of large-file transfers.
 const CHUNK_BYTES: usize = 1024 * 1024;
+/// A fetch that receives nothing for this long is abandoned (a hung peer must not block the
+/// folder's engine).
+const FETCH_STALL: Duration = Duration::from_secs(30);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -472,9 +475,13 @@ impl crate::engine::Fetcher for PeerFetcher {
             let mut file = tokio::fs::File::from_std(file);
             let mut hasher = blake3::Hasher::new();
             let result: Result<(), String> = async {
-                while let Some(chunk) =
-                    stream.message().await.map_err(|s| s.message().to_owned())?
-                {
+                loop {
+                    let next = tokio::time::timeout(FETCH_STALL, stream.message())
+                        .await
+                        .map_err(|_| format!("no data for {} s", FETCH_STALL.as_secs()))?;
+                    let Some(chunk) = next.map_err(|s| s.message().to_owned())? else {
+                        break;
+                    };
                     hasher.update(&chunk.data);
                     file.write_all(&chunk.data)
                         .await
@@ -506,6 +513,7 @@ pub struct PeerSession {
     pub tls: Option<TlsConfig>,
     pub folders: Arc<HashMap<String, FolderHandle>>,
     pub statuses: PeerStatuses,
+    pub names: crate::engine::NodeNames,
 }
 
 impl PeerSession {
@@ -592,6 +600,11 @@ impl PeerSession {
                     batch.node_name
                 )));
             }
+            if let Ok(mut names) = self.names.lock() {
+                names
+                    .entry(NodeId(batch.node_id))
+                    .or_insert_with(|| batch.node_name.clone());
+            }
             let Some(handle) = self.folders.get(&batch.folder) else {
                 continue;
             };
@@ -631,6 +644,7 @@ pub fn peer_sessions(
     node: NodeId,
     folders: Arc<HashMap<String, FolderHandle>>,
     statuses: PeerStatuses,
+    names: crate::engine::NodeNames,
 ) -> Vec<PeerSession> {
     if let Ok(mut map) = statuses.lock() {
         for p in &config.peers {
@@ -654,6 +668,7 @@ pub fn peer_sessions(
             tls: config.tls.clone(),
             folders: folders.clone(),
             statuses: statuses.clone(),
+            names: names.clone(),
         })
         .collect()
 }

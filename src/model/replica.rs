@@ -91,6 +91,15 @@ impl Replica {
         self.records.values()
     }
 
+    /// The record of `path` and every record below it.
+    pub fn under<'a>(&'a self, path: &'a RelPath) -> impl Iterator<Item = &'a FileRecord> + 'a {
+        self.records
+            .range(path.clone()..)
+            .take_while(move |(p, _)| p.as_str().starts_with(path.as_str()))
+            .filter(move |(p, _)| p.starts_with(path))
+            .map(|(_, r)| r)
+    }
+
     /// Records changed after `seq`, in sequence order.
     pub fn since(&self, seq: u64) -> Vec<FileRecord> {
         let mut v: Vec<FileRecord> = self
