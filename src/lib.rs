@@ -12,8 +12,10 @@
 //! - [`daemon`]: starts everything, health service, systemd notify, graceful shutdown.
 //! - [`demo`]: a three-node cluster on loopback.
 //! - [`config`]: the TOML configuration and its validation.
+//! - [`cert`]: a private CA for the peers' mutual TLS.
 
 pub mod admin;
+pub mod cert;
 pub mod config;
 pub mod daemon;
 pub mod demo;

@@ -56,6 +56,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make the peers' TLS material: a private CA, then one certificate per node.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Start a local cluster on loopback in a temp dir and show sync as it happens.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -65,6 +68,28 @@ enum Command {
         /// Keep the demo's directory afterwards.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create DIR/ca.pem and DIR/ca.key.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue OUT/NAME.pem and OUT/NAME.key signed by the CA in --ca.
+    Node {
+        #[arg(long)]
+        ca: PathBuf,
+        /// Node name (the certificate's common name).
+        #[arg(long)]
+        name: String,
+        /// DNS name or IP address peers use to reach this node (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -161,6 +186,26 @@ async fn real_main(cli: Cli) -> Result<()> {
                 c.node,
                 c.folders.len(),
                 c.peers.len()
+            );
+        }
+        Command::Cert(CertCommand::Ca { out }) => {
+            let pem = artisync::cert::make_ca(&out)?;
+            println!(
+                "CA certificate {} (key beside it, mode 0600)",
+                pem.display()
+            );
+        }
+        Command::Cert(CertCommand::Node {
+            ca,
+            name,
+            hosts,
+            out,
+        }) => {
+            let pem = artisync::cert::make_node(&ca, &name, &hosts, &out)?;
+            println!(
+                "node certificate {} for {}",
+                pem.display(),
+                hosts.join(", ")
             );
         }
         Command::Demo { nodes, apis, keep } => {
