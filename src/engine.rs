@@ -403,6 +403,19 @@ impl FolderEngine {
         self.paused = Some(reason);
     }
 
+    /// True when the root holds nothing that would be synced.
+    fn root_is_empty(&self) -> bool {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return false;
+        };
+        !entries.filter_map(Result::ok).any(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| RelPath::new(n).ok())
+                .is_none_or(|p| !self.ignore.is_ignored(&p))
+        })
+    }
+
     fn live_count(&self) -> usize {
         self.replica.records().filter(|r| !r.deleted).count()
     }
@@ -428,13 +441,25 @@ impl FolderEngine {
                 return Ok(());
             }
             Some(id) if self.root_identity.is_some_and(|old| old != id) && !self.confirmed => {
+                // Another directory or mount stands at the root: stay paused until the
+                // original is back or an operator confirms.
                 self.pause(format!(
                     "folder root {} was replaced (another directory or mount)",
                     self.root.display()
                 ));
-                // Accept the new identity once it has content again (checked below).
+                return Ok(());
             }
             Some(_) => {}
+        }
+        // Mass-delete guard, part 2: an empty root while the index has content (an unmounted
+        // disk, `rm -rf root/*`) pauses the folder instead of deleting on every node.
+        if self.live_count() > 0 && !self.confirmed && block(|| self.root_is_empty()) {
+            self.pause(format!(
+                "folder root {} is empty but the index has {} entries (unmounted disk?)",
+                self.root.display(),
+                self.live_count()
+            ));
+            return Ok(());
         }
         let full = matches!(change, Change::Rescan) || self.paused.is_some();
         let mut paths: BTreeSet<RelPath> = BTreeSet::new();
@@ -446,15 +471,6 @@ impl FolderEngine {
                 }
             })?;
             self.log_walk_problems(&walk);
-            // Mass-delete guard, part 2: an empty root while the index has content.
-            if walk.paths.is_empty() && self.live_count() > 0 && !self.confirmed {
-                self.pause(format!(
-                    "folder root {} is empty but the index has {} entries (unmounted disk?)",
-                    self.root.display(),
-                    self.live_count()
-                ));
-                return Ok(());
-            }
             if self.paused.is_some() {
                 info!(folder = %self.id, "folder root is back with content; resuming");
                 self.paused = None;
