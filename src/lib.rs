@@ -15,6 +15,7 @@
 //! - [`cert`]: a private CA for the peers' mutual TLS.
 
 pub mod admin;
+pub mod artifacts;
 pub mod cert;
 pub mod config;
 pub mod daemon;
