@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[
             "proto/artisync/v1/sync.proto",
             "proto/artisync/v1/admin.proto",
+            "proto/artisync/v1/artifacts.proto",
         ],
         &["proto"],
     )?;

@@ -24,6 +24,7 @@ pub struct StatusReport {
     pub uptime_secs: u64,
     pub folders: Vec<FolderReport>,
     pub peers: Vec<PeerReport>,
+    pub retriever: Option<crate::artifacts::retriever::RetrieverStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -63,6 +64,7 @@ pub struct AdminService {
     pub folders: Arc<HashMap<String, FolderHandle>>,
     pub peers: PeerStatuses,
     pub store: Store,
+    pub retriever: Option<crate::artifacts::retriever::RetrieverHandle>,
 }
 
 impl AdminService {
@@ -106,6 +108,7 @@ impl AdminService {
             node_id: self.node.to_string(),
             listen: self.listen.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
+            retriever: self.retriever.as_ref().map(|r| r.status()),
             folders,
             peers: peers
                 .into_iter()
@@ -162,6 +165,57 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         json(&serde_json::json!({ "folder": folder, "result": text }))
     }
+
+    async fn deployed(&self, _: Request<pb::Empty>) -> Result<Response<pb::Json>, Status> {
+        json(&self.retriever()?.status())
+    }
+
+    async fn redeploy(
+        &self,
+        request: Request<pb::ArtifactRequest>,
+    ) -> Result<Response<pb::Json>, Status> {
+        self.artifact_command(
+            request.into_inner().id,
+            crate::artifacts::retriever::Command::Redeploy,
+        )
+        .await
+    }
+
+    async fn undeploy(
+        &self,
+        request: Request<pb::ArtifactRequest>,
+    ) -> Result<Response<pb::Json>, Status> {
+        self.artifact_command(
+            request.into_inner().id,
+            crate::artifacts::retriever::Command::Undeploy,
+        )
+        .await
+    }
+}
+
+impl AdminService {
+    fn retriever(&self) -> Result<&crate::artifacts::retriever::RetrieverHandle, Status> {
+        self.retriever
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this node has no [retriever] configured"))
+    }
+
+    async fn artifact_command(
+        &self,
+        id: String,
+        make: fn(
+            String,
+            tokio::sync::oneshot::Sender<Result<String, String>>,
+        ) -> crate::artifacts::retriever::Command,
+    ) -> Result<Response<pb::Json>, Status> {
+        let id =
+            crate::artifacts::parse_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let r = self.retriever()?.command(|tx| make(id.clone(), tx)).await;
+        match r {
+            Ok(text) => json(&serde_json::json!({ "id": id, "result": text })),
+            Err(e) => Err(Status::failed_precondition(e)),
+        }
+    }
 }
 
 /// Errors of the CLI side of the admin socket.
@@ -201,14 +255,17 @@ pub async fn connect(
 pub async fn call(
     socket: &Path,
     what: &str,
-    folder: Option<String>,
+    arg: Option<String>,
 ) -> Result<String, AdminClientError> {
     let mut client = connect(socket).await?;
     let path = socket.display().to_string();
-    let result = match (what, folder) {
+    let result = match (what, arg) {
         ("status", _) => client.status(pb::Empty {}).await,
         ("conflicts", _) => client.conflicts(pb::Empty {}).await,
         ("resume", Some(folder)) => client.resume(pb::ResumeRequest { folder }).await,
+        ("deployed", _) => client.deployed(pb::Empty {}).await,
+        ("redeploy", Some(id)) => client.redeploy(pb::ArtifactRequest { id }).await,
+        ("undeploy", Some(id)) => client.undeploy(pb::ArtifactRequest { id }).await,
         _ => {
             return Err(AdminClientError::Call {
                 path,

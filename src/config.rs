@@ -132,6 +132,10 @@ pub struct RetrieverConfig {
     /// Full reconcile against the DB, in seconds.
     #[serde(default = "default_reconcile_interval")]
     pub reconcile_interval: u64,
+    /// How often the event table (or the hub) is polled, in ms. PostgreSQL also wakes the
+    /// retriever at once through LISTEN/NOTIFY; polling stays as the safety net.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: u64,
 }
 
 fn default_true() -> bool {
@@ -172,6 +176,9 @@ fn default_event_waiting_time() -> u64 {
 }
 fn default_reconcile_interval() -> u64 {
     300
+}
+fn default_poll_interval() -> u64 {
+    200
 }
 
 /// Longest allowed inline size: one gRPC message must stay well under tonic's 4 MiB default.
@@ -405,6 +412,10 @@ impl Config {
 }
 
 impl RetrieverConfig {
+    pub fn sync_start(&self) -> bool {
+        self.data_retrieval_mode == "sync"
+    }
+
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         match self.artifact_retriever.as_str() {
             "db" => {
@@ -457,6 +468,18 @@ impl RetrieverConfig {
             return Err(invalid(
                 "retriever.gateway_labels",
                 "labels must not be empty",
+            ));
+        }
+        if self.poll_interval == 0 || self.poll_interval > 60_000 {
+            return Err(invalid(
+                "retriever.poll_interval",
+                "must be between 1 and 60000 ms",
+            ));
+        }
+        if self.reconcile_interval == 0 {
+            return Err(invalid(
+                "retriever.reconcile_interval",
+                "must be at least 1 s",
             ));
         }
         if self.deployment_retry_duration == 0 {

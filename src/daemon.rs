@@ -17,6 +17,8 @@ use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::admin::AdminService;
+use crate::artifacts::hub::{HubService, HubSource};
+use crate::artifacts::retriever::{DbSource, Retriever, Source};
 use crate::config::Config;
 use crate::engine::{self, FolderEngine, FolderHandle};
 use crate::fs::watch::{Change, FolderWatcher};
@@ -55,6 +57,8 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("retriever: {0}")]
+    Retriever(String),
     #[error("admin socket {path}: {source}")]
     Admin {
         path: PathBuf,
@@ -187,6 +191,15 @@ pub async fn run(
         })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Not SERVING until everything below is up (and, in sync mode, the start-up deploy is done).
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    // tonic-health starts service "" as SERVING; it must say so only once the agent is up
+    // (admin socket bound, peer sessions started).
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     let peer_service = PeerService::new(
         node,
         config.node.clone(),
@@ -205,9 +218,42 @@ pub async fn run(
                 message: e.to_string(),
             })?;
     }
-    let router = builder
+    let mut router = builder
         .add_service(health_service)
         .add_service(peer_service.into_server());
+    // The retriever: a DB-backed node also serves the hub and saver to agents without DB access.
+    let mut retriever_parts = None;
+    if let Some(rc) = &config.retriever {
+        let poll = Duration::from_millis(rc.poll_interval);
+        let source: Arc<dyn Source> = if rc.artifact_retriever == "hub" {
+            Arc::new(
+                HubSource::new(
+                    rc.hub.as_deref().unwrap_or_default(),
+                    config.tls.as_ref(),
+                    poll,
+                )
+                .await?,
+            )
+        } else {
+            let db = Arc::new(DbSource::new(
+                rc.database_url.as_deref().unwrap_or_default(),
+                poll,
+            ));
+            let hub = HubService::new(db.clone());
+            router = router
+                .add_service(hub.clone().hub_server())
+                .add_service(hub.saver_server());
+            db
+        };
+        let folder = folders.get(&rc.folder).cloned().ok_or_else(|| {
+            DaemonError::Retriever(format!(
+                "retriever.folder {:?} is not a configured folder",
+                rc.folder
+            ))
+        })?;
+        let (retriever, handle) = Retriever::new(rc.clone(), folder, store.clone(), source).await?;
+        retriever_parts = Some((retriever, handle, rc.sync_start()));
+    }
     let grpc_cancel = cancel.clone();
     tracker.spawn(async move {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -220,6 +266,17 @@ pub async fn run(
         }
     });
 
+    let mut retriever_handle = None;
+    let mut retriever_ready = None;
+    if let Some((retriever, handle, sync)) = retriever_parts {
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+        tracker.spawn(retriever.run(ready_tx, cancel.clone()));
+        retriever_handle = Some(handle);
+        if sync {
+            retriever_ready = Some(ready_rx);
+        }
+    }
+
     let statuses: net::PeerStatuses = Arc::new(Mutex::new(HashMap::new()));
     let admin = AdminService {
         node,
@@ -229,6 +286,7 @@ pub async fn run(
         folders: folders.clone(),
         peers: statuses.clone(),
         store: store.clone(),
+        retriever: retriever_handle,
     };
     let socket = config.admin_socket();
     let _ = std::fs::remove_file(&socket);
@@ -258,8 +316,21 @@ pub async fn run(
         tracker.spawn(session.run(cancel.clone()));
     }
 
-    health.set_service_status("", ServingStatus::Serving).await;
-    info!(node = %config.node, listen = %listen, "serving");
+    match retriever_ready {
+        // Sync start-up: not SERVING until the start-up deploy finished or its retries ran out.
+        Some(mut ready) => {
+            let h = health.clone();
+            let node_name = config.node.clone();
+            tracker.spawn(async move {
+                if ready.wait_for(|done| *done).await.is_ok() {
+                    h.set_service_status("", ServingStatus::Serving).await;
+                    info!(node = %node_name, "start-up deploy finished; serving");
+                }
+            });
+        }
+        None => health.set_service_status("", ServingStatus::Serving).await,
+    }
+    info!(node = %config.node, listen = %listen, "listening");
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     if let Some(interval) = watchdog_interval() {
         let c = cancel.clone();

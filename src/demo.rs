@@ -371,6 +371,56 @@ async fn narrate(nodes: &[Node], apis: usize) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// Human-readable retriever state (`artisync artifact deployed`, and part of `status`).
+pub fn render_retriever(r: &crate::artifacts::retriever::RetrieverStatus) -> String {
+    let mut out = format!(
+        "  retriever: {} mode, source {} ({}), labels {:?}, folder {}{}\n",
+        r.mode,
+        r.source,
+        if r.source_available {
+            "available"
+        } else {
+            "UNAVAILABLE"
+        },
+        r.labels,
+        r.folder,
+        if r.startup_done {
+            ""
+        } else {
+            ", start-up deploy in progress"
+        }
+    );
+    for d in &r.deployed {
+        out.push_str(&format!(
+            "    deployed {}  {} {}  rev {}  labels {:?}  {} files\n",
+            d.id,
+            d.name,
+            d.version,
+            d.revision,
+            d.labels,
+            d.paths.len()
+        ));
+    }
+    for f in &r.failing {
+        out.push_str(&format!(
+            "    FAILING {}  rev {}  attempts {}{}: {}\n",
+            f["id"].as_str().unwrap_or("?"),
+            f["revision"],
+            f["attempts"],
+            if f["gave_up"].as_bool().unwrap_or(false) {
+                " (gave up)"
+            } else {
+                ""
+            },
+            f["reason"].as_str().unwrap_or("?")
+        ));
+    }
+    if let Some(e) = &r.last_error {
+        out.push_str(&format!("    last error: {e}\n"));
+    }
+    out
+}
+
 /// Human-readable status (what `artisync status` prints without `--json`).
 pub fn render_status(r: &crate::admin::StatusReport) -> String {
     let mut out = format!(
@@ -426,6 +476,9 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
         if let (false, Some(e)) = (p.connected, &p.last_error) {
             out.push_str(&format!("    last error: {e}\n"));
         }
+    }
+    if let Some(r) = &r.retriever {
+        out.push_str(&render_retriever(r));
     }
     out
 }

@@ -85,8 +85,18 @@ pub struct Inbox(mpsc::Receiver<Msg>);
 
 enum Msg {
     Local(Change),
+    Deploy(DeployRequest, oneshot::Sender<Result<(), EngineError>>),
     Remote(RemoteBatch, oneshot::Sender<Result<u64, EngineError>>),
     Resume(oneshot::Sender<String>),
+}
+
+/// Files the artifact retriever wants in the folder (and ones it wants gone). They are written
+/// with the same safe apply as peer changes and then recorded as local changes, so the mesh
+/// spreads them like any edit (and identical deployments on two nodes merge without conflict).
+#[derive(Debug, Default)]
+pub struct DeployRequest {
+    pub writes: Vec<(RelPath, Vec<u8>)>,
+    pub removes: Vec<RelPath>,
 }
 
 /// Live state of a folder, as `artisync status` shows it.
@@ -136,6 +146,17 @@ impl FolderHandle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Remote(batch, tx))
+            .await
+            .map_err(|_| EngineError::Stopped(self.id.clone()))?;
+        rx.await
+            .map_err(|_| EngineError::Stopped(self.id.clone()))?
+    }
+
+    /// Writes and removes artifact files (see [`DeployRequest`]).
+    pub async fn deploy(&self, request: DeployRequest) -> Result<(), EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Deploy(request, tx))
             .await
             .map_err(|_| EngineError::Stopped(self.id.clone()))?;
         rx.await
@@ -283,7 +304,11 @@ impl FolderEngine {
         if removed > 0 {
             info!(folder = %self.id, count = removed, "removed temp files left by an earlier crash");
         }
-        self.on_local(Change::Rescan).await
+        let result = self.on_local(Change::Rescan).await;
+        // Status must show the scanned folder at once, not only after the first message.
+        let epoch = self.status.lock().map(|s| s.epoch).unwrap_or(0);
+        self.publish_status(epoch);
+        result
     }
 
     /// Runs until cancelled. `rescan_every` is the backstop full scan.
@@ -314,6 +339,13 @@ impl FolderEngine {
                         }
                         Msg::Remote(batch, reply) => {
                             let r = self.on_remote(batch).await;
+                            if let Err(e) = &r {
+                                self.last_error = Some(e.to_string());
+                            }
+                            let _ = reply.send(r);
+                        }
+                        Msg::Deploy(request, reply) => {
+                            let r = self.on_deploy(request).await;
                             if let Err(e) = &r {
                                 self.last_error = Some(e.to_string());
                             }
@@ -494,7 +526,19 @@ impl FolderEngine {
 
     /// A changed directory may hide changes below it (a directory moved in or out, or created
     /// before its watch existed): look at its whole subtree.
+    ///
+    /// Parents the index has no live record of are looked at too (their own events may still
+    /// wait out the quiet period): records then go out parents-first, so a peer never has to
+    /// create a directory its index does not know, which it would record as its own change.
     fn expand(&self, path: &RelPath, out: &mut BTreeSet<RelPath>) {
+        let mut up = path.parent();
+        while let Some(parent) = up {
+            if self.replica.get(&parent).is_some_and(|r| !r.deleted) {
+                break;
+            }
+            up = parent.parent();
+            out.insert(parent);
+        }
         out.insert(path.clone());
         let on_disk = self.root.join(path.as_str());
         let is_dir = std::fs::symlink_metadata(&on_disk)
@@ -878,6 +922,58 @@ impl FolderEngine {
                 problem,
             }),
             None => Ok(applied_up_to),
+        }
+    }
+
+    async fn on_deploy(&mut self, request: DeployRequest) -> Result<(), EngineError> {
+        if let Some(reason) = &self.paused {
+            return Err(EngineError::Paused {
+                folder: self.id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        // Deployed files get the folder's permissions (without execute bits), never wider.
+        let root_mode = block(|| std::fs::metadata(&self.root))
+            .map(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.permissions().mode()
+            })
+            .unwrap_or(0o750);
+        let file_mode = root_mode & 0o666;
+        let mut paths = BTreeSet::new();
+        let mut ops = Vec::new();
+        for (path, data) in request.writes {
+            if self.ignore.is_ignored(&path) {
+                continue;
+            }
+            paths.insert(path.clone());
+            ops.push(Op::Write {
+                path,
+                content: Content::Bytes(data),
+                mode: file_mode,
+            });
+        }
+        for path in request.removes {
+            paths.insert(path.clone());
+            ops.push(Op::RemoveFile { path });
+        }
+        let described: Vec<String> = ops.iter().map(|o| o.path().to_string()).collect();
+        let results = block(|| apply::apply_batch(&self.root, ops));
+        let failure = described
+            .into_iter()
+            .zip(&results)
+            .find_map(|(p, r)| r.as_ref().err().map(|e| (p, e.to_string())));
+        let failures = results.iter().filter(|r| r.is_err()).count();
+        // Record whatever did land, as local changes.
+        self.observe(paths).await?;
+        match failure {
+            Some((path, problem)) => Err(EngineError::ApplyFailed {
+                folder: self.id.clone(),
+                failed: failures,
+                path,
+                problem,
+            }),
+            None => Ok(()),
         }
     }
 

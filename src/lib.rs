@@ -34,6 +34,9 @@ pub mod pb {
     pub mod admin {
         tonic::include_proto!("artisync.admin.v1");
     }
+    pub mod artifacts {
+        tonic::include_proto!("artisync.artifacts.v1");
+    }
 }
 
 /// Milliseconds since the Unix epoch: the one place the wall clock is read for the model.

@@ -59,6 +59,9 @@ enum Command {
     /// Make the peers' TLS material: a private CA, then one certificate per node.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Save, remove and inspect DB-backed artifacts; act on this node's deployed ones.
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
     /// Start a local cluster on loopback in a temp dir and show sync as it happens.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -69,6 +72,255 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+/// Where artifacts are saved: a database URL, a config's `[retriever] database_url`, or an
+/// agent with database access (its `ArtifactSaver` service).
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// sqlite:///path.db, postgres://user@host/db or mysql://user@host/db
+    #[arg(long)]
+    db: Option<String>,
+    /// Use `[retriever] database_url` of this config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address of an agent with database access, e.g. http://127.0.0.1:7701.
+    #[arg(long)]
+    hub: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ArtifactCommand {
+    /// Save every file under --from as a new revision of the artifact.
+    Publish {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long, default_value = "carbon.super")]
+        tenant: String,
+        /// Gateway label (repeatable).
+        #[arg(long = "label", required = true)]
+        labels: Vec<String>,
+        /// Folder id the files deploy into on the retrieving nodes.
+        #[arg(long, default_value = "synapse-configs")]
+        folder: String,
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Remove an artifact from one label, or from all.
+    Remove {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List artifacts, labels and revisions.
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the retriever deployed on this node, and what is failing.
+    Deployed {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch and write an artifact again on this node.
+    Redeploy {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+    /// Remove an artifact's files from this node only.
+    Undeploy {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        id: String,
+    },
+}
+
+enum Saver {
+    Db(artisync::artifacts::db::ArtifactDb),
+    Hub(
+        artisync::pb::artifacts::artifact_saver_client::ArtifactSaverClient<
+            tonic::transport::Channel,
+        >,
+    ),
+}
+
+async fn saver(target: &Target) -> Result<Saver> {
+    use artisync::artifacts::db::ArtifactDb;
+    if let Some(url) = &target.db {
+        return Ok(Saver::Db(ArtifactDb::connect(url).await?));
+    }
+    if let Some(path) = &target.config {
+        let config = load(path)?;
+        let url = config
+            .retriever
+            .as_ref()
+            .and_then(|r| r.database_url.clone())
+            .with_context(|| format!("{}: no [retriever] database_url", path.display()))?;
+        return Ok(Saver::Db(ArtifactDb::connect(&url).await?));
+    }
+    let hub = target
+        .hub
+        .as_deref()
+        .context("give --db, --config or --hub")?;
+    artisync::config::parse_peer_address(hub).map_err(|e| anyhow::anyhow!("--hub: {e}"))?;
+    let channel = artisync::net::channel(hub, None, "hub").await?;
+    Ok(Saver::Hub(
+        artisync::pb::artifacts::artifact_saver_client::ArtifactSaverClient::new(channel)
+            .max_encoding_message_size(artisync::net::MAX_MESSAGE_BYTES),
+    ))
+}
+
+async fn artifact(cmd: ArtifactCommand) -> Result<()> {
+    use artisync::artifacts::{self, Bundle, check_field, parse_id};
+    match cmd {
+        ArtifactCommand::Publish {
+            target,
+            id,
+            name,
+            version,
+            tenant,
+            labels,
+            folder,
+            from,
+        } => {
+            let id = parse_id(&id)?;
+            check_field("--name", &name)?;
+            check_field("--version", &version)?;
+            check_field("--tenant", &tenant)?;
+            check_field("--folder", &folder)?;
+            for l in &labels {
+                check_field("--label", l)?;
+            }
+            let mut labels = labels;
+            labels.sort();
+            labels.dedup();
+            let bundle = Bundle::from_dir(&from)?;
+            let files = bundle.files.len();
+            let revision = match saver(&target).await? {
+                Saver::Db(db) => {
+                    let meta = artifacts::db::NewArtifact {
+                        id: id.clone(),
+                        name,
+                        version,
+                        tenant,
+                        folder,
+                        labels,
+                    };
+                    db.publish(&meta, &bundle, artisync::now_ms()).await?
+                }
+                Saver::Hub(mut client) => {
+                    let req = artisync::pb::artifacts::PublishRequest {
+                        id: id.clone(),
+                        name,
+                        version,
+                        tenant,
+                        folder,
+                        labels,
+                        files: bundle
+                            .files
+                            .into_iter()
+                            .map(|f| artisync::pb::artifacts::File {
+                                path: f.path.to_string(),
+                                mode: f.mode,
+                                data: f.data,
+                            })
+                            .collect(),
+                    };
+                    client
+                        .publish(req)
+                        .await
+                        .map_err(|s| anyhow::anyhow!("hub: {}", s.message()))?
+                        .into_inner()
+                        .revision
+                }
+            };
+            println!("published artifact {id} revision {revision} ({files} files)");
+        }
+        ArtifactCommand::Remove { target, id, label } => {
+            let id = parse_id(&id)?;
+            let removed = match saver(&target).await? {
+                Saver::Db(db) => db.remove(&id, label.as_deref(), artisync::now_ms()).await?,
+                Saver::Hub(mut client) => {
+                    client
+                        .remove(artisync::pb::artifacts::RemoveRequest {
+                            id: id.clone(),
+                            label,
+                        })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("hub: {}", s.message()))?
+                        .into_inner()
+                        .labels
+                }
+            };
+            println!("removed artifact {id} from labels {removed:?}");
+        }
+        ArtifactCommand::List { target, json } => {
+            let Saver::Db(db) = saver(&target).await? else {
+                bail!("list needs --db or --config (a database), not --hub");
+            };
+            let list = db.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                if list.is_empty() {
+                    println!("no artifacts");
+                }
+                for a in list {
+                    println!(
+                        "{}  {} {}  rev {}  {}  labels {:?}  {} bytes{}",
+                        a.id,
+                        a.name,
+                        a.version,
+                        a.revision,
+                        a.folder,
+                        a.labels,
+                        a.size,
+                        if a.removed { "  (removed)" } else { "" }
+                    );
+                }
+            }
+        }
+        ArtifactCommand::Deployed { config, json } => {
+            let text = admin(&config, "deployed", None).await?;
+            if json {
+                println!("{text}");
+            } else {
+                let s: artisync::artifacts::retriever::RetrieverStatus =
+                    serde_json::from_str(&text).context("agent sent an unreadable answer")?;
+                print!("{}", artisync::demo::render_retriever(&s));
+            }
+        }
+        ArtifactCommand::Redeploy { config, id } => {
+            let text = admin(&config, "redeploy", Some(id)).await?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).context("agent sent an unreadable answer")?;
+            println!("{}", v["result"].as_str().unwrap_or(&text));
+        }
+        ArtifactCommand::Undeploy { config, id } => {
+            let text = admin(&config, "undeploy", Some(id)).await?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).context("agent sent an unreadable answer")?;
+            println!("{}", v["result"].as_str().unwrap_or(&text));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -208,6 +460,7 @@ async fn real_main(cli: Cli) -> Result<()> {
                 hosts.join(", ")
             );
         }
+        Command::Artifact(cmd) => artifact(cmd).await?,
         Command::Demo { nodes, apis, keep } => {
             init_logging("text", "warn")?;
             artisync::demo::run(artisync::demo::DemoOptions { nodes, apis, keep }).await?;

@@ -5,6 +5,8 @@
 //! - the types below: bundles, metadata, events, and the validation every bundle passes.
 
 pub mod db;
+pub mod hub;
+pub mod retriever;
 
 use crate::model::RelPath;
 

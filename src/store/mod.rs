@@ -59,6 +59,19 @@ pub struct ConflictEntry {
     pub created_ms: u64,
 }
 
+/// An artifact the retriever has deployed on this node (kept as a JSON document).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeployedArtifact {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub revision: i64,
+    pub labels: Vec<String>,
+    pub folder: String,
+    pub paths: Vec<String>,
+    pub deployed_ms: u64,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -91,6 +104,10 @@ CREATE TABLE IF NOT EXISTS peer_cursors (
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     PRIMARY KEY (peer, folder)
+);
+CREATE TABLE IF NOT EXISTS deployed (
+    artifact_id TEXT PRIMARY KEY,
+    doc TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS conflicts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -376,6 +393,48 @@ impl Store {
                 seq: from_db(r.get(1)),
             })
             .unwrap_or_default())
+    }
+
+    pub async fn deployed(&self) -> Result<Vec<DeployedArtifact>, StoreError> {
+        let rows = sqlx::query("SELECT artifact_id, doc FROM deployed ORDER BY artifact_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        rows.into_iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                let doc: String = r.get(1);
+                serde_json::from_str(&doc).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("deployed artifact {id}"),
+                    problem: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn set_deployed(&self, d: &DeployedArtifact) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(d).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            what: format!("deployed artifact {}", d.id),
+            problem: e.to_string(),
+        })?;
+        sqlx::query("INSERT OR REPLACE INTO deployed (artifact_id, doc) VALUES (?, ?)")
+            .bind(&d.id)
+            .bind(doc)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    pub async fn remove_deployed(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM deployed WHERE artifact_id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        Ok(())
     }
 
     pub async fn add_conflict(&self, entry: &ConflictEntry) -> Result<(), StoreError> {

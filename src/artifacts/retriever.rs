@@ -1,0 +1,724 @@
+//! The retriever: deploys every current artifact of this node's gateway labels into its folder,
+//! follows publish/remove events, retries failures with capped exponential backoff, keeps what
+//! it has while the source is down, and reconciles against the source after every reconnect
+//! and periodically, so a lost or reordered event never leaves the node stale.
+//!
+//! The source is either the database itself ([`DbSource`]) or a hub agent that has the
+//! database ([`super::hub::HubSource`]); the retriever does not know which.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::db::{ArtifactDb, DbError};
+use super::{ArtifactMeta, Bundle, Event};
+use crate::config::RetrieverConfig;
+use crate::engine::{DeployRequest, FolderHandle};
+use crate::model::RelPath;
+use crate::store::{DeployedArtifact, Store};
+
+/// Longest delay between two retries of a failed deployment.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// Events re-read below the cursor, so an event whose id committed late is still seen.
+const EVENT_LOOKBACK: i64 = 64;
+const EVENT_BATCH: i64 = 500;
+/// Reconnect backoff while the source is down.
+const RECONNECT_MIN: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// Delay before retry number `attempt` (1-based): `base`, doubling, never above one hour.
+pub fn retry_delay(base: Duration, attempt: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    base.checked_mul(factor)
+        .unwrap_or(MAX_RETRY_DELAY)
+        .min(MAX_RETRY_DELAY)
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    /// The database (or hub) cannot be reached: retry everything later.
+    #[error("artifact source unavailable: {0}")]
+    Unavailable(String),
+    /// One artifact cannot be used (corrupt bundle, bad path, ...): skip it, report it.
+    #[error("artifact {id}: {problem}")]
+    Artifact { id: String, problem: String },
+}
+
+impl From<DbError> for SourceError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Artifact { id, problem } => SourceError::Artifact { id, problem },
+            DbError::NotFound(id) => SourceError::Artifact {
+                id,
+                problem: "does not exist".into(),
+            },
+            other => SourceError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Where artifacts come from.
+#[tonic::async_trait]
+pub trait Source: Send + Sync {
+    fn describe(&self) -> String;
+    async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError>;
+    async fn get(&self, id: &str) -> Result<Option<ArtifactMeta>, SourceError>;
+    async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, SourceError>;
+    async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, SourceError>;
+    async fn last_event_id(&self) -> Result<i64, SourceError>;
+    /// Returns when new events may be there (a notification, or `max` elapsed).
+    async fn wait(&self, max: Duration);
+}
+
+/// The database as a source. Connects lazily, so a database that is down at start-up is
+/// retried like any other failure.
+pub struct DbSource {
+    url: String,
+    db: tokio::sync::Mutex<Option<ArtifactDb>>,
+    listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
+    poll: Duration,
+}
+
+impl DbSource {
+    pub fn new(url: &str, poll: Duration) -> Self {
+        Self {
+            url: url.to_owned(),
+            db: tokio::sync::Mutex::new(None),
+            listener: tokio::sync::Mutex::new(None),
+            poll,
+        }
+    }
+
+    /// A shared handle on the connected database (the hub serves from the same pool).
+    pub async fn db(&self) -> Result<ArtifactDb, SourceError> {
+        let mut guard = self.db.lock().await;
+        if let Some(db) = guard.as_ref() {
+            return Ok(db.clone());
+        }
+        let db = ArtifactDb::connect_with(&self.url, Duration::from_secs(3)).await?;
+        *guard = Some(db.clone());
+        Ok(db)
+    }
+}
+
+#[tonic::async_trait]
+impl Source for DbSource {
+    fn describe(&self) -> String {
+        super::db::redact(&self.url)
+    }
+
+    async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError> {
+        Ok(self.db().await?.current_for_labels(labels).await?)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<ArtifactMeta>, SourceError> {
+        Ok(self.db().await?.get(id).await?)
+    }
+
+    async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, SourceError> {
+        Ok(self.db().await?.bundle(meta).await?)
+    }
+
+    async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, SourceError> {
+        Ok(self.db().await?.events_after(after, limit).await?)
+    }
+
+    async fn last_event_id(&self) -> Result<i64, SourceError> {
+        Ok(self.db().await?.last_event_id().await?)
+    }
+
+    async fn wait(&self, max: Duration) {
+        let is_pg = self.url.starts_with("postgres");
+        if !is_pg {
+            tokio::time::sleep(self.poll.min(max)).await;
+            return;
+        }
+        // PostgreSQL: LISTEN wakes us at once; the poll interval stays as the safety net.
+        let mut guard = self.listener.lock().await;
+        if guard.is_none() {
+            if let Ok(mut l) = sqlx::postgres::PgListener::connect(&self.url).await {
+                if l.listen("artisync_artifacts").await.is_ok() {
+                    *guard = Some(l);
+                }
+            }
+        }
+        match guard.as_mut() {
+            Some(l) => {
+                match tokio::time::timeout(max.min(Duration::from_secs(1)), l.recv()).await {
+                    Ok(Ok(_)) | Err(_) => {}
+                    Ok(Err(_)) => *guard = None,
+                }
+            }
+            None => tokio::time::sleep(self.poll.min(max)).await,
+        }
+    }
+}
+
+/// A deployment that failed, and when it is tried again.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub id: String,
+    pub revision: i64,
+    pub attempts: u32,
+    pub reason: String,
+    /// Retries ran out: the node runs without it until a new event or `redeploy`.
+    pub gave_up: bool,
+    #[serde(skip)]
+    next_at: Option<Instant>,
+}
+
+/// What `artisync status` shows about the retriever.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct RetrieverStatus {
+    pub mode: String,
+    pub source: String,
+    pub folder: String,
+    pub labels: Vec<String>,
+    pub startup_done: bool,
+    pub source_available: bool,
+    pub last_event_id: i64,
+    pub deployed: Vec<DeployedArtifact>,
+    pub failing: Vec<serde_json::Value>,
+    pub last_error: Option<String>,
+}
+
+/// Local admin actions (this node only).
+pub enum Command {
+    Redeploy(String, oneshot::Sender<Result<String, String>>),
+    Undeploy(String, oneshot::Sender<Result<String, String>>),
+}
+
+/// Handle for the admin service.
+#[derive(Clone)]
+pub struct RetrieverHandle {
+    tx: mpsc::Sender<Command>,
+    status: Arc<Mutex<RetrieverStatus>>,
+}
+
+impl RetrieverHandle {
+    pub fn status(&self) -> RetrieverStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub async fn command(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Command,
+    ) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| "retriever has stopped".to_owned())?;
+        rx.await.map_err(|_| "retriever has stopped".to_owned())?
+    }
+}
+
+pub struct Retriever {
+    config: RetrieverConfig,
+    folder: FolderHandle,
+    store: Store,
+    source: Arc<dyn Source>,
+    deployed: BTreeMap<String, DeployedArtifact>,
+    failures: BTreeMap<String, Failure>,
+    /// Undeployed by an operator: not brought back by reconcile until redeploy or a new event.
+    held_off: BTreeSet<String>,
+    status: Arc<Mutex<RetrieverStatus>>,
+    commands: mpsc::Receiver<Command>,
+    cursor: i64,
+    seen: BTreeSet<i64>,
+    available: bool,
+    startup_done: bool,
+    last_error: Option<String>,
+}
+
+impl Retriever {
+    pub async fn new(
+        config: RetrieverConfig,
+        folder: FolderHandle,
+        store: Store,
+        source: Arc<dyn Source>,
+    ) -> Result<(Self, RetrieverHandle), crate::store::StoreError> {
+        let deployed = store
+            .deployed()
+            .await?
+            .into_iter()
+            .map(|d| (d.id.clone(), d))
+            .collect();
+        let (tx, rx) = mpsc::channel(8);
+        let status = Arc::new(Mutex::new(RetrieverStatus::default()));
+        let r = Self {
+            config,
+            folder,
+            store,
+            source,
+            deployed,
+            failures: BTreeMap::new(),
+            held_off: BTreeSet::new(),
+            status: status.clone(),
+            commands: rx,
+            cursor: 0,
+            seen: BTreeSet::new(),
+            available: false,
+            startup_done: false,
+            last_error: None,
+        };
+        r.publish_status();
+        Ok((r, RetrieverHandle { tx, status }))
+    }
+
+    fn publish_status(&self) {
+        let s = RetrieverStatus {
+            mode: self.config.data_retrieval_mode.clone(),
+            source: self.source.describe(),
+            folder: self.config.folder.clone(),
+            labels: self.config.gateway_labels.clone(),
+            startup_done: self.startup_done,
+            source_available: self.available,
+            last_event_id: self.cursor,
+            deployed: self.deployed.values().cloned().collect(),
+            failing: self
+                .failures
+                .values()
+                .filter_map(|f| serde_json::to_value(f).ok())
+                .collect(),
+            last_error: self.last_error.clone(),
+        };
+        if let Ok(mut g) = self.status.lock() {
+            *g = s;
+        }
+    }
+
+    fn retry_base(&self) -> Duration {
+        Duration::from_millis(self.config.deployment_retry_duration)
+    }
+
+    /// Start-up deploy, then follow events until cancelled. `ready` turns true when the
+    /// start-up deploy finished (or its retries ran out).
+    pub async fn run(mut self, ready: watch::Sender<bool>, cancel: CancellationToken) {
+        info!(source = %self.source.describe(), labels = ?self.config.gateway_labels, mode = %self.config.data_retrieval_mode, "artifact retriever starting");
+        let mut attempt = 0u32;
+        loop {
+            let outcome = self.startup_pass().await;
+            self.publish_status();
+            match outcome {
+                Ok(0) => break,
+                Ok(failed) => {
+                    self.last_error = Some(format!("{failed} artifacts failed to deploy"));
+                }
+                Err(e) => {
+                    warn!(error = %e, "start-up retrieval failed");
+                    self.last_error = Some(e.to_string());
+                }
+            }
+            attempt += 1;
+            if attempt > self.config.max_retry_count {
+                warn!(
+                    attempts = attempt,
+                    "start-up retrieval retries ran out; running with what is deployed"
+                );
+                for f in self.failures.values_mut() {
+                    f.gave_up = true;
+                }
+                break;
+            }
+            let delay = retry_delay(self.retry_base(), attempt);
+            info!(
+                attempt,
+                delay_ms = delay.as_millis() as u64,
+                "retrying start-up retrieval"
+            );
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        self.startup_done = true;
+        self.publish_status();
+        let _ = ready.send(true);
+        info!(
+            deployed = self.deployed.len(),
+            failing = self.failures.len(),
+            "start-up retrieval done"
+        );
+        self.follow(cancel).await;
+    }
+
+    /// Takes the event cursor, then deploys everything current. Returns how many failed.
+    async fn startup_pass(&mut self) -> Result<usize, SourceError> {
+        if !self.available {
+            self.cursor = self.source.last_event_id().await?;
+            self.available = true;
+        }
+        self.reconcile().await
+    }
+
+    async fn follow(mut self, cancel: CancellationToken) {
+        let reconcile_every = Duration::from_secs(self.config.reconcile_interval.max(1));
+        let mut next_reconcile = Instant::now() + reconcile_every;
+        let mut reconnect = RECONNECT_MIN;
+        loop {
+            let next_retry = self
+                .failures
+                .values()
+                .filter(|f| !f.gave_up)
+                .filter_map(|f| f.next_at)
+                .min()
+                .unwrap_or(next_reconcile);
+            let wake = next_retry.min(next_reconcile);
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    self.command(cmd).await;
+                }
+                _ = self.source.wait(Duration::from_secs(1)) => {
+                    match self.poll_events().await {
+                        Ok(()) => {
+                            reconnect = RECONNECT_MIN;
+                        }
+                        Err(e) => {
+                            if self.available {
+                                warn!(error = %e, "artifact source is down; keeping deployed artifacts and retrying");
+                            }
+                            self.available = false;
+                            self.last_error = Some(e.to_string());
+                            self.publish_status();
+                            tokio::select! {
+                                _ = cancel.cancelled() => break,
+                                _ = tokio::time::sleep(reconnect) => {}
+                            }
+                            reconnect = (reconnect * 2).min(RECONNECT_MAX);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if Instant::now() >= next_reconcile {
+                        next_reconcile = Instant::now() + reconcile_every;
+                        if let Err(e) = self.reconcile().await {
+                            self.available = false;
+                            self.last_error = Some(e.to_string());
+                        }
+                    } else {
+                        self.retry_due().await;
+                    }
+                }
+            }
+            self.publish_status();
+        }
+    }
+
+    async fn poll_events(&mut self) -> Result<(), SourceError> {
+        let events = self
+            .source
+            .events_after((self.cursor - EVENT_LOOKBACK).max(0), EVENT_BATCH)
+            .await?;
+        if !self.available {
+            info!("artifact source is back; reconciling");
+            self.available = true;
+            self.last_error = None;
+            self.reconcile().await?;
+        }
+        let mine: HashSet<&String> = self.config.gateway_labels.iter().collect();
+        let mut ids: Vec<String> = Vec::new();
+        for e in events {
+            if !self.seen.insert(e.id) {
+                continue;
+            }
+            self.cursor = self.cursor.max(e.id);
+            if mine.contains(&e.label) && !ids.contains(&e.artifact_id) {
+                ids.push(e.artifact_id);
+            }
+        }
+        let floor = self.cursor - EVENT_LOOKBACK;
+        self.seen = self.seen.split_off(&floor);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(self.config.event_waiting_time)).await;
+        for id in ids {
+            // A new event supersedes an operator's undeploy and a given-up retry.
+            self.held_off.remove(&id);
+            self.failures.remove(&id);
+            self.sync_one(&id).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings one artifact to its current state for this node's labels.
+    async fn sync_one(&mut self, id: &str) -> Result<(), SourceError> {
+        let meta = match self.source.get(id).await {
+            Ok(m) => m,
+            Err(SourceError::Artifact { problem, .. }) => {
+                self.fail(id, 0, problem);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let wanted = meta.filter(|m| !m.removed).map(|mut m| {
+            m.labels.retain(|l| self.config.gateway_labels.contains(l));
+            m
+        });
+        match wanted {
+            Some(m) if !m.labels.is_empty() => {
+                if self.needs_deploy(&m) {
+                    self.deploy(m).await?;
+                }
+            }
+            _ => {
+                if self.deployed.contains_key(id) {
+                    self.undeploy(id).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn needs_deploy(&self, m: &ArtifactMeta) -> bool {
+        if self.held_off.contains(&m.id) {
+            return false;
+        }
+        if let Some(f) = self.failures.get(&m.id) {
+            if f.gave_up && f.revision == m.revision {
+                return false;
+            }
+        }
+        self.deployed
+            .get(&m.id)
+            .is_none_or(|d| d.revision != m.revision || d.labels != m.labels)
+    }
+
+    /// Compares deployed revisions with the source and fixes every difference. Returns how
+    /// many artifacts failed.
+    async fn reconcile(&mut self) -> Result<usize, SourceError> {
+        let current = self.source.current(&self.config.gateway_labels).await?;
+        let wanted: BTreeSet<String> = current.iter().map(|m| m.id.clone()).collect();
+        for m in current {
+            if self.needs_deploy(&m) {
+                self.deploy(m).await?;
+            }
+        }
+        let stale: Vec<String> = self
+            .deployed
+            .keys()
+            .filter(|id| !wanted.contains(*id))
+            .cloned()
+            .collect();
+        for id in stale {
+            self.undeploy(&id).await;
+        }
+        Ok(self.failures.values().filter(|f| !f.gave_up).count())
+    }
+
+    async fn retry_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .failures
+            .values()
+            .filter(|f| !f.gave_up && f.next_at.is_some_and(|t| t <= now))
+            .map(|f| f.id.clone())
+            .collect();
+        for id in due {
+            if let Err(e) = self.sync_one(&id).await {
+                self.available = false;
+                self.last_error = Some(e.to_string());
+                return;
+            }
+        }
+    }
+
+    fn fail(&mut self, id: &str, revision: i64, reason: String) {
+        let max = self.config.max_retry_count;
+        let base = self.retry_base();
+        let f = self
+            .failures
+            .entry(id.to_owned())
+            .or_insert_with(|| Failure {
+                id: id.to_owned(),
+                revision,
+                attempts: 0,
+                reason: String::new(),
+                gave_up: false,
+                next_at: None,
+            });
+        if f.revision != revision {
+            f.attempts = 0;
+            f.revision = revision;
+        }
+        f.attempts += 1;
+        f.reason = reason;
+        if f.attempts > max {
+            f.gave_up = true;
+            f.next_at = None;
+            warn!(artifact = %id, revision, attempts = f.attempts, reason = %f.reason, "deployment retries ran out; running without this artifact");
+        } else {
+            let delay = retry_delay(base, f.attempts);
+            f.next_at = Some(Instant::now() + delay);
+            warn!(artifact = %id, revision, attempt = f.attempts, retry_in_ms = delay.as_millis() as u64, reason = %f.reason, "artifact not deployed");
+        }
+    }
+
+    /// Fetches and writes one artifact; failures specific to it are recorded, a source outage
+    /// is returned.
+    async fn deploy(&mut self, meta: ArtifactMeta) -> Result<(), SourceError> {
+        if meta.folder != self.config.folder {
+            self.fail(
+                &meta.id,
+                meta.revision,
+                format!(
+                    "targets folder {:?}, but this node deploys into {:?}",
+                    meta.folder, self.config.folder
+                ),
+            );
+            if let Some(f) = self.failures.get_mut(&meta.id) {
+                f.gave_up = true;
+            }
+            return Ok(());
+        }
+        let bundle = match self.source.bundle(&meta).await {
+            Ok(b) => b,
+            Err(SourceError::Artifact { problem, .. }) => {
+                self.fail(&meta.id, meta.revision, problem);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let new_paths: BTreeSet<String> = bundle.files.iter().map(|f| f.path.to_string()).collect();
+        let old = self.deployed.get(&meta.id);
+        let removes: Vec<RelPath> = old
+            .map(|d| {
+                d.paths
+                    .iter()
+                    .filter(|p| !new_paths.contains(*p))
+                    .filter_map(|p| RelPath::new(p).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let request = DeployRequest {
+            writes: bundle.files.into_iter().map(|f| (f.path, f.data)).collect(),
+            removes,
+        };
+        if let Err(e) = self.folder.deploy(request).await {
+            self.fail(&meta.id, meta.revision, e.to_string());
+            return Ok(());
+        }
+        let record = DeployedArtifact {
+            id: meta.id.clone(),
+            name: meta.name.clone(),
+            version: meta.version.clone(),
+            revision: meta.revision,
+            labels: meta.labels.clone(),
+            folder: meta.folder.clone(),
+            paths: new_paths.into_iter().collect(),
+            deployed_ms: crate::now_ms(),
+        };
+        if let Err(e) = self.store.set_deployed(&record).await {
+            warn!(artifact = %meta.id, error = %e, "deployed, but cannot record it in the index");
+        }
+        info!(artifact = %meta.id, name = %meta.name, revision = meta.revision, files = record.paths.len(), "artifact deployed");
+        self.failures.remove(&meta.id);
+        self.deployed.insert(meta.id.clone(), record);
+        Ok(())
+    }
+
+    async fn undeploy(&mut self, id: &str) {
+        let Some(d) = self.deployed.get(id).cloned() else {
+            return;
+        };
+        let removes: Vec<RelPath> = d
+            .paths
+            .iter()
+            .filter_map(|p| RelPath::new(p).ok())
+            .collect();
+        match self
+            .folder
+            .deploy(DeployRequest {
+                writes: Vec::new(),
+                removes,
+            })
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = self.store.remove_deployed(id).await {
+                    warn!(artifact = %id, error = %e, "undeployed, but cannot record it in the index");
+                }
+                self.deployed.remove(id);
+                self.failures.remove(id);
+                info!(artifact = %id, name = %d.name, "artifact undeployed");
+            }
+            Err(e) => {
+                warn!(artifact = %id, error = %e, "cannot undeploy artifact");
+                self.last_error = Some(e.to_string());
+            }
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Redeploy(id, reply) => {
+                self.held_off.remove(&id);
+                self.failures.remove(&id);
+                if let Some(d) = self.deployed.get_mut(&id) {
+                    d.revision = -1; // force a rewrite
+                }
+                let r = match self.sync_one(&id).await {
+                    Ok(()) => match (self.deployed.get(&id), self.failures.get(&id)) {
+                        (_, Some(f)) => Err(format!("artifact {id} failed: {}", f.reason)),
+                        (Some(d), None) => {
+                            Ok(format!("artifact {id} deployed at revision {}", d.revision))
+                        }
+                        (None, None) => Err(format!(
+                            "artifact {id} is not current for this node's labels"
+                        )),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Undeploy(id, reply) => {
+                let r = if self.deployed.contains_key(&id) {
+                    self.undeploy(&id).await;
+                    if self.deployed.contains_key(&id) {
+                        Err(format!("artifact {id} could not be undeployed (see log)"))
+                    } else {
+                        self.held_off.insert(id.clone());
+                        Ok(format!(
+                            "artifact {id} undeployed on this node (until redeploy or a new publish)"
+                        ))
+                    }
+                } else {
+                    Err(format!("artifact {id} is not deployed on this node"))
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_and_cap_at_one_hour() {
+        let base = Duration::from_millis(15_000);
+        let got: Vec<u64> = (1..=10).map(|a| retry_delay(base, a).as_secs()).collect();
+        assert_eq!(got, vec![15, 30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(
+            retry_delay(base, 200),
+            MAX_RETRY_DELAY,
+            "no overflow for huge attempt counts"
+        );
+        assert_eq!(
+            retry_delay(Duration::from_millis(1), 1),
+            Duration::from_millis(1)
+        );
+    }
+}
