@@ -42,6 +42,38 @@ pub fn retry_delay(base: Duration, attempt: u32) -> Duration {
         .min(MAX_RETRY_DELAY)
 }
 
+/// The retry plan of one operation: `max_retries` retries after the first try, waiting
+/// [`retry_delay`] before each.
+#[derive(Debug, Clone)]
+pub struct RetryPlan {
+    base: Duration,
+    max_retries: u32,
+    retries: u32,
+}
+
+impl RetryPlan {
+    pub fn new(base: Duration, max_retries: u32) -> Self {
+        Self {
+            base,
+            max_retries,
+            retries: 0,
+        }
+    }
+
+    /// After a failed try: how long to wait before the next one, or `None` when retries ran out.
+    pub fn next_delay(&mut self) -> Option<Duration> {
+        if self.retries >= self.max_retries {
+            return None;
+        }
+        self.retries += 1;
+        Some(retry_delay(self.base, self.retries))
+    }
+
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
     /// The database (or hub) cannot be reached: retry everything later.
@@ -304,7 +336,7 @@ impl Retriever {
     /// start-up deploy finished (or its retries ran out).
     pub async fn run(mut self, ready: watch::Sender<bool>, cancel: CancellationToken) {
         info!(source = %self.source.describe(), labels = ?self.config.gateway_labels, mode = %self.config.data_retrieval_mode, "artifact retriever starting");
-        let mut attempt = 0u32;
+        let mut plan = RetryPlan::new(self.retry_base(), self.config.max_retry_count);
         loop {
             let outcome = self.startup_pass().await;
             self.publish_status();
@@ -318,20 +350,18 @@ impl Retriever {
                     self.last_error = Some(e.to_string());
                 }
             }
-            attempt += 1;
-            if attempt > self.config.max_retry_count {
+            let Some(delay) = plan.next_delay() else {
                 warn!(
-                    attempts = attempt,
+                    retries = plan.retries(),
                     "start-up retrieval retries ran out; running with what is deployed"
                 );
                 for f in self.failures.values_mut() {
                     f.gave_up = true;
                 }
                 break;
-            }
-            let delay = retry_delay(self.retry_base(), attempt);
+            };
             info!(
-                attempt,
+                retry = plan.retries(),
                 delay_ms = delay.as_millis() as u64,
                 "retrying start-up retrieval"
             );
@@ -498,6 +528,15 @@ impl Retriever {
     /// Compares deployed revisions with the source and fixes every difference. Returns how
     /// many artifacts failed.
     async fn reconcile(&mut self) -> Result<usize, SourceError> {
+        // An event log that went backwards means another (empty, or restored) database now
+        // answers: its view would undeploy artifacts the gateway is serving. Keep them.
+        let last = self.source.last_event_id().await?;
+        if last < self.cursor {
+            return Err(SourceError::Unavailable(format!(
+                "the artifact event log went back from id {} to {last} (database replaced or restored?); keeping deployed artifacts; restart the agent to accept this database",
+                self.cursor
+            )));
+        }
         let current = self.source.current(&self.config.gateway_labels).await?;
         let wanted: BTreeSet<String> = current.iter().map(|m| m.id.clone()).collect();
         for m in current {
