@@ -280,6 +280,7 @@ impl pb::artifact_saver_server::ArtifactSaver for HubService {
 /// A retriever source that asks a hub agent.
 pub struct HubSource {
     address: String,
+    calls: std::sync::atomic::AtomicU64,
     client: pb::artifact_hub_client::ArtifactHubClient<Channel>,
     poll: Duration,
 }
@@ -293,6 +294,7 @@ impl HubSource {
         let channel = crate::net::channel(address, tls, "hub").await?;
         Ok(Self {
             address: address.to_owned(),
+            calls: std::sync::atomic::AtomicU64::new(0),
             client: pb::artifact_hub_client::ArtifactHubClient::new(channel)
                 .max_decoding_message_size(crate::net::MAX_MESSAGE_BYTES),
             poll,
@@ -312,16 +314,28 @@ fn source_err(s: Status) -> SourceError {
     }
 }
 
+impl HubSource {
+    /// A client for one call (counted).
+    fn client(&self) -> pb::artifact_hub_client::ArtifactHubClient<Channel> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.client.clone()
+    }
+}
+
 #[tonic::async_trait]
 impl Source for HubSource {
     fn describe(&self) -> String {
         format!("hub {}", self.address)
     }
 
+    fn queries(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError> {
         let reply = self
-            .client
-            .clone()
+            .client()
             .current(pb::CurrentRequest {
                 labels: labels.to_vec(),
             })
@@ -337,8 +351,7 @@ impl Source for HubSource {
 
     async fn get(&self, id: &str) -> Result<Option<ArtifactMeta>, SourceError> {
         let reply = self
-            .client
-            .clone()
+            .client()
             .get(pb::GetRequest { id: id.into() })
             .await
             .map_err(source_err)?;
@@ -351,8 +364,7 @@ impl Source for HubSource {
             problem,
         };
         let mut stream = self
-            .client
-            .clone()
+            .client()
             .bundle(pb::BundleRequest {
                 id: meta.id.clone(),
                 revision: meta.revision,
@@ -397,8 +409,7 @@ impl Source for HubSource {
 
     async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, SourceError> {
         let reply = self
-            .client
-            .clone()
+            .client()
             .events(pb::EventsRequest { after, limit })
             .await
             .map_err(source_err)?;
@@ -420,8 +431,7 @@ impl Source for HubSource {
 
     async fn last_event_id(&self) -> Result<i64, SourceError> {
         let reply = self
-            .client
-            .clone()
+            .client()
             .last_event_id(pb::LastEventIdRequest {})
             .await
             .map_err(source_err)?;

@@ -108,12 +108,17 @@ pub trait Source: Send + Sync {
     async fn last_event_id(&self) -> Result<i64, SourceError>;
     /// Returns when new events may be there (a notification, or `max` elapsed).
     async fn wait(&self, max: Duration);
+    /// Queries (or hub calls) issued so far, for status and benchmarks.
+    fn queries(&self) -> u64 {
+        0
+    }
 }
 
 /// The database as a source. Connects lazily, so a database that is down at start-up is
 /// retried like any other failure.
 pub struct DbSource {
     url: String,
+    queries: std::sync::atomic::AtomicU64,
     db: tokio::sync::Mutex<Option<ArtifactDb>>,
     listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
     poll: Duration,
@@ -123,6 +128,7 @@ impl DbSource {
     pub fn new(url: &str, poll: Duration) -> Self {
         Self {
             url: url.to_owned(),
+            queries: std::sync::atomic::AtomicU64::new(0),
             db: tokio::sync::Mutex::new(None),
             listener: tokio::sync::Mutex::new(None),
             poll,
@@ -130,7 +136,10 @@ impl DbSource {
     }
 
     /// A shared handle on the connected database (the hub serves from the same pool).
+    /// Every call stands for one query issued with it.
     pub async fn db(&self) -> Result<ArtifactDb, SourceError> {
+        self.queries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut guard = self.db.lock().await;
         if let Some(db) = guard.as_ref() {
             return Ok(db.clone());
@@ -145,6 +154,10 @@ impl DbSource {
 impl Source for DbSource {
     fn describe(&self) -> String {
         super::db::redact(&self.url)
+    }
+
+    fn queries(&self) -> u64 {
+        self.queries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError> {
@@ -217,6 +230,8 @@ pub struct RetrieverStatus {
     pub startup_done: bool,
     pub source_available: bool,
     pub last_event_id: i64,
+    /// Queries issued to the database (or calls to the hub) since start.
+    pub source_queries: u64,
     pub deployed: Vec<DeployedArtifact>,
     pub failing: Vec<serde_json::Value>,
     pub last_error: Option<String>,
@@ -315,6 +330,7 @@ impl Retriever {
             startup_done: self.startup_done,
             source_available: self.available,
             last_event_id: self.cursor,
+            source_queries: self.source.queries(),
             deployed: self.deployed.values().cloned().collect(),
             failing: self
                 .failures
