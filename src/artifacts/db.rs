@@ -579,48 +579,87 @@ impl ArtifactDb {
     /// The bundle of a revision, verified against the artifact's digest. A bundle that does not
     /// match (corrupt rows, a revision replaced meanwhile) is an error, never a partial result.
     pub async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, DbError> {
-        let rows = sqlx::query(AssertSqlSafe(self.sql(
-            "SELECT file_no, chunk, path, mode, data FROM artifact_files \
-             WHERE artifact_id = ? AND revision = ? ORDER BY file_no, chunk",
-        )))
-        .bind(&meta.id)
-        .bind(meta.revision)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
-        let bad = |problem: String| DbError::Artifact {
-            id: meta.id.clone(),
-            problem,
-        };
-        let mut files: Vec<BundleFile> = Vec::new();
-        let mut current: Option<i64> = None;
+        self.bundles(std::slice::from_ref(meta))
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(DbError::NotFound(meta.id.clone())))
+    }
+
+    /// The bundles of several artifacts in one query; one result per artifact, in order. A
+    /// bundle that fails its digest is an error for that artifact only.
+    pub async fn bundles(
+        &self,
+        metas: &[ArtifactMeta],
+    ) -> Result<Vec<Result<Bundle, DbError>>, DbError> {
+        if metas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; metas.len()].join(", ");
+        let q = format!(
+            "SELECT artifact_id, revision, file_no, chunk, path, mode, data FROM artifact_files \
+             WHERE artifact_id IN ({marks}) ORDER BY artifact_id, revision, file_no, chunk"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(self.sql(&q)));
+        for m in metas {
+            query = query.bind(&m.id);
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(|e| self.err(e))?;
+        let wanted: BTreeMap<&str, i64> =
+            metas.iter().map(|m| (m.id.as_str(), m.revision)).collect();
+        let mut files: BTreeMap<String, Result<Vec<BundleFile>, String>> = BTreeMap::new();
+        let mut current: Option<(String, i64)> = None;
         for r in rows {
-            let file_no: i64 = r.try_get(0).map_err(|e| self.err(e))?;
-            let path: String = r.try_get(2).map_err(|e| self.err(e))?;
-            let mode: i64 = r.try_get(3).map_err(|e| self.err(e))?;
-            let data: Vec<u8> = r.try_get(4).map_err(|e| self.err(e))?;
-            if current == Some(file_no) {
-                if let Some(f) = files.last_mut() {
+            let id: String = r.try_get(0).map_err(|e| self.err(e))?;
+            let revision: i64 = r.try_get(1).map_err(|e| self.err(e))?;
+            if wanted.get(id.as_str()) != Some(&revision) {
+                continue;
+            }
+            let file_no: i64 = r.try_get(2).map_err(|e| self.err(e))?;
+            let path: String = r.try_get(4).map_err(|e| self.err(e))?;
+            let mode: i64 = r.try_get(5).map_err(|e| self.err(e))?;
+            let data: Vec<u8> = r.try_get(6).map_err(|e| self.err(e))?;
+            let entry = files.entry(id.clone()).or_insert_with(|| Ok(Vec::new()));
+            let Ok(list) = entry else { continue };
+            if current.as_ref() == Some(&(id.clone(), file_no)) {
+                if let Some(f) = list.last_mut() {
                     f.data.extend_from_slice(&data);
                 }
                 continue;
             }
-            current = Some(file_no);
-            let path = RelPath::new(&path).map_err(|e| bad(format!("bundle path: {e}")))?;
-            let mode = u32::try_from(mode)
-                .ok()
-                .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| bad(format!("{path}: bad mode {mode}")))?;
-            files.push(BundleFile { path, mode, data });
+            current = Some((id, file_no));
+            let checked = RelPath::new(&path)
+                .map_err(|e| format!("bundle path: {e}"))
+                .and_then(|p| {
+                    u32::try_from(mode)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .map(|m| (p, m))
+                        .ok_or_else(|| format!("{path}: bad mode {mode}"))
+                });
+            match checked {
+                Ok((path, mode)) => list.push(BundleFile { path, mode, data }),
+                Err(problem) => *entry = Err(problem),
+            }
         }
-        let bundle = Bundle { files };
-        if bundle.digest() != meta.digest {
-            return Err(bad(format!(
-                "revision {} does not match its digest (corrupt, or replaced while being read)",
-                meta.revision
-            )));
-        }
-        Ok(bundle)
+        Ok(metas
+            .iter()
+            .map(|meta| {
+                let bad = |problem: String| DbError::Artifact {
+                    id: meta.id.clone(),
+                    problem,
+                };
+                let bundle = Bundle {
+                    files: files.remove(&meta.id).unwrap_or(Ok(Vec::new())).map_err(bad)?,
+                };
+                if bundle.digest() != meta.digest {
+                    return Err(bad(format!(
+                        "revision {} does not match its digest (corrupt, or replaced while being read)",
+                        meta.revision
+                    )));
+                }
+                Ok(bundle)
+            })
+            .collect())
     }
 
     /// Events with an id above `after`, oldest first.

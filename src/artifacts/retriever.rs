@@ -28,6 +28,8 @@ pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 /// Events re-read below the cursor, so an event whose id committed late is still seen.
 const EVENT_LOOKBACK: i64 = 64;
 const EVENT_BATCH: i64 = 500;
+/// Artifacts fetched in one query and written in one batch during a reconcile.
+const DEPLOY_BATCH: usize = 200;
 /// Reconnect backoff while the source is down.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -104,6 +106,20 @@ pub trait Source: Send + Sync {
     async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError>;
     async fn get(&self, id: &str) -> Result<Option<ArtifactMeta>, SourceError>;
     async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, SourceError>;
+    /// Several bundles at once (one result each, in order); an outage fails the whole call.
+    async fn bundles(
+        &self,
+        metas: &[ArtifactMeta],
+    ) -> Result<Vec<Result<Bundle, SourceError>>, SourceError> {
+        let mut out = Vec::with_capacity(metas.len());
+        for m in metas {
+            match self.bundle(m).await {
+                Err(SourceError::Unavailable(e)) => return Err(SourceError::Unavailable(e)),
+                other => out.push(other),
+            }
+        }
+        Ok(out)
+    }
     async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, SourceError>;
     async fn last_event_id(&self) -> Result<i64, SourceError>;
     /// Returns when new events may be there (a notification, or `max` elapsed).
@@ -170,6 +186,17 @@ impl Source for DbSource {
 
     async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, SourceError> {
         Ok(self.db().await?.bundle(meta).await?)
+    }
+
+    async fn bundles(
+        &self,
+        metas: &[ArtifactMeta],
+    ) -> Result<Vec<Result<Bundle, SourceError>>, SourceError> {
+        let results = self.db().await?.bundles(metas).await?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.map_err(SourceError::from))
+            .collect())
     }
 
     async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, SourceError> {
@@ -555,10 +582,12 @@ impl Retriever {
         }
         let current = self.source.current(&self.config.gateway_labels).await?;
         let wanted: BTreeSet<String> = current.iter().map(|m| m.id.clone()).collect();
-        for m in current {
-            if self.needs_deploy(&m) {
-                self.deploy(m).await?;
-            }
+        let todo: Vec<ArtifactMeta> = current
+            .into_iter()
+            .filter(|m| self.needs_deploy(m))
+            .collect();
+        for chunk in todo.chunks(DEPLOY_BATCH) {
+            self.deploy_many(chunk.to_vec()).await?;
         }
         let stale: Vec<String> = self
             .deployed
@@ -620,21 +649,114 @@ impl Retriever {
         }
     }
 
+    /// Deploys many artifacts with one bundle query and one batched write (the start-up path).
+    /// If the batched write fails, each artifact is deployed on its own so one bad artifact
+    /// cannot block the others.
+    async fn deploy_many(&mut self, metas: Vec<ArtifactMeta>) -> Result<(), SourceError> {
+        let mut ours = Vec::with_capacity(metas.len());
+        for meta in metas {
+            if self.refuse_folder(&meta) {
+                continue;
+            }
+            ours.push(meta);
+        }
+        let bundles = self.source.bundles(&ours).await?;
+        let mut request = DeployRequest::default();
+        let mut staged: Vec<(ArtifactMeta, BTreeSet<String>)> = Vec::new();
+        for (meta, bundle) in ours.into_iter().zip(bundles) {
+            let bundle = match bundle {
+                Ok(b) => b,
+                Err(SourceError::Unavailable(e)) => return Err(SourceError::Unavailable(e)),
+                Err(SourceError::Artifact { problem, .. }) => {
+                    self.fail(&meta.id, meta.revision, problem);
+                    continue;
+                }
+            };
+            let (planned, paths) = self.plan(&meta, bundle);
+            request.writes.extend(planned.writes);
+            request.removes.extend(planned.removes);
+            staged.push((meta, paths));
+        }
+        if staged.is_empty() {
+            return Ok(());
+        }
+        match self.folder.deploy(request).await {
+            Ok(()) => {
+                for (meta, paths) in staged {
+                    self.record(meta, paths).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, count = staged.len(), "batched deploy failed; deploying one by one");
+                for (meta, _) in staged {
+                    self.deploy(meta).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// An artifact for a folder this node does not deploy fails for good (until a new event).
+    fn refuse_folder(&mut self, meta: &ArtifactMeta) -> bool {
+        if meta.folder == self.config.folder {
+            return false;
+        }
+        self.fail(
+            &meta.id,
+            meta.revision,
+            format!(
+                "targets folder {:?}, but this node deploys into {:?}",
+                meta.folder, self.config.folder
+            ),
+        );
+        if let Some(f) = self.failures.get_mut(&meta.id) {
+            f.gave_up = true;
+        }
+        true
+    }
+
+    /// The files to write and remove for a new revision, and its path list.
+    fn plan(&self, meta: &ArtifactMeta, bundle: Bundle) -> (DeployRequest, BTreeSet<String>) {
+        let new_paths: BTreeSet<String> = bundle.files.iter().map(|f| f.path.to_string()).collect();
+        let removes: Vec<RelPath> = self
+            .deployed
+            .get(&meta.id)
+            .map(|d| {
+                d.paths
+                    .iter()
+                    .filter(|p| !new_paths.contains(*p))
+                    .filter_map(|p| RelPath::new(p).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let writes = bundle.files.into_iter().map(|f| (f.path, f.data)).collect();
+        (DeployRequest { writes, removes }, new_paths)
+    }
+
+    async fn record(&mut self, meta: ArtifactMeta, paths: BTreeSet<String>) {
+        let record = DeployedArtifact {
+            id: meta.id.clone(),
+            name: meta.name.clone(),
+            version: meta.version.clone(),
+            revision: meta.revision,
+            labels: meta.labels.clone(),
+            folder: meta.folder.clone(),
+            paths: paths.into_iter().collect(),
+            deployed_ms: crate::now_ms(),
+        };
+        if let Err(e) = self.store.set_deployed(&record).await {
+            warn!(artifact = %meta.id, error = %e, "deployed, but cannot record it in the index");
+        }
+        info!(artifact = %meta.id, name = %meta.name, revision = meta.revision, files = record.paths.len(), "artifact deployed");
+        self.failures.remove(&meta.id);
+        self.deployed.insert(meta.id, record);
+    }
+
     /// Fetches and writes one artifact; failures specific to it are recorded, a source outage
     /// is returned.
     async fn deploy(&mut self, meta: ArtifactMeta) -> Result<(), SourceError> {
-        if meta.folder != self.config.folder {
-            self.fail(
-                &meta.id,
-                meta.revision,
-                format!(
-                    "targets folder {:?}, but this node deploys into {:?}",
-                    meta.folder, self.config.folder
-                ),
-            );
-            if let Some(f) = self.failures.get_mut(&meta.id) {
-                f.gave_up = true;
-            }
+        if self.refuse_folder(&meta) {
             return Ok(());
         }
         let bundle = match self.source.bundle(&meta).await {
@@ -645,41 +767,12 @@ impl Retriever {
             }
             Err(e) => return Err(e),
         };
-        let new_paths: BTreeSet<String> = bundle.files.iter().map(|f| f.path.to_string()).collect();
-        let old = self.deployed.get(&meta.id);
-        let removes: Vec<RelPath> = old
-            .map(|d| {
-                d.paths
-                    .iter()
-                    .filter(|p| !new_paths.contains(*p))
-                    .filter_map(|p| RelPath::new(p).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let request = DeployRequest {
-            writes: bundle.files.into_iter().map(|f| (f.path, f.data)).collect(),
-            removes,
-        };
+        let (request, paths) = self.plan(&meta, bundle);
         if let Err(e) = self.folder.deploy(request).await {
             self.fail(&meta.id, meta.revision, e.to_string());
             return Ok(());
         }
-        let record = DeployedArtifact {
-            id: meta.id.clone(),
-            name: meta.name.clone(),
-            version: meta.version.clone(),
-            revision: meta.revision,
-            labels: meta.labels.clone(),
-            folder: meta.folder.clone(),
-            paths: new_paths.into_iter().collect(),
-            deployed_ms: crate::now_ms(),
-        };
-        if let Err(e) = self.store.set_deployed(&record).await {
-            warn!(artifact = %meta.id, error = %e, "deployed, but cannot record it in the index");
-        }
-        info!(artifact = %meta.id, name = %meta.name, revision = meta.revision, files = record.paths.len(), "artifact deployed");
-        self.failures.remove(&meta.id);
-        self.deployed.insert(meta.id.clone(), record);
+        self.record(meta, paths).await;
         Ok(())
     }
 
