@@ -115,6 +115,36 @@ fn stat_of(path: &Path) -> OpResult {
     Ok(Some(stat_key(&std::fs::symlink_metadata(path)?)))
 }
 
+/// Refuses a path that would pass through a symlink (a directory replaced by a link must not
+/// let a peer write outside the folder root). Missing components are fine: they get created.
+fn check_no_symlink(root: &Path, path: &RelPath, include_self: bool) -> std::io::Result<()> {
+    let mut at = root.to_owned();
+    let parts: Vec<&str> = path.as_str().split('/').collect();
+    let upto = if include_self {
+        parts.len()
+    } else {
+        parts.len() - 1
+    };
+    for part in &parts[..upto] {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is a symlink; artisync never writes through symlinks",
+                        at.display()
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Carries out `ops` under `root` and returns one result per op, in the order given.
 /// Every op either fully happens or leaves the target as it was (temp files are cleaned up).
 pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
@@ -127,6 +157,19 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
     let mut temps: Vec<(usize, PathBuf, PathBuf)> = Vec::new();
     for &i in &order {
         let target = root.join(ops[i].path().as_str());
+        // Chmod would follow a link at the target itself; the others act on the link.
+        let include_self = matches!(ops[i], Op::Chmod { .. } | Op::Mkdir { .. });
+        if let Err(e) = check_no_symlink(root, ops[i].path(), include_self) {
+            if let Op::Write {
+                content: Content::Temp(tmp),
+                ..
+            } = &ops[i]
+            {
+                let _ = std::fs::remove_file(tmp);
+            }
+            results[i] = Some(Err(e));
+            continue;
+        }
         match &ops[i] {
             Op::Mkdir { mode, .. } => {
                 let r = (|| {
@@ -213,6 +256,9 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
     }
     // Phase 4: removals (files, then directories deepest first: `order` is sorted so).
     for &i in &order {
+        if results[i].is_some() {
+            continue;
+        }
         let target = root.join(ops[i].path().as_str());
         let r = match &ops[i] {
             Op::RemoveFile { .. } => match std::fs::symlink_metadata(&target) {
@@ -365,6 +411,40 @@ mod tests {
             19
         );
         assert_eq!(remove_stale_temps(root), 0, "no temp file is left behind");
+    }
+
+    #[test]
+    fn nothing_is_written_through_a_symlinked_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::os::unix::fs::symlink(outside.path(), root.join("api")).expect("symlink");
+        std::fs::write(outside.path().join("victim.xml"), b"keep").expect("write");
+        let r = apply_batch(
+            &root,
+            vec![
+                Op::Write {
+                    path: p("api/evil.xml"),
+                    content: Content::Bytes(b"x".to_vec()),
+                    mode: 0o644,
+                },
+                Op::RemoveFile {
+                    path: p("api/victim.xml"),
+                },
+                Op::Chmod {
+                    path: p("api"),
+                    mode: 0o777,
+                },
+            ],
+        );
+        assert!(r.iter().all(|r| r.is_err()), "{r:?}");
+        assert!(!outside.path().join("evil.xml").exists());
+        assert_eq!(
+            std::fs::read(outside.path().join("victim.xml")).expect("read"),
+            b"keep"
+        );
+        assert_eq!(remove_stale_temps(&root), 0);
     }
 
     #[test]

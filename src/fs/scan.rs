@@ -63,6 +63,9 @@ pub fn look(root: &Path, rel: &RelPath, known: Option<(StatKey, Hash)>) -> Resul
         path: path.clone(),
         source,
     };
+    if parent_is_symlink(root, rel) {
+        return Ok(Look::Symlink);
+    }
     let meta = match std::fs::symlink_metadata(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Look::Absent),
@@ -114,6 +117,22 @@ pub fn look(root: &Path, rel: &RelPath, known: Option<(StatKey, Hash)>) -> Resul
         },
         before,
     ))
+}
+
+/// True when a directory above `rel` (below `root`) is a symlink: what lies behind it is
+/// outside the folder and never synced.
+pub fn parent_is_symlink(root: &Path, rel: &RelPath) -> bool {
+    let mut at = root.to_owned();
+    let parts: Vec<&str> = rel.as_str().split('/').collect();
+    for part in &parts[..parts.len() - 1] {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// Result of walking a whole folder.
@@ -225,6 +244,16 @@ mod tests {
             look(dir.path(), &RelPath::new("nope").expect("valid"), None).expect("look"),
             Look::Absent
         );
+    }
+
+    #[test]
+    fn files_behind_a_symlinked_directory_are_not_looked_at() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::write(outside.path().join("secret.xml"), b"<s/>").expect("write");
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("api")).expect("symlink");
+        let rel = RelPath::new("api/secret.xml").expect("valid");
+        assert_eq!(look(dir.path(), &rel, None).expect("look"), Look::Symlink);
     }
 
     #[test]

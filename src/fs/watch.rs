@@ -101,7 +101,7 @@ impl FolderWatcher {
         let (tx, rx) = mpsc::channel::<Raw>(RAW_QUEUE);
         let overflow = Arc::new(AtomicBool::new(false));
         let flag = overflow.clone();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let handler = move |res: notify::Result<notify::Event>| {
             let items = match res {
                 Ok(event) => convert(&event),
                 Err(_) => vec![Raw::Rescan],
@@ -111,8 +111,11 @@ impl FolderWatcher {
                     flag.store(true, Ordering::Release);
                 }
             }
-        })
-        .map_err(|source| watch_error(root, source))?;
+        };
+        // Symlinks are never followed: not by the scan, and not by the watcher either.
+        let config = notify::Config::default().with_follow_symlinks(false);
+        let mut watcher =
+            RecommendedWatcher::new(handler, config).map_err(|source| watch_error(root, source))?;
         watcher
             .watch(root, RecursiveMode::Recursive)
             .map_err(|source| watch_error(root, source))?;
