@@ -210,15 +210,67 @@ impl ArtifactDb {
         let migrator = Migrator {
             migrations: Cow::Owned(vec![migration]),
             table_name: Cow::Borrowed("artisync_migrations"),
+            // MySQL/MariaDB: locked below instead.
+            locking: self.backend != Backend::MySql,
             ..Migrator::DEFAULT
         };
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(|source| DbError::Migrate {
-                backend: self.backend.name(),
-                source,
-            })
+        let failed = |source| DbError::Migrate {
+            backend: self.backend.name(),
+            source,
+        };
+        match self.backend {
+            Backend::Postgres => migrator.run(&self.pool).await.map_err(failed),
+            Backend::MySql => self.migrate_locked(&migrator).await,
+            Backend::Sqlite => {
+                // sqlx takes no lock on SQLite: of two processes (an agent and a publisher)
+                // migrating a new file at once, the second fails on the first one's row. Its
+                // transaction rolled back, nothing is half done, and the schema is there by
+                // then: look again.
+                let mut attempt = 0u32;
+                loop {
+                    match migrator.run(&self.pool).await {
+                        Ok(()) => return Ok(()),
+                        Err(_) if attempt < 3 => {
+                            attempt += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(50 << attempt))
+                                .await;
+                        }
+                        Err(source) => return Err(failed(source)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// MySQL/MariaDB migration under a named lock. sqlx's own lock is `GET_LOCK(name, -1)`,
+    /// which MariaDB answers at once with NULL (a negative timeout is not "forever" there), so
+    /// agents starting together on a new database migrated concurrently and failed
+    /// ("Duplicate entry '1'", "migration 1 is partially applied"). The lock is held by the
+    /// connection that migrates, with a real timeout.
+    async fn migrate_locked(&self, migrator: &Migrator) -> Result<(), DbError> {
+        const LOCK: &str = "CONCAT('artisync_migrate_', SHA1(COALESCE(DATABASE(), '')))";
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        let got: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT CAST(COALESCE(GET_LOCK({LOCK}, 60), 0) AS SIGNED)"
+        )))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| self.err(e))?;
+        if got != 1 {
+            return Err(self.err(sqlx::Error::Protocol(
+                "another process held the schema migration lock for 60 s".into(),
+            )));
+        }
+        // `run_direct` is `run` on one connection (sqlx's way around an `Acquire` lifetime
+        // error when the future must be `Send`).
+        let result = migrator.run_direct(None, &mut *conn, false).await;
+        let _ = sqlx::query(AssertSqlSafe(format!("SELECT RELEASE_LOCK({LOCK})")))
+            .execute(&mut *conn)
+            .await;
+        result.map_err(|source| DbError::Migrate {
+            backend: self.backend.name(),
+            source,
+        })
     }
 
     fn err(&self, source: sqlx::Error) -> DbError {
@@ -962,6 +1014,46 @@ mod tests {
     #[tokio::test]
     async fn store_suite_mysql() {
         run_for(Backend::MySql).await;
+    }
+
+    /// Agents (and publishers) starting together on a fresh database all get a migrated
+    /// store; none fails because another one is migrating at the same moment.
+    async fn concurrent_first_connects(backend: Backend) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for _round in 0..3 {
+            let Some(url) = testing::fresh_url(backend, dir.path()).await else {
+                return;
+            };
+            let tries: Vec<_> = (0..8)
+                .map(|_| {
+                    let url = url.clone();
+                    tokio::spawn(async move { ArtifactDb::connect(&url).await })
+                })
+                .collect();
+            for t in tries {
+                let db = t
+                    .await
+                    .expect("task")
+                    .unwrap_or_else(|e| panic!("{}: concurrent connect: {e}", backend.name()));
+                db.pool.close().await;
+            }
+            testing::drop_db(&url).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_connects_sqlite() {
+        concurrent_first_connects(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_connects_postgres() {
+        concurrent_first_connects(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_first_connects_mysql() {
+        concurrent_first_connects(Backend::MySql).await;
     }
 
     #[test]

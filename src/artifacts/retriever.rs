@@ -387,6 +387,16 @@ impl Retriever {
                 Ok(0) => break,
                 Ok(failed) => {
                     self.last_error = Some(format!("{failed} artifacts failed to deploy"));
+                    if !self.config.sync_start() {
+                        // Async: nothing waits for the start-up deploy. Each failed artifact
+                        // keeps its own retry plan (retried by `follow`); retrying the whole
+                        // pass here would hold up every other artifact's events meanwhile.
+                        info!(
+                            failed,
+                            "start-up retrieval done; failed artifacts are retried on their own"
+                        );
+                        break;
+                    }
                 }
                 Err(e) => {
                     warn!(error = %e, "start-up retrieval failed");

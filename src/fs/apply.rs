@@ -246,7 +246,10 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
     }
     // Phase 3: rename into place.
     for (i, tmp, target) in temps {
-        let r = std::fs::rename(&tmp, &target).and_then(|_| stat_of(&target));
+        // Stat the temp file, not the target: rename keeps inode, size and mtime, and a local
+        // edit or rename landing on the target right after ours must not be taken for our
+        // write (nor fail an apply that already happened).
+        let r = stat_of(&tmp).and_then(|stat| std::fs::rename(&tmp, &target).map(|_| stat));
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
         } else {

@@ -1,0 +1,19 @@
+//! End-to-end tests of the `artisync` binary: every test starts real agents as child processes
+//! (`artisync run --config FILE`) on loopback, each with its own temp dir, and checks what the
+//! operator would see on disk and through the CLI.
+//!
+//! One test binary (ripgrep style): the harness lives in `common`, the tests in
+//! `tests/integration/*.rs`, one module per concern.
+
+mod common;
+
+mod integration {
+    mod artifacts;
+    mod bulk;
+    mod config;
+    mod conflict;
+    mod echo;
+    mod gates;
+    mod restart;
+    mod sync;
+}
