@@ -39,6 +39,8 @@ const CHUNK_BYTES: usize = 1024 * 1024;
 /// A fetch that receives nothing for this long is abandoned (a hung peer must not block the
 /// folder's engine).
 const FETCH_STALL: Duration = Duration::from_secs(30);
+/// Longest wait between subscription attempts for a folder that is paused here.
+const PAUSED_RETRY: Duration = Duration::from_secs(2);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -47,6 +49,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub enum NetError {
     #[error("peer {peer}: {message}")]
     Peer { peer: String, message: String },
+    #[error("peer {peer}: folder {folder} is paused here: {reason}")]
+    Paused {
+        peer: String,
+        folder: String,
+        reason: String,
+    },
     #[error("TLS material {path}: {source}")]
     TlsFile {
         path: PathBuf,
@@ -427,6 +435,9 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// Per folder: how many of the peer's index sequence numbers are not applied here yet.
     pub behind: HashMap<String, u64>,
+    /// Folder streams currently up.
+    #[serde(skip)]
+    pub streams: usize,
 }
 
 /// Shared status of all peer sessions.
@@ -505,13 +516,15 @@ impl crate::engine::Fetcher for PeerFetcher {
     }
 }
 
-/// Keeps a subscription to one peer alive until cancelled.
+/// Keeps the subscription to one folder of one peer alive until cancelled. Each folder has its
+/// own stream, so a paused folder (or one whose batch cannot be applied yet) never holds up
+/// the others.
 pub struct PeerSession {
     pub node: NodeId,
     pub node_name: String,
     pub peer: PeerConfig,
     pub tls: Option<TlsConfig>,
-    pub folders: Arc<HashMap<String, FolderHandle>>,
+    pub folder: FolderHandle,
     pub statuses: PeerStatuses,
     pub names: crate::engine::NodeNames,
 }
@@ -521,11 +534,19 @@ impl PeerSession {
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = Instant::now();
+            let mut counted = false;
             let result = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.session_once() => r,
+                r = self.session_once(&mut counted) => r,
             };
-            set_status(&self.statuses, &self.peer.name, |s| s.connected = false);
+            if counted {
+                set_status(&self.statuses, &self.peer.name, |s| {
+                    s.streams = s.streams.saturating_sub(1);
+                    s.connected = s.streams > 0;
+                });
+            }
+            // A paused folder is retried often, so it resumes promptly once confirmed.
+            let paused = matches!(&result, Err(NetError::Paused { .. }));
             if let Err(e) = &result {
                 set_status(&self.statuses, &self.peer.name, |s| {
                     s.last_error = Some(e.to_string())
@@ -543,11 +564,11 @@ impl PeerSession {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = (backoff * 2).min(if paused { PAUSED_RETRY } else { BACKOFF_MAX });
         }
     }
 
-    async fn session_once(&self) -> Result<(), NetError> {
+    async fn session_once(&self, counted: &mut bool) -> Result<(), NetError> {
         let name = self.peer.name.clone();
         let perr = |message: String| NetError::Peer {
             peer: name.clone(),
@@ -558,19 +579,17 @@ impl PeerSession {
         let mut client = PeerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let mut cursors = Vec::new();
-        for handle in self.folders.values() {
-            let c = handle
-                .store
-                .cursor(&name, &handle.id)
-                .await
-                .map_err(|e| perr(e.to_string()))?;
-            cursors.push(pb::FolderCursor {
-                folder: handle.id.clone(),
-                epoch: c.epoch,
-                since_seq: c.seq,
-            });
-        }
+        let handle = &self.folder;
+        let c = handle
+            .store
+            .cursor(&name, &handle.id)
+            .await
+            .map_err(|e| perr(e.to_string()))?;
+        let cursors = vec![pb::FolderCursor {
+            folder: handle.id.clone(),
+            epoch: c.epoch,
+            since_seq: c.seq,
+        }];
         let mut stream = client
             .subscribe(pb::SubscribeRequest {
                 node_id: self.node.0,
@@ -580,8 +599,10 @@ impl PeerSession {
             .await
             .map_err(|s| perr(format!("subscribe: {}", s.message())))?
             .into_inner();
-        info!(peer = %name, address = %address, "connected to peer");
+        info!(peer = %name, folder = %handle.id, address = %address, "connected to peer");
+        *counted = true;
         set_status(&self.statuses, &name, |s| {
+            s.streams += 1;
             s.connected = true;
             s.last_error = None;
             s.last_seen_ms = Some(crate::now_ms());
@@ -605,9 +626,9 @@ impl PeerSession {
                     .entry(NodeId(batch.node_id))
                     .or_insert_with(|| batch.node_name.clone());
             }
-            let Some(handle) = self.folders.get(&batch.folder) else {
+            if batch.folder != handle.id {
                 continue;
-            };
+            }
             let mut records = Vec::with_capacity(batch.records.len());
             for r in batch.records {
                 match record_from_pb(r) {
@@ -627,7 +648,14 @@ impl PeerSession {
                     fetcher: fetcher.clone(),
                 })
                 .await
-                .map_err(|e| perr(e.to_string()))?;
+                .map_err(|e| match e {
+                    crate::engine::EngineError::Paused { folder, reason } => NetError::Paused {
+                        peer: name.clone(),
+                        folder,
+                        reason,
+                    },
+                    other => perr(other.to_string()),
+                })?;
             set_status(&self.statuses, &name, |s| {
                 s.last_seen_ms = Some(crate::now_ms());
                 s.behind
@@ -638,7 +666,7 @@ impl PeerSession {
     }
 }
 
-/// Starts one session per configured peer.
+/// Starts one session per configured peer and folder.
 pub fn peer_sessions(
     config: &Config,
     node: NodeId,
@@ -658,17 +686,21 @@ pub fn peer_sessions(
             );
         }
     }
+    let mut handles: Vec<&FolderHandle> = folders.values().collect();
+    handles.sort_by(|a, b| a.id.cmp(&b.id));
     config
         .peers
         .iter()
-        .map(|p| PeerSession {
-            node,
-            node_name: config.node.clone(),
-            peer: p.clone(),
-            tls: config.tls.clone(),
-            folders: folders.clone(),
-            statuses: statuses.clone(),
-            names: names.clone(),
+        .flat_map(|p| {
+            handles.iter().map(|h| PeerSession {
+                node,
+                node_name: config.node.clone(),
+                peer: p.clone(),
+                tls: config.tls.clone(),
+                folder: (*h).clone(),
+                statuses: statuses.clone(),
+                names: names.clone(),
+            })
         })
         .collect()
 }
