@@ -580,12 +580,13 @@ impl FolderEngine {
         let mut commits: Vec<StoredRecord> = Vec::new();
         let mut stat_updates: Vec<(RelPath, StatKey)> = Vec::new();
         let looks: Vec<(RelPath, Result<Look, scan::ScanError>)> = block(|| {
+            let mut parents = scan::ParentCheck::default();
             paths
                 .into_iter()
                 .filter(|p| !self.ignore.is_ignored(p))
                 .map(|p| {
                     let known = self.known(&p);
-                    let look = scan::look(&self.root, &p, known);
+                    let look = scan::look_checked(&self.root, &p, known, &mut parents);
                     (p, look)
                 })
                 .collect()

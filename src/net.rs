@@ -193,12 +193,19 @@ impl PeerService {
 /// match the record is sent without content (the receiver fetches, or a newer record follows).
 /// The batch is cut before the first small file that no longer fits the batch's inline budget,
 /// so it travels inline in the next batch instead of costing a fetch round trip.
-fn read_inline(root: &Path, rows: &mut Vec<StoredRecord>, inline_max: u64) -> Vec<Option<Vec<u8>>> {
+/// A version the subscriber wrote itself travels without content: it has those bytes (and in
+/// the rare case it does not any more, it fetches them).
+fn read_inline(
+    root: &Path,
+    rows: &mut Vec<StoredRecord>,
+    inline_max: u64,
+    subscriber: NodeId,
+) -> Vec<Option<Vec<u8>>> {
     let mut budget = BATCH_INLINE_BYTES;
     let mut out = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         let r = &row.record;
-        if r.deleted || r.kind != Kind::File || r.size > inline_max {
+        if r.deleted || r.kind != Kind::File || r.size > inline_max || r.stamp.node == subscriber {
             out.push(None);
             continue;
         }
@@ -221,6 +228,7 @@ async fn pump_folder(
     mut since: u64,
     tx: mpsc::Sender<Result<pb::IndexBatch, Status>>,
     subscriber: String,
+    subscriber_id: NodeId,
 ) {
     let mut seq_rx = handle.subscribe_seq();
     let mut announced = false;
@@ -240,7 +248,7 @@ async fn pump_folder(
             let inline_max = svc.inline_max;
             let (rows, inline) = match tokio::task::spawn_blocking(move || {
                 let mut rows = rows;
-                let inline = read_inline(&root, &mut rows, inline_max);
+                let inline = read_inline(&root, &mut rows, inline_max, subscriber_id);
                 (rows, inline)
             })
             .await
@@ -313,6 +321,7 @@ impl Peer for PeerService {
                 since,
                 tx.clone(),
                 subscriber.clone(),
+                NodeId(req.node_id),
             ));
         }
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -58,12 +58,55 @@ pub fn hash_file(path: &Path) -> std::io::Result<Hash> {
 /// Looks at `root/rel`. `known` is the index's (stat key, hash) for the path: when the stat key
 /// still matches, the known hash is reused instead of reading the file.
 pub fn look(root: &Path, rel: &RelPath, known: Option<(StatKey, Hash)>) -> Result<Look, ScanError> {
+    look_checked(root, rel, known, &mut ParentCheck::default())
+}
+
+/// Remembers, per directory, whether it or one above it is a symlink, so a scan of many
+/// files in few directories pays one `lstat` per directory, not one per file and level.
+#[derive(Debug, Default)]
+pub struct ParentCheck {
+    through_link: HashMap<RelPath, bool>,
+}
+
+impl ParentCheck {
+    /// True when a directory above `rel` (below `root`) is a symlink: what lies behind it is
+    /// outside the folder and never synced.
+    pub fn parent_is_symlink(&mut self, root: &Path, rel: &RelPath) -> bool {
+        match rel.parent() {
+            Some(dir) => self.dir_is_or_under_symlink(root, &dir),
+            None => false,
+        }
+    }
+
+    fn dir_is_or_under_symlink(&mut self, root: &Path, dir: &RelPath) -> bool {
+        if let Some(v) = self.through_link.get(dir) {
+            return *v;
+        }
+        let above = match dir.parent() {
+            Some(p) => self.dir_is_or_under_symlink(root, &p),
+            None => false,
+        };
+        let v = above
+            || std::fs::symlink_metadata(root.join(dir.as_str()))
+                .is_ok_and(|m| m.file_type().is_symlink());
+        self.through_link.insert(dir.clone(), v);
+        v
+    }
+}
+
+/// [`look`] with a shared [`ParentCheck`].
+pub fn look_checked(
+    root: &Path,
+    rel: &RelPath,
+    known: Option<(StatKey, Hash)>,
+    parents: &mut ParentCheck,
+) -> Result<Look, ScanError> {
     let path = root.join(rel.as_str());
     let io = |source| ScanError::Io {
         path: path.clone(),
         source,
     };
-    if parent_is_symlink(root, rel) {
+    if parents.parent_is_symlink(root, rel) {
         return Ok(Look::Symlink);
     }
     let meta = match std::fs::symlink_metadata(&path) {
@@ -117,22 +160,6 @@ pub fn look(root: &Path, rel: &RelPath, known: Option<(StatKey, Hash)>) -> Resul
         },
         before,
     ))
-}
-
-/// True when a directory above `rel` (below `root`) is a symlink: what lies behind it is
-/// outside the folder and never synced.
-pub fn parent_is_symlink(root: &Path, rel: &RelPath) -> bool {
-    let mut at = root.to_owned();
-    let parts: Vec<&str> = rel.as_str().split('/').collect();
-    for part in &parts[..parts.len() - 1] {
-        at.push(part);
-        match std::fs::symlink_metadata(&at) {
-            Ok(m) if m.file_type().is_symlink() => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-    }
-    false
 }
 
 /// Result of walking a whole folder.

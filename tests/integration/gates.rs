@@ -197,6 +197,15 @@ fn emptying_a_folder_root_pauses_it_until_resume() {
 fn a_paused_folder_does_not_stop_other_folders_from_syncing() {
     let cluster = Cluster::start(2);
     let (a, b) = (&cluster[0], &cluster[1]);
+    // A started before B listened: let its first reconnect land before judging it.
+    wait_for(SYNC_TIMEOUT, "A to connect to B", || {
+        let peers = a.status_json()["peers"].clone();
+        if peers[0]["connected"] == true {
+            Ok(())
+        } else {
+            Err(format!("A's peers: {peers}"))
+        }
+    });
     write(
         &a.synapse().join("default/api/one.xml"),
         "<api name=\"one\"/>\n",
