@@ -16,4 +16,5 @@ mod integration {
     mod gates;
     mod restart;
     mod sync;
+    mod tls;
 }
