@@ -216,7 +216,12 @@ impl Source for DbSource {
         // PostgreSQL: LISTEN wakes us at once; the poll interval stays as the safety net.
         let mut guard = self.listener.lock().await;
         if guard.is_none() {
-            if let Ok(mut l) = sqlx::postgres::PgListener::connect(&self.url).await {
+            // Bounded: a server that is down must not hold up polling (the safety net).
+            let connect = tokio::time::timeout(
+                Duration::from_secs(3),
+                sqlx::postgres::PgListener::connect(&self.url),
+            );
+            if let Ok(Ok(mut l)) = connect.await {
                 if l.listen("artisync_artifacts").await.is_ok() {
                     *guard = Some(l);
                 }
