@@ -105,6 +105,9 @@ pub fn generate_artifacts(
     Ok(count)
 }
 
+/// The gateway label the demo's retrievers subscribe to.
+const DEMO_LABEL: &str = "Production and Sandbox";
+
 struct Node {
     name: String,
     synapse: PathBuf,
@@ -184,6 +187,19 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
                 names[j], ports[j]
             ));
         }
+        // gw1 retrieves artifacts from the embedded SQLite database; gw2 has no database
+        // credentials and retrieves through gw1 (the hub).
+        if i == 0 {
+            text.push_str(&format!(
+                "\n[retriever]\nartifact_retriever = \"db\"\ndatabase_url = \"sqlite://{}\"\ngateway_labels = [\"{DEMO_LABEL}\"]\n",
+                base.join("artifacts.db").display()
+            ));
+        } else if i == 1 {
+            text.push_str(&format!(
+                "\n[retriever]\nartifact_retriever = \"hub\"\nhub = \"http://127.0.0.1:{}\"\ngateway_labels = [\"{DEMO_LABEL}\"]\n",
+                ports[0]
+            ));
+        }
         let config_path = root.join("artisync.toml");
         std::fs::write(&config_path, &text)?;
         let config = Config::parse(&text, &config_path)?;
@@ -214,7 +230,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         ));
     }
 
-    let result = narrate(&nodes, opts.apis).await;
+    let result = narrate(&nodes, opts.apis, &base.join("artifacts.db")).await;
 
     for node in &nodes {
         node.cancel.cancel();
@@ -233,7 +249,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     result
 }
 
-async fn narrate(nodes: &[Node], apis: usize) -> Result<(), DemoError> {
+async fn narrate(nodes: &[Node], apis: usize, db_path: &Path) -> Result<(), DemoError> {
     let timeout = Duration::from_secs(60);
     let (a, b) = (&nodes[0], &nodes[1]);
     let c = nodes.last().unwrap_or(b);
@@ -355,6 +371,54 @@ async fn narrate(nodes: &[Node], apis: usize) -> Result<(), DemoError> {
     say(format!(
         "   completed and well-formed: on every node after {:.1} ms",
         took.as_secs_f64() * 1000.0
+    ));
+
+    let api = "default/api/admin--PizzaShackAPI_v1.0.0.xml";
+    say(format!(
+        "\n6. a publisher saves PizzaShackAPI in the artifact database with label {DEMO_LABEL:?}"
+    ));
+    say(format!(
+        "   ({} retrieves from the database, {} through {} with no DB credentials, the mesh does the rest)",
+        a.name, b.name, a.name
+    ));
+    let db = crate::artifacts::db::ArtifactDb::connect(&format!("sqlite://{}", db_path.display()))
+        .await
+        .map_err(|e| DemoError::Node {
+            node: "publisher".into(),
+            message: e.to_string(),
+        })?;
+    let bundle = crate::artifacts::Bundle {
+        files: vec![crate::artifacts::BundleFile {
+            path: crate::model::RelPath::new(api).map_err(|e| DemoError::Node {
+                node: "publisher".into(),
+                message: e.to_string(),
+            })?,
+            mode: 0o644,
+            data: b"<api xmlns=\"http://ws.apache.org/ns/synapse\" name=\"PizzaShackAPI\" context=\"/pizzashack/1.0.0\"/>\n".to_vec(),
+        }],
+    };
+    let meta = crate::artifacts::db::NewArtifact {
+        id: "6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c".into(),
+        name: "PizzaShackAPI".into(),
+        version: "1.0.0".into(),
+        tenant: "carbon.super".into(),
+        folder: "synapse-configs".into(),
+        labels: vec![DEMO_LABEL.into()],
+    };
+    let start = Instant::now();
+    db.publish(&meta, &bundle, crate::now_ms())
+        .await
+        .map_err(|e| DemoError::Node {
+            node: "publisher".into(),
+            message: e.to_string(),
+        })?;
+    wait_for("the published artifact", timeout, || {
+        nodes.iter().all(|n| n.synapse.join(api).exists())
+    })
+    .await?;
+    say(format!(
+        "   deployed on every node {:.0} ms after the publish commit",
+        start.elapsed().as_secs_f64() * 1000.0
     ));
 
     say("\nstatus of the first node (artisync status --json shows the same as JSON):");
