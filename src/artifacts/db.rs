@@ -142,6 +142,34 @@ CREATE TABLE IF NOT EXISTS artifact_events (
     created_ms BIGINT NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 "#;
 
+/// Tries of a write transaction that lost to a concurrent one.
+const TRANSIENT_RETRIES: u32 = 8;
+
+fn transient_backoff(attempt: u32) -> std::time::Duration {
+    // 10, 20, 40 ... ms, with jitter so two losers do not collide again.
+    let base = 10u64 << attempt.min(6);
+    std::time::Duration::from_millis(base + rand::random::<u64>() % base)
+}
+
+/// True for errors a retry of the whole transaction cures: MySQL/MariaDB deadlock (1213) and
+/// lock wait timeout (1205), PostgreSQL serialization failure / deadlock (40001, 40P01),
+/// SQLite busy / locked.
+fn is_transient(e: &DbError) -> bool {
+    let DbError::Sql {
+        source: sqlx::Error::Database(db),
+        ..
+    } = e
+    else {
+        return false;
+    };
+    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    matches!(
+        code.as_str(),
+        "1213" | "1205" | "40001" | "40P01" | "5" | "6" | "517" | "261" | "262"
+    ) || db.message().contains("database is locked")
+        || db.message().contains("Deadlock found")
+}
+
 /// A connection pool to the artifact database.
 #[derive(Clone)]
 pub struct ArtifactDb {
@@ -307,8 +335,28 @@ impl ArtifactDb {
     }
 
     /// Saves a bundle as the artifact's next revision, with `publish` events for its labels
-    /// (and `remove` events for labels it no longer has), in one transaction.
+    /// (and `remove` events for labels it no longer has), in one transaction. A transaction
+    /// that loses to a concurrent one (deadlock, serialization failure, SQLite busy) is rolled
+    /// back by the server and tried again.
     pub async fn publish(
+        &self,
+        meta: &NewArtifact,
+        bundle: &Bundle,
+        now_ms: u64,
+    ) -> Result<i64, DbError> {
+        let mut attempt = 0;
+        loop {
+            match self.publish_once(meta, bundle, now_ms).await {
+                Err(e) if attempt < TRANSIENT_RETRIES && is_transient(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(transient_backoff(attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn publish_once(
         &self,
         meta: &NewArtifact,
         bundle: &Bundle,
@@ -482,6 +530,24 @@ impl ArtifactDb {
 
     /// Removes an artifact from one label, or from all (then it is marked removed).
     pub async fn remove(
+        &self,
+        id: &str,
+        label: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Vec<String>, DbError> {
+        let mut attempt = 0;
+        loop {
+            match self.remove_once(id, label, now_ms).await {
+                Err(e) if attempt < TRANSIENT_RETRIES && is_transient(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(transient_backoff(attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn remove_once(
         &self,
         id: &str,
         label: Option<&str>,
@@ -1054,6 +1120,66 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_first_connects_mysql() {
         concurrent_first_connects(Backend::MySql).await;
+    }
+
+    /// Publishers saving different artifacts at the same moment all succeed (each in its own
+    /// pool, as separate CLI processes would): a transaction that loses a deadlock or finds
+    /// SQLite busy is retried, never reported.
+    async fn concurrent_publishes(backend: Backend) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some(url) = testing::fresh_url(backend, dir.path()).await else {
+            return;
+        };
+        ArtifactDb::connect(&url)
+            .await
+            .expect("migrate")
+            .pool
+            .close()
+            .await;
+        let tasks: Vec<_> = (0..12u32)
+            .map(|i| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let db = ArtifactDb::connect(&url).await?;
+                    let id = format!("00000000-0000-4000-8000-{i:012}");
+                    let b =
+                        bundle(&[("default/api/x.xml", format!("<api n=\"{i}\"/>").as_bytes())]);
+                    let r = db.publish(&meta(&id, &["L1", "L2"]), &b, 1).await;
+                    db.pool.close().await;
+                    r
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await
+                .expect("task")
+                .unwrap_or_else(|e| panic!("{}: concurrent publish: {e}", backend.name()));
+        }
+        let db = ArtifactDb::connect(&url).await.expect("connect");
+        assert_eq!(
+            db.list().await.expect("list").len(),
+            12,
+            "{}",
+            backend.name()
+        );
+        assert_eq!(db.events_after(0, 100).await.expect("events").len(), 24);
+        db.pool.close().await;
+        testing::drop_db(&url).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_publishes_sqlite() {
+        concurrent_publishes(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_publishes_postgres() {
+        concurrent_publishes(Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_publishes_mysql() {
+        concurrent_publishes(Backend::MySql).await;
     }
 
     #[test]

@@ -229,7 +229,7 @@ impl Source for DbSource {
         }
         match guard.as_mut() {
             Some(l) => {
-                match tokio::time::timeout(max.min(Duration::from_secs(1)), l.recv()).await {
+                match tokio::time::timeout(self.poll.min(max), l.recv()).await {
                     Ok(Ok(_)) | Err(_) => {}
                     Ok(Err(_)) => *guard = None,
                 }
