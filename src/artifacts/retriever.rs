@@ -228,12 +228,10 @@ impl Source for DbSource {
             }
         }
         match guard.as_mut() {
-            Some(l) => {
-                match tokio::time::timeout(self.poll.min(max), l.recv()).await {
-                    Ok(Ok(_)) | Err(_) => {}
-                    Ok(Err(_)) => *guard = None,
-                }
-            }
+            Some(l) => match tokio::time::timeout(self.poll.min(max), l.recv()).await {
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(_)) => *guard = None,
+            },
             None => tokio::time::sleep(self.poll.min(max)).await,
         }
     }
@@ -697,9 +695,7 @@ impl Retriever {
         }
         match self.folder.deploy(request).await {
             Ok(()) => {
-                for (meta, paths) in staged {
-                    self.record(meta, paths).await;
-                }
+                self.record(staged).await;
                 Ok(())
             }
             Err(e) => {
@@ -749,23 +745,30 @@ impl Retriever {
         (DeployRequest { writes, removes }, new_paths)
     }
 
-    async fn record(&mut self, meta: ArtifactMeta, paths: BTreeSet<String>) {
-        let record = DeployedArtifact {
-            id: meta.id.clone(),
-            name: meta.name.clone(),
-            version: meta.version.clone(),
-            revision: meta.revision,
-            labels: meta.labels.clone(),
-            folder: meta.folder.clone(),
-            paths: paths.into_iter().collect(),
-            deployed_ms: crate::now_ms(),
-        };
-        if let Err(e) = self.store.set_deployed(&record).await {
-            warn!(artifact = %meta.id, error = %e, "deployed, but cannot record it in the index");
+    /// Remembers deployed artifacts, in one index transaction.
+    async fn record(&mut self, deployed: Vec<(ArtifactMeta, BTreeSet<String>)>) {
+        let now = crate::now_ms();
+        let records: Vec<DeployedArtifact> = deployed
+            .into_iter()
+            .map(|(meta, paths)| DeployedArtifact {
+                id: meta.id,
+                name: meta.name,
+                version: meta.version,
+                revision: meta.revision,
+                labels: meta.labels,
+                folder: meta.folder,
+                paths: paths.into_iter().collect(),
+                deployed_ms: now,
+            })
+            .collect();
+        if let Err(e) = self.store.set_deployed(&records).await {
+            warn!(count = records.len(), error = %e, "deployed, but cannot record it in the index");
         }
-        info!(artifact = %meta.id, name = %meta.name, revision = meta.revision, files = record.paths.len(), "artifact deployed");
-        self.failures.remove(&meta.id);
-        self.deployed.insert(meta.id, record);
+        for record in records {
+            info!(artifact = %record.id, name = %record.name, revision = record.revision, files = record.paths.len(), "artifact deployed");
+            self.failures.remove(&record.id);
+            self.deployed.insert(record.id.clone(), record);
+        }
     }
 
     /// Fetches and writes one artifact; failures specific to it are recorded, a source outage
@@ -787,7 +790,7 @@ impl Retriever {
             self.fail(&meta.id, meta.revision, e.to_string());
             return Ok(());
         }
-        self.record(meta, paths).await;
+        self.record(vec![(meta, paths)]).await;
         Ok(())
     }
 

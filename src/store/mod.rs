@@ -413,19 +413,23 @@ impl Store {
             .collect()
     }
 
-    pub async fn set_deployed(&self, d: &DeployedArtifact) -> Result<(), StoreError> {
-        let doc = serde_json::to_string(d).map_err(|e| StoreError::Corrupt {
-            path: self.path.clone(),
-            what: format!("deployed artifact {}", d.id),
-            problem: e.to_string(),
-        })?;
-        sqlx::query("INSERT OR REPLACE INTO deployed (artifact_id, doc) VALUES (?, ?)")
-            .bind(&d.id)
-            .bind(doc)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.db_err(e))?;
-        Ok(())
+    /// Records deployed artifacts in one transaction.
+    pub async fn set_deployed(&self, list: &[DeployedArtifact]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
+        for d in list {
+            let doc = serde_json::to_string(d).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: format!("deployed artifact {}", d.id),
+                problem: e.to_string(),
+            })?;
+            sqlx::query("INSERT OR REPLACE INTO deployed (artifact_id, doc) VALUES (?, ?)")
+                .bind(&d.id)
+                .bind(doc)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db_err(e))?;
+        }
+        tx.commit().await.map_err(|e| self.db_err(e))
     }
 
     pub async fn remove_deployed(&self, id: &str) -> Result<(), StoreError> {
