@@ -258,28 +258,7 @@ impl Node {
 
     /// Starts `artisync run` and waits until its health service says SERVING.
     pub fn start(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "node {} is already running",
-            self.name
-        );
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("open the node's log file");
-        let log2 = log.try_clone().expect("clone the log file handle");
-        let child = Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(self.config())
-            .env("ARTISYNC_LOG", "info,artisync=debug")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
-        self.child = Some(child);
+        self.start_no_wait();
         self.wait_serving();
     }
 
