@@ -263,44 +263,12 @@ impl Node {
     }
 
     fn wait_serving(&mut self) {
-        use tonic_health::pb::HealthCheckRequest;
-        use tonic_health::pb::health_check_response::ServingStatus;
-        use tonic_health::pb::health_client::HealthClient;
-
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the health probe");
-        let address = format!("http://127.0.0.1:{}", self.port);
+        assert!(self.child.is_some(), "node {} is not started", self.name);
         let start = Instant::now();
         loop {
-            let child = self.child.as_mut().expect("started");
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                panic!(
-                    "node {} exited during start-up with {status}; log:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            let probe = runtime.block_on(async {
-                let channel = tonic::transport::Endpoint::from_shared(address.clone())
-                    .map_err(|e| e.to_string())?
-                    .connect_timeout(Duration::from_millis(500))
-                    .timeout(Duration::from_secs(2))
-                    .connect()
-                    .await
-                    .map_err(|e| format!("connect: {e}"))?;
-                let reply = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    .map_err(|s| format!("check: {s}"))?;
-                Ok::<i32, String>(reply.into_inner().status)
-            });
-            let last = match probe {
-                Ok(s) if s == ServingStatus::Serving as i32 => {
+            // `health` fails the test at once if the process has exited.
+            let last = match self.health() {
+                Ok(HealthStatus::Serving) => {
                     // SERVING means up: the admin socket (bound before) must answer already.
                     let socket = self.state_dir().join("admin.sock");
                     assert!(
@@ -311,7 +279,7 @@ impl Node {
                     );
                     return;
                 }
-                Ok(s) => format!("health status {s}"),
+                Ok(s) => format!("health status {s:?}"),
                 Err(e) => e,
             };
             if start.elapsed() > START_TIMEOUT {
