@@ -23,36 +23,17 @@ pub struct StatusReport {
     pub listen: String,
     pub uptime_secs: u64,
     pub folders: Vec<FolderReport>,
-    pub peers: Vec<PeerReport>,
+    pub peers: Vec<PeerStatus>,
     pub retriever: Option<crate::artifacts::retriever::RetrieverStatus>,
 }
 
+/// A folder's status as the engine reports it, plus whether it is in sync with every peer.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct FolderReport {
-    pub id: String,
-    pub path: String,
-    pub files: u64,
-    pub dirs: u64,
-    pub bytes: u64,
-    pub tombstones: u64,
-    pub seq: u64,
+    #[serde(flatten)]
+    pub status: FolderStatus,
     /// Not paused, nothing held, and every peer connected with nothing left to apply.
     pub in_sync: bool,
-    pub paused: Option<String>,
-    pub held: std::collections::BTreeMap<String, String>,
-    pub unreadable: std::collections::BTreeMap<String, String>,
-    pub conflicts: u64,
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct PeerReport {
-    pub name: String,
-    pub address: String,
-    pub connected: bool,
-    pub last_seen_ms: Option<u64>,
-    pub behind: HashMap<String, u64>,
-    pub last_error: Option<String>,
 }
 
 #[derive(Clone)]
@@ -88,18 +69,7 @@ impl AdminService {
                     .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));
                 FolderReport {
                     in_sync: f.paused.is_none() && f.held.is_empty() && peers_done,
-                    id: f.id,
-                    path: f.path,
-                    files: f.files,
-                    dirs: f.dirs,
-                    bytes: f.bytes,
-                    tombstones: f.tombstones,
-                    seq: f.seq,
-                    paused: f.paused,
-                    held: f.held,
-                    unreadable: f.unreadable,
-                    conflicts: f.conflicts,
-                    last_error: f.last_error,
+                    status: f,
                 }
             })
             .collect();
@@ -110,17 +80,7 @@ impl AdminService {
             uptime_secs: self.started.elapsed().as_secs(),
             retriever: self.retriever.as_ref().map(|r| r.status()),
             folders,
-            peers: peers
-                .into_iter()
-                .map(|p| PeerReport {
-                    name: p.name,
-                    address: p.address,
-                    connected: p.connected,
-                    last_seen_ms: p.last_seen_ms,
-                    behind: p.behind,
-                    last_error: p.last_error,
-                })
-                .collect(),
+            peers,
         }
     }
 

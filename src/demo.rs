@@ -491,13 +491,18 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
         "node {} ({}) listening on {}, up {} s\n",
         r.node, r.node_id, r.listen, r.uptime_secs
     );
-    for f in &r.folders {
+    for report in &r.folders {
+        let f = &report.status;
         out.push_str(&format!(
             "  folder {:<18} {:>6} files {:>12} bytes  {}{}\n",
             f.id,
             f.files,
             f.bytes,
-            if f.in_sync { "in sync" } else { "NOT in sync" },
+            if report.in_sync {
+                "in sync"
+            } else {
+                "NOT in sync"
+            },
             if f.conflicts > 0 {
                 format!(", {} conflict copies", f.conflicts)
             } else {

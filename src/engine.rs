@@ -100,7 +100,7 @@ pub struct DeployRequest {
 }
 
 /// Live state of a folder, as `artisync status` shows it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct FolderStatus {
     pub id: String,
     pub path: String,

@@ -434,7 +434,7 @@ pub async fn channel(
 // ---------------------------------------------------------------- client sessions
 
 /// What `artisync status` shows about one peer.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct PeerStatus {
     pub name: String,
     pub address: String,
