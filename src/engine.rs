@@ -198,6 +198,7 @@ pub struct EngineOptions {
 
 pub struct FolderEngine {
     id: String,
+    epoch: u64,
     root: PathBuf,
     root_identity: Option<(u64, u64)>,
     opts: EngineOptions,
@@ -262,6 +263,7 @@ impl FolderEngine {
             .count() as u64;
         let engine = Self {
             id: folder.id.clone(),
+            epoch,
             root: folder.path.clone(),
             root_identity: scan::root_identity(&folder.path),
             opts,
@@ -281,7 +283,7 @@ impl FolderEngine {
             last_error: None,
             conflicts,
         };
-        engine.publish_status(epoch);
+        engine.publish_status();
         let handle = FolderHandle {
             id: folder.id.clone(),
             root: folder.path.clone(),
@@ -306,8 +308,7 @@ impl FolderEngine {
         }
         let result = self.on_local(Change::Rescan).await;
         // Status must show the scanned folder at once, not only after the first message.
-        let epoch = self.status.lock().map(|s| s.epoch).unwrap_or(0);
-        self.publish_status(epoch);
+        self.publish_status();
         result
     }
 
@@ -319,7 +320,6 @@ impl FolderEngine {
         retry_every: std::time::Duration,
         cancel: CancellationToken,
     ) {
-        let epoch = self.store.epoch(&self.id, 0).await.unwrap_or(0);
         let mut rescan = tokio::time::interval(rescan_every);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.tick().await;
@@ -372,17 +372,17 @@ impl FolderEngine {
                     }
                 }
             }
-            self.publish_status(epoch);
+            self.publish_status();
         }
         debug!(folder = %self.id, "engine stopped");
     }
 
-    fn publish_status(&self, epoch: u64) {
+    fn publish_status(&self) {
         let mut s = FolderStatus {
             id: self.id.clone(),
             path: self.root.display().to_string(),
             seq: self.replica.seq(),
-            epoch,
+            epoch: self.epoch,
             paused: self.paused.clone(),
             held: self
                 .held
