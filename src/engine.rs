@@ -398,16 +398,11 @@ impl FolderEngine {
             conflicts: self.conflicts,
             ..Default::default()
         };
-        for r in self.replica.records() {
-            match (r.deleted, r.kind) {
-                (true, _) => s.tombstones += 1,
-                (false, Kind::Dir) => s.dirs += 1,
-                (false, Kind::File) => {
-                    s.files += 1;
-                    s.bytes += r.size;
-                }
-            }
-        }
+        let totals = self.replica.totals();
+        s.files = totals.files;
+        s.dirs = totals.dirs;
+        s.bytes = totals.bytes;
+        s.tombstones = totals.tombstones;
         if let Ok(mut guard) = self.status.lock() {
             *guard = s;
         }
@@ -448,8 +443,8 @@ impl FolderEngine {
         })
     }
 
-    fn live_count(&self) -> usize {
-        self.replica.records().filter(|r| !r.deleted).count()
+    fn live_count(&self) -> u64 {
+        self.replica.totals().live()
     }
 
     fn known(&self, path: &RelPath) -> Option<(StatKey, Hash)> {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -49,36 +49,64 @@ pub enum Change {
 
 #[derive(Debug)]
 enum Raw {
-    /// A path changed; `written` when data was written, `closed` on close-after-write.
+    /// A path changed; `written` when data was written, `closed` on close-after-write,
+    /// `renamed_to` when something was renamed onto it.
     Path {
         path: PathBuf,
         written: bool,
         closed: bool,
+        renamed_to: bool,
+    },
+    /// One of our own temp files was renamed onto `to`: the engine's own write, already in
+    /// its index with the stat key of the temp file, so the `renamed_to` event it caused
+    /// needs no look.
+    OwnRename {
+        to: PathBuf,
     },
     Rescan,
 }
 
-/// Converts one notify event into raw items (pure; unit-tested).
+fn is_own_temp(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(Ignore::is_temp)
+}
+
+/// Converts one notify event into raw items (pure; unit-tested). Events on our own temp files
+/// are dropped here, before they cost a queue slot.
 fn convert(event: &notify::Event) -> Vec<Raw> {
     if event.need_rescan() || matches!(event.kind, EventKind::Other) {
         return vec![Raw::Rescan];
     }
-    let (written, closed) = match event.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => (false, true),
+    let (written, closed, renamed_to) = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => (false, true, false),
         // Opens and reads change nothing.
         EventKind::Access(_) => return Vec::new(),
         EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any) => {
-            (true, false)
+            (true, false, false)
         }
-        _ => (false, false),
+        // notify sends a rename as `From` and `To`, then `Both` when it could pair the two
+        // halves. The halves name the paths; `Both` only tells whose temp file it was.
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+            return match &event.paths[..] {
+                [from, to] if is_own_temp(from) && !is_own_temp(to) => {
+                    vec![Raw::OwnRename { to: to.clone() }]
+                }
+                _ => Vec::new(),
+            };
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => (false, false, true),
+        _ => (false, false, false),
     };
     event
         .paths
         .iter()
+        .filter(|p| !is_own_temp(p))
         .map(|p| Raw::Path {
             path: p.clone(),
             written,
             closed,
+            renamed_to,
         })
         .collect()
 }
@@ -159,6 +187,8 @@ fn watch_error(root: &Path, source: notify::Error) -> WatchError {
 
 struct Pending {
     due: Instant,
+    /// Only a rename onto the path has been seen so far (it may turn out to be our own).
+    rename_only: bool,
 }
 
 struct Debouncer {
@@ -226,29 +256,44 @@ impl Debouncer {
         }
     }
 
-    fn take(&mut self, item: Raw, rescan: &mut bool) {
-        let Raw::Path {
-            path,
-            written,
-            closed,
-        } = item
-        else {
-            return;
-        };
-        let Ok(rel) = path.strip_prefix(&self.root) else {
-            return;
-        };
+    fn relative(&self, path: &Path, rescan: &mut bool) -> Option<RelPath> {
+        let rel = path.strip_prefix(&self.root).ok()?;
         if rel.as_os_str().is_empty() {
             // The root itself was deleted, moved or changed: only a full look can tell.
             *rescan = true;
-            return;
+            return None;
         }
-        let rel = match rel.to_str().map(RelPath::new) {
-            Some(Ok(r)) => r,
+        match rel.to_str().map(RelPath::new) {
+            Some(Ok(r)) => Some(r),
             _ => {
                 tracing::warn!(path = %path.display(), "skipping a path that is not valid UTF-8 or not a valid relative path");
+                None
+            }
+        }
+    }
+
+    fn take(&mut self, item: Raw, rescan: &mut bool) {
+        let (path, written, closed, renamed_to) = match item {
+            Raw::Rescan => return,
+            Raw::OwnRename { to } => {
+                // The engine's own write: drop the look its rename scheduled, unless another
+                // event (someone writing right after us) asked for one too.
+                if let Some(rel) = self.relative(&to, rescan) {
+                    if self.pending.get(&rel).is_some_and(|p| p.rename_only) {
+                        self.pending.remove(&rel);
+                    }
+                }
                 return;
             }
+            Raw::Path {
+                path,
+                written,
+                closed,
+                renamed_to,
+            } => (path, written, closed, renamed_to),
+        };
+        let Some(rel) = self.relative(&path, rescan) else {
+            return;
         };
         if self.ignore.is_ignored(&rel) {
             return;
@@ -264,10 +309,18 @@ impl Debouncer {
         match self.pending.get_mut(&rel) {
             // A close makes it ready now; otherwise a newer event can only push the deadline
             // (a write extends a pending quiet period to the open-write hold).
-            Some(p) if closed => p.due = now,
-            Some(p) => p.due = p.due.max(due),
+            Some(p) => {
+                p.due = if closed { now } else { p.due.max(due) };
+                p.rename_only &= renamed_to;
+            }
             None => {
-                self.pending.insert(rel, Pending { due });
+                self.pending.insert(
+                    rel,
+                    Pending {
+                        due,
+                        rename_only: renamed_to,
+                    },
+                );
             }
         }
     }
@@ -328,6 +381,94 @@ mod tests {
         assert!(matches!(&convert(&overflow)[..], [Raw::Rescan]));
     }
 
+    fn rename(mode: RenameMode, paths: &[&str]) -> notify::Event {
+        paths.iter().fold(
+            notify::Event::new(EventKind::Modify(ModifyKind::Name(mode))),
+            |e, p| e.add_path(PathBuf::from(p)),
+        )
+    }
+
+    #[test]
+    fn own_temp_files_are_dropped_and_their_renames_recognised() {
+        let temp = "/r/api/.artisync.00ff00ff00ff00ff.tmp";
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+        ] {
+            assert!(
+                convert(&ev(kind, temp)).is_empty(),
+                "{kind:?} on a temp file"
+            );
+        }
+        assert!(convert(&rename(RenameMode::From, &[temp])).is_empty());
+        assert!(matches!(
+            &convert(&rename(RenameMode::To, &["/r/api/a.xml"]))[..],
+            [Raw::Path {
+                renamed_to: true,
+                ..
+            }]
+        ));
+        match &convert(&rename(RenameMode::Both, &[temp, "/r/api/a.xml"]))[..] {
+            [Raw::OwnRename { to }] => assert_eq!(to, &PathBuf::from("/r/api/a.xml")),
+            other => panic!("own rename not recognised: {other:?}"),
+        }
+        // Someone else's rename is only reported through its two halves.
+        assert!(convert(&rename(RenameMode::Both, &["/r/old.xml", "/r/new.xml"])).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_renames_need_no_look_but_a_write_after_them_does() {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, mut out) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(debouncer("/r").run(rx, out_tx, cancel.clone()));
+        let to = |p: &str| Raw::Path {
+            path: PathBuf::from(p),
+            written: false,
+            closed: false,
+            renamed_to: true,
+        };
+        let own = |p: &str| Raw::OwnRename {
+            to: PathBuf::from(p),
+        };
+        // Ours, twice in a row: nothing to look at.
+        tx.send(to("/r/ours.xml")).await.expect("send");
+        tx.send(own("/r/ours.xml")).await.expect("send");
+        // Ours, but a local writer closed the file right after: looked at.
+        tx.send(to("/r/edited.xml")).await.expect("send");
+        tx.send(own("/r/edited.xml")).await.expect("send");
+        tx.send(Raw::Path {
+            path: PathBuf::from("/r/edited.xml"),
+            written: false,
+            closed: true,
+            renamed_to: false,
+        })
+        .await
+        .expect("send");
+        // Someone else's rename onto a path: looked at.
+        tx.send(to("/r/moved-in.xml")).await.expect("send");
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            match out.recv().await.expect("batch") {
+                Change::Paths(p) => seen.extend(p),
+                Change::Rescan => panic!("no rescan expected"),
+            }
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                RelPath::new("edited.xml").expect("valid"),
+                RelPath::new("moved-in.xml").expect("valid")
+            ]
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(out.try_recv().is_err(), "our own rename was looked at");
+        cancel.cancel();
+        task.await.expect("join");
+    }
+
     fn debouncer(root: &str) -> Debouncer {
         Debouncer {
             root: PathBuf::from(root),
@@ -349,6 +490,7 @@ mod tests {
             path: PathBuf::from(p),
             written,
             closed,
+            renamed_to: false,
         };
         tx.send(raw("/r/slow.siddhiql", true, false))
             .await

@@ -8,7 +8,7 @@ mod version;
 
 pub use path::{MAX_PATH_BYTES, PathError, RelPath};
 pub use record::{FileRecord, Hash, Kind, Observed};
-pub use replica::{Decision, Replica};
+pub use replica::{Decision, Replica, Totals};
 pub use version::{Causality, Hlc, NodeId, Stamp, VersionVector};
 
 #[cfg(test)]

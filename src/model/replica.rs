@@ -45,11 +45,51 @@ pub enum Decision {
     },
 }
 
+/// What an index holds, counted as records come and go (status reads it on every message,
+/// so it must not cost a pass over the index).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    pub tombstones: u64,
+}
+
+impl Totals {
+    fn add(&mut self, r: &FileRecord) {
+        match (r.deleted, r.kind) {
+            (true, _) => self.tombstones += 1,
+            (false, Kind::Dir) => self.dirs += 1,
+            (false, Kind::File) => {
+                self.files += 1;
+                self.bytes += r.size;
+            }
+        }
+    }
+
+    fn sub(&mut self, r: &FileRecord) {
+        match (r.deleted, r.kind) {
+            (true, _) => self.tombstones -= 1,
+            (false, Kind::Dir) => self.dirs -= 1,
+            (false, Kind::File) => {
+                self.files -= 1;
+                self.bytes -= r.size;
+            }
+        }
+    }
+
+    /// Live entries (files and directories).
+    pub fn live(&self) -> u64 {
+        self.files + self.dirs
+    }
+}
+
 /// Index of one folder on one node.
 #[derive(Debug, Clone)]
 pub struct Replica {
     node: NodeId,
     records: BTreeMap<RelPath, FileRecord>,
+    totals: Totals,
     seq: u64,
     hlc: Hlc,
 }
@@ -59,6 +99,7 @@ impl Replica {
         Self {
             node,
             records: BTreeMap::new(),
+            totals: Totals::default(),
             seq: 0,
             hlc: Hlc::default(),
         }
@@ -70,9 +111,21 @@ impl Replica {
         for rec in records {
             r.seq = r.seq.max(rec.seq);
             r.hlc.observe(rec.stamp.hlc);
-            r.records.insert(rec.path.clone(), rec);
+            r.insert(rec);
         }
         r
+    }
+
+    fn insert(&mut self, record: FileRecord) {
+        self.totals.add(&record);
+        if let Some(old) = self.records.insert(record.path.clone(), record) {
+            self.totals.sub(&old);
+        }
+    }
+
+    /// Counts of what the index holds, kept up to date on every change.
+    pub fn totals(&self) -> Totals {
+        self.totals
     }
 
     pub fn node(&self) -> NodeId {
@@ -232,7 +285,7 @@ impl Replica {
         self.seq += 1;
         record.seq = self.seq;
         self.hlc.observe(record.stamp.hlc);
-        self.records.insert(record.path.clone(), record.clone());
+        self.insert(record.clone());
         record
     }
 
@@ -246,7 +299,9 @@ impl Replica {
             .map(|r| r.path.clone())
             .collect();
         for p in &old {
-            self.records.remove(p);
+            if let Some(r) = self.records.remove(p) {
+                self.totals.sub(&r);
+            }
         }
         old
     }

@@ -174,6 +174,8 @@ fn purge_drops_only_old_tombstones() {
     assert_eq!(a.get(&path("old")), None);
     assert!(a.get(&path("live")).is_some());
     assert!(a.get(&path("new")).is_some_and(|r| r.deleted));
+    let t = a.totals();
+    assert_eq!((t.files, t.tombstones, t.bytes), (1, 1, file(1).size));
 }
 
 // ---- receive ------------------------------------------------------------------------------
@@ -789,7 +791,27 @@ mod sim {
                         "node {i} path {p}: disk differs from index"
                     );
                 }
+                assert_eq!(
+                    n.replica.totals(),
+                    Self::recount(&n.replica),
+                    "node {i}: counted totals drift from the records"
+                );
             }
+        }
+
+        fn recount(r: &Replica) -> Totals {
+            let mut t = Totals::default();
+            for rec in r.records() {
+                match (rec.deleted, rec.kind) {
+                    (true, _) => t.tombstones += 1,
+                    (false, Kind::Dir) => t.dirs += 1,
+                    (false, Kind::File) => {
+                        t.files += 1;
+                        t.bytes += rec.size;
+                    }
+                }
+            }
+            t
         }
 
         /// (a) All replicas hold the same records (seq aside) and the same disks.

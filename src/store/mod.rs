@@ -126,6 +126,29 @@ macro_rules! columns {
     };
 }
 
+/// Rows per multi-row INSERT at most (14 parameters each, far below SQLite's 32,766).
+const MAX_INSERT_ROWS: usize = 256;
+
+/// The largest power of two that is at most `left` and [`MAX_INSERT_ROWS`].
+fn chunk_rows(left: usize) -> usize {
+    let cap = left.min(MAX_INSERT_ROWS);
+    1 << (usize::BITS - 1 - cap.leading_zeros())
+}
+
+fn insert_files_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT OR REPLACE INTO files (folder, path, kind, deleted, size, mode, hash, version, \
+         stamp_hlc, stamp_node, seq, stat_size, stat_mtime_ns, stat_ino) VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    }
+    sql
+}
+
 // SQLite integers are signed 64-bit: u64 values are stored by bit pattern.
 fn to_db(v: u64) -> i64 {
     v as i64
@@ -308,29 +331,33 @@ impl Store {
         cursor: Option<(&str, Cursor)>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
-        for StoredRecord { record: r, stat } in records {
-            sqlx::query(
-                "INSERT OR REPLACE INTO files (folder, path, kind, deleted, size, mode, hash, version, \
-                 stamp_hlc, stamp_node, seq, stat_size, stat_mtime_ns, stat_ino) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(folder)
-            .bind(r.path.as_str())
-            .bind(if r.kind == Kind::Dir { 1i64 } else { 0 })
-            .bind(i64::from(r.deleted))
-            .bind(to_db(r.size))
-            .bind(i64::from(r.mode))
-            .bind(r.hash.map(|h| h.to_vec()))
-            .bind(encode_version(&r.version))
-            .bind(to_db(r.stamp.hlc))
-            .bind(to_db(r.stamp.node.0))
-            .bind(to_db(r.seq))
-            .bind(stat.map(|s| to_db(s.size)))
-            .bind(stat.map(|s| s.mtime_ns))
-            .bind(stat.map(|s| to_db(s.ino)))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.db_err(e))?;
+        // Many rows per statement: one round trip to SQLite's worker thread per chunk, not
+        // per record. Chunk sizes are powers of two, so a handful of statements is prepared
+        // and cached for any batch size.
+        let mut rest = records;
+        while !rest.is_empty() {
+            let n = chunk_rows(rest.len());
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_files_sql(n)));
+            for StoredRecord { record: r, stat } in chunk {
+                q = q
+                    .bind(folder)
+                    .bind(r.path.as_str())
+                    .bind(if r.kind == Kind::Dir { 1i64 } else { 0 })
+                    .bind(i64::from(r.deleted))
+                    .bind(to_db(r.size))
+                    .bind(i64::from(r.mode))
+                    .bind(r.hash.map(|h| h.to_vec()))
+                    .bind(encode_version(&r.version))
+                    .bind(to_db(r.stamp.hlc))
+                    .bind(to_db(r.stamp.node.0))
+                    .bind(to_db(r.seq))
+                    .bind(stat.map(|s| to_db(s.size)))
+                    .bind(stat.map(|s| s.mtime_ns))
+                    .bind(stat.map(|s| to_db(s.ino)));
+            }
+            q.execute(&mut *tx).await.map_err(|e| self.db_err(e))?;
         }
         if let Some((peer, c)) = cursor {
             sqlx::query("INSERT OR REPLACE INTO peer_cursors (peer, folder, epoch, seq) VALUES (?, ?, ?, ?)")
@@ -502,6 +529,49 @@ mod tests {
                 ino: 42,
             }),
         }
+    }
+
+    #[test]
+    fn insert_chunks_are_powers_of_two_that_cover_any_batch() {
+        for total in [1usize, 2, 3, 255, 256, 257, 777, 1000] {
+            let (mut left, mut sizes) = (total, Vec::new());
+            while left > 0 {
+                let n = chunk_rows(left);
+                assert!(n.is_power_of_two() && n <= MAX_INSERT_ROWS && n <= left);
+                sizes.push(n);
+                left -= n;
+            }
+            assert!(
+                sizes.len() <= total / MAX_INSERT_ROWS + 9,
+                "{total}: {sizes:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_batch_commits_every_row_and_replaces_older_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).await.expect("open");
+        let batch: Vec<StoredRecord> = (1..=777).map(|i| rec(&format!("d/{i}.xml"), i)).collect();
+        store.commit("f", &batch, None).await.expect("commit");
+        // A later version of some of them, and one path twice in one batch: the later wins.
+        let mut update: Vec<StoredRecord> = (1..=300)
+            .map(|i| rec(&format!("d/{i}.xml"), 1000 + i))
+            .collect();
+        update.push(rec("d/1.xml", 5000));
+        store.commit("f", &update, None).await.expect("commit");
+        let rows = store.load_folder("f").await.expect("load");
+        assert_eq!(rows.len(), 777);
+        let seq_of = |p: &str| {
+            rows.iter()
+                .find(|r| r.record.path.as_str() == p)
+                .map(|r| r.record.seq)
+        };
+        assert_eq!(seq_of("d/1.xml"), Some(5000));
+        assert_eq!(seq_of("d/300.xml"), Some(1300));
+        assert_eq!(seq_of("d/301.xml"), Some(301));
+        assert_eq!(seq_of("d/777.xml"), Some(777));
+        assert_eq!(store.since("f", 1299, 1000).await.expect("since").len(), 2);
     }
 
     #[tokio::test]
