@@ -2,7 +2,7 @@
 //! `.artisync.<random>.tmp` in the target's directory, is made durable, renamed into place, and
 //! the directory is synced. Batches pay for durability once (`syncfs`) instead of per file.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -128,21 +128,126 @@ fn check_no_symlink(root: &Path, path: &RelPath, include_self: bool) -> std::io:
     for part in &parts[..upto] {
         at.push(part);
         match std::fs::symlink_metadata(&at) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!(
-                        "{} is a symlink; artisync never writes through symlinks",
-                        at.display()
-                    ),
-                ));
-            }
+            Ok(m) if m.file_type().is_symlink() => return Err(symlink_refused(&at)),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+fn symlink_refused(at: &Path) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!(
+            "{} is a symlink; artisync never writes through symlinks",
+            at.display()
+        ),
+    )
+}
+
+/// [`check_no_symlink`] for many paths in few directories: each directory is checked once per
+/// batch (a batch of thousands of files would otherwise pay one `lstat` per file and level).
+#[derive(Default)]
+struct SymlinkCheck {
+    /// Directory (relative) -> `None` when it is safe, the refusal otherwise.
+    dirs: HashMap<Option<RelPath>, Option<(std::io::ErrorKind, String)>>,
+}
+
+impl SymlinkCheck {
+    fn check(&mut self, root: &Path, path: &RelPath, include_self: bool) -> std::io::Result<()> {
+        if include_self {
+            return check_no_symlink(root, path, true);
+        }
+        let dir = path.parent();
+        let verdict = self.dirs.entry(dir.clone()).or_insert_with(|| match &dir {
+            None => None,
+            Some(d) => check_no_symlink(root, d, true)
+                .err()
+                .map(|e| (e.kind(), e.to_string())),
+        });
+        match verdict {
+            None => Ok(()),
+            Some((kind, text)) => Err(std::io::Error::new(*kind, text.clone())),
+        }
+    }
+}
+
+/// Writes of a batch above this many are spread over several threads: file creation is
+/// mostly kernel time, and creations in one directory still overlap well.
+const PARALLEL_MIN_FILES: usize = 64;
+const MAX_WRITER_THREADS: usize = 4;
+
+fn writer_threads(files: usize) -> usize {
+    if files < PARALLEL_MIN_FILES {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WRITER_THREADS)
+}
+
+/// Runs `f` on every item, on up to `threads` threads; results come back in item order.
+fn map_parallel<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if threads <= 1 || items.len() < 2 {
+        return items.iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|chunk| scope.spawn(move || chunk.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        // A writer thread can only panic on a bug; the panic is carried on, not swallowed.
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// Writes one file's new bytes to a temp file next to `target` with `mode`; returns the temp
+/// file and the stat key the target will have once the temp file is renamed onto it (a rename
+/// keeps inode, size and mtime).
+fn write_temp(dir: &Path, content: &Content, mode: u32) -> std::io::Result<(PathBuf, StatKey)> {
+    match content {
+        Content::Bytes(bytes) => {
+            let (mut f, tmp) = create_temp(dir, mode)?;
+            let written = (|| {
+                f.write_all(bytes)?;
+                let meta = f.metadata()?;
+                // `create_temp` asked for the mode already; the umask may have taken bits.
+                if meta.permissions().mode() & 0o7777 != mode {
+                    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+                }
+                Ok(stat_key(&meta))
+            })();
+            match written {
+                Ok(key) => Ok((tmp, key)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e)
+                }
+            }
+        }
+        Content::Temp(tmp) => {
+            let r = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
+                .and_then(|_| std::fs::symlink_metadata(tmp));
+            match r {
+                Ok(meta) => Ok((tmp.clone(), stat_key(&meta))),
+                Err(e) => {
+                    let _ = std::fs::remove_file(tmp);
+                    Err(e)
+                }
+            }
+        }
+    }
 }
 
 /// Carries out `ops` under `root` and returns one result per op, in the order given.
@@ -153,13 +258,14 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
     order.sort_by_key(|i| ops[*i].rank());
     let mut results: Vec<Option<OpResult>> = (0..n).map(|_| None).collect();
     let mut dirty_dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    // Phase 1: directories, chmods, and temp files written (not yet durable).
-    let mut temps: Vec<(usize, PathBuf, PathBuf)> = Vec::new();
+    let mut links = SymlinkCheck::default();
+    // Phase 1: directories and chmods, in order; the writes are collected.
+    let mut writes: Vec<usize> = Vec::new();
     for &i in &order {
         let target = root.join(ops[i].path().as_str());
         // Chmod would follow a link at the target itself; the others act on the link.
         let include_self = matches!(ops[i], Op::Chmod { .. } | Op::Mkdir { .. });
-        if let Err(e) = check_no_symlink(root, ops[i].path(), include_self) {
+        if let Err(e) = links.check(root, ops[i].path(), include_self) {
             if let Op::Write {
                 content: Content::Temp(tmp),
                 ..
@@ -196,41 +302,28 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
                     .and_then(|_| stat_of(&target));
                 results[i] = Some(r);
             }
-            Op::Write {
-                path,
-                content,
-                mode,
-            } => {
-                let dir = parent_dir(root, path);
-                let r = (|| -> std::io::Result<PathBuf> {
-                    let tmp = match content {
-                        Content::Bytes(bytes) => {
-                            let (mut f, tmp) = create_temp(&dir, *mode)?;
-                            if let Err(e) = f.write_all(bytes) {
-                                let _ = std::fs::remove_file(&tmp);
-                                return Err(e);
-                            }
-                            tmp
-                        }
-                        Content::Temp(tmp) => tmp.clone(),
-                    };
-                    if let Err(e) =
-                        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode))
-                    {
-                        let _ = std::fs::remove_file(&tmp);
-                        return Err(e);
-                    }
-                    Ok(tmp)
-                })();
-                match r {
-                    Ok(tmp) => temps.push((i, tmp, target)),
-                    Err(e) => results[i] = Some(Err(e)),
-                }
-            }
+            Op::Write { .. } => writes.push(i),
             Op::RemoveFile { .. } | Op::RemoveDir { .. } => {}
         }
     }
-    // Phase 2: make the temp files durable, together.
+    // Phase 2: the temp files, written in parallel (not durable yet).
+    let threads = writer_threads(writes.len());
+    let written = map_parallel(&writes, threads, |&i| match &ops[i] {
+        Op::Write {
+            path,
+            content,
+            mode,
+        } => write_temp(&parent_dir(root, path), content, *mode),
+        _ => Err(std::io::Error::other("not a write")),
+    });
+    let mut temps: Vec<(usize, PathBuf, StatKey)> = Vec::with_capacity(writes.len());
+    for (&i, w) in writes.iter().zip(written) {
+        match w {
+            Ok((tmp, key)) => temps.push((i, tmp, key)),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    // Phase 3: make the temp files durable, together.
     let durable = if temps.len() > SYNCFS_THRESHOLD {
         syncfs(root)
     } else {
@@ -244,20 +337,31 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
             results[i] = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
         }
     }
-    // Phase 3: rename into place.
-    for (i, tmp, target) in temps {
-        // Stat the temp file, not the target: rename keeps inode, size and mtime, and a local
-        // edit or rename landing on the target right after ours must not be taken for our
-        // write (nor fail an apply that already happened).
-        let r = stat_of(&tmp).and_then(|stat| std::fs::rename(&tmp, &target).map(|_| stat));
+    // Phase 4: rename into place; in parallel unless two writes share a target (then their
+    // order matters).
+    let targets: BTreeSet<&RelPath> = temps.iter().map(|(i, _, _)| ops[*i].path()).collect();
+    let threads = if targets.len() == temps.len() {
+        writer_threads(temps.len())
+    } else {
+        1
+    };
+    let renamed = map_parallel(&temps, threads, |(i, tmp, key)| {
+        // The stat key is the temp file's, taken before the rename: a local edit or rename
+        // landing on the target right after ours must not be taken for our write (nor fail
+        // an apply that already happened).
+        let r = std::fs::rename(tmp, root.join(ops[*i].path().as_str())).map(|_| Some(*key));
         if r.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        } else {
-            dirty_dirs.insert(parent_dir(root, ops[i].path()));
+            let _ = std::fs::remove_file(tmp);
         }
-        results[i] = Some(r);
+        r
+    });
+    for ((i, _, _), r) in temps.iter().zip(renamed) {
+        if r.is_ok() {
+            dirty_dirs.insert(parent_dir(root, ops[*i].path()));
+        }
+        results[*i] = Some(r);
     }
-    // Phase 4: removals (files, then directories deepest first: `order` is sorted so).
+    // Phase 5: removals (files, then directories deepest first: `order` is sorted so).
     for &i in &order {
         if results[i].is_some() {
             continue;
@@ -285,7 +389,7 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
         }
         results[i] = Some(r);
     }
-    // Phase 5: the directory entries themselves.
+    // Phase 6: the directory entries themselves.
     let dir_sync = if dirty_dirs.len() > SYNCFS_THRESHOLD {
         syncfs(root)
     } else {
@@ -417,6 +521,49 @@ mod tests {
     }
 
     #[test]
+    fn a_large_batch_lands_whole_and_a_repeated_target_keeps_the_later_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let mut ops: Vec<Op> = (0..300)
+            .map(|i| Op::Write {
+                path: p(&format!("d{}/{i}.xml", i % 3)),
+                content: Content::Bytes(format!("<f n=\"{i}\"/>").into_bytes()),
+                mode: 0o640,
+            })
+            .collect();
+        ops.push(Op::Write {
+            path: p("d0/0.xml"),
+            content: Content::Bytes(b"<later/>".to_vec()),
+            mode: 0o600,
+        });
+        let results = apply_batch(root, ops);
+        assert_eq!(results.len(), 301);
+        for (i, r) in results.iter().enumerate().take(300) {
+            let stat = r.as_ref().expect("applied").expect("a file is there");
+            if i == 0 {
+                continue;
+            }
+            let target = root.join(format!("d{}/{i}.xml", i % 3));
+            assert_eq!(
+                std::fs::read(&target).expect("read"),
+                format!("<f n=\"{i}\"/>").into_bytes()
+            );
+            let meta = std::fs::symlink_metadata(&target).expect("meta");
+            assert_eq!(
+                stat,
+                stat_key(&meta),
+                "{i}: the returned stat key is the file's"
+            );
+            assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        }
+        assert_eq!(
+            std::fs::read(root.join("d0/0.xml")).expect("read"),
+            b"<later/>"
+        );
+        assert_eq!(remove_stale_temps(root), 0, "no temp file is left behind");
+    }
+
+    #[test]
     fn nothing_is_written_through_a_symlinked_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
         let outside = tempfile::tempdir().expect("tempdir");
@@ -443,6 +590,27 @@ mod tests {
         );
         assert!(r.iter().all(|r| r.is_err()), "{r:?}");
         assert!(!outside.path().join("evil.xml").exists());
+        // Many files at once (the parallel path, one check per directory) are refused too.
+        let many: Vec<Op> = (0..100)
+            .map(|i| Op::Write {
+                path: p(&format!("api/evil{i}.xml")),
+                content: Content::Bytes(b"x".to_vec()),
+                mode: 0o644,
+            })
+            .chain((0..100).map(|i| Op::Write {
+                path: p(&format!("ok/{i}.xml")),
+                content: Content::Bytes(b"y".to_vec()),
+                mode: 0o644,
+            }))
+            .collect();
+        let r = apply_batch(&root, many);
+        assert!(r[..100].iter().all(|r| r.is_err()));
+        assert!(r[100..].iter().all(|r| r.is_ok()));
+        assert_eq!(
+            std::fs::read_dir(outside.path()).expect("list").count(),
+            1,
+            "only the victim is outside"
+        );
         assert_eq!(
             std::fs::read(outside.path().join("victim.xml")).expect("read"),
             b"keep"
