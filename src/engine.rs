@@ -10,7 +10,7 @@
 //! Blocking work (hashing, fsync, rename) runs under `block_in_place`: the daemon runs on the
 //! multi-threaded runtime.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -50,6 +50,10 @@ pub enum EngineError {
     },
     #[error("folder engine {0} has stopped")]
     Stopped(String),
+    #[error(
+        "folder {folder}: an earlier batch from peer {peer} on this stream failed; resubscribing"
+    )]
+    StreamFailed { folder: String, peer: String },
 }
 
 /// Fetches the content of a file from the peer that announced it, into a verified temp file.
@@ -68,12 +72,44 @@ pub trait Fetcher: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub record: FileRecord,
-    pub inline: Option<Vec<u8>>,
+    pub inline: Option<Inline>,
+}
+
+/// File content that travelled with its record and was checked against the record's BLAKE3
+/// hash at the network edge (on the session's thread, while the engine applies the batch
+/// before): holding one proves the check was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inline {
+    bytes: Vec<u8>,
+    hash: Hash,
+}
+
+impl Inline {
+    /// The bytes, when they hash to `hash`.
+    pub fn verified(bytes: Vec<u8>, hash: &Hash) -> Option<Self> {
+        (blake3::hash(&bytes).as_bytes() == hash).then_some(Self { bytes, hash: *hash })
+    }
+
+    /// The hash the bytes were checked against.
+    pub fn hash(&self) -> &Hash {
+        &self.hash
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
 }
 
 /// A batch of a peer's index.
 pub struct RemoteBatch {
     pub peer: String,
+    /// The subscription stream the batch came on. Once one of its batches fails, later ones
+    /// from the same stream are refused: they would move the peer's cursor past the failure.
+    pub stream: u64,
     pub epoch: u64,
     pub up_to_seq: u64,
     pub records: Vec<Incoming>,
@@ -143,13 +179,24 @@ impl FolderHandle {
 
     /// Applies a peer's batch; returns the peer sequence now applied.
     pub async fn remote(&self, batch: RemoteBatch) -> Result<u64, EngineError> {
+        self.queue_remote(batch).await?.await
+    }
+
+    /// Queues a peer's batch and returns at once with a future of its result, so the session
+    /// can receive and check the next batch while the engine applies this one. Batches of one
+    /// stream are applied in the order queued.
+    pub async fn queue_remote(
+        &self,
+        batch: RemoteBatch,
+    ) -> Result<impl std::future::Future<Output = Result<u64, EngineError>> + use<>, EngineError>
+    {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Remote(batch, tx))
             .await
             .map_err(|_| EngineError::Stopped(self.id.clone()))?;
-        rx.await
-            .map_err(|_| EngineError::Stopped(self.id.clone()))?
+        let id = self.id.clone();
+        Ok(async move { rx.await.map_err(|_| EngineError::Stopped(id))? })
     }
 
     /// Writes and removes artifact files (see [`DeployRequest`]).
@@ -218,7 +265,13 @@ pub struct FolderEngine {
     symlinks_logged: BTreeSet<RelPath>,
     last_error: Option<String>,
     conflicts: u64,
+    /// Streams whose batches are refused (see [`RemoteBatch::stream`]); the newest few.
+    failed_streams: VecDeque<u64>,
 }
+
+/// How many failed streams an engine remembers. A session resubscribes on a new stream id
+/// right after a failure, so only streams with batches still queued matter.
+const FAILED_STREAMS_KEPT: usize = 16;
 
 /// Messages queued to one engine before senders wait.
 const ENGINE_QUEUE: usize = 64;
@@ -282,6 +335,7 @@ impl FolderEngine {
             symlinks_logged: BTreeSet::new(),
             last_error: None,
             conflicts,
+            failed_streams: VecDeque::new(),
         };
         engine.publish_status();
         let handle = FolderHandle {
@@ -338,9 +392,22 @@ impl FolderEngine {
                             }
                         }
                         Msg::Remote(batch, reply) => {
-                            let r = self.on_remote(batch).await;
+                            let stream = batch.stream;
+                            let r = if self.failed_streams.contains(&stream) {
+                                Err(EngineError::StreamFailed { folder: self.id.clone(), peer: batch.peer })
+                            } else {
+                                self.on_remote(batch).await
+                            };
                             if let Err(e) = &r {
-                                self.last_error = Some(e.to_string());
+                                if !matches!(e, EngineError::StreamFailed { .. }) {
+                                    self.last_error = Some(e.to_string());
+                                }
+                                if !self.failed_streams.contains(&stream) {
+                                    if self.failed_streams.len() == FAILED_STREAMS_KEPT {
+                                        self.failed_streams.pop_front();
+                                    }
+                                    self.failed_streams.push_back(stream);
+                                }
                             }
                             let _ = reply.send(r);
                         }
@@ -697,7 +764,7 @@ impl FolderEngine {
         let now = crate::now_ms();
         let mut commits: Vec<StoredRecord> = Vec::new();
         // (remote seq, record, conflict copy, content source)
-        let mut applies: Vec<(u64, FileRecord, bool, Option<Vec<u8>>)> = Vec::new();
+        let mut applies: Vec<(u64, FileRecord, bool, Option<Inline>)> = Vec::new();
         for Incoming {
             record: remote,
             inline,
@@ -803,19 +870,10 @@ impl FolderEngine {
                     continue;
                 };
                 let content = match inline {
-                    Some(bytes) if *blake3::hash(&bytes).as_bytes() == hash => {
-                        Content::Bytes(bytes)
-                    }
-                    Some(_) => {
-                        note_failure(
-                            remote_seq,
-                            &record.path,
-                            "inline content does not match its hash".into(),
-                            &mut failed,
-                        );
-                        continue;
-                    }
-                    None => {
+                    // Checked against its hash at the edge; a record for other bytes (a
+                    // newer version of the path) fetches instead.
+                    Some(bytes) if *bytes.hash() == hash => Content::Bytes(bytes.into_bytes()),
+                    _ => {
                         let dir = match record.path.parent() {
                             Some(p) => self.root.join(p.as_str()),
                             None => self.root.clone(),

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, PeerConfig, TlsConfig};
-use crate::engine::{FolderHandle, Incoming, RemoteBatch};
+use crate::engine::{FolderHandle, Incoming, Inline, RemoteBatch};
 use crate::model::{FileRecord, Hash, Kind, NodeId, RelPath, Stamp, VersionVector};
 use crate::pb::sync as pb;
 use crate::pb::sync::peer_client::PeerClient;
@@ -34,6 +34,11 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Records per index batch, and the inline bytes one batch may carry.
 const BATCH_RECORDS: u32 = 1000;
 const BATCH_INLINE_BYTES: u64 = 4 * 1024 * 1024;
+/// HTTP/2 receive window of one stream (the client's side of a subscription).
+const STREAM_WINDOW_BYTES: u32 = 2 * BATCH_INLINE_BYTES as u32;
+/// Batches of one stream handed to the engine and not answered yet: one being applied, one
+/// checked and waiting.
+const BATCHES_IN_FLIGHT: usize = 2;
 /// Chunk size of large-file transfers.
 const CHUNK_BYTES: usize = 1024 * 1024;
 /// A fetch that receives nothing for this long is abandoned (a hung peer must not block the
@@ -132,6 +137,12 @@ pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
             ));
         }
     }
+    // Inline bytes that do not hash to the record's hash are dropped: the engine then fetches
+    // the content by hash, which fails (and is retried) if the peer no longer has it.
+    let inline = match (p.inline_data, &hash) {
+        (Some(data), Some(h)) => Inline::verified(data, h),
+        _ => None,
+    };
     Ok(Incoming {
         record: FileRecord {
             path,
@@ -149,7 +160,7 @@ pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
             },
             seq: p.seq,
         },
-        inline: p.inline_data,
+        inline,
     })
 }
 
@@ -411,6 +422,10 @@ pub async fn channel(
         .map_err(transport)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
+        // Room for a whole index batch in flight, so the peer sends the next batch while
+        // this node applies the last one.
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * STREAM_WINDOW_BYTES))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
@@ -525,6 +540,10 @@ impl crate::engine::Fetcher for PeerFetcher {
     }
 }
 
+/// The engine's answer to one queued batch: the peer sequence applied up to.
+type EngineAnswer =
+    Pin<Box<dyn std::future::Future<Output = Result<u64, crate::engine::EngineError>> + Send>>;
+
 /// Keeps the subscription to one folder of one peer alive until cancelled. Each folder has its
 /// own stream, so a paused folder (or one whose batch cannot be applied yet) never holds up
 /// the others.
@@ -619,11 +638,41 @@ impl PeerSession {
         let fetcher: Arc<dyn crate::engine::Fetcher> = Arc::new(PeerFetcher {
             client: client.clone(),
         });
-        while let Some(batch) = stream
-            .message()
-            .await
-            .map_err(|s| perr(format!("stream: {}", s.message())))?
-        {
+        let stream_id = rand::random::<u64>();
+        let engine_err = |e: crate::engine::EngineError| match e {
+            crate::engine::EngineError::Paused { folder, reason } => NetError::Paused {
+                peer: name.clone(),
+                folder,
+                reason,
+            },
+            other => perr(other.to_string()),
+        };
+        // Batches queued to the engine, oldest first, with the peer's max_seq at the time.
+        let mut in_flight: std::collections::VecDeque<(EngineAnswer, u64)> =
+            std::collections::VecDeque::new();
+        loop {
+            let next = tokio::select! {
+                biased;
+                // Answers first: a failure must stop the stream before more is queued.
+                applied = async {
+                    match in_flight.front_mut() {
+                        Some((answer, _)) => Pin::as_mut(answer).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let max_seq = in_flight.pop_front().map_or(0, |(_, m)| m);
+                    let applied = applied.map_err(engine_err)?;
+                    set_status(&self.statuses, &name, |s| {
+                        s.last_seen_ms = Some(crate::now_ms());
+                        s.behind.insert(handle.id.clone(), max_seq.saturating_sub(applied));
+                    });
+                    continue;
+                }
+                msg = stream.message(), if in_flight.len() < BATCHES_IN_FLIGHT => msg,
+            };
+            let Some(batch) = next.map_err(|s| perr(format!("stream: {}", s.message())))? else {
+                return Err(perr("peer closed the stream".into()));
+            };
             if batch.node_name != name {
                 return Err(perr(format!(
                     "address {address} answers as node {:?}, not {name:?}; fix the peer's address",
@@ -638,40 +687,45 @@ impl PeerSession {
             if batch.folder != handle.id {
                 continue;
             }
-            let mut records = Vec::with_capacity(batch.records.len());
-            for r in batch.records {
-                match record_from_pb(r) {
+            let pb::IndexBatch {
+                epoch,
+                up_to_seq,
+                max_seq,
+                records,
+                folder,
+                ..
+            } = batch;
+            // Validation and the hash check of inline contents run here, beside the engine.
+            let checked = tokio::task::spawn_blocking(move || {
+                records
+                    .into_iter()
+                    .map(record_from_pb)
+                    .collect::<Vec<Result<Incoming, String>>>()
+            })
+            .await
+            .map_err(|e| perr(format!("checking a batch: {e}")))?;
+            let mut records = Vec::with_capacity(checked.len());
+            for r in checked {
+                match r {
                     Ok(inc) => records.push(inc),
                     Err(problem) => {
-                        warn!(peer = %name, folder = %batch.folder, problem = %problem, "refusing a record from peer");
+                        warn!(peer = %name, folder = %folder, problem = %problem, "refusing a record from peer");
                     }
                 }
             }
-            let max_seq = batch.max_seq;
-            let applied = handle
-                .remote(RemoteBatch {
+            let answer = handle
+                .queue_remote(RemoteBatch {
                     peer: name.clone(),
-                    epoch: batch.epoch,
-                    up_to_seq: batch.up_to_seq,
+                    stream: stream_id,
+                    epoch,
+                    up_to_seq,
                     records,
                     fetcher: fetcher.clone(),
                 })
                 .await
-                .map_err(|e| match e {
-                    crate::engine::EngineError::Paused { folder, reason } => NetError::Paused {
-                        peer: name.clone(),
-                        folder,
-                        reason,
-                    },
-                    other => perr(other.to_string()),
-                })?;
-            set_status(&self.statuses, &name, |s| {
-                s.last_seen_ms = Some(crate::now_ms());
-                s.behind
-                    .insert(batch.folder.clone(), max_seq.saturating_sub(applied));
-            });
+                .map_err(engine_err)?;
+            in_flight.push_back((Box::pin(answer), max_seq));
         }
-        Err(perr("peer closed the stream".into()))
     }
 }
 
@@ -743,7 +797,13 @@ mod tests {
         let back = record_from_pb(record_to_pb(&r, Some(b"<a/>".to_vec()))).expect("valid");
         assert!(back.record.same_version(&r));
         assert_eq!(back.record.seq, 7);
-        assert_eq!(back.inline.as_deref(), Some(&b"<a/>"[..]));
+        assert_eq!(
+            back.inline.as_ref().map(Inline::as_bytes),
+            Some(&b"<a/>"[..])
+        );
+        // Bytes of the right size but other content do not travel on as verified.
+        let forged = record_from_pb(record_to_pb(&r, Some(b"<b/>".to_vec()))).expect("valid");
+        assert!(forged.inline.is_none());
     }
 
     #[test]

@@ -220,8 +220,20 @@ impl ArtifactDb {
 
     async fn migrate(&self) -> Result<(), DbError> {
         if self.backend == Backend::Sqlite {
-            // WAL lets retrievers read while a publisher writes.
-            self.exec("PRAGMA journal_mode=WAL").await?;
+            // WAL lets retrievers read while a publisher writes. Switching needs the file to
+            // itself: two connections switching at once (agents and publishers starting
+            // together on a new file) get SQLITE_BUSY without a wait, so try again.
+            let mut attempt = 0u32;
+            loop {
+                match self.exec("PRAGMA journal_mode=WAL").await {
+                    Ok(()) => break,
+                    Err(_) if attempt < 5 => {
+                        attempt += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         let schema = match self.backend {
             Backend::Sqlite => SQLITE_SCHEMA,
