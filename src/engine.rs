@@ -1101,3 +1101,157 @@ pub fn engine_options(config: &Config, node: NodeId, names: NodeNames) -> Engine
         tombstone_ttl_ms: config.tombstone_ttl().as_millis() as u64,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Stamp, VersionVector};
+
+    /// A peer whose content cannot be fetched.
+    struct NoFetch;
+
+    impl Fetcher for NoFetch {
+        fn fetch<'a>(
+            &'a self,
+            _folder: &'a str,
+            _path: &'a RelPath,
+            _hash: Hash,
+            _dir: &'a Path,
+            _mode: u32,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathBuf, String>> + Send + 'a>>
+        {
+            Box::pin(async { Err("peer is gone".to_owned()) })
+        }
+    }
+
+    const PEER: NodeId = NodeId(77);
+
+    fn remote_file(path: &str, bytes: &[u8], seq: u64, inline: bool) -> Incoming {
+        let hash = *blake3::hash(bytes).as_bytes();
+        let mut version = VersionVector::new();
+        version.bump(PEER);
+        Incoming {
+            record: FileRecord {
+                path: RelPath::new(path).expect("valid"),
+                kind: Kind::File,
+                deleted: false,
+                size: bytes.len() as u64,
+                mode: 0o644,
+                hash: Some(hash),
+                version,
+                stamp: Stamp {
+                    hlc: Hlc::default().tick(1_700_000_000_000 + seq),
+                    node: PEER,
+                },
+                seq,
+            },
+            inline: if inline {
+                Inline::verified(bytes.to_vec(), &hash)
+            } else {
+                None
+            },
+        }
+    }
+
+    fn batch(stream: u64, up_to_seq: u64, records: Vec<Incoming>) -> RemoteBatch {
+        RemoteBatch {
+            peer: "gw2".into(),
+            stream,
+            epoch: 5,
+            up_to_seq,
+            records,
+            fetcher: Arc::new(NoFetch),
+        }
+    }
+
+    /// Regression guard for pipelined sessions: once a batch of a stream fails, a batch queued
+    /// behind it on the same stream must not apply, or the peer's cursor would move past the
+    /// record that failed and it would never be retried.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_batch_stops_its_stream_and_keeps_the_cursor_before_the_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("mkdir");
+        let store = Store::open(dir.path()).await.expect("store");
+        let folder = FolderConfig {
+            id: "synapse-configs".into(),
+            path: root.clone(),
+            ignore: Vec::new(),
+            xml_gate: true,
+        };
+        let opts = EngineOptions {
+            node: NodeId(1),
+            names: NodeNames::default(),
+            node_name: "gw1".into(),
+            conflicts_dir: dir.path().join("conflicts"),
+            tombstone_ttl_ms: 1000,
+        };
+        let (mut engine, handle, inbox) = FolderEngine::open(&folder, store.clone(), opts)
+            .await
+            .expect("open");
+        engine.initial_scan().await.expect("scan");
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(engine.run(
+            inbox,
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::from_secs(3600),
+            cancel.clone(),
+        ));
+        // Batch 1: seq 1 lands, seq 2 needs a fetch that fails. Batch 2 is queued behind it.
+        let first = handle
+            .queue_remote(batch(
+                1,
+                2,
+                vec![
+                    remote_file("a.xml", b"<a/>", 1, true),
+                    remote_file("big.xml", b"<big/>", 2, false),
+                ],
+            ))
+            .await
+            .expect("queued");
+        let second = handle
+            .queue_remote(batch(1, 3, vec![remote_file("c.xml", b"<c/>", 3, true)]))
+            .await
+            .expect("queued");
+        match first.await {
+            Err(EngineError::ApplyFailed { failed, path, .. }) => {
+                assert_eq!((failed, path.as_str()), (1, "big.xml"));
+            }
+            other => panic!("expected the fetch failure, got {other:?}"),
+        }
+        assert!(
+            matches!(second.await, Err(EngineError::StreamFailed { .. })),
+            "a batch behind a failed one must be refused"
+        );
+        assert_eq!(std::fs::read(root.join("a.xml")).expect("a.xml"), b"<a/>");
+        assert!(
+            !root.join("c.xml").exists(),
+            "the refused batch wrote nothing"
+        );
+        let cursor = store
+            .cursor("gw2", "synapse-configs")
+            .await
+            .expect("cursor");
+        assert_eq!(
+            (cursor.epoch, cursor.seq),
+            (5, 1),
+            "cursor stops before the failure"
+        );
+        // The session resubscribes on a new stream from the cursor: that applies.
+        let applied = handle
+            .remote(batch(
+                2,
+                3,
+                vec![
+                    remote_file("big.xml", b"<big/>", 2, true),
+                    remote_file("c.xml", b"<c/>", 3, true),
+                ],
+            ))
+            .await
+            .expect("a new stream applies");
+        assert_eq!(applied, 3);
+        assert_eq!(std::fs::read(root.join("c.xml")).expect("c.xml"), b"<c/>");
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+}
