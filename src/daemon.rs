@@ -132,12 +132,27 @@ pub struct Running {
 }
 
 /// Runs the agent until `cancel`. `ready` receives the running handles once it serves.
+/// Batches keep their unnamed temp files open until they are durable (see `fs::apply`):
+/// lift the soft descriptor limit to the hard one (systemd's default soft limit is 1024).
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(soft, hard, error = %e, "cannot raise the open-file limit; large batches use named temp files");
+            }
+        }
+        _ => {}
+    }
+}
+
 pub async fn run(
     config: Config,
     cancel: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Running>>,
 ) -> Result<(), DaemonError> {
     let _lock = prepare_state_dir(&config.state_dir)?;
+    raise_descriptor_limit();
     let node = node_id(&config.state_dir)?;
     let store = Store::open(&config.state_dir).await?;
     let names: engine::NodeNames = Arc::new(Mutex::new(HashMap::new()));
@@ -155,6 +170,7 @@ pub async fn run(
         let watcher = FolderWatcher::start(
             &folder.path,
             engine.ignore().clone(),
+            engine.own_writes(),
             config.quiet_period(),
             config.open_write_hold(),
             tx,

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, FolderConfig};
 use crate::fs::apply::{self, Content, Op};
 use crate::fs::ignore::Ignore;
+use crate::fs::own::OwnWrites;
 use crate::fs::scan::{self, Look};
 use crate::fs::watch::Change;
 use crate::fs::xml;
@@ -267,6 +268,8 @@ pub struct FolderEngine {
     conflicts: u64,
     /// Streams whose batches are refused (see [`RemoteBatch::stream`]); the newest few.
     failed_streams: VecDeque<u64>,
+    /// The files this engine creates, for its watcher (see [`OwnWrites`]).
+    own: Arc<OwnWrites>,
 }
 
 /// How many failed streams an engine remembers. A session resubscribes on a new stream id
@@ -336,6 +339,7 @@ impl FolderEngine {
             last_error: None,
             conflicts,
             failed_streams: VecDeque::new(),
+            own: Arc::new(OwnWrites::default()),
         };
         engine.publish_status();
         let handle = FolderHandle {
@@ -352,6 +356,11 @@ impl FolderEngine {
 
     pub fn ignore(&self) -> &Ignore {
         &self.ignore
+    }
+
+    /// What the engine writes itself; the folder's watcher uses it to drop the echo.
+    pub fn own_writes(&self) -> Arc<OwnWrites> {
+        self.own.clone()
     }
 
     /// Removes leftovers of a crash and brings the index up to date with the disk.
@@ -900,6 +909,7 @@ impl FolderEngine {
                     path: record.path.clone(),
                     content,
                     mode: record.mode,
+                    new: local_live.is_none(),
                 })
             };
             match op {
@@ -913,7 +923,7 @@ impl FolderEngine {
         let results = if ops.is_empty() {
             Vec::new()
         } else {
-            block(|| apply::apply_batch(&self.root, ops))
+            block(|| apply::apply_batch(&self.root, ops, Some(&self.own)))
         };
         let mut applied = 0usize;
         for ((remote_seq, record), result) in op_meta.into_iter().zip(results) {
@@ -1005,6 +1015,7 @@ impl FolderEngine {
                 path,
                 content: Content::Bytes(data),
                 mode: file_mode,
+                new: false,
             });
         }
         for path in request.removes {
@@ -1012,7 +1023,7 @@ impl FolderEngine {
             ops.push(Op::RemoveFile { path });
         }
         let described: Vec<String> = ops.iter().map(|o| o.path().to_string()).collect();
-        let results = block(|| apply::apply_batch(&self.root, ops));
+        let results = block(|| apply::apply_batch(&self.root, ops, Some(&self.own)));
         let failure = described
             .into_iter()
             .zip(&results)

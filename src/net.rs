@@ -200,12 +200,15 @@ impl PeerService {
     }
 }
 
-/// Reads the content of small live files for inline transfer; a file whose bytes no longer
-/// match the record is sent without content (the receiver fetches, or a newer record follows).
+/// Reads the content of small live files for inline transfer, on a few threads.
 /// The batch is cut before the first small file that no longer fits the batch's inline budget,
 /// so it travels inline in the next batch instead of costing a fetch round trip.
 /// A version the subscriber wrote itself travels without content: it has those bytes (and in
 /// the rare case it does not any more, it fetches them).
+///
+/// The bytes are not hashed here: the receiver checks every inline content against the
+/// record's hash anyway, and fetches when they differ (a file changed since it was indexed;
+/// its newer record follows). Only a file of another size is left out.
 fn read_inline(
     root: &Path,
     rows: &mut Vec<StoredRecord>,
@@ -213,24 +216,34 @@ fn read_inline(
     subscriber: NodeId,
 ) -> Vec<Option<Vec<u8>>> {
     let mut budget = BATCH_INLINE_BYTES;
-    let mut out = Vec::with_capacity(rows.len());
+    let mut wanted = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         let r = &row.record;
-        if r.deleted || r.kind != Kind::File || r.size > inline_max || r.stamp.node == subscriber {
-            out.push(None);
-            continue;
-        }
-        if r.size > budget && i > 0 {
+        let inline = !r.deleted
+            && r.kind == Kind::File
+            && r.size <= inline_max
+            && r.stamp.node != subscriber;
+        if inline && r.size > budget && i > 0 {
             rows.truncate(i);
             break;
         }
-        let bytes = std::fs::read(root.join(r.path.as_str()))
-            .ok()
-            .filter(|b| Some(*blake3::hash(b).as_bytes()) == r.hash);
-        budget = budget.saturating_sub(r.size);
-        out.push(bytes);
+        if inline {
+            budget = budget.saturating_sub(r.size);
+        }
+        wanted.push(inline);
     }
-    out
+    let jobs: Vec<(&StoredRecord, bool)> = rows.iter().zip(wanted).collect();
+    let threads = crate::fs::par::threads_for(jobs.len());
+    crate::fs::par::map(&jobs, threads, |(row, inline)| {
+        let r = &row.record;
+        if !inline {
+            return None;
+        }
+        let mut file = std::fs::File::open(root.join(r.path.as_str())).ok()?;
+        let mut bytes = Vec::with_capacity(usize::try_from(r.size).ok()? + 1);
+        std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
+        (bytes.len() as u64 == r.size).then_some(bytes)
+    })
 }
 
 async fn pump_folder(

@@ -7,11 +7,14 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::model::RelPath;
 use crate::store::StatKey;
 
 use super::ignore::{TEMP_PREFIX, TEMP_SUFFIX};
+use super::own::OwnWrites;
+use super::par;
 use super::scan::stat_key;
 
 /// Above this many files in a batch, one `syncfs` replaces per-file `fsync`s.
@@ -32,6 +35,9 @@ pub enum Op {
         path: RelPath,
         content: Content,
         mode: u32,
+        /// Nothing is expected at the path (a new file): the write fails instead of replacing
+        /// whatever appeared there meanwhile (a local file the index does not know yet).
+        new: bool,
     },
     Chmod {
         path: RelPath,
@@ -76,8 +82,10 @@ impl Op {
 pub type OpResult = Result<Option<StatKey>, std::io::Error>;
 
 /// A new temp file in `dir`, never with a deployable extension.
+/// The directory is created when missing (only then: a batch writes thousands of files into
+/// directories that exist, and a check per file would cost a `stat` each).
 pub fn create_temp(dir: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
-    std::fs::create_dir_all(dir)?;
+    let mut created_dir = false;
     for _ in 0..16 {
         let name = format!("{TEMP_PREFIX}{:016x}{TEMP_SUFFIX}", rand::random::<u64>());
         let path = dir.join(name);
@@ -89,6 +97,10 @@ pub fn create_temp(dir: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
         {
             Ok(f) => return Ok((f, path)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !created_dir => {
+                std::fs::create_dir_all(dir)?;
+                created_dir = true;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -174,62 +186,113 @@ impl SymlinkCheck {
     }
 }
 
-/// Writes of a batch above this many are spread over several threads: file creation is
-/// mostly kernel time, and creations in one directory still overlap well.
-const PARALLEL_MIN_FILES: usize = 64;
-const MAX_WRITER_THREADS: usize = 4;
-
-fn writer_threads(files: usize) -> usize {
-    if files < PARALLEL_MIN_FILES {
-        return 1;
-    }
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, MAX_WRITER_THREADS)
+/// A file's new content, written and waiting to be put in place.
+#[derive(Debug)]
+enum Staged {
+    /// A temp file `.artisync.<random>.tmp` in the target's directory.
+    Named(PathBuf),
+    /// An unnamed (`O_TMPFILE`) file in the target's directory: it has no name at all until it
+    /// is linked at the target, so not even a temp name is seen, and a crash leaves nothing.
+    Unnamed(File),
 }
 
-/// Runs `f` on every item, on up to `threads` threads; results come back in item order.
-fn map_parallel<T: Sync, R: Send>(
-    items: &[T],
-    threads: usize,
-    f: impl Fn(&T) -> R + Sync,
-) -> Vec<R> {
-    if threads <= 1 || items.len() < 2 {
-        return items.iter().map(f).collect();
+impl Staged {
+    fn discard(&self) {
+        if let Staged::Named(tmp) = self {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
-    let per = items.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let f = &f;
-        let handles: Vec<_> = items
-            .chunks(per)
-            .map(|chunk| scope.spawn(move || chunk.iter().map(f).collect::<Vec<R>>()))
-            .collect();
-        // A writer thread can only panic on a bug; the panic is carried on, not swallowed.
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+
+    fn sync(&self) -> std::io::Result<()> {
+        match self {
+            Staged::Named(tmp) => File::open(tmp)?.sync_all(),
+            Staged::Unnamed(f) => f.sync_all(),
+        }
+    }
+}
+
+/// True when unnamed temp files can be linked into place here: that goes through
+/// `/proc/self/fd` (linking by descriptor directly needs CAP_DAC_READ_SEARCH).
+fn proc_fd_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+}
+
+/// Unnamed temp files one batch may hold open (they stay open until the batch is durable):
+/// a small share of the descriptor limit, so several folders' batches fit at once.
+fn unnamed_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        usize::try_from(soft / 8).unwrap_or(usize::MAX).min(1024)
     })
 }
 
-/// Writes one file's new bytes to a temp file next to `target` with `mode`; returns the temp
-/// file and the stat key the target will have once the temp file is renamed onto it (a rename
-/// keeps inode, size and mtime).
-fn write_temp(dir: &Path, content: &Content, mode: u32) -> std::io::Result<(PathBuf, StatKey)> {
+/// Opens an unnamed file in `dir`; `None` when the file system (or kernel) has no `O_TMPFILE`.
+fn open_unnamed(dir: &Path, mode: u32) -> std::io::Result<Option<File>> {
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_TMPFILE)
+            .mode(mode & 0o777 | 0o600)
+            .open(dir)
+    };
+    let r = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            open()
+        }
+        r => r,
+    };
+    match r {
+        Ok(f) => Ok(Some(f)),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(nix::libc::EOPNOTSUPP | nix::libc::EISDIR | nix::libc::EINVAL)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes one file's new bytes next to its target with `mode`; returns how they are staged and
+/// the stat key the target will have once they are in place (a rename or link keeps inode,
+/// size and mtime). `unnamed`: may use an unnamed temp file.
+fn write_temp(
+    dir: &Path,
+    content: &Content,
+    mode: u32,
+    unnamed: bool,
+    own: Option<&OwnWrites>,
+) -> std::io::Result<(Staged, StatKey)> {
+    let fill = |f: &mut File, bytes: &[u8]| -> std::io::Result<StatKey> {
+        f.write_all(bytes)?;
+        let meta = f.metadata()?;
+        // The create asked for the mode already; the umask may have taken bits.
+        if meta.permissions().mode() & 0o7777 != mode {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(stat_key(&meta))
+    };
     match content {
         Content::Bytes(bytes) => {
-            let (mut f, tmp) = create_temp(dir, mode)?;
-            let written = (|| {
-                f.write_all(bytes)?;
-                let meta = f.metadata()?;
-                // `create_temp` asked for the mode already; the umask may have taken bits.
-                if meta.permissions().mode() & 0o7777 != mode {
-                    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            if unnamed {
+                if let Some(mut f) = open_unnamed(dir, mode)? {
+                    if let Some(own) = own {
+                        use std::os::unix::fs::MetadataExt;
+                        own.note_temp(f.metadata()?.ino());
+                    }
+                    let key = fill(&mut f, bytes)?;
+                    return Ok((Staged::Unnamed(f), key));
                 }
-                Ok(stat_key(&meta))
-            })();
-            match written {
-                Ok(key) => Ok((tmp, key)),
+            }
+            let (mut f, tmp) = create_temp(dir, mode)?;
+            match fill(&mut f, bytes) {
+                Ok(key) => Ok((Staged::Named(tmp), key)),
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
                     Err(e)
@@ -240,7 +303,7 @@ fn write_temp(dir: &Path, content: &Content, mode: u32) -> std::io::Result<(Path
             let r = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
                 .and_then(|_| std::fs::symlink_metadata(tmp));
             match r {
-                Ok(meta) => Ok((tmp.clone(), stat_key(&meta))),
+                Ok(meta) => Ok((Staged::Named(tmp.clone()), stat_key(&meta))),
                 Err(e) => {
                     let _ = std::fs::remove_file(tmp);
                     Err(e)
@@ -250,9 +313,78 @@ fn write_temp(dir: &Path, content: &Content, mode: u32) -> std::io::Result<(Path
     }
 }
 
+fn appeared_meanwhile(target: &Path) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        format!(
+            "{} appeared while the peer's version was being written; it is looked at first",
+            target.display()
+        ),
+    )
+}
+
+/// Puts staged content at `target`. A `new` file never replaces anything (an unnamed file is
+/// linked, which fails on an existing name; a named one is renamed with RENAME_NOREPLACE).
+fn place(
+    staged: &Staged,
+    target: &Path,
+    new: bool,
+    own: Option<&OwnWrites>,
+) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    let r = match staged {
+        Staged::Unnamed(f) => {
+            use std::os::fd::AsRawFd;
+            if let Some(own) = own {
+                own.expect_create(target);
+            }
+            let from = format!("/proc/self/fd/{}", f.as_raw_fd());
+            let r = nix::unistd::linkat(
+                nix::fcntl::AT_FDCWD,
+                from.as_str(),
+                nix::fcntl::AT_FDCWD,
+                target,
+                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+            );
+            if r.is_err() {
+                if let Some(own) = own {
+                    own.forget_create(target);
+                }
+            }
+            match r {
+                Err(Errno::EEXIST) => Err(appeared_meanwhile(target)),
+                r => r.map_err(std::io::Error::from),
+            }
+        }
+        Staged::Named(tmp) if new => {
+            match nix::fcntl::renameat2(
+                nix::fcntl::AT_FDCWD,
+                tmp.as_path(),
+                nix::fcntl::AT_FDCWD,
+                target,
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Ok(()) => Ok(()),
+                Err(Errno::EEXIST) => Err(appeared_meanwhile(target)),
+                // A file system without RENAME_NOREPLACE: the engine checked the path just
+                // before, as it does for every replacement.
+                Err(Errno::EINVAL) => std::fs::rename(tmp, target),
+                Err(e) => Err(std::io::Error::from(e)),
+            }
+        }
+        Staged::Named(tmp) => std::fs::rename(tmp, target),
+    };
+    if r.is_err() {
+        staged.discard();
+    }
+    r
+}
+
 /// Carries out `ops` under `root` and returns one result per op, in the order given.
 /// Every op either fully happens or leaves the target as it was (temp files are cleaned up).
-pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
+///
+/// `own`: where the engine tells its watcher about the files it creates (see [`OwnWrites`]).
+pub fn apply_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Vec<OpResult> {
     let n = ops.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|i| ops[*i].rank());
@@ -306,56 +438,73 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>) -> Vec<OpResult> {
             Op::RemoveFile { .. } | Op::RemoveDir { .. } => {}
         }
     }
-    // Phase 2: the temp files, written in parallel (not durable yet).
-    let threads = writer_threads(writes.len());
-    let written = map_parallel(&writes, threads, |&i| match &ops[i] {
+    // Phase 2: the new contents, written in parallel (not durable yet). New files use unnamed
+    // temp files while the batch's share of descriptors lasts.
+    let mut unnamed_left = if proc_fd_available() {
+        unnamed_budget()
+    } else {
+        0
+    };
+    let jobs: Vec<(usize, bool)> = writes
+        .iter()
+        .map(|&i| {
+            let unnamed = matches!(
+                &ops[i],
+                Op::Write {
+                    new: true,
+                    content: Content::Bytes(_),
+                    ..
+                }
+            ) && unnamed_left > 0;
+            unnamed_left -= usize::from(unnamed);
+            (i, unnamed)
+        })
+        .collect();
+    let threads = par::threads_for(jobs.len());
+    let written = par::map(&jobs, threads, |&(i, unnamed)| match &ops[i] {
         Op::Write {
             path,
             content,
             mode,
-        } => write_temp(&parent_dir(root, path), content, *mode),
+            ..
+        } => write_temp(&parent_dir(root, path), content, *mode, unnamed, own),
         _ => Err(std::io::Error::other("not a write")),
     });
-    let mut temps: Vec<(usize, PathBuf, StatKey)> = Vec::with_capacity(writes.len());
+    let mut staged: Vec<(usize, Staged, StatKey)> = Vec::with_capacity(writes.len());
     for (&i, w) in writes.iter().zip(written) {
         match w {
-            Ok((tmp, key)) => temps.push((i, tmp, key)),
+            Ok((s, key)) => staged.push((i, s, key)),
             Err(e) => results[i] = Some(Err(e)),
         }
     }
-    // Phase 3: make the temp files durable, together.
-    let durable = if temps.len() > SYNCFS_THRESHOLD {
+    // Phase 3: make the new contents durable, together.
+    let durable = if staged.len() > SYNCFS_THRESHOLD {
         syncfs(root)
     } else {
-        temps
-            .iter()
-            .try_for_each(|(_, tmp, _)| File::open(tmp).and_then(|f| f.sync_all()))
+        staged.iter().try_for_each(|(_, s, _)| s.sync())
     };
     if let Err(e) = durable {
-        for (i, tmp, _) in temps.drain(..) {
-            let _ = std::fs::remove_file(&tmp);
+        for (i, s, _) in staged.drain(..) {
+            s.discard();
             results[i] = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
         }
     }
-    // Phase 4: rename into place; in parallel unless two writes share a target (then their
-    // order matters).
-    let targets: BTreeSet<&RelPath> = temps.iter().map(|(i, _, _)| ops[*i].path()).collect();
-    let threads = if targets.len() == temps.len() {
-        writer_threads(temps.len())
+    // Phase 4: into place; in parallel unless two writes share a target (then their order
+    // matters).
+    let targets: BTreeSet<&RelPath> = staged.iter().map(|(i, _, _)| ops[*i].path()).collect();
+    let threads = if targets.len() == staged.len() {
+        par::threads_for(staged.len())
     } else {
         1
     };
-    let renamed = map_parallel(&temps, threads, |(i, tmp, key)| {
-        // The stat key is the temp file's, taken before the rename: a local edit or rename
-        // landing on the target right after ours must not be taken for our write (nor fail
-        // an apply that already happened).
-        let r = std::fs::rename(tmp, root.join(ops[*i].path().as_str())).map(|_| Some(*key));
-        if r.is_err() {
-            let _ = std::fs::remove_file(tmp);
-        }
-        r
+    let placed = par::map(&staged, threads, |(i, s, key)| {
+        let new = matches!(&ops[*i], Op::Write { new: true, .. });
+        // The stat key is the temp file's, taken before it was put in place: a local edit
+        // landing on the target right after ours must not be taken for our write (nor fail an
+        // apply that already happened).
+        place(s, &root.join(ops[*i].path().as_str()), new, own).map(|_| Some(*key))
     });
-    for ((i, _, _), r) in temps.iter().zip(renamed) {
+    for ((i, _, _), r) in staged.iter().zip(placed) {
         if r.is_ok() {
             dirty_dirs.insert(parent_dir(root, ops[*i].path()));
         }
@@ -475,6 +624,7 @@ mod tests {
                 path: p("api/sub/b.xml"),
                 content: Content::Bytes(b"<b/>".to_vec()),
                 mode: 0o640,
+                new: true,
             },
             Op::Mkdir {
                 path: p("api/sub"),
@@ -490,9 +640,10 @@ mod tests {
                 path: p(&format!("many/{i}.xml")),
                 content: Content::Bytes(vec![b'a'; i]),
                 mode: 0o644,
+                new: true,
             });
         }
-        let results = apply_batch(root, ops);
+        let results = apply_batch(root, ops, None);
         for r in &results {
             assert!(r.is_ok(), "{r:?}");
         }
@@ -529,14 +680,16 @@ mod tests {
                 path: p(&format!("d{}/{i}.xml", i % 3)),
                 content: Content::Bytes(format!("<f n=\"{i}\"/>").into_bytes()),
                 mode: 0o640,
+                new: true,
             })
             .collect();
         ops.push(Op::Write {
             path: p("d0/0.xml"),
             content: Content::Bytes(b"<later/>".to_vec()),
             mode: 0o600,
+            new: false,
         });
-        let results = apply_batch(root, ops);
+        let results = apply_batch(root, ops, None);
         assert_eq!(results.len(), 301);
         for (i, r) in results.iter().enumerate().take(300) {
             let stat = r.as_ref().expect("applied").expect("a file is there");
@@ -563,6 +716,104 @@ mod tests {
         assert_eq!(remove_stale_temps(root), 0, "no temp file is left behind");
     }
 
+    /// A new file never replaces something that appeared at its path after the engine
+    /// looked (a local file the index does not know yet): the write fails, the local file
+    /// stays, and nothing is left behind. Both ways of staging are checked.
+    #[test]
+    fn a_new_file_never_replaces_one_that_appeared_meanwhile() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::write(root.join("local.xml"), b"<mine/>").expect("write");
+        let own = OwnWrites::default();
+        // Through the batch: unnamed when the file system has O_TMPFILE (this one does).
+        let r = apply_batch(
+            root,
+            vec![Op::Write {
+                path: p("local.xml"),
+                content: Content::Bytes(b"<peer/>".to_vec()),
+                mode: 0o644,
+                new: true,
+            }],
+            Some(&own),
+        );
+        let e = r[0].as_ref().expect_err("must not replace");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(
+            std::fs::read(root.join("local.xml")).expect("read"),
+            b"<mine/>"
+        );
+        assert!(
+            !own.take_create(&root.join("local.xml")),
+            "a failed link is forgotten"
+        );
+        // A named temp file with RENAME_NOREPLACE.
+        let (mut f, tmp) = create_temp(root, 0o644).expect("temp");
+        f.write_all(b"<peer/>").expect("write");
+        let e = place(
+            &Staged::Named(tmp.clone()),
+            &root.join("local.xml"),
+            true,
+            None,
+        )
+        .expect_err("must not replace");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert!(!tmp.exists(), "the temp file is removed");
+        assert_eq!(
+            std::fs::read(root.join("local.xml")).expect("read"),
+            b"<mine/>"
+        );
+        // Not new: an ordinary replacement.
+        let r = apply_batch(
+            root,
+            vec![Op::Write {
+                path: p("local.xml"),
+                content: Content::Bytes(b"<peer/>".to_vec()),
+                mode: 0o644,
+                new: false,
+            }],
+            None,
+        );
+        assert!(r[0].is_ok(), "{r:?}");
+        assert_eq!(
+            std::fs::read(root.join("local.xml")).expect("read"),
+            b"<peer/>"
+        );
+        assert_eq!(remove_stale_temps(root), 0);
+    }
+
+    /// New files go through unnamed temp files: nothing but the finished file is ever seen
+    /// in the directory, and the watcher is told which creation and which temp are ours.
+    #[test]
+    fn new_files_are_staged_unnamed_and_announced_to_the_watcher() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let own = OwnWrites::default();
+        let r = apply_batch(
+            root,
+            vec![Op::Write {
+                path: p("api/new.xml"),
+                content: Content::Bytes(b"<new/>".to_vec()),
+                mode: 0o640,
+                new: true,
+            }],
+            Some(&own),
+        );
+        let stat = r[0].as_ref().expect("applied").expect("a file");
+        let meta = std::fs::symlink_metadata(root.join("api/new.xml")).expect("meta");
+        assert_eq!(stat, stat_key(&meta));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        let names: Vec<_> = std::fs::read_dir(root.join("api"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("new.xml")]);
+        if proc_fd_available() {
+            use std::os::unix::fs::MetadataExt;
+            assert!(own.take_create(&root.join("api/new.xml")));
+            assert!(own.is_own_temp_name(&format!("#{}", meta.ino())));
+        }
+    }
+
     #[test]
     fn nothing_is_written_through_a_symlinked_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -578,6 +829,7 @@ mod tests {
                     path: p("api/evil.xml"),
                     content: Content::Bytes(b"x".to_vec()),
                     mode: 0o644,
+                    new: true,
                 },
                 Op::RemoveFile {
                     path: p("api/victim.xml"),
@@ -587,6 +839,7 @@ mod tests {
                     mode: 0o777,
                 },
             ],
+            None,
         );
         assert!(r.iter().all(|r| r.is_err()), "{r:?}");
         assert!(!outside.path().join("evil.xml").exists());
@@ -596,14 +849,16 @@ mod tests {
                 path: p(&format!("api/evil{i}.xml")),
                 content: Content::Bytes(b"x".to_vec()),
                 mode: 0o644,
+                new: true,
             })
             .chain((0..100).map(|i| Op::Write {
                 path: p(&format!("ok/{i}.xml")),
                 content: Content::Bytes(b"y".to_vec()),
                 mode: 0o644,
+                new: true,
             }))
             .collect();
-        let r = apply_batch(&root, many);
+        let r = apply_batch(&root, many, None);
         assert!(r[..100].iter().all(|r| r.is_err()));
         assert!(r[100..].iter().all(|r| r.is_ok()));
         assert_eq!(
@@ -623,7 +878,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("d")).expect("mkdir");
         std::fs::write(dir.path().join("d/keep.swp"), b"x").expect("write");
-        let r = apply_batch(dir.path(), vec![Op::RemoveDir { path: p("d") }]);
+        let r = apply_batch(dir.path(), vec![Op::RemoveDir { path: p("d") }], None);
         assert!(r[0].is_err());
         assert!(dir.path().join("d/keep.swp").exists());
     }

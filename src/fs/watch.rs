@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model::RelPath;
 
 use super::ignore::Ignore;
+use super::own::OwnWrites;
 
 /// Raw events buffered between the notify thread and the debouncer; past this, a rescan.
 const RAW_QUEUE: usize = 8192;
@@ -72,11 +73,26 @@ fn is_own_temp(path: &Path) -> bool {
         .is_some_and(Ignore::is_temp)
 }
 
-/// Converts one notify event into raw items (pure; unit-tested). Events on our own temp files
-/// are dropped here, before they cost a queue slot.
-fn convert(event: &notify::Event) -> Vec<Raw> {
+/// Converts one notify event into raw items (unit-tested). Events on our own temp files, named
+/// or unnamed, and the creation of a file the engine put in place itself are dropped here,
+/// before they cost a queue slot.
+fn convert(event: &notify::Event, own: &OwnWrites) -> Vec<Raw> {
     if event.need_rescan() || matches!(event.kind, EventKind::Other) {
+        own.clear();
         return vec![Raw::Rescan];
+    }
+    if let [path] = &event.paths[..] {
+        let unnamed_temp = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| own.is_own_temp_name(n));
+        let own_create = matches!(
+            event.kind,
+            EventKind::Create(CreateKind::File | CreateKind::Any)
+        ) && own.take_create(path);
+        if unnamed_temp || own_create {
+            return Vec::new();
+        }
     }
     let (written, closed, renamed_to) = match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => (false, true, false),
@@ -121,6 +137,7 @@ impl FolderWatcher {
     pub fn start(
         root: &Path,
         ignore: Ignore,
+        own: Arc<OwnWrites>,
         quiet: Duration,
         open_write_hold: Duration,
         out: mpsc::Sender<Change>,
@@ -131,11 +148,16 @@ impl FolderWatcher {
         let flag = overflow.clone();
         let handler = move |res: notify::Result<notify::Event>| {
             let items = match res {
-                Ok(event) => convert(&event),
-                Err(_) => vec![Raw::Rescan],
+                Ok(event) => convert(&event, &own),
+                Err(_) => {
+                    own.clear();
+                    vec![Raw::Rescan]
+                }
             };
             for item in items {
                 if tx.try_send(item).is_err() {
+                    // Lost: the debouncer rescans; nothing we remember may hide a change.
+                    own.clear();
                     flag.store(true, Ordering::Release);
                 }
             }
@@ -329,7 +351,37 @@ impl Debouncer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, DataChange};
+    use notify::event::DataChange;
+
+    fn convert_fresh(event: &notify::Event) -> Vec<Raw> {
+        convert(event, &OwnWrites::default())
+    }
+
+    #[test]
+    fn creations_and_unnamed_temps_of_the_engine_are_dropped() {
+        let own = OwnWrites::default();
+        own.expect_create(Path::new("/r/api/new.xml"));
+        own.note_temp(991);
+        let create = ev(EventKind::Create(CreateKind::File), "/r/api/new.xml");
+        assert!(convert(&create, &own).is_empty(), "our own creation");
+        assert_eq!(
+            convert(&create, &own).len(),
+            1,
+            "a second creation is someone else's"
+        );
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+        ] {
+            assert!(convert(&ev(kind, "/r/api/#991"), &own).is_empty());
+            assert_eq!(convert(&ev(kind, "/r/api/#992"), &own).len(), 1);
+        }
+        // A lost event clears what is remembered.
+        own.expect_create(Path::new("/r/x.xml"));
+        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert!(matches!(&convert(&overflow, &own)[..], [Raw::Rescan]));
+        assert!(!own.take_create(Path::new("/r/x.xml")));
+    }
 
     fn ev(kind: EventKind, p: &str) -> notify::Event {
         notify::Event::new(kind).add_path(PathBuf::from(p))
@@ -337,7 +389,7 @@ mod tests {
 
     #[test]
     fn convert_classifies_events() {
-        let close = convert(&ev(
+        let close = convert_fresh(&ev(
             EventKind::Access(AccessKind::Close(AccessMode::Write)),
             "/r/a",
         ));
@@ -349,7 +401,7 @@ mod tests {
                 ..
             }]
         ));
-        let write = convert(&ev(
+        let write = convert_fresh(&ev(
             EventKind::Modify(ModifyKind::Data(DataChange::Any)),
             "/r/a",
         ));
@@ -361,7 +413,7 @@ mod tests {
                 ..
             }]
         ));
-        let create = convert(&ev(EventKind::Create(CreateKind::File), "/r/a"));
+        let create = convert_fresh(&ev(EventKind::Create(CreateKind::File), "/r/a"));
         assert!(matches!(
             &create[..],
             [Raw::Path {
@@ -371,14 +423,14 @@ mod tests {
             }]
         ));
         assert!(
-            convert(&ev(
+            convert_fresh(&ev(
                 EventKind::Access(AccessKind::Open(AccessMode::Any)),
                 "/r/a"
             ))
             .is_empty()
         );
         let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert!(matches!(&convert(&overflow)[..], [Raw::Rescan]));
+        assert!(matches!(&convert_fresh(&overflow)[..], [Raw::Rescan]));
     }
 
     fn rename(mode: RenameMode, paths: &[&str]) -> notify::Event {
@@ -397,24 +449,24 @@ mod tests {
             EventKind::Access(AccessKind::Close(AccessMode::Write)),
         ] {
             assert!(
-                convert(&ev(kind, temp)).is_empty(),
+                convert_fresh(&ev(kind, temp)).is_empty(),
                 "{kind:?} on a temp file"
             );
         }
-        assert!(convert(&rename(RenameMode::From, &[temp])).is_empty());
+        assert!(convert_fresh(&rename(RenameMode::From, &[temp])).is_empty());
         assert!(matches!(
-            &convert(&rename(RenameMode::To, &["/r/api/a.xml"]))[..],
+            &convert_fresh(&rename(RenameMode::To, &["/r/api/a.xml"]))[..],
             [Raw::Path {
                 renamed_to: true,
                 ..
             }]
         ));
-        match &convert(&rename(RenameMode::Both, &[temp, "/r/api/a.xml"]))[..] {
+        match &convert_fresh(&rename(RenameMode::Both, &[temp, "/r/api/a.xml"]))[..] {
             [Raw::OwnRename { to }] => assert_eq!(to, &PathBuf::from("/r/api/a.xml")),
             other => panic!("own rename not recognised: {other:?}"),
         }
         // Someone else's rename is only reported through its two halves.
-        assert!(convert(&rename(RenameMode::Both, &["/r/old.xml", "/r/new.xml"])).is_empty());
+        assert!(convert_fresh(&rename(RenameMode::Both, &["/r/old.xml", "/r/new.xml"])).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,158 @@
+//! What the folder engine writes itself, told to the folder's watcher so that the events our
+//! own writes cause are not handed back as changes to look at.
+//!
+//! Only two kinds of event are recognised here; every other event of a path still leads to a
+//! look, so a local edit right after one of our writes is never missed:
+//! - the `create` that putting a new file in place causes (`linkat` of an unnamed temp file,
+//!   whose stat key the index already holds);
+//! - the events of an unnamed (`O_TMPFILE`) temp file itself, which inotify names `#<inode>`.
+//!
+//! (Renames of named temp files are recognised by the watcher alone: notify pairs their two
+//! halves.) Both lists are bounded; an entry whose event never comes (a lost event, which
+//! triggers a rescan anyway) ages out, and a rescan clears them.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::Hash;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Entries kept per list; far more than one batch puts in place before its events arrive.
+const KEPT: usize = 16_384;
+
+/// A set that forgets its oldest entries beyond [`KEPT`].
+#[derive(Debug)]
+struct Recent<T> {
+    set: HashSet<T>,
+    order: VecDeque<T>,
+}
+
+impl<T: Hash + Eq + Clone> Recent<T> {
+    fn new() -> Self {
+        Self {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn insert(&mut self, v: T) {
+        if self.set.insert(v.clone()) {
+            self.order.push_back(v);
+            while self.order.len() > KEPT {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.set.clear();
+        self.order.clear();
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Absolute paths a new file of ours is about to be (or was just) linked at.
+    created: Recent<PathBuf>,
+    /// Inode numbers of our unnamed temp files.
+    temps: Recent<u64>,
+}
+
+/// Shared between one folder's engine (which writes) and its watcher (which reads).
+#[derive(Debug)]
+pub struct OwnWrites {
+    inner: Mutex<Inner>,
+}
+
+impl Default for OwnWrites {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                created: Recent::new(),
+                temps: Recent::new(),
+            }),
+        }
+    }
+}
+
+impl OwnWrites {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> Option<R> {
+        self.inner.lock().ok().map(|mut g| f(&mut g))
+    }
+
+    /// The engine is about to put a new file at `path`.
+    pub fn expect_create(&self, path: &Path) {
+        self.with(|i| i.created.insert(path.to_owned()));
+    }
+
+    /// Putting the file at `path` failed: its `create` will not come.
+    pub fn forget_create(&self, path: &Path) {
+        self.with(|i| {
+            if i.created.set.remove(path) {
+                i.created.order.retain(|p| p != path);
+            }
+        });
+    }
+
+    /// The watcher saw `path` created: true (once) when that was the engine's own file.
+    pub fn take_create(&self, path: &Path) -> bool {
+        // The order list keeps the path until it ages out; only the set answers.
+        self.with(|i| i.created.set.remove(path)).unwrap_or(false)
+    }
+
+    /// An unnamed temp file with inode `ino` is ours.
+    pub fn note_temp(&self, ino: u64) {
+        self.with(|i| i.temps.insert(ino));
+    }
+
+    /// True when `name` is how inotify names one of our unnamed temp files (`#<inode>`).
+    pub fn is_own_temp_name(&self, name: &str) -> bool {
+        let Some(ino) = name.strip_prefix('#').and_then(|n| n.parse::<u64>().ok()) else {
+            return false;
+        };
+        self.with(|i| i.temps.set.contains(&ino)).unwrap_or(false)
+    }
+
+    /// Events were lost (the watcher rescans): forget everything, so no stale entry can hide
+    /// a later change.
+    pub fn clear(&self) {
+        self.with(|i| {
+            i.created.clear();
+            i.temps.clear();
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_are_taken_once_and_temps_recognised_by_inode() {
+        let own = OwnWrites::default();
+        own.expect_create(Path::new("/r/a.xml"));
+        own.expect_create(Path::new("/r/b.xml"));
+        own.forget_create(Path::new("/r/b.xml"));
+        assert!(own.take_create(Path::new("/r/a.xml")));
+        assert!(!own.take_create(Path::new("/r/a.xml")), "only once");
+        assert!(!own.take_create(Path::new("/r/b.xml")), "forgotten");
+        own.note_temp(4242);
+        assert!(own.is_own_temp_name("#4242"));
+        assert!(!own.is_own_temp_name("#4243"));
+        assert!(!own.is_own_temp_name("4242"));
+        assert!(!own.is_own_temp_name("#42x"));
+        own.clear();
+        assert!(!own.is_own_temp_name("#4242"));
+    }
+
+    #[test]
+    fn old_entries_age_out() {
+        let own = OwnWrites::default();
+        for i in 0..(KEPT as u64 + 10) {
+            own.note_temp(i);
+        }
+        assert!(!own.is_own_temp_name("#0"));
+        assert!(own.is_own_temp_name(&format!("#{}", KEPT + 9)));
+    }
+}
