@@ -10,7 +10,7 @@
 //! Blocking work (hashing, fsync, rename) runs under `block_in_place`: the daemon runs on the
 //! multi-threaded runtime.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -272,6 +272,56 @@ pub struct FolderEngine {
     own: Arc<OwnWrites>,
 }
 
+/// The failures of one batch: how many, and the one with the lowest peer sequence (the
+/// peer's cursor stops just before it).
+#[derive(Debug, Default)]
+struct Failures {
+    first: Option<(u64, String, String)>,
+    count: usize,
+}
+
+impl Failures {
+    fn note(&mut self, seq: u64, path: &RelPath, problem: String) {
+        self.count += 1;
+        if self.first.as_ref().is_none_or(|(s, _, _)| seq < *s) {
+            self.first = Some((seq, path.to_string(), problem));
+        }
+    }
+}
+
+/// A peer batch decided and staged, waiting for its durability and placement.
+struct PreparedRemote {
+    peer: String,
+    stream: u64,
+    epoch: u64,
+    up_to_seq: u64,
+    /// Index-only changes (merged versions), for the replica and the index.
+    stores: Vec<FileRecord>,
+    /// (peer seq, record) of each disk op, in op order.
+    op_meta: Vec<(u64, FileRecord)>,
+    /// Records whose disk already matches.
+    no_op: Vec<FileRecord>,
+    fails: Failures,
+    staged: Option<apply::StagedBatch>,
+    /// Every path the disk ops touch.
+    paths: HashSet<RelPath>,
+    /// Some disk op removes a file or directory.
+    removes: bool,
+}
+
+impl PreparedRemote {
+    fn staged_take(&mut self) -> Option<apply::StagedBatch> {
+        self.staged.take()
+    }
+}
+
+/// A prepared batch being finished on a blocking thread.
+struct InFlight {
+    prepared: PreparedRemote,
+    finishing: tokio::task::JoinHandle<Vec<apply::OpResult>>,
+    reply: oneshot::Sender<Result<u64, EngineError>>,
+}
+
 /// How many failed streams an engine remembers. A session resubscribes on a new stream id
 /// right after a failure, so only streams with batches still queued matter.
 const FAILED_STREAMS_KEPT: usize = 16;
@@ -388,50 +438,20 @@ impl FolderEngine {
         rescan.tick().await;
         let mut retry = tokio::time::interval(retry_every);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A message taken off the queue by a batch chain (see `remote_chain`), handled next.
+        let mut pending: Option<Msg> = None;
         loop {
+            if let Some(msg) = pending.take() {
+                pending = self.handle(msg, &mut rx).await;
+                self.publish_status();
+                continue;
+            }
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => break,
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
-                    match msg {
-                        Msg::Local(change) => {
-                            if let Err(e) = self.on_local(change).await {
-                                warn!(folder = %self.id, error = %e, "local change not recorded");
-                                self.last_error = Some(e.to_string());
-                            }
-                        }
-                        Msg::Remote(batch, reply) => {
-                            let stream = batch.stream;
-                            let r = if self.failed_streams.contains(&stream) {
-                                Err(EngineError::StreamFailed { folder: self.id.clone(), peer: batch.peer })
-                            } else {
-                                self.on_remote(batch).await
-                            };
-                            if let Err(e) = &r {
-                                if !matches!(e, EngineError::StreamFailed { .. }) {
-                                    self.last_error = Some(e.to_string());
-                                }
-                                if !self.failed_streams.contains(&stream) {
-                                    if self.failed_streams.len() == FAILED_STREAMS_KEPT {
-                                        self.failed_streams.pop_front();
-                                    }
-                                    self.failed_streams.push_back(stream);
-                                }
-                            }
-                            let _ = reply.send(r);
-                        }
-                        Msg::Deploy(request, reply) => {
-                            let r = self.on_deploy(request).await;
-                            if let Err(e) = &r {
-                                self.last_error = Some(e.to_string());
-                            }
-                            let _ = reply.send(r);
-                        }
-                        Msg::Resume(reply) => {
-                            let text = self.resume().await;
-                            let _ = reply.send(text);
-                        }
-                    }
+                    pending = self.handle(msg, &mut rx).await;
                 }
                 _ = rescan.tick() => {
                     if let Err(e) = self.on_local(Change::Rescan).await {
@@ -451,6 +471,31 @@ impl FolderEngine {
             self.publish_status();
         }
         debug!(folder = %self.id, "engine stopped");
+    }
+
+    /// Handles one message; returns one it took off the queue and left for the next turn.
+    async fn handle(&mut self, msg: Msg, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
+        match msg {
+            Msg::Local(change) => {
+                if let Err(e) = self.on_local(change).await {
+                    warn!(folder = %self.id, error = %e, "local change not recorded");
+                    self.last_error = Some(e.to_string());
+                }
+            }
+            Msg::Remote(batch, reply) => return self.remote_chain(batch, reply, rx).await,
+            Msg::Deploy(request, reply) => {
+                let r = self.on_deploy(request).await;
+                if let Err(e) = &r {
+                    self.last_error = Some(e.to_string());
+                }
+                let _ = reply.send(r);
+            }
+            Msg::Resume(reply) => {
+                let text = self.resume().await;
+                let _ = reply.send(text);
+            }
+        }
+        None
     }
 
     fn publish_status(&self) {
@@ -763,7 +808,186 @@ impl FolderEngine {
         }
     }
 
-    async fn on_remote(&mut self, batch: RemoteBatch) -> Result<u64, EngineError> {
+    /// Refuses a batch of a stream that failed before (see [`RemoteBatch::stream`]).
+    fn refused(&self, batch: &RemoteBatch) -> Option<EngineError> {
+        self.failed_streams
+            .contains(&batch.stream)
+            .then(|| EngineError::StreamFailed {
+                folder: self.id.clone(),
+                peer: batch.peer.clone(),
+            })
+    }
+
+    /// Notes how a batch of `stream` ended: a failure stops the stream.
+    fn note_outcome<T>(&mut self, stream: u64, result: &Result<T, EngineError>) {
+        let Err(e) = result else { return };
+        if !matches!(e, EngineError::StreamFailed { .. }) {
+            self.last_error = Some(e.to_string());
+        }
+        if !self.failed_streams.contains(&stream) {
+            if self.failed_streams.len() == FAILED_STREAMS_KEPT {
+                self.failed_streams.pop_front();
+            }
+            self.failed_streams.push_back(stream);
+        }
+    }
+
+    /// Applies a peer batch, and the batches queued right behind it, as a pipeline: while
+    /// one batch waits for its durability and is put in place (on a blocking thread), the
+    /// next is decided and staged. Only a batch that shares no path with the one before, and
+    /// follows one without removals, is staged early; anything else (another message, or
+    /// nothing queued) finishes the batch in flight first. Returns a message it took off the
+    /// queue and did not handle.
+    async fn remote_chain(
+        &mut self,
+        batch: RemoteBatch,
+        reply: oneshot::Sender<Result<u64, EngineError>>,
+        rx: &mut mpsc::Receiver<Msg>,
+    ) -> Option<Msg> {
+        let mut current = match self.start_remote(batch, reply).await {
+            Some(c) => c,
+            None => return None,
+        };
+        loop {
+            let mut next = rx.try_recv().ok();
+            let overlap = match &next {
+                Some(Msg::Remote(b, _)) => {
+                    !current.prepared.removes
+                        && self.refused(b).is_none()
+                        && b.records
+                            .iter()
+                            .all(|r| !current.prepared.paths.contains(&r.record.path))
+                }
+                _ => false,
+            };
+            let early = if overlap {
+                match next.take() {
+                    Some(Msg::Remote(b, reply)) => {
+                        let stream = b.stream;
+                        Some((self.prepare_remote(b).await, stream, reply))
+                    }
+                    other => {
+                        next = other;
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            self.end_remote(current).await;
+            let (prepared, stream, reply) = match early {
+                Some(x) => x,
+                None => return next,
+            };
+            let mut prepared = match prepared {
+                Ok(p) if self.failed_streams.contains(&stream) => {
+                    // The batch before it failed: drop what was staged, keep the index-only
+                    // merges it decided (they are true whatever the disk holds).
+                    let peer = p.peer.clone();
+                    self.abandon_remote(p).await;
+                    let _ = reply.send(Err(EngineError::StreamFailed {
+                        folder: self.id.clone(),
+                        peer,
+                    }));
+                    return None;
+                }
+                Ok(p) => p,
+                Err(e) => {
+                    let r = Err(e);
+                    self.note_outcome(stream, &r);
+                    let _ = reply.send(r);
+                    return None;
+                }
+            };
+            let finishing = self.finish_in_background(prepared.staged_take());
+            current = InFlight {
+                prepared,
+                finishing,
+                reply,
+            };
+        }
+    }
+
+    /// Prepares a batch and starts finishing it; on refusal or failure answers at once.
+    async fn start_remote(
+        &mut self,
+        batch: RemoteBatch,
+        reply: oneshot::Sender<Result<u64, EngineError>>,
+    ) -> Option<InFlight> {
+        let stream = batch.stream;
+        if let Some(e) = self.refused(&batch) {
+            let _ = reply.send(Err(e));
+            return None;
+        }
+        match self.prepare_remote(batch).await {
+            Ok(mut prepared) => {
+                let finishing = self.finish_in_background(prepared.staged_take());
+                Some(InFlight {
+                    prepared,
+                    finishing,
+                    reply,
+                })
+            }
+            Err(e) => {
+                let r = Err(e);
+                self.note_outcome(stream, &r);
+                let _ = reply.send(r);
+                None
+            }
+        }
+    }
+
+    /// Waits for a batch in flight to be on disk, records it, and answers its session.
+    async fn end_remote(&mut self, flight: InFlight) {
+        let InFlight {
+            prepared,
+            finishing,
+            reply,
+        } = flight;
+        let stream = prepared.stream;
+        let results = match finishing.await {
+            Ok(results) => results,
+            Err(e) => prepared
+                .op_meta
+                .iter()
+                .map(|_| Err(std::io::Error::other(format!("apply task failed: {e}"))))
+                .collect(),
+        };
+        let r = self.complete_remote(prepared, results).await;
+        self.note_outcome(stream, &r);
+        let _ = reply.send(r);
+    }
+
+    /// Drops a prepared batch that will not be applied: its staged contents are removed; the
+    /// index-only merges it decided are kept (without moving the peer's cursor).
+    async fn abandon_remote(&mut self, mut prepared: PreparedRemote) {
+        if let Some(staged) = prepared.staged_take() {
+            block(|| staged.discard());
+        }
+        let commits = self.commit_stores(std::mem::take(&mut prepared.stores));
+        if !commits.is_empty() {
+            if let Err(e) = self.store.commit(&self.id, &commits, None).await {
+                warn!(folder = %self.id, error = %e, "cannot record index-only merges");
+            }
+            self.seq_tx.send_replace(self.replica.seq());
+        }
+    }
+
+    /// Commits index-only decisions to the replica; returns them as rows for the index.
+    fn commit_stores(&mut self, stores: Vec<FileRecord>) -> Vec<StoredRecord> {
+        stores
+            .into_iter()
+            .map(|record| {
+                let stat = self.stats.get(&record.path).copied();
+                let record = self.replica.commit(record);
+                StoredRecord { record, stat }
+            })
+            .collect()
+    }
+
+    /// First half of a peer batch: decisions, conflict copies, fetches, and the disk
+    /// operations staged (nothing visible at a target path yet).
+    async fn prepare_remote(&mut self, batch: RemoteBatch) -> Result<PreparedRemote, EngineError> {
         if let Some(reason) = &self.paused {
             return Err(EngineError::Paused {
                 folder: self.id.clone(),
@@ -771,7 +995,7 @@ impl FolderEngine {
             });
         }
         let now = crate::now_ms();
-        let mut commits: Vec<StoredRecord> = Vec::new();
+        let mut stores: Vec<FileRecord> = Vec::new();
         // (remote seq, record, conflict copy, content source)
         let mut applies: Vec<(u64, FileRecord, bool, Option<Inline>)> = Vec::new();
         for Incoming {
@@ -795,11 +1019,10 @@ impl FolderEngine {
             }
             match decision {
                 Decision::Ignore => {}
-                Decision::Store(record) => {
-                    let stat = self.stats.get(&record.path).copied();
-                    let record = self.replica.commit(record);
-                    commits.push(StoredRecord { record, stat });
-                }
+                // Committed to the replica only when the batch completes: a sequence number
+                // handed out now would reach the index after the ones of the batch still in
+                // flight, and a subscriber reading the index in between would skip it.
+                Decision::Store(record) => stores.push(record),
                 Decision::Apply {
                     record,
                     conflict_copy,
@@ -808,18 +1031,7 @@ impl FolderEngine {
                 }
             }
         }
-        let mut failed: Option<(u64, String, String)> = None;
-        let mut failures = 0usize;
-        let mut note_failure =
-            |seq: u64,
-             path: &RelPath,
-             problem: String,
-             failed: &mut Option<(u64, String, String)>| {
-                failures += 1;
-                if failed.as_ref().is_none_or(|(s, _, _)| seq < *s) {
-                    *failed = Some((seq, path.to_string(), problem));
-                }
-            };
+        let mut fails = Failures::default();
         // Build the disk operations; fetch what did not travel inline.
         let mut ops: Vec<Op> = Vec::new();
         let mut op_meta: Vec<(u64, FileRecord)> = Vec::new();
@@ -831,11 +1043,10 @@ impl FolderEngine {
                     .keep_conflict_copy(&record, local.as_ref(), now, &batch.peer)
                     .await
                 {
-                    note_failure(
+                    fails.note(
                         remote_seq,
                         &record.path,
                         format!("cannot keep conflict copy: {e}"),
-                        &mut failed,
                     );
                     continue;
                 }
@@ -870,12 +1081,7 @@ impl FolderEngine {
                 }
             } else {
                 let Some(hash) = record.hash else {
-                    note_failure(
-                        remote_seq,
-                        &record.path,
-                        "live file without a hash".into(),
-                        &mut failed,
-                    );
+                    fails.note(remote_seq, &record.path, "live file without a hash".into());
                     continue;
                 };
                 let content = match inline {
@@ -894,12 +1100,7 @@ impl FolderEngine {
                         {
                             Ok(tmp) => Content::Temp(tmp),
                             Err(e) => {
-                                note_failure(
-                                    remote_seq,
-                                    &record.path,
-                                    format!("fetch failed: {e}"),
-                                    &mut failed,
-                                );
+                                fails.note(remote_seq, &record.path, format!("fetch failed: {e}"));
                                 continue;
                             }
                         }
@@ -920,11 +1121,63 @@ impl FolderEngine {
                 None => no_op.push(record),
             }
         }
-        let results = if ops.is_empty() {
-            Vec::new()
+        let paths = ops.iter().map(|o| o.path().clone()).collect();
+        let removes = ops
+            .iter()
+            .any(|o| matches!(o, Op::RemoveFile { .. } | Op::RemoveDir { .. }));
+        let staged = if ops.is_empty() {
+            None
         } else {
-            block(|| apply::apply_batch(&self.root, ops, Some(&self.own)))
+            Some(block(|| {
+                apply::stage_batch(&self.root, ops, Some(&self.own))
+            }))
         };
+        Ok(PreparedRemote {
+            peer: batch.peer,
+            stream: batch.stream,
+            epoch: batch.epoch,
+            up_to_seq: batch.up_to_seq,
+            stores,
+            op_meta,
+            no_op,
+            fails,
+            staged,
+            paths,
+            removes,
+        })
+    }
+
+    /// Finishes a staged batch (durability, placement) on a blocking thread, so the engine can
+    /// stage the next batch meanwhile.
+    fn finish_in_background(
+        &self,
+        staged: Option<apply::StagedBatch>,
+    ) -> tokio::task::JoinHandle<Vec<apply::OpResult>> {
+        let own = self.own.clone();
+        tokio::task::spawn_blocking(move || match staged {
+            Some(batch) => batch.finish(Some(&own)),
+            None => Vec::new(),
+        })
+    }
+
+    /// Second half of a peer batch, once its disk operations are done: records what landed
+    /// (with the peer cursor, in one transaction) and says how far the batch got.
+    async fn complete_remote(
+        &mut self,
+        prepared: PreparedRemote,
+        results: Vec<apply::OpResult>,
+    ) -> Result<u64, EngineError> {
+        let PreparedRemote {
+            peer,
+            epoch,
+            up_to_seq,
+            stores,
+            op_meta,
+            no_op,
+            mut fails,
+            ..
+        } = prepared;
+        let mut commits = self.commit_stores(stores);
         let mut applied = 0usize;
         for ((remote_seq, record), result) in op_meta.into_iter().zip(results) {
             match result {
@@ -948,11 +1201,11 @@ impl FolderEngine {
                 {
                     // Only ignored or unsynced files keep it alive here; it stays, and no
                     // deletion is recorded for it, so nothing is lost.
-                    warn!(folder = %self.id, path = %record.path, peer = %batch.peer, "directory deleted on a peer still has local content; keeping it");
+                    warn!(folder = %self.id, path = %record.path, peer = %peer, "directory deleted on a peer still has local content; keeping it");
                 }
                 Err(e) => {
-                    warn!(folder = %self.id, path = %record.path, peer = %batch.peer, error = %e, "cannot apply change");
-                    note_failure(remote_seq, &record.path, e.to_string(), &mut failed);
+                    warn!(folder = %self.id, path = %record.path, peer = %peer, error = %e, "cannot apply change");
+                    fails.note(remote_seq, &record.path, e.to_string());
                 }
             }
         }
@@ -961,27 +1214,27 @@ impl FolderEngine {
             let record = self.replica.commit(record);
             commits.push(StoredRecord { record, stat });
         }
-        let applied_up_to = match &failed {
+        let applied_up_to = match &fails.first {
             Some((seq, _, _)) => seq.saturating_sub(1),
-            None => batch.up_to_seq,
+            None => up_to_seq,
         };
         let cursor = Cursor {
-            epoch: batch.epoch,
+            epoch,
             seq: applied_up_to,
         };
         self.store
-            .commit(&self.id, &commits, Some((&batch.peer, cursor)))
+            .commit(&self.id, &commits, Some((&peer, cursor)))
             .await?;
         if !commits.is_empty() {
             self.seq_tx.send_replace(self.replica.seq());
         }
         if applied > 0 {
-            info!(folder = %self.id, peer = %batch.peer, count = applied, "applied peer changes");
+            info!(folder = %self.id, peer = %peer, count = applied, "applied peer changes");
         }
-        match failed {
+        match fails.first {
             Some((_, path, problem)) => Err(EngineError::ApplyFailed {
                 folder: self.id.clone(),
-                failed: failures,
+                failed: fails.count,
                 path,
                 problem,
             }),
@@ -1173,6 +1426,118 @@ mod tests {
             records,
             fetcher: Arc::new(NoFetch),
         }
+    }
+
+    async fn engine_on(
+        dir: &Path,
+    ) -> (
+        FolderHandle,
+        Store,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let root = dir.join("root");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        let store = Store::open(dir).await.expect("store");
+        let folder = FolderConfig {
+            id: "synapse-configs".into(),
+            path: root,
+            ignore: Vec::new(),
+            xml_gate: true,
+        };
+        let opts = EngineOptions {
+            node: NodeId(1),
+            names: NodeNames::default(),
+            node_name: "gw1".into(),
+            conflicts_dir: dir.join("conflicts"),
+            tombstone_ttl_ms: 1000,
+        };
+        let (mut engine, handle, inbox) = FolderEngine::open(&folder, store.clone(), opts)
+            .await
+            .expect("open");
+        engine.initial_scan().await.expect("scan");
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(engine.run(
+            inbox,
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::from_secs(3600),
+            cancel.clone(),
+        ));
+        (handle, store, cancel, task)
+    }
+
+    /// Batches queued back to back are staged while the one before is finished; one that
+    /// touches a path of the batch in flight waits for it, so the later version wins, and the
+    /// index gets its sequence numbers in the order they were handed out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_batches_apply_in_order_and_a_shared_path_keeps_the_later_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        let root = dir.path().join("root");
+        let mut newer = remote_file("x.xml", b"<x v=\"2\"/>", 3, true);
+        newer.record.version.bump(PEER);
+        let many: Vec<Incoming> = (0..200)
+            .map(|i| {
+                remote_file(
+                    &format!("d/{i}.xml"),
+                    format!("<d n=\"{i}\"/>").as_bytes(),
+                    10 + i,
+                    true,
+                )
+            })
+            .collect();
+        let batches = vec![
+            batch(
+                9,
+                2,
+                vec![
+                    remote_file("x.xml", b"<x v=\"1\"/>", 1, true),
+                    remote_file("y.xml", b"<y/>", 2, true),
+                ],
+            ),
+            batch(9, 3, vec![newer]),
+            batch(9, 209, many),
+            batch(9, 300, vec![remote_file("z.xml", b"<z/>", 300, true)]),
+        ];
+        let mut answers = Vec::new();
+        for b in batches {
+            answers.push(handle.queue_remote(b).await.expect("queued"));
+        }
+        let mut applied = Vec::new();
+        for a in answers {
+            applied.push(a.await.expect("applied"));
+        }
+        assert_eq!(applied, vec![2, 3, 209, 300]);
+        assert_eq!(
+            std::fs::read(root.join("x.xml")).expect("x"),
+            b"<x v=\"2\"/>"
+        );
+        assert_eq!(
+            std::fs::read(root.join("d/199.xml")).expect("d"),
+            b"<d n=\"199\"/>"
+        );
+        assert_eq!(std::fs::read(root.join("z.xml")).expect("z"), b"<z/>");
+        let cursor = store
+            .cursor("gw2", "synapse-configs")
+            .await
+            .expect("cursor");
+        assert_eq!(cursor.seq, 300);
+        // Every sequence number the replica handed out is in the index, in order.
+        let rows = store
+            .since("synapse-configs", 0, 10_000)
+            .await
+            .expect("since");
+        let seqs: Vec<u64> = rows.iter().map(|r| r.record.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        assert_eq!(
+            seqs.last(),
+            Some(&handle.status().seq),
+            "the newest seq is stored"
+        );
+        assert_eq!(seqs.len(), 203, "x, y, 200 in d/, z: one row per path");
+        assert_eq!(apply::remove_stale_temps(&root), 0);
+        cancel.cancel();
+        task.await.expect("engine task");
     }
 
     /// Regression guard for pipelined sessions: once a batch of a stream fails, a batch queued

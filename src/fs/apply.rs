@@ -385,6 +385,25 @@ fn place(
 ///
 /// `own`: where the engine tells its watcher about the files it creates (see [`OwnWrites`]).
 pub fn apply_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Vec<OpResult> {
+    stage_batch(root, ops, own).finish(own)
+}
+
+/// A batch whose directories and chmods are done and whose new contents are written, but not
+/// durable and not in place yet: nothing of it is visible at a target path. The engine
+/// finishes one batch (waits for its durability, puts it in place) while it stages the next.
+#[derive(Debug)]
+pub struct StagedBatch {
+    root: PathBuf,
+    ops: Vec<Op>,
+    order: Vec<usize>,
+    results: Vec<Option<OpResult>>,
+    dirty_dirs: BTreeSet<PathBuf>,
+    staged: Vec<(usize, Staged, StatKey)>,
+}
+
+/// Phases 1 and 2 of [`apply_batch`]: directories and chmods, then the new contents written
+/// next to their targets.
+pub fn stage_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> StagedBatch {
     let n = ops.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|i| ops[*i].rank());
@@ -477,6 +496,60 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Vec<Op
             Err(e) => results[i] = Some(Err(e)),
         }
     }
+    StagedBatch {
+        root: root.to_owned(),
+        ops,
+        order,
+        results,
+        dirty_dirs,
+        staged,
+    }
+}
+
+impl StagedBatch {
+    /// Throws the staged contents away (a batch that will not be applied after all).
+    pub fn discard(self) {
+        for (_, s, _) in &self.staged {
+            s.discard();
+        }
+    }
+
+    /// Phases 3 to 6: durability, into place, removals, directory sync.
+    pub fn finish(self, own: Option<&OwnWrites>) -> Vec<OpResult> {
+        let StagedBatch {
+            root,
+            ops,
+            order,
+            mut results,
+            mut dirty_dirs,
+            mut staged,
+        } = self;
+        let root = root.as_path();
+        finish_phases(
+            root,
+            &ops,
+            &order,
+            &mut results,
+            &mut dirty_dirs,
+            &mut staged,
+            own,
+        );
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(std::io::Error::other("op not carried out"))))
+            .collect()
+    }
+}
+
+fn finish_phases(
+    root: &Path,
+    ops: &[Op],
+    order: &[usize],
+    results: &mut [Option<OpResult>],
+    dirty_dirs: &mut BTreeSet<PathBuf>,
+    staged: &mut Vec<(usize, Staged, StatKey)>,
+    own: Option<&OwnWrites>,
+) {
     // Phase 3: make the new contents durable, together.
     let durable = if staged.len() > SYNCFS_THRESHOLD {
         syncfs(root)
@@ -497,7 +570,7 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Vec<Op
     } else {
         1
     };
-    let placed = par::map(&staged, threads, |(i, s, key)| {
+    let placed = par::map(staged, threads, |(i, s, key)| {
         let new = matches!(&ops[*i], Op::Write { new: true, .. });
         // The stat key is the temp file's, taken before it was put in place: a local edit
         // landing on the target right after ours must not be taken for our write (nor fail an
@@ -511,7 +584,7 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Vec<Op
         results[*i] = Some(r);
     }
     // Phase 5: removals (files, then directories deepest first: `order` is sorted so).
-    for &i in &order {
+    for &i in order {
         if results[i].is_some() {
             continue;
         }
@@ -550,10 +623,6 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Vec<Op
     if let Err(e) = dir_sync {
         tracing::warn!(root = %root.display(), error = %e, "directory sync failed");
     }
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(std::io::Error::other("op not carried out"))))
-        .collect()
 }
 
 /// Keeps the losing side of a conflict: copies `src` to `dest` (outside every synced folder),
