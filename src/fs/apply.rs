@@ -313,6 +313,10 @@ fn write_temp(
     }
 }
 
+fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
 fn appeared_meanwhile(target: &Path) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::AlreadyExists,
@@ -352,6 +356,28 @@ fn place(
                 }
             }
             match r {
+                Err(Errno::EEXIST) if is_symlink(target) => {
+                    // Symlinks are never synced; a peer's file takes the place of a local one,
+                    // as a replacement would. Linked under a temp name, then renamed over it.
+                    let dir = target.parent().unwrap_or(Path::new("."));
+                    let tmp = dir.join(format!(
+                        "{TEMP_PREFIX}{:016x}{TEMP_SUFFIX}",
+                        rand::random::<u64>()
+                    ));
+                    nix::unistd::linkat(
+                        nix::fcntl::AT_FDCWD,
+                        from.as_str(),
+                        nix::fcntl::AT_FDCWD,
+                        tmp.as_path(),
+                        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+                    )
+                    .map_err(std::io::Error::from)
+                    .and_then(|_| {
+                        std::fs::rename(&tmp, target).inspect_err(|_| {
+                            let _ = std::fs::remove_file(&tmp);
+                        })
+                    })
+                }
                 Err(Errno::EEXIST) => Err(appeared_meanwhile(target)),
                 r => r.map_err(std::io::Error::from),
             }
@@ -365,6 +391,7 @@ fn place(
                 nix::fcntl::RenameFlags::RENAME_NOREPLACE,
             ) {
                 Ok(()) => Ok(()),
+                Err(Errno::EEXIST) if is_symlink(target) => std::fs::rename(tmp, target),
                 Err(Errno::EEXIST) => Err(appeared_meanwhile(target)),
                 // A file system without RENAME_NOREPLACE: the engine checked the path just
                 // before, as it does for every replacement.
@@ -846,6 +873,42 @@ mod tests {
         assert_eq!(
             std::fs::read(root.join("local.xml")).expect("read"),
             b"<peer/>"
+        );
+        assert_eq!(remove_stale_temps(root), 0);
+    }
+
+    /// A local symlink (never synced) where a peer has a file is replaced, as before new files
+    /// were linked: a failure there would stop the folder's stream for good.
+    #[test]
+    fn a_new_file_takes_the_place_of_a_local_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::write(root.join("target.txt"), b"kept").expect("write");
+        for name in ["a.xml", "b.xml"] {
+            std::os::unix::fs::symlink(root.join("target.txt"), root.join(name)).expect("link");
+        }
+        let r = apply_batch(
+            root,
+            vec![Op::Write {
+                path: p("a.xml"),
+                content: Content::Bytes(b"<peer/>".to_vec()),
+                mode: 0o644,
+                new: true,
+            }],
+            None,
+        );
+        assert!(r[0].is_ok(), "{r:?}");
+        let (mut f, tmp) = create_temp(root, 0o644).expect("temp");
+        f.write_all(b"<peer/>").expect("write");
+        place(&Staged::Named(tmp), &root.join("b.xml"), true, None).expect("named");
+        for name in ["a.xml", "b.xml"] {
+            let meta = std::fs::symlink_metadata(root.join(name)).expect("meta");
+            assert!(meta.is_file(), "{name} is a file now");
+            assert_eq!(std::fs::read(root.join(name)).expect("read"), b"<peer/>");
+        }
+        assert_eq!(
+            std::fs::read(root.join("target.txt")).expect("read"),
+            b"kept"
         );
         assert_eq!(remove_stale_temps(root), 0);
     }
