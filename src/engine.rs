@@ -326,6 +326,9 @@ struct InFlight {
 /// right after a failure, so only streams with batches still queued matter.
 const FAILED_STREAMS_KEPT: usize = 16;
 
+/// Large contents of one batch fetched from the peer at the same time.
+const FETCHES_AT_ONCE: usize = 4;
+
 /// Messages queued to one engine before senders wait.
 const ENGINE_QUEUE: usize = 64;
 
@@ -1032,7 +1035,8 @@ impl FolderEngine {
             }
         }
         let mut fails = Failures::default();
-        // Build the disk operations; fetch what did not travel inline.
+        // Build the disk operations; what did not travel inline is fetched below.
+        let mut fetches: Vec<(u64, FileRecord, Hash, bool)> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut op_meta: Vec<(u64, FileRecord)> = Vec::new();
         let mut no_op: Vec<FileRecord> = Vec::new();
@@ -1084,34 +1088,20 @@ impl FolderEngine {
                     fails.note(remote_seq, &record.path, "live file without a hash".into());
                     continue;
                 };
-                let content = match inline {
+                match inline {
                     // Checked against its hash at the edge; a record for other bytes (a
                     // newer version of the path) fetches instead.
-                    Some(bytes) if *bytes.hash() == hash => Content::Bytes(bytes.into_bytes()),
+                    Some(bytes) if *bytes.hash() == hash => Some(Op::Write {
+                        path: record.path.clone(),
+                        content: Content::Bytes(bytes.into_bytes()),
+                        mode: record.mode,
+                        new: local_live.is_none(),
+                    }),
                     _ => {
-                        let dir = match record.path.parent() {
-                            Some(p) => self.root.join(p.as_str()),
-                            None => self.root.clone(),
-                        };
-                        match batch
-                            .fetcher
-                            .fetch(&self.id, &record.path, hash, &dir, record.mode)
-                            .await
-                        {
-                            Ok(tmp) => Content::Temp(tmp),
-                            Err(e) => {
-                                fails.note(remote_seq, &record.path, format!("fetch failed: {e}"));
-                                continue;
-                            }
-                        }
+                        fetches.push((remote_seq, record, hash, local_live.is_none()));
+                        continue;
                     }
-                };
-                Some(Op::Write {
-                    path: record.path.clone(),
-                    content,
-                    mode: record.mode,
-                    new: local_live.is_none(),
-                })
+                }
             };
             match op {
                 Some(op) => {
@@ -1119,6 +1109,41 @@ impl FolderEngine {
                     op_meta.push((remote_seq, record));
                 }
                 None => no_op.push(record),
+            }
+        }
+        // Contents that did not travel inline, a few at a time.
+        let fetched: Vec<Result<PathBuf, String>> = {
+            use futures_util::StreamExt;
+            let jobs: Vec<_> = fetches
+                .iter()
+                .map(|(_, record, hash, _)| {
+                    let dir = match record.path.parent() {
+                        Some(p) => self.root.join(p.as_str()),
+                        None => self.root.clone(),
+                    };
+                    let (fetcher, id, path) =
+                        (batch.fetcher.clone(), self.id.clone(), record.path.clone());
+                    let (hash, mode) = (*hash, record.mode);
+                    async move { fetcher.fetch(&id, &path, hash, &dir, mode).await }
+                })
+                .collect();
+            futures_util::stream::iter(jobs)
+                .buffered(FETCHES_AT_ONCE)
+                .collect()
+                .await
+        };
+        for ((remote_seq, record, _, new), r) in fetches.into_iter().zip(fetched) {
+            match r {
+                Ok(tmp) => {
+                    ops.push(Op::Write {
+                        path: record.path.clone(),
+                        content: Content::Temp(tmp),
+                        mode: record.mode,
+                        new,
+                    });
+                    op_meta.push((remote_seq, record));
+                }
+                Err(e) => fails.note(remote_seq, &record.path, format!("fetch failed: {e}")),
             }
         }
         let paths = ops.iter().map(|o| o.path().clone()).collect();
