@@ -1571,33 +1571,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_batch_stops_its_stream_and_keeps_the_cursor_before_the_failure() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
         let root = dir.path().join("root");
-        std::fs::create_dir(&root).expect("mkdir");
-        let store = Store::open(dir.path()).await.expect("store");
-        let folder = FolderConfig {
-            id: "synapse-configs".into(),
-            path: root.clone(),
-            ignore: Vec::new(),
-            xml_gate: true,
-        };
-        let opts = EngineOptions {
-            node: NodeId(1),
-            names: NodeNames::default(),
-            node_name: "gw1".into(),
-            conflicts_dir: dir.path().join("conflicts"),
-            tombstone_ttl_ms: 1000,
-        };
-        let (mut engine, handle, inbox) = FolderEngine::open(&folder, store.clone(), opts)
-            .await
-            .expect("open");
-        engine.initial_scan().await.expect("scan");
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(engine.run(
-            inbox,
-            std::time::Duration::from_secs(3600),
-            std::time::Duration::from_secs(3600),
-            cancel.clone(),
-        ));
         // Batch 1: seq 1 lands, seq 2 needs a fetch that fails. Batch 2 is queued behind it.
         let first = handle
             .queue_remote(batch(

@@ -702,6 +702,15 @@ mod tests {
         RelPath::new(s).expect("valid")
     }
 
+    fn write(path: &str, bytes: &[u8], mode: u32, new: bool) -> Op {
+        Op::Write {
+            path: p(path),
+            content: Content::Bytes(bytes.to_vec()),
+            mode,
+            new,
+        }
+    }
+
     #[test]
     fn batch_creates_writes_and_removes_in_a_safe_order() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -824,12 +833,7 @@ mod tests {
         // Through the batch: unnamed when the file system has O_TMPFILE (this one does).
         let r = apply_batch(
             root,
-            vec![Op::Write {
-                path: p("local.xml"),
-                content: Content::Bytes(b"<peer/>".to_vec()),
-                mode: 0o644,
-                new: true,
-            }],
+            vec![write("local.xml", b"<peer/>", 0o644, true)],
             Some(&own),
         );
         let e = r[0].as_ref().expect_err("must not replace");
@@ -861,12 +865,7 @@ mod tests {
         // Not new: an ordinary replacement.
         let r = apply_batch(
             root,
-            vec![Op::Write {
-                path: p("local.xml"),
-                content: Content::Bytes(b"<peer/>".to_vec()),
-                mode: 0o644,
-                new: false,
-            }],
+            vec![write("local.xml", b"<peer/>", 0o644, false)],
             None,
         );
         assert!(r[0].is_ok(), "{r:?}");
@@ -887,16 +886,7 @@ mod tests {
         for name in ["a.xml", "b.xml"] {
             std::os::unix::fs::symlink(root.join("target.txt"), root.join(name)).expect("link");
         }
-        let r = apply_batch(
-            root,
-            vec![Op::Write {
-                path: p("a.xml"),
-                content: Content::Bytes(b"<peer/>".to_vec()),
-                mode: 0o644,
-                new: true,
-            }],
-            None,
-        );
+        let r = apply_batch(root, vec![write("a.xml", b"<peer/>", 0o644, true)], None);
         assert!(r[0].is_ok(), "{r:?}");
         let (mut f, tmp) = create_temp(root, 0o644).expect("temp");
         f.write_all(b"<peer/>").expect("write");
@@ -922,12 +912,7 @@ mod tests {
         let own = OwnWrites::default();
         let r = apply_batch(
             root,
-            vec![Op::Write {
-                path: p("api/new.xml"),
-                content: Content::Bytes(b"<new/>".to_vec()),
-                mode: 0o640,
-                new: true,
-            }],
+            vec![write("api/new.xml", b"<new/>", 0o640, true)],
             Some(&own),
         );
         let stat = r[0].as_ref().expect("applied").expect("a file");
