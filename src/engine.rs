@@ -303,7 +303,7 @@ struct PreparedRemote {
     no_op: Vec<FileRecord>,
     fails: Failures,
     staged: Option<apply::StagedBatch>,
-    /// Every path the disk ops touch.
+    /// Every path of the batch (see `remote_chain`).
     paths: HashSet<RelPath>,
     /// Some disk op removes a file or directory.
     removes: bool,
@@ -998,6 +998,14 @@ impl FolderEngine {
             });
         }
         let now = crate::now_ms();
+        // Every path of the batch, whatever its decision: the ones committed only when the
+        // batch completes (index-only merges, disk already right) count as much as disk ops
+        // for the next batch's overlap check.
+        let paths: HashSet<RelPath> = batch
+            .records
+            .iter()
+            .map(|r| r.record.path.clone())
+            .collect();
         let mut stores: Vec<FileRecord> = Vec::new();
         // (remote seq, record, conflict copy, content source)
         let mut applies: Vec<(u64, FileRecord, bool, Option<Inline>)> = Vec::new();
@@ -1146,7 +1154,6 @@ impl FolderEngine {
                 Err(e) => fails.note(remote_seq, &record.path, format!("fetch failed: {e}")),
             }
         }
-        let paths = ops.iter().map(|o| o.path().clone()).collect();
         let removes = ops
             .iter()
             .any(|o| matches!(o, Op::RemoveFile { .. } | Op::RemoveDir { .. }));
