@@ -309,12 +309,6 @@ struct PreparedRemote {
     removes: bool,
 }
 
-impl PreparedRemote {
-    fn staged_take(&mut self) -> Option<apply::StagedBatch> {
-        self.staged.take()
-    }
-}
-
 /// A prepared batch being finished on a blocking thread.
 struct InFlight {
     prepared: PreparedRemote,
@@ -847,42 +841,10 @@ impl FolderEngine {
         reply: oneshot::Sender<Result<u64, EngineError>>,
         rx: &mut mpsc::Receiver<Msg>,
     ) -> Option<Msg> {
-        let mut current = match self.start_remote(batch, reply).await {
-            Some(c) => c,
-            None => return None,
-        };
+        let mut queued = Some((self.prepare_checked(batch).await, reply));
         loop {
-            let mut next = rx.try_recv().ok();
-            let overlap = match &next {
-                Some(Msg::Remote(b, _)) => {
-                    !current.prepared.removes
-                        && self.refused(b).is_none()
-                        && b.records
-                            .iter()
-                            .all(|r| !current.prepared.paths.contains(&r.record.path))
-                }
-                _ => false,
-            };
-            let early = if overlap {
-                match next.take() {
-                    Some(Msg::Remote(b, reply)) => {
-                        let stream = b.stream;
-                        Some((self.prepare_remote(b).await, stream, reply))
-                    }
-                    other => {
-                        next = other;
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            self.end_remote(current).await;
-            let (prepared, stream, reply) = match early {
-                Some(x) => x,
-                None => return next,
-            };
-            let mut prepared = match prepared {
+            let ((stream, prepared), reply) = queued.take()?;
+            let current = match prepared {
                 Ok(p) if self.failed_streams.contains(&stream) => {
                     // The batch before it failed: drop what was staged, keep the index-only
                     // merges it decided (they are true whatever the disk holds).
@@ -894,7 +856,11 @@ impl FolderEngine {
                     }));
                     return None;
                 }
-                Ok(p) => p,
+                Ok(mut prepared) => InFlight {
+                    finishing: self.finish_in_background(prepared.staged.take()),
+                    prepared,
+                    reply,
+                },
                 Err(e) => {
                     let r = Err(e);
                     self.note_outcome(stream, &r);
@@ -902,41 +868,34 @@ impl FolderEngine {
                     return None;
                 }
             };
-            let finishing = self.finish_in_background(prepared.staged_take());
-            current = InFlight {
-                prepared,
-                finishing,
-                reply,
-            };
+            match rx.try_recv().ok() {
+                Some(Msg::Remote(b, reply))
+                    if !current.prepared.removes
+                        && b.records
+                            .iter()
+                            .all(|r| !current.prepared.paths.contains(&r.record.path)) =>
+                {
+                    queued = Some((self.prepare_checked(b).await, reply));
+                    self.end_remote(current).await;
+                }
+                other => {
+                    self.end_remote(current).await;
+                    return other;
+                }
+            }
         }
     }
 
-    /// Prepares a batch and starts finishing it; on refusal or failure answers at once.
-    async fn start_remote(
+    /// [`Self::prepare_remote`], unless the batch's stream failed before. Returns the stream
+    /// with the outcome.
+    async fn prepare_checked(
         &mut self,
         batch: RemoteBatch,
-        reply: oneshot::Sender<Result<u64, EngineError>>,
-    ) -> Option<InFlight> {
+    ) -> (u64, Result<PreparedRemote, EngineError>) {
         let stream = batch.stream;
-        if let Some(e) = self.refused(&batch) {
-            let _ = reply.send(Err(e));
-            return None;
-        }
-        match self.prepare_remote(batch).await {
-            Ok(mut prepared) => {
-                let finishing = self.finish_in_background(prepared.staged_take());
-                Some(InFlight {
-                    prepared,
-                    finishing,
-                    reply,
-                })
-            }
-            Err(e) => {
-                let r = Err(e);
-                self.note_outcome(stream, &r);
-                let _ = reply.send(r);
-                None
-            }
+        match self.refused(&batch) {
+            Some(e) => (stream, Err(e)),
+            None => (stream, self.prepare_remote(batch).await),
         }
     }
 
@@ -964,7 +923,7 @@ impl FolderEngine {
     /// Drops a prepared batch that will not be applied: its staged contents are removed; the
     /// index-only merges it decided are kept (without moving the peer's cursor).
     async fn abandon_remote(&mut self, mut prepared: PreparedRemote) {
-        if let Some(staged) = prepared.staged_take() {
+        if let Some(staged) = prepared.staged.take() {
             block(|| staged.discard());
         }
         let commits = self.commit_stores(std::mem::take(&mut prepared.stores));

@@ -223,15 +223,14 @@ impl ArtifactDb {
             // WAL lets retrievers read while a publisher writes. Switching needs the file to
             // itself: two connections switching at once (agents and publishers starting
             // together on a new file) get SQLITE_BUSY without a wait, so try again.
-            let mut attempt = 0u32;
+            let mut attempt = 0;
             loop {
                 match self.exec("PRAGMA journal_mode=WAL").await {
-                    Ok(()) => break,
-                    Err(_) if attempt < 5 => {
+                    Err(e) if attempt < TRANSIENT_RETRIES && is_transient(&e) => {
                         attempt += 1;
-                        tokio::time::sleep(std::time::Duration::from_millis(20 << attempt)).await;
+                        tokio::time::sleep(transient_backoff(attempt)).await;
                     }
-                    Err(e) => return Err(e),
+                    other => break other?,
                 }
             }
         }

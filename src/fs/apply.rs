@@ -343,13 +343,16 @@ fn place(
                 own.expect_create(target);
             }
             let from = format!("/proc/self/fd/{}", f.as_raw_fd());
-            let r = nix::unistd::linkat(
-                nix::fcntl::AT_FDCWD,
-                from.as_str(),
-                nix::fcntl::AT_FDCWD,
-                target,
-                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-            );
+            let link = |to: &Path| {
+                nix::unistd::linkat(
+                    nix::fcntl::AT_FDCWD,
+                    from.as_str(),
+                    nix::fcntl::AT_FDCWD,
+                    to,
+                    nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+                )
+            };
+            let r = link(target);
             if r.is_err() {
                 if let Some(own) = own {
                     own.forget_create(target);
@@ -364,15 +367,7 @@ fn place(
                         "{TEMP_PREFIX}{:016x}{TEMP_SUFFIX}",
                         rand::random::<u64>()
                     ));
-                    nix::unistd::linkat(
-                        nix::fcntl::AT_FDCWD,
-                        from.as_str(),
-                        nix::fcntl::AT_FDCWD,
-                        tmp.as_path(),
-                        nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-                    )
-                    .map_err(std::io::Error::from)
-                    .and_then(|_| {
+                    link(&tmp).map_err(std::io::Error::from).and_then(|_| {
                         std::fs::rename(&tmp, target).inspect_err(|_| {
                             let _ = std::fs::remove_file(&tmp);
                         })
@@ -552,103 +547,83 @@ impl StagedBatch {
             mut staged,
         } = self;
         let root = root.as_path();
-        finish_phases(
-            root,
-            &ops,
-            &order,
-            &mut results,
-            &mut dirty_dirs,
-            &mut staged,
-            own,
-        );
+        // Phase 3: make the new contents durable, together.
+        let durable = if staged.len() > SYNCFS_THRESHOLD {
+            syncfs(root)
+        } else {
+            staged.iter().try_for_each(|(_, s, _)| s.sync())
+        };
+        if let Err(e) = durable {
+            for (i, s, _) in staged.drain(..) {
+                s.discard();
+                results[i] = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
+            }
+        }
+        // Phase 4: into place; in parallel unless two writes share a target (then their order
+        // matters).
+        let targets: BTreeSet<&RelPath> = staged.iter().map(|(i, _, _)| ops[*i].path()).collect();
+        let threads = if targets.len() == staged.len() {
+            par::threads_for(staged.len())
+        } else {
+            1
+        };
+        let placed = par::map(&staged, threads, |(i, s, key)| {
+            let new = matches!(&ops[*i], Op::Write { new: true, .. });
+            // The stat key is the temp file's, taken before it was put in place: a local edit
+            // landing on the target right after ours must not be taken for our write (nor fail an
+            // apply that already happened).
+            place(s, &root.join(ops[*i].path().as_str()), new, own).map(|_| Some(*key))
+        });
+        for ((i, _, _), r) in staged.iter().zip(placed) {
+            if r.is_ok() {
+                dirty_dirs.insert(parent_dir(root, ops[*i].path()));
+            }
+            results[*i] = Some(r);
+        }
+        // Phase 5: removals (files, then directories deepest first: `order` is sorted so).
+        for &i in &order {
+            if results[i].is_some() {
+                continue;
+            }
+            let target = root.join(ops[i].path().as_str());
+            let r = match &ops[i] {
+                Op::RemoveFile { .. } => match std::fs::symlink_metadata(&target) {
+                    Ok(m) if m.is_dir() => Err(std::io::Error::new(
+                        std::io::ErrorKind::IsADirectory,
+                        "a directory stands where a file was deleted",
+                    )),
+                    Ok(_) => std::fs::remove_file(&target).map(|_| None),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                },
+                Op::RemoveDir { .. } => match std::fs::remove_dir(&target) {
+                    Ok(()) => Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                },
+                _ => continue,
+            };
+            if r.is_ok() {
+                dirty_dirs.insert(parent_dir(root, ops[i].path()));
+            }
+            results[i] = Some(r);
+        }
+        // Phase 6: the directory entries themselves.
+        let dir_sync = if dirty_dirs.len() > SYNCFS_THRESHOLD {
+            syncfs(root)
+        } else {
+            dirty_dirs
+                .iter()
+                .filter(|d| d.exists())
+                .try_for_each(|d| sync_dir(d))
+        };
+        if let Err(e) = dir_sync {
+            tracing::warn!(root = %root.display(), error = %e, "directory sync failed");
+        }
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(std::io::Error::other("op not carried out"))))
             .collect()
-    }
-}
-
-fn finish_phases(
-    root: &Path,
-    ops: &[Op],
-    order: &[usize],
-    results: &mut [Option<OpResult>],
-    dirty_dirs: &mut BTreeSet<PathBuf>,
-    staged: &mut Vec<(usize, Staged, StatKey)>,
-    own: Option<&OwnWrites>,
-) {
-    // Phase 3: make the new contents durable, together.
-    let durable = if staged.len() > SYNCFS_THRESHOLD {
-        syncfs(root)
-    } else {
-        staged.iter().try_for_each(|(_, s, _)| s.sync())
-    };
-    if let Err(e) = durable {
-        for (i, s, _) in staged.drain(..) {
-            s.discard();
-            results[i] = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
-        }
-    }
-    // Phase 4: into place; in parallel unless two writes share a target (then their order
-    // matters).
-    let targets: BTreeSet<&RelPath> = staged.iter().map(|(i, _, _)| ops[*i].path()).collect();
-    let threads = if targets.len() == staged.len() {
-        par::threads_for(staged.len())
-    } else {
-        1
-    };
-    let placed = par::map(staged, threads, |(i, s, key)| {
-        let new = matches!(&ops[*i], Op::Write { new: true, .. });
-        // The stat key is the temp file's, taken before it was put in place: a local edit
-        // landing on the target right after ours must not be taken for our write (nor fail an
-        // apply that already happened).
-        place(s, &root.join(ops[*i].path().as_str()), new, own).map(|_| Some(*key))
-    });
-    for ((i, _, _), r) in staged.iter().zip(placed) {
-        if r.is_ok() {
-            dirty_dirs.insert(parent_dir(root, ops[*i].path()));
-        }
-        results[*i] = Some(r);
-    }
-    // Phase 5: removals (files, then directories deepest first: `order` is sorted so).
-    for &i in order {
-        if results[i].is_some() {
-            continue;
-        }
-        let target = root.join(ops[i].path().as_str());
-        let r = match &ops[i] {
-            Op::RemoveFile { .. } => match std::fs::symlink_metadata(&target) {
-                Ok(m) if m.is_dir() => Err(std::io::Error::new(
-                    std::io::ErrorKind::IsADirectory,
-                    "a directory stands where a file was deleted",
-                )),
-                Ok(_) => std::fs::remove_file(&target).map(|_| None),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            },
-            Op::RemoveDir { .. } => match std::fs::remove_dir(&target) {
-                Ok(()) => Ok(None),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            },
-            _ => continue,
-        };
-        if r.is_ok() {
-            dirty_dirs.insert(parent_dir(root, ops[i].path()));
-        }
-        results[i] = Some(r);
-    }
-    // Phase 6: the directory entries themselves.
-    let dir_sync = if dirty_dirs.len() > SYNCFS_THRESHOLD {
-        syncfs(root)
-    } else {
-        dirty_dirs
-            .iter()
-            .filter(|d| d.exists())
-            .try_for_each(|d| sync_dir(d))
-    };
-    if let Err(e) = dir_sync {
-        tracing::warn!(root = %root.display(), error = %e, "directory sync failed");
     }
 }
 

@@ -88,16 +88,13 @@ impl OwnWrites {
 
     /// Putting the file at `path` failed: its `create` will not come.
     pub fn forget_create(&self, path: &Path) {
-        self.with(|i| {
-            if i.created.set.remove(path) {
-                i.created.order.retain(|p| p != path);
-            }
-        });
+        self.take_create(path);
     }
 
     /// The watcher saw `path` created: true (once) when that was the engine's own file.
     pub fn take_create(&self, path: &Path) -> bool {
-        // The order list keeps the path until it ages out; only the set answers.
+        // The order list keeps the path until it ages out (at worst, a later entry for the
+        // same path then ages out early: one extra look); only the set answers.
         self.with(|i| i.created.set.remove(path)).unwrap_or(false)
     }
 

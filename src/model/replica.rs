@@ -56,26 +56,39 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, r: &FileRecord) {
+    /// What one record counts for.
+    fn of(r: &FileRecord) -> Self {
         match (r.deleted, r.kind) {
-            (true, _) => self.tombstones += 1,
-            (false, Kind::Dir) => self.dirs += 1,
-            (false, Kind::File) => {
-                self.files += 1;
-                self.bytes += r.size;
-            }
+            (true, _) => Self {
+                tombstones: 1,
+                ..Self::default()
+            },
+            (false, Kind::Dir) => Self {
+                dirs: 1,
+                ..Self::default()
+            },
+            (false, Kind::File) => Self {
+                files: 1,
+                bytes: r.size,
+                ..Self::default()
+            },
         }
     }
 
+    fn add(&mut self, r: &FileRecord) {
+        let d = Self::of(r);
+        self.files += d.files;
+        self.dirs += d.dirs;
+        self.bytes += d.bytes;
+        self.tombstones += d.tombstones;
+    }
+
     fn sub(&mut self, r: &FileRecord) {
-        match (r.deleted, r.kind) {
-            (true, _) => self.tombstones -= 1,
-            (false, Kind::Dir) => self.dirs -= 1,
-            (false, Kind::File) => {
-                self.files -= 1;
-                self.bytes -= r.size;
-            }
-        }
+        let d = Self::of(r);
+        self.files -= d.files;
+        self.dirs -= d.dirs;
+        self.bytes -= d.bytes;
+        self.tombstones -= d.tombstones;
     }
 
     /// Live entries (files and directories).
