@@ -327,6 +327,44 @@ fn appeared_meanwhile(target: &Path) -> std::io::Error {
     )
 }
 
+/// Whether `linkat(fd, "", AT_EMPTY_PATH)` works for this process: since Linux 6.10 it does
+/// for a file the process opened itself; before, it needs CAP_DAC_READ_SEARCH.
+static EMPTY_PATH_LINK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Gives the unnamed file `f` the name `to` (fails on an existing name). By descriptor where
+/// the kernel allows it, else through `/proc/self/fd` (a path walk through procfs per file).
+fn link_unnamed(f: &File, to: &Path) -> nix::Result<()> {
+    use nix::errno::Errno;
+    use nix::fcntl::{AT_FDCWD, AtFlags};
+    use std::sync::atomic::Ordering;
+    let by_proc = || {
+        use std::os::fd::AsRawFd;
+        let from = format!("/proc/self/fd/{}", f.as_raw_fd());
+        nix::unistd::linkat(
+            AT_FDCWD,
+            from.as_str(),
+            AT_FDCWD,
+            to,
+            AtFlags::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if !EMPTY_PATH_LINK.load(Ordering::Relaxed) {
+        return by_proc();
+    }
+    match nix::unistd::linkat(f, "", AT_FDCWD, to, AtFlags::AT_EMPTY_PATH) {
+        // The kernel's "not allowed" is ENOENT, as is a missing target directory: only a
+        // link through /proc that works tells them apart.
+        Err(Errno::ENOENT | Errno::EPERM) => {
+            let r = by_proc();
+            if r != Err(Errno::ENOENT) {
+                EMPTY_PATH_LINK.store(false, Ordering::Relaxed);
+            }
+            r
+        }
+        r => r,
+    }
+}
+
 /// Puts staged content at `target`. A `new` file never replaces anything (an unnamed file is
 /// linked, which fails on an existing name; a named one is renamed with RENAME_NOREPLACE).
 fn place(
@@ -338,20 +376,10 @@ fn place(
     use nix::errno::Errno;
     let r = match staged {
         Staged::Unnamed(f) => {
-            use std::os::fd::AsRawFd;
             if let Some(own) = own {
                 own.expect_create(target);
             }
-            let from = format!("/proc/self/fd/{}", f.as_raw_fd());
-            let link = |to: &Path| {
-                nix::unistd::linkat(
-                    nix::fcntl::AT_FDCWD,
-                    from.as_str(),
-                    nix::fcntl::AT_FDCWD,
-                    to,
-                    nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-                )
-            };
+            let link = |to: &Path| link_unnamed(f, to);
             let r = link(target);
             if r.is_err() {
                 if let Some(own) = own {
@@ -388,9 +416,12 @@ fn place(
                 Ok(()) => Ok(()),
                 Err(Errno::EEXIST) if is_symlink(target) => std::fs::rename(tmp, target),
                 Err(Errno::EEXIST) => Err(appeared_meanwhile(target)),
-                // A file system without RENAME_NOREPLACE: the engine checked the path just
-                // before, as it does for every replacement.
-                Err(Errno::EINVAL) => std::fs::rename(tmp, target),
+                // A file system without RENAME_NOREPLACE: check, then rename (a file that
+                // appears in between is replaced; there is no atomic way here).
+                Err(Errno::EINVAL) => match std::fs::symlink_metadata(target) {
+                    Ok(m) if !m.file_type().is_symlink() => Err(appeared_meanwhile(target)),
+                    _ => std::fs::rename(tmp, target),
+                },
                 Err(e) => Err(std::io::Error::from(e)),
             }
         }
@@ -547,6 +578,7 @@ impl StagedBatch {
             mut staged,
         } = self;
         let root = root.as_path();
+        let t0 = std::time::Instant::now();
         // Phase 3: make the new contents durable, together.
         let durable = if staged.len() > SYNCFS_THRESHOLD {
             syncfs(root)
@@ -559,6 +591,7 @@ impl StagedBatch {
                 results[i] = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
             }
         }
+        let t_durable = t0.elapsed();
         // Phase 4: into place; in parallel unless two writes share a target (then their order
         // matters).
         let targets: BTreeSet<&RelPath> = staged.iter().map(|(i, _, _)| ops[*i].path()).collect();
@@ -567,13 +600,18 @@ impl StagedBatch {
         } else {
             1
         };
-        let placed = par::map(&staged, threads, |(i, s, key)| {
-            let new = matches!(&ops[*i], Op::Write { new: true, .. });
-            // The stat key is the temp file's, taken before it was put in place: a local edit
-            // landing on the target right after ours must not be taken for our write (nor fail an
-            // apply that already happened).
-            place(s, &root.join(ops[*i].path().as_str()), new, own).map(|_| Some(*key))
-        });
+        let placed = par::map_grouped(
+            &staged,
+            threads,
+            |(i, _, _)| ops[*i].path().parent(),
+            |(i, s, key)| {
+                let new = matches!(&ops[*i], Op::Write { new: true, .. });
+                // The stat key is the temp file's, taken before it was put in place: a local edit
+                // landing on the target right after ours must not be taken for our write (nor fail an
+                // apply that already happened).
+                place(s, &root.join(ops[*i].path().as_str()), new, own).map(|_| Some(*key))
+            },
+        );
         for ((i, _, _), r) in staged.iter().zip(placed) {
             if r.is_ok() {
                 dirty_dirs.insert(parent_dir(root, ops[*i].path()));
@@ -608,6 +646,7 @@ impl StagedBatch {
             }
             results[i] = Some(r);
         }
+        let t_placed = t0.elapsed();
         // Phase 6: the directory entries themselves.
         let dir_sync = if dirty_dirs.len() > SYNCFS_THRESHOLD {
             syncfs(root)
@@ -620,6 +659,14 @@ impl StagedBatch {
         if let Err(e) = dir_sync {
             tracing::warn!(root = %root.display(), error = %e, "directory sync failed");
         }
+        tracing::debug!(
+            root = %root.display(),
+            files = staged.len(),
+            durable_us = t_durable.as_micros() as u64,
+            placed_us = (t_placed - t_durable).as_micros() as u64,
+            dirs_synced_us = (t0.elapsed() - t_placed).as_micros() as u64,
+            "batch finished"
+        );
         results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(std::io::Error::other("op not carried out"))))
@@ -904,6 +951,33 @@ mod tests {
             assert!(own.take_create(&root.join("api/new.xml")));
             assert!(own.is_own_temp_name(&format!("#{}", meta.ino())));
         }
+    }
+
+    #[test]
+    fn linking_into_a_missing_directory_fails_without_giving_up_the_fast_path() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some(f) = open_unnamed(dir.path(), 0o644).expect("open") else {
+            eprintln!("skipped: no O_TMPFILE on this file system");
+            return;
+        };
+        let before = EMPTY_PATH_LINK.load(Ordering::Relaxed);
+        assert_eq!(
+            link_unnamed(&f, &dir.path().join("missing/x.xml")),
+            Err(nix::errno::Errno::ENOENT)
+        );
+        assert_eq!(
+            EMPTY_PATH_LINK.load(Ordering::Relaxed),
+            before,
+            "a missing target directory says nothing about linking by descriptor"
+        );
+        link_unnamed(&f, &dir.path().join("x.xml")).expect("link");
+        assert!(dir.path().join("x.xml").is_file());
+        assert_eq!(
+            link_unnamed(&f, &dir.path().join("x.xml")),
+            Err(nix::errno::Errno::EEXIST),
+            "an existing name is never replaced"
+        );
     }
 
     #[test]
