@@ -309,6 +309,22 @@ struct PreparedRemote {
     removes: bool,
 }
 
+/// How a batch's session is answered: the peer sequence applied up to.
+type Reply = oneshot::Sender<Result<u64, EngineError>>;
+
+/// A batch on disk and committed to the replica, waiting for its index commit.
+struct Settled {
+    peer: String,
+    stream: u64,
+    commits: Vec<StoredRecord>,
+    /// The peer's new cursor; `None` when the stream failed meanwhile.
+    cursor: Option<Cursor>,
+    applied: usize,
+    /// New files that met a local file at their path (looked at after the commit).
+    appeared: BTreeSet<RelPath>,
+    outcome: Result<u64, EngineError>,
+}
+
 /// A prepared batch being finished on a blocking thread.
 struct InFlight {
     prepared: PreparedRemote,
@@ -787,6 +803,16 @@ impl FolderEngine {
     }
 
     /// True when the disk at `path` still shows what the index says (so it may be replaced).
+    /// True when `remote` is a file this node has no live record of: it is written as a new
+    /// file, which never replaces anything at its path (see [`apply::Op::Write`]'s `new`), so
+    /// a file that appeared there meanwhile fails the write (and is looked at) instead of
+    /// being overwritten. The look before the write is not needed then.
+    fn placed_without_replacing(&self, remote: &FileRecord) -> bool {
+        !remote.deleted
+            && remote.kind == Kind::File
+            && self.replica.get(&remote.path).is_none_or(|l| l.deleted)
+    }
+
     fn disk_matches_index(&self, path: &RelPath) -> bool {
         let meta = std::fs::symlink_metadata(self.root.join(path.as_str()));
         match (self.replica.get(path), meta) {
@@ -831,7 +857,8 @@ impl FolderEngine {
 
     /// Applies a peer batch, and the batches queued right behind it, as a pipeline: while
     /// one batch waits for its durability and is put in place (on a blocking thread), the
-    /// next is decided and staged. Only a batch that shares no path with the one before, and
+    /// next is decided and staged, and once it is on disk its index commit runs while the next
+    /// one is being finished. Only a batch that shares no path with the one before, and
     /// follows one without removals, is staged early; anything else (another message, or
     /// nothing queued) finishes the batch in flight first. Returns a message it took off the
     /// queue and did not handle.
@@ -842,48 +869,92 @@ impl FolderEngine {
         rx: &mut mpsc::Receiver<Msg>,
     ) -> Option<Msg> {
         let mut queued = Some((self.prepare_checked(batch).await, reply));
+        // A batch on disk and settled in memory, whose index commit waits for the next
+        // batch's finish to be under way.
+        let mut settled: Option<(Settled, Reply)> = None;
+        // A message taken off the queue that ends the chain.
+        let mut leftover: Option<Msg> = None;
         loop {
-            let ((stream, prepared), reply) = queued.take()?;
-            let current = match prepared {
-                Ok(p) if self.failed_streams.contains(&stream) => {
-                    // The batch before it failed: drop what was staged, keep the index-only
-                    // merges it decided (they are true whatever the disk holds).
-                    let peer = p.peer.clone();
-                    self.abandon_remote(p).await;
-                    let _ = reply.send(Err(EngineError::StreamFailed {
-                        folder: self.id.clone(),
-                        peer,
-                    }));
-                    return None;
+            let current = match queued.take() {
+                Some(((stream, Ok(mut prepared)), reply))
+                    if !self.failed_streams.contains(&stream) =>
+                {
+                    Some(InFlight {
+                        finishing: self.finish_in_background(prepared.staged.take()),
+                        prepared,
+                        reply,
+                    })
                 }
-                Ok(mut prepared) => InFlight {
-                    finishing: self.finish_in_background(prepared.staged.take()),
-                    prepared,
-                    reply,
-                },
-                Err(e) => {
-                    let r = Err(e);
-                    self.note_outcome(stream, &r);
-                    let _ = reply.send(r);
-                    return None;
+                other => {
+                    // Nothing to overlap with: the batch before is recorded first, so that
+                    // sequence numbers reach the index in order.
+                    self.record_settled(settled.take()).await;
+                    match other {
+                        Some(((_, Ok(p)), reply)) => {
+                            // The batch before it failed: drop what was staged, keep the
+                            // index-only merges it decided (true whatever the disk holds).
+                            let peer = p.peer.clone();
+                            self.abandon_remote(p).await;
+                            let _ = reply.send(Err(EngineError::StreamFailed {
+                                folder: self.id.clone(),
+                                peer,
+                            }));
+                        }
+                        Some(((stream, Err(e)), reply)) => {
+                            let r = Err(e);
+                            self.note_outcome(stream, &r);
+                            let _ = reply.send(r);
+                        }
+                        None => {}
+                    }
+                    None
                 }
             };
-            match rx.try_recv().ok() {
-                Some(Msg::Remote(b, reply))
+            self.record_settled(settled.take()).await;
+            let Some(mut current) = current else {
+                return leftover;
+            };
+            // While this batch finishes, the next one may arrive: stage it meanwhile (its
+            // paths must not meet this batch's, and a batch that removes waits, so that a
+            // removal never races a write beneath it).
+            let arrived = tokio::select! {
+                biased;
+                joined = &mut current.finishing => Err(joined),
+                msg = rx.recv() => Ok(msg),
+            };
+            let joined = match arrived {
+                Err(joined) => joined,
+                Ok(Some(Msg::Remote(b, reply)))
                     if !current.prepared.removes
                         && b.records
                             .iter()
                             .all(|r| !current.prepared.paths.contains(&r.record.path)) =>
                 {
                     queued = Some((self.prepare_checked(b).await, reply));
-                    self.end_remote(current).await;
+                    current.finishing.await
                 }
-                other => {
-                    self.end_remote(current).await;
-                    return other;
+                Ok(other) => {
+                    leftover = other;
+                    current.finishing.await
                 }
-            }
+            };
+            let stream = current.prepared.stream;
+            let done = self.settle_remote(current.prepared, joined);
+            // A failure known now stops the stream before the next batch is finished.
+            self.note_outcome(stream, &done.outcome);
+            settled = Some((done, current.reply));
         }
+    }
+
+    /// Records a settled batch in the index and answers its session.
+    async fn record_settled(&mut self, settled: Option<(Settled, Reply)>) {
+        let Some((done, reply)) = settled else { return };
+        let stream = done.stream;
+        let t = std::time::Instant::now();
+        let r = self.record_remote(done).await;
+        debug!(folder = %self.id, commit_us = t.elapsed().as_micros() as u64, "batch recorded");
+        self.note_outcome(stream, &r);
+        let _ = reply.send(r);
     }
 
     /// [`Self::prepare_remote`], unless the batch's stream failed before. Returns the stream
@@ -897,27 +968,6 @@ impl FolderEngine {
             Some(e) => (stream, Err(e)),
             None => (stream, self.prepare_remote(batch).await),
         }
-    }
-
-    /// Waits for a batch in flight to be on disk, records it, and answers its session.
-    async fn end_remote(&mut self, flight: InFlight) {
-        let InFlight {
-            prepared,
-            finishing,
-            reply,
-        } = flight;
-        let stream = prepared.stream;
-        let results = match finishing.await {
-            Ok(results) => results,
-            Err(e) => prepared
-                .op_meta
-                .iter()
-                .map(|_| Err(std::io::Error::other(format!("apply task failed: {e}"))))
-                .collect(),
-        };
-        let r = self.complete_remote(prepared, results).await;
-        self.note_outcome(stream, &r);
-        let _ = reply.send(r);
     }
 
     /// Drops a prepared batch that will not be applied: its staged contents are removed; the
@@ -957,6 +1007,7 @@ impl FolderEngine {
             });
         }
         let now = crate::now_ms();
+        let t_prepare = std::time::Instant::now();
         // Every path of the batch, whatever its decision: the ones committed only when the
         // batch completes (index-only merges, disk already right) count as much as disk ops
         // for the next batch's overlap check.
@@ -979,6 +1030,7 @@ impl FolderEngine {
             let remote_seq = remote.seq;
             let mut decision = self.replica.receive(&remote, now);
             if matches!(decision, Decision::Apply { .. })
+                && !self.placed_without_replacing(&remote)
                 && !block(|| self.disk_matches_index(&remote.path))
             {
                 // The file changed under us since the last look: record that first, so the
@@ -1099,6 +1151,7 @@ impl FolderEngine {
                 .collect()
                 .await
         };
+        let fetched_count = fetched.len();
         for ((remote_seq, record, _, new), r) in fetches.into_iter().zip(fetched) {
             match r {
                 Ok(tmp) => {
@@ -1116,6 +1169,8 @@ impl FolderEngine {
         let removes = ops
             .iter()
             .any(|o| matches!(o, Op::RemoveFile { .. } | Op::RemoveDir { .. }));
+        let t_staging = std::time::Instant::now();
+        let n_ops = ops.len();
         let staged = if ops.is_empty() {
             None
         } else {
@@ -1123,6 +1178,7 @@ impl FolderEngine {
                 apply::stage_batch(&self.root, ops, Some(&self.own))
             }))
         };
+        debug!(folder = %self.id, peer = %batch.peer, ops = n_ops, fetched = fetched_count, decide_us = t_staging.duration_since(t_prepare).as_micros() as u64, stage_us = t_staging.elapsed().as_micros() as u64, "batch staged");
         Ok(PreparedRemote {
             peer: batch.peer,
             stream: batch.stream,
@@ -1151,15 +1207,18 @@ impl FolderEngine {
         })
     }
 
-    /// Second half of a peer batch, once its disk operations are done: records what landed
-    /// (with the peer cursor, in one transaction) and says how far the batch got.
-    async fn complete_remote(
+    /// Second half of a peer batch, once its disk operations are done (`joined`: the finish
+    /// task's outcome): commits what landed to the replica and says how far the batch got.
+    /// The index commit follows in [`Self::record_remote`]. A batch of a stream that failed
+    /// meanwhile records what landed but does not move the peer's cursor.
+    fn settle_remote(
         &mut self,
         prepared: PreparedRemote,
-        results: Vec<apply::OpResult>,
-    ) -> Result<u64, EngineError> {
+        joined: Result<Vec<apply::OpResult>, tokio::task::JoinError>,
+    ) -> Settled {
         let PreparedRemote {
             peer,
+            stream,
             epoch,
             up_to_seq,
             stores,
@@ -1168,8 +1227,16 @@ impl FolderEngine {
             mut fails,
             ..
         } = prepared;
+        let results = match joined {
+            Ok(results) => results,
+            Err(e) => op_meta
+                .iter()
+                .map(|_| Err(std::io::Error::other(format!("apply task failed: {e}"))))
+                .collect(),
+        };
         let mut commits = self.commit_stores(stores);
         let mut applied = 0usize;
+        let mut appeared: BTreeSet<RelPath> = BTreeSet::new();
         for ((remote_seq, record), result) in op_meta.into_iter().zip(results) {
             match result {
                 Ok(stat) => {
@@ -1195,6 +1262,11 @@ impl FolderEngine {
                     warn!(folder = %self.id, path = %record.path, peer = %peer, "directory deleted on a peer still has local content; keeping it");
                 }
                 Err(e) => {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        // A local file took the path of a new one: look at it now, so the
+                        // peer's version meets it as a concurrent change when it comes again.
+                        appeared.insert(record.path.clone());
+                    }
                     warn!(folder = %self.id, path = %record.path, peer = %peer, error = %e, "cannot apply change");
                     fails.note(remote_seq, &record.path, e.to_string());
                 }
@@ -1209,12 +1281,48 @@ impl FolderEngine {
             Some((seq, _, _)) => seq.saturating_sub(1),
             None => up_to_seq,
         };
-        let cursor = Cursor {
+        let stream_failed = self.failed_streams.contains(&stream);
+        let cursor = (!stream_failed).then_some(Cursor {
             epoch,
             seq: applied_up_to,
+        });
+        let outcome = match fails.first {
+            Some((_, path, problem)) => Err(EngineError::ApplyFailed {
+                folder: self.id.clone(),
+                failed: fails.count,
+                path,
+                problem,
+            }),
+            None if stream_failed => Err(EngineError::StreamFailed {
+                folder: self.id.clone(),
+                peer: peer.clone(),
+            }),
+            None => Ok(applied_up_to),
         };
+        Settled {
+            peer,
+            stream,
+            commits,
+            cursor,
+            applied,
+            appeared,
+            outcome,
+        }
+    }
+
+    /// Commits a settled batch to the index (with the peer cursor, in one transaction).
+    async fn record_remote(&mut self, done: Settled) -> Result<u64, EngineError> {
+        let Settled {
+            peer,
+            commits,
+            cursor,
+            applied,
+            appeared,
+            outcome,
+            ..
+        } = done;
         self.store
-            .commit(&self.id, &commits, Some((&peer, cursor)))
+            .commit(&self.id, &commits, cursor.map(|c| (peer.as_str(), c)))
             .await?;
         if !commits.is_empty() {
             self.seq_tx.send_replace(self.replica.seq());
@@ -1222,15 +1330,12 @@ impl FolderEngine {
         if applied > 0 {
             info!(folder = %self.id, peer = %peer, count = applied, "applied peer changes");
         }
-        match fails.first {
-            Some((_, path, problem)) => Err(EngineError::ApplyFailed {
-                folder: self.id.clone(),
-                failed: fails.count,
-                path,
-                problem,
-            }),
-            None => Ok(applied_up_to),
+        if !appeared.is_empty() {
+            if let Err(e) = self.observe(appeared).await {
+                warn!(folder = %self.id, error = %e, "cannot look at files that appeared meanwhile");
+            }
         }
+        outcome
     }
 
     async fn on_deploy(&mut self, request: DeployRequest) -> Result<(), EngineError> {
@@ -1593,6 +1698,54 @@ mod tests {
             .expect("a new stream applies");
         assert_eq!(applied, 3);
         assert_eq!(std::fs::read(root.join("c.xml")).expect("c.xml"), b"<c/>");
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    /// A peer's new file never overwrites a local file the index does not know yet: the
+    /// write fails, the local file is looked at, and the next attempt meets it as a
+    /// concurrent change. Here the local write is the later one (this node had seen the
+    /// peer's stamp when it looked), so it stays, and its record does not absorb the peer's
+    /// version: the peer keeps its own bytes as a conflict copy when the record reaches it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_file_meeting_an_unknown_local_file_keeps_both_versions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        let root = dir.path().join("root");
+        // Written after the engine's scan, with no watcher to tell it.
+        std::fs::write(root.join("x.xml"), b"<local/>").expect("local write");
+        let peer_file = || remote_file("x.xml", b"<peer/>", 1, true);
+        match handle.remote(batch(1, 1, vec![peer_file()])).await {
+            Err(EngineError::ApplyFailed { path, .. }) => assert_eq!(path.as_str(), "x.xml"),
+            other => panic!("expected the write to fail on the local file, got {other:?}"),
+        }
+        assert_eq!(
+            std::fs::read(root.join("x.xml")).expect("x.xml"),
+            b"<local/>",
+            "the local file is untouched"
+        );
+        // The session comes back on a new stream: the engine looked at the local file after
+        // the failure (there is no watcher here), so now it is a concurrent change.
+        let applied = handle
+            .remote(batch(2, 1, vec![peer_file()]))
+            .await
+            .expect("the second attempt is decided");
+        assert_eq!(applied, 1);
+        assert_eq!(
+            std::fs::read(root.join("x.xml")).expect("x.xml"),
+            b"<local/>"
+        );
+        let rows = store.since("synapse-configs", 0, 10).await.expect("index");
+        let x = rows
+            .iter()
+            .find(|r| r.record.path.as_str() == "x.xml")
+            .expect("the local file is in the index");
+        assert_eq!(x.record.hash, Some(*blake3::hash(b"<local/>").as_bytes()));
+        assert_eq!(
+            x.record.version.compare(&peer_file().record.version),
+            crate::model::Causality::Concurrent,
+            "the local record must not dominate the peer's write it does not hold"
+        );
         cancel.cancel();
         task.await.expect("engine task");
     }

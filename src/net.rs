@@ -38,7 +38,7 @@ const BATCH_INLINE_BYTES: u64 = 4 * 1024 * 1024;
 const STREAM_WINDOW_BYTES: u32 = 2 * BATCH_INLINE_BYTES as u32;
 /// Batches of one stream handed to the engine and not answered yet: one being applied, one
 /// checked and waiting.
-const BATCHES_IN_FLIGHT: usize = 2;
+const BATCHES_IN_FLIGHT: usize = 3;
 /// Chunk size of large-file transfers.
 const CHUNK_BYTES: usize = 1024 * 1024;
 /// A fetch that receives nothing for this long is abandoned (a hung peer must not block the
@@ -202,7 +202,8 @@ impl PeerService {
 
 /// Reads the content of small live files for inline transfer, on a few threads.
 /// The batch is cut before the first small file that no longer fits the batch's inline budget,
-/// so it travels inline in the next batch instead of costing a fetch round trip.
+/// so it travels inline in the next batch instead of costing a fetch round
+/// trip; the rows cut off are returned with the contents.
 /// A version the subscriber wrote itself travels without content: it has those bytes (and in
 /// the rare case it does not any more, it fetches them).
 ///
@@ -214,8 +215,9 @@ fn read_inline(
     rows: &mut Vec<StoredRecord>,
     inline_max: u64,
     subscriber: NodeId,
-) -> Vec<Option<Vec<u8>>> {
+) -> (Vec<Option<Vec<u8>>>, Vec<StoredRecord>) {
     let mut budget = BATCH_INLINE_BYTES;
+    let mut rest = Vec::new();
     let mut wanted = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
         let r = &row.record;
@@ -224,7 +226,7 @@ fn read_inline(
             && r.size <= inline_max
             && r.stamp.node != subscriber;
         if inline && r.size > budget && i > 0 {
-            rows.truncate(i);
+            rest = rows.split_off(i);
             break;
         }
         if inline {
@@ -234,7 +236,7 @@ fn read_inline(
     }
     let jobs: Vec<(&StoredRecord, bool)> = rows.iter().zip(wanted).collect();
     let threads = crate::fs::par::threads_for(jobs.len());
-    crate::fs::par::map(&jobs, threads, |(row, inline)| {
+    let inline = crate::fs::par::map(&jobs, threads, |(row, inline)| {
         let r = &row.record;
         if !inline {
             return None;
@@ -243,7 +245,8 @@ fn read_inline(
         let mut bytes = Vec::with_capacity(usize::try_from(r.size).ok()? + 1);
         std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
         (bytes.len() as u64 == r.size).then_some(bytes)
-    })
+    });
+    (inline, rest)
 }
 
 async fn pump_folder(
@@ -256,9 +259,34 @@ async fn pump_folder(
 ) {
     let mut seq_rx = handle.subscribe_seq();
     let mut announced = false;
+    // Rows read but cut off the last batch, with the folder's sequence when they were read:
+    // they make the start of the next batch while nothing has been recorded since (a newer
+    // record would have replaced some of them in the index).
+    let mut ahead: Option<(u64, Vec<StoredRecord>)> = None;
     loop {
         seq_rx.borrow_and_update();
-        let rows = match handle.store.since(&handle.id, since, BATCH_RECORDS).await {
+        let current = *seq_rx.borrow();
+        let rows = match ahead.take() {
+            Some((read_at, mut rows)) if read_at == current && !rows.is_empty() => {
+                // Topped up to a full batch's rows.
+                let last = rows.last().map_or(since, |r| r.record.seq);
+                let want = BATCH_RECORDS.saturating_sub(u32::try_from(rows.len()).unwrap_or(0));
+                if want > 0 {
+                    handle
+                        .store
+                        .since(&handle.id, last, want)
+                        .await
+                        .map(|more| {
+                            rows.extend(more);
+                            rows
+                        })
+                } else {
+                    Ok(rows)
+                }
+            }
+            _ => handle.store.since(&handle.id, since, BATCH_RECORDS).await,
+        };
+        let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
                 warn!(folder = %handle.id, peer = %subscriber, error = %e, "cannot read index for peer");
@@ -266,20 +294,21 @@ async fn pump_folder(
                 return;
             }
         };
-        let max_seq = *seq_rx.borrow();
+        let max_seq = current;
         if !rows.is_empty() || !announced {
             let root = handle.root.clone();
             let inline_max = svc.inline_max;
-            let (rows, inline) = match tokio::task::spawn_blocking(move || {
+            let (rows, inline, rest) = match tokio::task::spawn_blocking(move || {
                 let mut rows = rows;
-                let inline = read_inline(&root, &mut rows, inline_max, subscriber_id);
-                (rows, inline)
+                let (inline, rest) = read_inline(&root, &mut rows, inline_max, subscriber_id);
+                (rows, inline, rest)
             })
             .await
             {
                 Ok(x) => x,
                 Err(_) => return,
             };
+            ahead = Some((current, rest));
             let up_to = rows.last().map_or(since, |r| r.record.seq);
             let batch = pb::IndexBatch {
                 node_id: svc.node.0,
