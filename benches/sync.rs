@@ -35,7 +35,17 @@ const LAT_GAP: Duration = Duration::from_millis(20);
 const LAT_POLL: Duration = Duration::from_micros(100);
 
 /// (b), (c): runs per measurement.
-const RUNS: usize = 3;
+/// Runs of (b) and (c) unless `ARTISYNC_BENCH_RUNS` says otherwise (odd counts give a true
+/// median).
+const DEFAULT_RUNS: usize = 3;
+
+fn runs() -> usize {
+    std::env::var("ARTISYNC_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=15).contains(n))
+        .unwrap_or(DEFAULT_RUNS)
+}
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 // ------------------------------------------------------------------ deterministic content
@@ -422,6 +432,7 @@ fn main() {
         .expect("temp dir");
     let base = base_dir.path();
     let keep = std::env::var_os("ARTISYNC_BENCH_KEEP").is_some();
+    let n_runs = runs();
 
     println!("artisync sync benchmark");
     println!("=======================");
@@ -447,13 +458,13 @@ fn main() {
     );
 
     // ---------------------------------------------------------------- setup
-    let ports = free_ports(RUNS + 3).expect("free ports");
+    let ports = free_ports(n_runs + 3).expect("free ports");
     let a = Node::new(base, "a", ports[0]);
-    let bs: Vec<Node> = (0..RUNS)
+    let bs: Vec<Node> = (0..n_runs)
         .map(|i| Node::new(base, &format!("b{}", i + 1), ports[1 + i]))
         .collect();
-    let lone = Node::new(base, "empty", ports[RUNS + 1]);
-    let rsync_port = ports[RUNS + 2];
+    let lone = Node::new(base, "empty", ports[n_runs + 1]);
+    let rsync_port = ports[n_runs + 2];
 
     let t = Instant::now();
     let (files, bytes) = generate_tree(&a.tree);
@@ -470,7 +481,7 @@ fn main() {
     println!("  of which {big} files > 256 KiB (fetched in chunks rather than inline)\n");
 
     // ---------------------------------------------------------------- (b) initial sync
-    println!("(b) initial sync of the tree into an empty node, {RUNS} runs each");
+    println!("(b) initial sync of the tree into an empty node, {n_runs} runs each");
     println!(
         "  artisync: A serves the tree (restarted per run with the new B as its only peer, SERVING before B"
     );
@@ -524,7 +535,7 @@ fn main() {
         );
         // Let B finish its book-keeping before the reference runs; keep the last B for (c).
         std::thread::sleep(Duration::from_millis(500));
-        if run + 1 < RUNS {
+        if run + 1 < n_runs {
             agent.stop();
         } else {
             b_agent = Some(agent);
@@ -571,14 +582,14 @@ fn main() {
     );
 
     // ---------------------------------------------------------------- (c) restart scan
-    let b = &bs[RUNS - 1];
+    let b = &bs[n_runs - 1];
     let mut b_agent = b_agent.expect("the last B is running");
     println!(
-        "(c) no-change restart of B (SIGTERM, start again, until health SERVING), {RUNS} runs"
+        "(c) no-change restart of B (SIGTERM, start again, until health SERVING), {n_runs} runs"
     );
     let mut restarts = Vec::new();
     let mut stops = Vec::new();
-    for run in 0..RUNS {
+    for run in 0..n_runs {
         std::thread::sleep(Duration::from_millis(300));
         stops.push(b_agent.stop());
         b_agent = b.start();
@@ -594,7 +605,7 @@ fn main() {
     assert!(digest(&b.tree) == want, "B's tree changed across restarts");
     let mut hashes = Vec::new();
     let mut stats = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..n_runs {
         let t = Instant::now();
         let d = digest(&b.tree);
         hashes.push(t.elapsed());
@@ -605,7 +616,7 @@ fn main() {
     }
     lone.write_config(&[]);
     let mut empties = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..n_runs {
         let mut agent = lone.start();
         empties.push(agent.wait_serving(&rt));
         agent.stop();
@@ -762,14 +773,14 @@ fn main() {
         "-".into(),
     );
     row(
-        "(b) initial sync, median of 3 vs rsync -a",
+        &format!("(b) initial sync, median of {n_runs} vs rsync -a"),
         format!("{:.0} ms", ms(m_art)),
         format!("{:.0} ms rsync", ms(m_rs)),
         format!("{:.2}x", m_art.as_secs_f64() / m_rs.as_secs_f64()),
         "-".into(),
     );
     row(
-        "(b) initial sync, median of 3 vs rsync+sync",
+        &format!("(b) initial sync, median of {n_runs} vs rsync+sync"),
         format!("{:.0} ms", ms(m_art)),
         format!("{:.0} ms rsync+sync", ms(m_rss)),
         format!("{:.2}x", m_art.as_secs_f64() / m_rss.as_secs_f64()),

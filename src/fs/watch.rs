@@ -416,7 +416,10 @@ mod tests {
             }
         }
         assert_eq!(pauses.first(), Some(&u64::from(super::BURST_EVENTS)));
-        assert!(pauses.windows(2).all(|w| (w[1] - w[0]) * 10 >= 1000), "{pauses:?}");
+        assert!(
+            pauses.windows(2).all(|w| (w[1] - w[0]) * 10 >= 1000),
+            "{pauses:?}"
+        );
         assert!(pauses.len() >= 3, "{pauses:?}");
     }
 
