@@ -202,14 +202,14 @@ impl PeerService {
 
 /// Reads the content of small live files for inline transfer, on a few threads.
 /// The batch is cut before the first small file that no longer fits the batch's inline budget,
-/// so it travels inline in the next batch instead of costing a fetch round
-/// trip; the rows cut off are returned with the contents.
+/// so it travels inline in the next batch instead of costing a fetch round trip; the rows
+/// cut off are returned with the contents.
 /// A version the subscriber wrote itself travels without content: it has those bytes (and in
 /// the rare case it does not any more, it fetches them).
 ///
 /// The bytes are not hashed here: the receiver checks every inline content against the
 /// record's hash anyway, and fetches when they differ (a file changed since it was indexed;
-/// its newer record follows). Only a file of another size is left out.
+/// its newer record follows). Only a file shorter than its record is left out.
 fn read_inline(
     root: &Path,
     rows: &mut Vec<StoredRecord>,
@@ -241,10 +241,13 @@ fn read_inline(
         if !inline {
             return None;
         }
+        // Exactly the indexed size, with no stat and no read to the end (`read_to_end` costs
+        // a statx, an lseek and a read returning 0 per file): a file that changed since it
+        // was indexed fails the receiver's hash check and is fetched instead.
         let mut file = std::fs::File::open(root.join(r.path.as_str())).ok()?;
-        let mut bytes = Vec::with_capacity(usize::try_from(r.size).ok()? + 1);
-        std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
-        (bytes.len() as u64 == r.size).then_some(bytes)
+        let mut bytes = vec![0u8; usize::try_from(r.size).ok()?];
+        std::io::Read::read_exact(&mut file, &mut bytes).ok()?;
+        Some(bytes)
     });
     (inline, rest)
 }
@@ -295,6 +298,7 @@ async fn pump_folder(
             }
         };
         let max_seq = current;
+        let t_rows = std::time::Instant::now();
         if !rows.is_empty() || !announced {
             let root = handle.root.clone();
             let inline_max = svc.inline_max;
@@ -308,6 +312,7 @@ async fn pump_folder(
                 Ok(x) => x,
                 Err(_) => return,
             };
+            let read = t_rows.elapsed();
             ahead = Some((current, rest));
             let up_to = rows.last().map_or(since, |r| r.record.seq);
             let batch = pb::IndexBatch {
@@ -326,6 +331,7 @@ async fn pump_folder(
             if tx.send(Ok(batch)).await.is_err() {
                 return;
             }
+            debug!(folder = %handle.id, peer = %subscriber, records = rows.len(), read_us = read.as_micros() as u64, queued_us = t_rows.elapsed().as_micros() as u64, "batch sent to peer");
             announced = true;
             since = up_to;
             continue;
