@@ -209,7 +209,7 @@ impl PeerService {
 ///
 /// The bytes are not hashed here: the receiver checks every inline content against the
 /// record's hash anyway, and fetches when they differ (a file changed since it was indexed;
-/// its newer record follows). Only a file shorter than its record is left out.
+/// its newer record follows). Only a file of another size is left out.
 fn read_inline(
     root: &Path,
     rows: &mut Vec<StoredRecord>,
@@ -241,13 +241,10 @@ fn read_inline(
         if !inline {
             return None;
         }
-        // Exactly the indexed size, with no stat and no read to the end (`read_to_end` costs
-        // a statx, an lseek and a read returning 0 per file): a file that changed since it
-        // was indexed fails the receiver's hash check and is fetched instead.
         let mut file = std::fs::File::open(root.join(r.path.as_str())).ok()?;
-        let mut bytes = vec![0u8; usize::try_from(r.size).ok()?];
-        std::io::Read::read_exact(&mut file, &mut bytes).ok()?;
-        Some(bytes)
+        let mut bytes = Vec::with_capacity(usize::try_from(r.size).ok()? + 1);
+        std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
+        (bytes.len() as u64 == r.size).then_some(bytes)
     });
     (inline, rest)
 }
