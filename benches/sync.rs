@@ -34,10 +34,10 @@ const LAT_GAP: Duration = Duration::from_millis(20);
 /// Fallback poll interval of the arrival detector (it is woken by inotify before that).
 const LAT_POLL: Duration = Duration::from_micros(100);
 
-/// (b), (c): runs per measurement.
-/// Runs of (b) and (c) unless `ARTISYNC_BENCH_RUNS` says otherwise (odd counts give a true
-/// median).
+/// (b), (c): runs per measurement, unless `ARTISYNC_BENCH_RUNS` (1 to 15) says otherwise
+/// (odd counts give a true median).
 const DEFAULT_RUNS: usize = 3;
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn runs() -> usize {
     std::env::var("ARTISYNC_BENCH_RUNS")
@@ -46,7 +46,6 @@ fn runs() -> usize {
         .filter(|n| (1..=15).contains(n))
         .unwrap_or(DEFAULT_RUNS)
 }
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 // ------------------------------------------------------------------ deterministic content
 

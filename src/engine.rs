@@ -802,7 +802,6 @@ impl FolderEngine {
         Ok(())
     }
 
-    /// True when the disk at `path` still shows what the index says (so it may be replaced).
     /// True when `remote` is a file this node has no live record of: it is written as a new
     /// file, which never replaces anything at its path (see [`apply::Op::Write`]'s `new`), so
     /// a file that appeared there meanwhile fails the write (and is looked at) instead of
@@ -813,6 +812,7 @@ impl FolderEngine {
             && self.replica.get(&remote.path).is_none_or(|l| l.deleted)
     }
 
+    /// True when the disk at `path` still shows what the index says (so it may be replaced).
     fn disk_matches_index(&self, path: &RelPath) -> bool {
         let meta = std::fs::symlink_metadata(self.root.join(path.as_str()));
         match (self.replica.get(path), meta) {
@@ -1178,7 +1178,7 @@ impl FolderEngine {
                 apply::stage_batch(&self.root, ops, Some(&self.own))
             }))
         };
-        debug!(folder = %self.id, peer = %batch.peer, ops = n_ops, fetched = fetched_count, decide_us = t_staging.duration_since(t_prepare).as_micros() as u64, stage_us = t_staging.elapsed().as_micros() as u64, "batch staged");
+        debug!(folder = %self.id, peer = %batch.peer, ops = n_ops, fetched = fetched_count, decide_fetch_us = t_staging.duration_since(t_prepare).as_micros() as u64, stage_us = t_staging.elapsed().as_micros() as u64, "batch staged");
         Ok(PreparedRemote {
             peer: batch.peer,
             stream: batch.stream,

@@ -36,8 +36,8 @@ const BATCH_RECORDS: u32 = 1000;
 const BATCH_INLINE_BYTES: u64 = 4 * 1024 * 1024;
 /// HTTP/2 receive window of one stream (the client's side of a subscription).
 const STREAM_WINDOW_BYTES: u32 = 2 * BATCH_INLINE_BYTES as u32;
-/// Batches of one stream handed to the engine and not answered yet: one being applied, one
-/// checked and waiting.
+/// Batches of one stream handed to the engine and not answered yet: one being finished, one
+/// being staged, one checked and waiting.
 const BATCHES_IN_FLIGHT: usize = 3;
 /// Chunk size of large-file transfers.
 const CHUNK_BYTES: usize = 1024 * 1024;
@@ -266,28 +266,23 @@ async fn pump_folder(
     loop {
         seq_rx.borrow_and_update();
         let current = *seq_rx.borrow();
-        let rows = match ahead.take() {
-            Some((read_at, mut rows)) if read_at == current && !rows.is_empty() => {
-                // Topped up to a full batch's rows.
-                let last = rows.last().map_or(since, |r| r.record.seq);
-                let want = BATCH_RECORDS.saturating_sub(u32::try_from(rows.len()).unwrap_or(0));
-                if want > 0 {
-                    handle
-                        .store
-                        .since(&handle.id, last, want)
-                        .await
-                        .map(|more| {
-                            rows.extend(more);
-                            rows
-                        })
-                } else {
-                    Ok(rows)
-                }
-            }
-            _ => handle.store.since(&handle.id, since, BATCH_RECORDS).await,
+        // The rows kept from the last read, topped up to a full batch's rows.
+        let mut rows = match ahead.take() {
+            Some((read_at, rows)) if read_at == current => rows,
+            _ => Vec::new(),
         };
-        let rows = match rows {
-            Ok(rows) => rows,
+        let from = rows.last().map_or(since, |r| r.record.seq);
+        let want = BATCH_RECORDS.saturating_sub(u32::try_from(rows.len()).unwrap_or(BATCH_RECORDS));
+        let more = if want > 0 {
+            handle.store.since(&handle.id, from, want).await
+        } else {
+            Ok(Vec::new())
+        };
+        let rows = match more {
+            Ok(more) => {
+                rows.extend(more);
+                rows
+            }
             Err(e) => {
                 warn!(folder = %handle.id, peer = %subscriber, error = %e, "cannot read index for peer");
                 let _ = tx.send(Err(Status::internal(e.to_string()))).await;

@@ -606,9 +606,9 @@ impl StagedBatch {
             |(i, _, _)| ops[*i].path().parent(),
             |(i, s, key)| {
                 let new = matches!(&ops[*i], Op::Write { new: true, .. });
-                // The stat key is the temp file's, taken before it was put in place: a local edit
-                // landing on the target right after ours must not be taken for our write (nor fail an
-                // apply that already happened).
+                // The stat key is the temp file's, taken before it was put in place: a local
+                // edit landing on the target right after ours must not be taken for our write
+                // (nor fail an apply that already happened).
                 place(s, &root.join(ops[*i].path().as_str()), new, own).map(|_| Some(*key))
             },
         );
