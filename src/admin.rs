@@ -32,7 +32,8 @@ pub struct StatusReport {
 pub struct FolderReport {
     #[serde(flatten)]
     pub status: FolderStatus,
-    /// Not paused, nothing held, and every peer connected with nothing left to apply.
+    /// Not paused, nothing held or skipped, and every peer connected with nothing left to
+    /// apply.
     pub in_sync: bool,
 }
 
@@ -68,7 +69,10 @@ impl AdminService {
                     .iter()
                     .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));
                 FolderReport {
-                    in_sync: f.paused.is_none() && f.held.is_empty() && peers_done,
+                    in_sync: f.paused.is_none()
+                        && f.held.is_empty()
+                        && f.skipped.is_empty()
+                        && peers_done,
                     status: f,
                 }
             })

@@ -59,6 +59,10 @@ pub struct Config {
     /// Files up to this size travel inline with their index record; larger ones are fetched.
     #[serde(default = "default_inline_max_bytes")]
     pub inline_max_bytes: u64,
+    /// A peer change that fails to apply three times in a row is skipped, so the peer's other
+    /// changes go on; it is retried after this many ms, doubling each time, never above 1 h.
+    #[serde(default = "default_skip_retry_ms")]
+    pub skip_retry_ms: u64,
     #[serde(default, rename = "folder")]
     pub folders: Vec<FolderConfig>,
     #[serde(default, rename = "peer")]
@@ -156,6 +160,9 @@ fn default_tombstone_ttl_days() -> u64 {
 fn default_inline_max_bytes() -> u64 {
     256 * 1024
 }
+fn default_skip_retry_ms() -> u64 {
+    60_000
+}
 fn default_retriever_kind() -> String {
     "db".into()
 }
@@ -246,6 +253,12 @@ impl Config {
         }
         if self.rescan_interval_secs == 0 {
             return Err(invalid("rescan_interval_secs", "must be at least 1"));
+        }
+        if !(100..=3_600_000).contains(&self.skip_retry_ms) {
+            return Err(invalid(
+                "skip_retry_ms",
+                "must be between 100 and 3600000 (one hour)",
+            ));
         }
         if self.inline_max_bytes > INLINE_MAX_LIMIT {
             return Err(invalid(
@@ -576,6 +589,19 @@ mod tests {
         assert_eq!(c.rescan_interval_secs, 3600);
         assert_eq!(c.folders[0].id, "synapse-configs");
         assert!(c.folders[0].xml_gate);
+        assert_eq!(c.skip_retry_ms, 60_000);
+    }
+
+    #[test]
+    fn skip_retry_out_of_range_is_named() {
+        let dir = setup();
+        for bad in ["0", "99", "3600001"] {
+            let e = err_of(&format!("skip_retry_ms = {bad}\n{}", base(dir.path())));
+            assert!(e.contains("skip_retry_ms"), "{e}");
+        }
+        let text = format!("skip_retry_ms = 500\n{}", base(dir.path()));
+        let c = Config::parse(&text, Path::new("t")).expect("valid");
+        assert_eq!(c.skip_retry_ms, 500);
     }
 
     #[test]

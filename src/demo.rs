@@ -521,6 +521,24 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
         for (path, why) in &f.unreadable {
             out.push_str(&format!("    unreadable: {path}: {why}\n"));
         }
+        let now = crate::now_ms();
+        const SKIPPED_SHOWN: usize = 20;
+        for s in f.skipped.iter().take(SKIPPED_SHOWN) {
+            out.push_str(&format!(
+                "    skipped from {}: {}: {} ({} attempts, next in {} s)\n",
+                s.peer,
+                s.path,
+                s.problem,
+                s.attempts,
+                s.next_retry_ms.saturating_sub(now).div_ceil(1000)
+            ));
+        }
+        if f.skipped.len() > SKIPPED_SHOWN {
+            out.push_str(&format!(
+                "    ... and {} more skipped (all of them: artisync status --json)\n",
+                f.skipped.len() - SKIPPED_SHOWN
+            ));
+        }
         if let Some(e) = &f.last_error {
             out.push_str(&format!("    last error: {e}\n"));
         }

@@ -26,8 +26,12 @@ use crate::fs::own::OwnWrites;
 use crate::fs::scan::{self, Look};
 use crate::fs::watch::Change;
 use crate::fs::xml;
-use crate::model::{Decision, FileRecord, Hash, Hlc, Kind, NodeId, RelPath, Replica};
-use crate::store::{ConflictEntry, Cursor, StatKey, Store, StoreError, StoredRecord};
+use crate::model::{
+    Causality, Decision, FileRecord, Hash, Hlc, Kind, NodeId, RelPath, Replica, VersionVector,
+};
+use crate::store::{
+    ConflictEntry, Cursor, SkipChanges, Skipped, StatKey, Store, StoreError, StoredRecord,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -57,6 +61,16 @@ pub enum EngineError {
     StreamFailed { folder: String, peer: String },
 }
 
+/// Why a content could not be fetched: this node's trouble (the temp file) or the peer's
+/// (gone, unreadable there, changed meanwhile).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Local(#[from] std::io::Error),
+    #[error("{0}")]
+    Peer(String),
+}
+
 /// Fetches the content of a file from the peer that announced it, into a verified temp file.
 pub trait Fetcher: Send + Sync {
     fn fetch<'a>(
@@ -66,7 +80,7 @@ pub trait Fetcher: Send + Sync {
         hash: Hash,
         dir: &'a Path,
         mode: u32,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathBuf, String>> + Send + 'a>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>>;
 }
 
 /// One record from a peer, with its content when it travelled inline.
@@ -115,6 +129,8 @@ pub struct RemoteBatch {
     pub up_to_seq: u64,
     pub records: Vec<Incoming>,
     pub fetcher: Arc<dyn Fetcher>,
+    /// A retry of skipped changes, made by the engine itself: it moves no cursor.
+    pub retry: bool,
 }
 
 /// The engine's message queue, handed from [`FolderEngine::open`] to [`FolderEngine::run`].
@@ -155,6 +171,21 @@ pub struct FolderStatus {
     pub unreadable: BTreeMap<String, String>,
     pub last_error: Option<String>,
     pub conflicts: u64,
+    /// Peer changes that failed to apply [`SKIP_AFTER_FAILURES`] times in a row: set aside so
+    /// the rest of the peer's changes flow, and retried with backoff.
+    #[serde(default)]
+    pub skipped: Vec<SkippedStatus>,
+}
+
+/// One skipped peer change, as status shows it.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SkippedStatus {
+    pub path: String,
+    pub peer: String,
+    pub problem: String,
+    pub attempts: u32,
+    /// Wall time of the next attempt, ms since the epoch.
+    pub next_retry_ms: u64,
 }
 
 /// Cheap, cloneable access to a running folder engine.
@@ -242,6 +273,8 @@ pub struct EngineOptions {
     pub node_name: String,
     pub conflicts_dir: PathBuf,
     pub tombstone_ttl_ms: u64,
+    /// First retry of a skipped peer change, ms; it doubles after each failed retry.
+    pub skip_retry_ms: u64,
 }
 
 pub struct FolderEngine {
@@ -270,23 +303,88 @@ pub struct FolderEngine {
     failed_streams: VecDeque<u64>,
     /// The files this engine creates, for its watcher (see [`OwnWrites`]).
     own: Arc<OwnWrites>,
+    /// Peer changes failing in a row: (peer, path) -> (the version that fails, how often).
+    strikes: HashMap<(String, RelPath), (VersionVector, u32)>,
+    /// Skipped peer changes, by (peer, path); kept in the index too.
+    skipped: BTreeMap<(String, RelPath), Skipped>,
+    /// The latest content source of each peer, for retrying its skipped changes.
+    fetchers: HashMap<String, Arc<dyn Fetcher>>,
 }
 
-/// The failures of one batch: how many, and the one with the lowest peer sequence (the
-/// peer's cursor stops just before it).
-#[derive(Debug, Default)]
-struct Failures {
-    first: Option<(u64, String, String)>,
-    count: usize,
+/// One record of a batch that could not be applied.
+#[derive(Debug)]
+struct Failure {
+    /// The record as the peer sent it (`seq` is the peer's).
+    record: FileRecord,
+    problem: String,
+    /// The trouble is this node's, not the path's (a full or read-only disk, a conflict
+    /// copy that cannot be kept): the change waits in the stream, it is never skipped.
+    node_wide: bool,
 }
+
+/// The failures of one batch.
+#[derive(Debug, Default)]
+struct Failures(Vec<Failure>);
 
 impl Failures {
-    fn note(&mut self, seq: u64, path: &RelPath, problem: String) {
-        self.count += 1;
-        if self.first.as_ref().is_none_or(|(s, _, _)| seq < *s) {
-            self.first = Some((seq, path.to_string(), problem));
-        }
+    /// `remote`: the record as the peer sent it.
+    fn note(&mut self, remote: &FileRecord, problem: String, node_wide: bool) {
+        self.0.push(Failure {
+            record: remote.clone(),
+            problem,
+            node_wide,
+        });
     }
+}
+
+/// A peer change failing this many times in a row is skipped (see [`FolderStatus::skipped`]).
+/// A passing problem (a local write racing the peer's, a file changing on the peer while it
+/// is fetched) clears on the session's quick retries before that.
+pub const SKIP_AFTER_FAILURES: u32 = 3;
+
+/// Skipped changes retried in one batch at most.
+const RETRY_BATCH_RECORDS: usize = 1000;
+
+/// Skipped changes are retried at most this far apart.
+const SKIP_RETRY_MAX_MS: u64 = 3_600_000;
+
+/// True when an apply error says more about this node than about the path: such a change
+/// is never skipped, so it cannot be left behind while the node's trouble lasts.
+fn node_wide(e: &std::io::Error) -> bool {
+    use nix::libc;
+    use std::io::ErrorKind as K;
+    match e.raw_os_error() {
+        Some(code) => matches!(
+            code,
+            libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EROFS
+                | libc::EIO
+                | libc::ENOMEM
+                | libc::EMFILE
+                | libc::ENFILE
+        ),
+        None => !matches!(
+            e.kind(),
+            K::PermissionDenied
+                | K::AlreadyExists
+                | K::NotFound
+                | K::IsADirectory
+                | K::NotADirectory
+                | K::InvalidInput
+                | K::InvalidFilename
+                | K::DirectoryNotEmpty
+        ),
+    }
+}
+
+/// When a change skipped after `attempts` failures is tried next.
+fn skip_retry_at(now_ms: u64, base_ms: u64, attempts: u32) -> u64 {
+    let doublings = attempts.saturating_sub(SKIP_AFTER_FAILURES).min(32);
+    let delay = base_ms
+        .saturating_mul(1u64 << doublings)
+        .min(SKIP_RETRY_MAX_MS);
+    now_ms.saturating_add(delay)
 }
 
 /// A peer batch decided and staged, waiting for its durability and placement.
@@ -295,10 +393,11 @@ struct PreparedRemote {
     stream: u64,
     epoch: u64,
     up_to_seq: u64,
+    retry: bool,
     /// Index-only changes (merged versions), for the replica and the index.
     stores: Vec<FileRecord>,
-    /// (peer seq, record) of each disk op, in op order.
-    op_meta: Vec<(u64, FileRecord)>,
+    /// (record decided, record as the peer sent it) of each disk op, in op order.
+    op_meta: Vec<(FileRecord, FileRecord)>,
     /// Records whose disk already matches.
     no_op: Vec<FileRecord>,
     fails: Failures,
@@ -322,6 +421,7 @@ struct Settled {
     applied: usize,
     /// New files that met a local file at their path (looked at after the commit).
     appeared: BTreeSet<RelPath>,
+    skips: SkipChanges,
     outcome: Result<u64, EngineError>,
 }
 
@@ -380,6 +480,12 @@ impl FolderEngine {
             .iter()
             .filter(|c| c.folder == folder.id)
             .count() as u64;
+        let skipped = store
+            .skipped(&folder.id)
+            .await?
+            .into_iter()
+            .map(|s| ((s.peer.clone(), s.record.path.clone()), s))
+            .collect();
         let engine = Self {
             id: folder.id.clone(),
             epoch,
@@ -403,6 +509,9 @@ impl FolderEngine {
             conflicts,
             failed_streams: VecDeque::new(),
             own: Arc::new(OwnWrites::default()),
+            strikes: HashMap::new(),
+            skipped,
+            fetchers: HashMap::new(),
         };
         engine.publish_status();
         let handle = FolderHandle {
@@ -459,6 +568,7 @@ impl FolderEngine {
                 self.publish_status();
                 continue;
             }
+            let skip_wait = self.next_retry_in(crate::now_ms());
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -471,6 +581,14 @@ impl FolderEngine {
                         warn!(folder = %self.id, error = %e, "periodic rescan failed");
                     }
                     self.purge_tombstones().await;
+                }
+                _ = tokio::time::sleep(skip_wait.unwrap_or_default()), if skip_wait.is_some() => {
+                    if let Some(batch) = self.due_retry(crate::now_ms()) {
+                        debug!(folder = %self.id, peer = %batch.peer, records = batch.records.len(), "retrying skipped changes");
+                        // Nobody waits for the answer: the outcome lands in the skip list.
+                        let (reply, _) = oneshot::channel();
+                        pending = self.remote_chain(batch, reply, &mut rx).await;
+                    }
                 }
                 _ = retry.tick(), if !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
                     let mut paths: Vec<RelPath> = std::mem::take(&mut self.unstable).into_iter().collect();
@@ -530,6 +648,17 @@ impl FolderEngine {
                 .collect(),
             last_error: self.last_error.clone(),
             conflicts: self.conflicts,
+            skipped: self
+                .skipped
+                .values()
+                .map(|s| SkippedStatus {
+                    path: s.record.path.to_string(),
+                    peer: s.peer.clone(),
+                    problem: s.problem.clone(),
+                    attempts: s.attempts,
+                    next_retry_ms: s.retry_ms,
+                })
+                .collect(),
             ..Default::default()
         };
         let totals = self.replica.totals();
@@ -796,7 +925,9 @@ impl FolderEngine {
         }
         if !commits.is_empty() {
             info!(folder = %self.id, count = commits.len(), "local changes recorded");
-            self.store.commit(&self.id, &commits, None).await?;
+            self.store
+                .commit(&self.id, &commits, None, &SkipChanges::default())
+                .await?;
             self.seq_tx.send_replace(self.replica.seq());
         }
         Ok(())
@@ -954,6 +1085,8 @@ impl FolderEngine {
         let r = self.record_remote(done).await;
         debug!(folder = %self.id, commit_us = t.elapsed().as_micros() as u64, "batch recorded");
         self.note_outcome(stream, &r);
+        // Status shows the batch by the time its session hears back.
+        self.publish_status();
         let _ = reply.send(r);
     }
 
@@ -978,7 +1111,11 @@ impl FolderEngine {
         }
         let commits = self.commit_stores(std::mem::take(&mut prepared.stores));
         if !commits.is_empty() {
-            if let Err(e) = self.store.commit(&self.id, &commits, None).await {
+            if let Err(e) = self
+                .store
+                .commit(&self.id, &commits, None, &SkipChanges::default())
+                .await
+            {
                 warn!(folder = %self.id, error = %e, "cannot record index-only merges");
             }
             self.seq_tx.send_replace(self.replica.seq());
@@ -1008,6 +1145,10 @@ impl FolderEngine {
         }
         let now = crate::now_ms();
         let t_prepare = std::time::Instant::now();
+        if !batch.retry {
+            self.fetchers
+                .insert(batch.peer.clone(), batch.fetcher.clone());
+        }
         // Every path of the batch, whatever its decision: the ones committed only when the
         // batch completes (index-only merges, disk already right) count as much as disk ops
         // for the next batch's overlap check.
@@ -1017,8 +1158,8 @@ impl FolderEngine {
             .map(|r| r.record.path.clone())
             .collect();
         let mut stores: Vec<FileRecord> = Vec::new();
-        // (remote seq, record, conflict copy, content source)
-        let mut applies: Vec<(u64, FileRecord, bool, Option<Inline>)> = Vec::new();
+        // (record decided, record as the peer sent it, conflict copy, content source)
+        let mut applies: Vec<(FileRecord, FileRecord, bool, Option<Inline>)> = Vec::new();
         for Incoming {
             record: remote,
             inline,
@@ -1027,7 +1168,6 @@ impl FolderEngine {
             if self.ignore.is_ignored(&remote.path) {
                 continue;
             }
-            let remote_seq = remote.seq;
             let mut decision = self.replica.receive(&remote, now);
             if matches!(decision, Decision::Apply { .. })
                 && !self.placed_without_replacing(&remote)
@@ -1049,28 +1189,24 @@ impl FolderEngine {
                     record,
                     conflict_copy,
                 } => {
-                    applies.push((remote_seq, record, conflict_copy, inline));
+                    applies.push((record, remote, conflict_copy, inline));
                 }
             }
         }
         let mut fails = Failures::default();
         // Build the disk operations; what did not travel inline is fetched below.
-        let mut fetches: Vec<(u64, FileRecord, Hash, bool)> = Vec::new();
+        let mut fetches: Vec<(FileRecord, FileRecord, Hash, bool)> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
-        let mut op_meta: Vec<(u64, FileRecord)> = Vec::new();
+        let mut op_meta: Vec<(FileRecord, FileRecord)> = Vec::new();
         let mut no_op: Vec<FileRecord> = Vec::new();
-        for (remote_seq, record, conflict_copy, inline) in applies {
+        for (record, remote, conflict_copy, inline) in applies {
             let local = self.replica.get(&record.path).cloned();
             if conflict_copy {
                 if let Err(e) = self
                     .keep_conflict_copy(&record, local.as_ref(), now, &batch.peer)
                     .await
                 {
-                    fails.note(
-                        remote_seq,
-                        &record.path,
-                        format!("cannot keep conflict copy: {e}"),
-                    );
+                    fails.note(&remote, format!("cannot keep conflict copy: {e}"), true);
                     continue;
                 }
             }
@@ -1104,7 +1240,7 @@ impl FolderEngine {
                 }
             } else {
                 let Some(hash) = record.hash else {
-                    fails.note(remote_seq, &record.path, "live file without a hash".into());
+                    fails.note(&remote, "live file without a hash".into(), false);
                     continue;
                 };
                 match inline {
@@ -1117,7 +1253,7 @@ impl FolderEngine {
                         new: local_live.is_none(),
                     }),
                     _ => {
-                        fetches.push((remote_seq, record, hash, local_live.is_none()));
+                        fetches.push((record, remote, hash, local_live.is_none()));
                         continue;
                     }
                 }
@@ -1125,17 +1261,17 @@ impl FolderEngine {
             match op {
                 Some(op) => {
                     ops.push(op);
-                    op_meta.push((remote_seq, record));
+                    op_meta.push((record, remote));
                 }
                 None => no_op.push(record),
             }
         }
         // Contents that did not travel inline, a few at a time.
-        let fetched: Vec<Result<PathBuf, String>> = {
+        let fetched: Vec<Result<PathBuf, FetchError>> = {
             use futures_util::StreamExt;
             let jobs: Vec<_> = fetches
                 .iter()
-                .map(|(_, record, hash, _)| {
+                .map(|(record, _, hash, _)| {
                     let dir = match record.path.parent() {
                         Some(p) => self.root.join(p.as_str()),
                         None => self.root.clone(),
@@ -1152,7 +1288,7 @@ impl FolderEngine {
                 .await
         };
         let fetched_count = fetched.len();
-        for ((remote_seq, record, _, new), r) in fetches.into_iter().zip(fetched) {
+        for ((record, remote, _, new), r) in fetches.into_iter().zip(fetched) {
             match r {
                 Ok(tmp) => {
                     ops.push(Op::Write {
@@ -1161,9 +1297,15 @@ impl FolderEngine {
                         mode: record.mode,
                         new,
                     });
-                    op_meta.push((remote_seq, record));
+                    op_meta.push((record, remote));
                 }
-                Err(e) => fails.note(remote_seq, &record.path, format!("fetch failed: {e}")),
+                Err(e) => {
+                    let local = match &e {
+                        FetchError::Local(io) => node_wide(io),
+                        FetchError::Peer(_) => false,
+                    };
+                    fails.note(&remote, format!("fetch failed: {e}"), local);
+                }
             }
         }
         let removes = ops
@@ -1184,6 +1326,7 @@ impl FolderEngine {
             stream: batch.stream,
             epoch: batch.epoch,
             up_to_seq: batch.up_to_seq,
+            retry: batch.retry,
             stores,
             op_meta,
             no_op,
@@ -1221,10 +1364,12 @@ impl FolderEngine {
             stream,
             epoch,
             up_to_seq,
+            retry,
             stores,
             op_meta,
             no_op,
             mut fails,
+            paths,
             ..
         } = prepared;
         let results = match joined {
@@ -1237,7 +1382,7 @@ impl FolderEngine {
         let mut commits = self.commit_stores(stores);
         let mut applied = 0usize;
         let mut appeared: BTreeSet<RelPath> = BTreeSet::new();
-        for ((remote_seq, record), result) in op_meta.into_iter().zip(results) {
+        for ((record, remote), result) in op_meta.into_iter().zip(results) {
             match result {
                 Ok(stat) => {
                     applied += 1;
@@ -1268,7 +1413,7 @@ impl FolderEngine {
                         appeared.insert(record.path.clone());
                     }
                     warn!(folder = %self.id, path = %record.path, peer = %peer, error = %e, "cannot apply change");
-                    fails.note(remote_seq, &record.path, e.to_string());
+                    fails.note(&remote, e.to_string(), node_wide(&e));
                 }
             }
         }
@@ -1277,21 +1422,24 @@ impl FolderEngine {
             let record = self.replica.commit(record);
             commits.push(StoredRecord { record, stat });
         }
-        let applied_up_to = match &fails.first {
-            Some((seq, _, _)) => seq.saturating_sub(1),
+        let skips = self.skip_failures(&peer, retry, &paths, &mut fails);
+        // The peer's cursor stops just before the first failure that was not skipped.
+        let first = fails.0.iter().min_by_key(|f| f.record.seq);
+        let applied_up_to = match first {
+            Some(f) => f.record.seq.saturating_sub(1),
             None => up_to_seq,
         };
         let stream_failed = self.failed_streams.contains(&stream);
-        let cursor = (!stream_failed).then_some(Cursor {
+        let cursor = (!stream_failed && !retry).then_some(Cursor {
             epoch,
             seq: applied_up_to,
         });
-        let outcome = match fails.first {
-            Some((_, path, problem)) => Err(EngineError::ApplyFailed {
+        let outcome = match first {
+            Some(f) => Err(EngineError::ApplyFailed {
                 folder: self.id.clone(),
-                failed: fails.count,
-                path,
-                problem,
+                failed: fails.0.len(),
+                path: f.record.path.to_string(),
+                problem: f.problem.clone(),
             }),
             None if stream_failed => Err(EngineError::StreamFailed {
                 folder: self.id.clone(),
@@ -1306,8 +1454,149 @@ impl FolderEngine {
             cursor,
             applied,
             appeared,
+            skips,
             outcome,
         }
+    }
+
+    /// Sorts the failures of a settled batch from `peer`. A change failing for the
+    /// [`SKIP_AFTER_FAILURES`]th time in a row is skipped; one already skipped (a retry, or
+    /// the stream meeting it again) stays skipped, tried next after a longer wait. What
+    /// remains in `fails` stops the stream. Paths of the batch that went through clear their
+    /// strikes and their skip; so does another peer's skipped change the index now holds (or
+    /// has overtaken). Returns the changes to the skip list, for the batch's index commit.
+    fn skip_failures(
+        &mut self,
+        peer: &str,
+        retry: bool,
+        paths: &HashSet<RelPath>,
+        fails: &mut Failures,
+    ) -> SkipChanges {
+        let mut changes = SkipChanges::default();
+        let now = crate::now_ms();
+        if !self.strikes.is_empty() || !self.skipped.is_empty() {
+            let failed: HashSet<RelPath> = fails.0.iter().map(|f| f.record.path.clone()).collect();
+            let went_through = |p: &str, path: &RelPath| {
+                p == peer && paths.contains(path) && !failed.contains(path)
+            };
+            self.strikes.retain(|(p, path), _| !went_through(p, path));
+            let replica = &self.replica;
+            let overtaken = |s: &Skipped| {
+                replica.get(&s.record.path).is_some_and(|r| {
+                    matches!(
+                        r.version.compare(&s.record.version),
+                        Causality::Equal | Causality::After
+                    )
+                })
+            };
+            self.skipped.retain(|(p, path), s| {
+                let keep = !(went_through(p, path) || (paths.contains(path) && overtaken(s)));
+                if !keep {
+                    info!(folder = %self.id, path = %path, peer = %p, "skipped change is done");
+                    changes.cleared.push((p.clone(), path.clone()));
+                }
+                keep
+            });
+        }
+        let mut stopping = Vec::new();
+        for f in std::mem::take(&mut fails.0) {
+            let key = (peer.to_owned(), f.record.path.clone());
+            let (attempts, first_ms) = match self.skipped.get(&key) {
+                Some(s) => (s.attempts.saturating_add(1), s.first_ms),
+                // A retry of a change cleared meanwhile: nothing left to do.
+                None if retry => continue,
+                None if f.node_wide => {
+                    stopping.push(f);
+                    continue;
+                }
+                None => {
+                    let strike = self
+                        .strikes
+                        .entry(key.clone())
+                        .or_insert_with(|| (f.record.version.clone(), 0));
+                    if strike.0 != f.record.version {
+                        *strike = (f.record.version.clone(), 0);
+                    }
+                    strike.1 += 1;
+                    if strike.1 < SKIP_AFTER_FAILURES {
+                        stopping.push(f);
+                        continue;
+                    }
+                    self.strikes.remove(&key);
+                    (SKIP_AFTER_FAILURES, now)
+                }
+            };
+            let retry_ms = skip_retry_at(now, self.opts.skip_retry_ms, attempts);
+            let wait_s = retry_ms.saturating_sub(now) / 1000;
+            if attempts == SKIP_AFTER_FAILURES {
+                warn!(folder = %self.id, path = %f.record.path, peer = %peer, problem = %f.problem, attempts, retry_in_s = wait_s, "skipping a peer change that keeps failing; the peer's other changes go on, and status lists it until it applies");
+            } else {
+                info!(folder = %self.id, path = %f.record.path, peer = %peer, problem = %f.problem, attempts, retry_in_s = wait_s, "skipped change failed again");
+            }
+            let entry = Skipped {
+                peer: peer.to_owned(),
+                record: f.record,
+                problem: f.problem,
+                attempts,
+                first_ms,
+                retry_ms,
+            };
+            changes.set.push(entry.clone());
+            self.skipped.insert(key, entry);
+        }
+        fails.0 = stopping;
+        changes
+    }
+
+    /// A batch retrying the skipped changes of one peer that are due at `now_ms`, when that
+    /// peer's content source is known (a session of it has delivered since the start) and
+    /// the folder is not paused. Their next retry is pushed out at once, in memory, so that a
+    /// retry that fails before it gets to them (a folder error) cannot spin; their outcome
+    /// then sets it for good.
+    fn due_retry(&mut self, now_ms: u64) -> Option<RemoteBatch> {
+        if self.paused.is_some() {
+            return None;
+        }
+        let fetchers = &self.fetchers;
+        let due = |s: &Skipped| s.retry_ms <= now_ms && fetchers.contains_key(&s.peer);
+        let peer = self.skipped.values().find(|s| due(s))?.peer.clone();
+        let fetcher = fetchers.get(&peer)?.clone();
+        let base = self.opts.skip_retry_ms;
+        let records = self
+            .skipped
+            .values_mut()
+            .filter(|s| s.peer == peer && due(s))
+            .take(RETRY_BATCH_RECORDS)
+            .map(|s| {
+                s.retry_ms = skip_retry_at(now_ms, base, s.attempts);
+                Incoming {
+                    record: s.record.clone(),
+                    inline: None,
+                }
+            })
+            .collect();
+        Some(RemoteBatch {
+            peer,
+            stream: rand::random::<u64>(),
+            epoch: 0,
+            up_to_seq: 0,
+            records,
+            fetcher,
+            retry: true,
+        })
+    }
+
+    /// How long until a skipped change is due for a retry (of a peer with a known source).
+    fn next_retry_in(&self, now_ms: u64) -> Option<std::time::Duration> {
+        if self.paused.is_some() {
+            return None;
+        }
+        self.skipped
+            .values()
+            .filter(|s| self.fetchers.contains_key(&s.peer))
+            .map(|s| s.retry_ms.saturating_sub(now_ms))
+            .min()
+            .map(std::time::Duration::from_millis)
     }
 
     /// Commits a settled batch to the index (with the peer cursor, in one transaction).
@@ -1318,11 +1607,17 @@ impl FolderEngine {
             cursor,
             applied,
             appeared,
+            skips,
             outcome,
             ..
         } = done;
         self.store
-            .commit(&self.id, &commits, cursor.map(|c| (peer.as_str(), c)))
+            .commit(
+                &self.id,
+                &commits,
+                cursor.map(|c| (peer.as_str(), c)),
+                &skips,
+            )
             .await?;
         if !commits.is_empty() {
             self.seq_tx.send_replace(self.replica.seq());
@@ -1459,6 +1754,7 @@ pub fn engine_options(config: &Config, node: NodeId, names: NodeNames) -> Engine
         node_name: config.node.clone(),
         conflicts_dir: config.state_dir.join("conflicts"),
         tombstone_ttl_ms: config.tombstone_ttl().as_millis() as u64,
+        skip_retry_ms: config.skip_retry_ms,
     }
 }
 
@@ -1478,9 +1774,35 @@ mod tests {
             _hash: Hash,
             _dir: &'a Path,
             _mode: u32,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathBuf, String>> + Send + 'a>>
-        {
-            Box::pin(async { Err("peer is gone".to_owned()) })
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>,
+        > {
+            Box::pin(async { Err(FetchError::Peer("peer is gone".to_owned())) })
+        }
+    }
+
+    /// A peer that serves one file's bytes.
+    struct Serve(Vec<u8>);
+
+    impl Fetcher for Serve {
+        fn fetch<'a>(
+            &'a self,
+            _folder: &'a str,
+            _path: &'a RelPath,
+            hash: Hash,
+            dir: &'a Path,
+            mode: u32,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>,
+        > {
+            Box::pin(async move {
+                if *blake3::hash(&self.0).as_bytes() != hash {
+                    return Err(FetchError::Peer("not the bytes asked for".to_owned()));
+                }
+                let (mut f, tmp) = apply::create_temp(dir, mode)?;
+                std::io::Write::write_all(&mut f, &self.0)?;
+                Ok(tmp)
+            })
         }
     }
 
@@ -1521,11 +1843,24 @@ mod tests {
             up_to_seq,
             records,
             fetcher: Arc::new(NoFetch),
+            retry: false,
         }
     }
 
     async fn engine_on(
         dir: &Path,
+    ) -> (
+        FolderHandle,
+        Store,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        engine_with(dir, 60_000).await
+    }
+
+    async fn engine_with(
+        dir: &Path,
+        skip_retry_ms: u64,
     ) -> (
         FolderHandle,
         Store,
@@ -1547,6 +1882,7 @@ mod tests {
             node_name: "gw1".into(),
             conflicts_dir: dir.join("conflicts"),
             tombstone_ttl_ms: 1000,
+            skip_retry_ms,
         };
         let (mut engine, handle, inbox) = FolderEngine::open(&folder, store.clone(), opts)
             .await
@@ -1748,5 +2084,193 @@ mod tests {
         );
         cancel.cancel();
         task.await.expect("engine task");
+    }
+
+    /// Feeds the batch that fails at `big.xml` (its content cannot be fetched) on `streams`
+    /// fresh streams, as a session resubscribing after each failure does; returns the answers.
+    async fn fail_big_on_streams(
+        handle: &FolderHandle,
+        streams: std::ops::Range<u64>,
+    ) -> Vec<Result<u64, EngineError>> {
+        let mut answers = Vec::new();
+        for stream in streams {
+            answers.push(
+                handle
+                    .remote(batch(
+                        stream,
+                        3,
+                        vec![
+                            remote_file("a.xml", b"<a/>", 1, true),
+                            remote_file("big.xml", b"<big/>", 2, false),
+                            remote_file("c.xml", b"<c/>", 3, true),
+                        ],
+                    ))
+                    .await,
+            );
+        }
+        answers
+    }
+
+    /// Polls the folder's status until `done` holds; bounded, so a missing retry fails.
+    async fn status_until(handle: &FolderHandle, done: impl Fn(&FolderStatus) -> bool) -> bool {
+        for _ in 0..500 {
+            if done(&handle.status()) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// A change that fails three times in a row stops its stream twice, then is skipped: the
+    /// cursor moves past it, the rest applies, status and the index list it, and a retry
+    /// applies it once its content can be had (the skip is then gone from both).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_failing_three_times_is_skipped_and_retried_until_it_applies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, store, cancel, task) = engine_with(dir.path(), 150).await;
+        let root = dir.path().join("root");
+        let answers = fail_big_on_streams(&handle, 1..4).await;
+        assert!(
+            matches!(answers[0], Err(EngineError::ApplyFailed { .. }))
+                && matches!(answers[1], Err(EngineError::ApplyFailed { .. })),
+            "the first two failures stop the stream: {answers:?}"
+        );
+        assert_eq!(answers[2].as_ref().ok(), Some(&3), "the third is skipped");
+        assert_eq!(std::fs::read(root.join("c.xml")).expect("c.xml"), b"<c/>");
+        assert!(!root.join("big.xml").exists());
+        let cursor = store
+            .cursor("gw2", "synapse-configs")
+            .await
+            .expect("cursor");
+        assert_eq!(cursor.seq, 3, "the cursor moved past the skipped change");
+        let skipped = handle.status().skipped;
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(
+            (
+                skipped[0].path.as_str(),
+                skipped[0].peer.as_str(),
+                skipped[0].attempts
+            ),
+            ("big.xml", "gw2", SKIP_AFTER_FAILURES)
+        );
+        assert!(skipped[0].problem.contains("peer is gone"), "{skipped:?}");
+        let kept = store.skipped("synapse-configs").await.expect("skipped");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].record.seq, 2, "kept as the peer sent it");
+        // The peer's content source stays broken: the retry fails again, later and later.
+        assert!(
+            status_until(&handle, |s| s
+                .skipped
+                .first()
+                .is_some_and(|k| k.attempts > 4))
+            .await,
+            "retries happen and count: {:?}",
+            handle.status().skipped
+        );
+        // A new session of the peer brings a source that has the bytes: the retry applies.
+        let mut b = batch(9, 4, vec![remote_file("d.xml", b"<d/>", 4, true)]);
+        b.fetcher = Arc::new(Serve(b"<big/>".to_vec()));
+        assert_eq!(handle.remote(b).await.expect("applies"), 4);
+        assert!(
+            status_until(&handle, |s| s.skipped.is_empty()).await,
+            "the retry applies: {:?}",
+            handle.status().skipped
+        );
+        assert_eq!(
+            std::fs::read(root.join("big.xml")).expect("big.xml"),
+            b"<big/>"
+        );
+        assert!(
+            store
+                .skipped("synapse-configs")
+                .await
+                .expect("skipped")
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .cursor("gw2", "synapse-configs")
+                .await
+                .expect("cursor")
+                .seq,
+            4,
+            "a retry moves no cursor"
+        );
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    /// A skipped change survives a restart, and a newer version of the path from the same
+    /// peer takes its place: once that applies, nothing is skipped any more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_skipped_change_survives_a_restart_and_a_newer_version_clears_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        {
+            let (handle, _store, cancel, task) = engine_on(dir.path()).await;
+            let answers = fail_big_on_streams(&handle, 1..4).await;
+            assert_eq!(answers[2].as_ref().ok(), Some(&3), "{answers:?}");
+            cancel.cancel();
+            task.await.expect("engine task");
+        }
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        assert_eq!(handle.status().skipped.len(), 1, "kept across the restart");
+        let mut newer = remote_file("big.xml", b"<big v='2'/>", 5, true);
+        newer.record.version.bump(PEER);
+        assert_eq!(
+            handle
+                .remote(batch(4, 5, vec![newer]))
+                .await
+                .expect("applies"),
+            5
+        );
+        assert!(handle.status().skipped.is_empty());
+        assert!(
+            store
+                .skipped("synapse-configs")
+                .await
+                .expect("skipped")
+                .is_empty()
+        );
+        assert_eq!(
+            std::fs::read(root.join("big.xml")).expect("big.xml"),
+            b"<big v='2'/>"
+        );
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    #[test]
+    fn only_trouble_of_the_path_lets_a_change_be_skipped() {
+        use nix::libc;
+        let os = std::io::Error::from_raw_os_error;
+        for code in [libc::ENOSPC, libc::EDQUOT, libc::EROFS, libc::EIO] {
+            assert!(node_wide(&os(code)), "errno {code}");
+        }
+        for code in [
+            libc::EACCES,
+            libc::EPERM,
+            libc::EEXIST,
+            libc::ENOTDIR,
+            libc::ENAMETOOLONG,
+        ] {
+            assert!(!node_wide(&os(code)), "errno {code}");
+        }
+        assert!(!node_wide(&std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "refusing to write through a symlink"
+        )));
+        assert!(node_wide(&std::io::Error::other("apply task failed")));
+    }
+
+    #[test]
+    fn skip_retries_double_from_the_base_and_stop_at_an_hour() {
+        let at = |attempts| skip_retry_at(1_000, 60_000, attempts) - 1_000;
+        assert_eq!(at(SKIP_AFTER_FAILURES), 60_000);
+        assert_eq!(at(SKIP_AFTER_FAILURES + 1), 120_000);
+        assert_eq!(at(SKIP_AFTER_FAILURES + 3), 480_000);
+        assert_eq!(at(SKIP_AFTER_FAILURES + 6), 3_600_000);
+        assert_eq!(at(u32::MAX), 3_600_000);
     }
 }

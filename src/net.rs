@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, PeerConfig, TlsConfig};
-use crate::engine::{FolderHandle, Incoming, Inline, RemoteBatch};
+use crate::engine::{FetchError, FolderHandle, Incoming, Inline, RemoteBatch};
 use crate::model::{FileRecord, Hash, Kind, NodeId, RelPath, Stamp, VersionVector};
 use crate::pb::sync as pb;
 use crate::pb::sync::peer_client::PeerClient;
@@ -528,7 +528,8 @@ impl crate::engine::Fetcher for PeerFetcher {
         hash: Hash,
         dir: &'a Path,
         mode: u32,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<PathBuf, String>> + Send + 'a>> {
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>> {
+        let peer = |m: String| FetchError::Peer(m);
         Box::pin(async move {
             let mut client = self.client.clone();
             let mut stream = client
@@ -538,35 +539,32 @@ impl crate::engine::Fetcher for PeerFetcher {
                     hash: hash.to_vec(),
                 })
                 .await
-                .map_err(|s| s.message().to_owned())?
+                .map_err(|s| peer(s.message().to_owned()))?
                 .into_inner();
             let dir_owned = dir.to_owned();
             let (file, tmp) = tokio::task::spawn_blocking(move || {
                 crate::fs::apply::create_temp(&dir_owned, mode)
             })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(std::io::Error::other)??;
             let mut file = tokio::fs::File::from_std(file);
             let mut hasher = blake3::Hasher::new();
-            let result: Result<(), String> = async {
+            let result: Result<(), FetchError> = async {
                 loop {
                     let next = tokio::time::timeout(FETCH_STALL, stream.message())
                         .await
-                        .map_err(|_| format!("no data for {} s", FETCH_STALL.as_secs()))?;
-                    let Some(chunk) = next.map_err(|s| s.message().to_owned())? else {
+                        .map_err(|_| peer(format!("no data for {} s", FETCH_STALL.as_secs())))?;
+                    let Some(chunk) = next.map_err(|s| peer(s.message().to_owned()))? else {
                         break;
                     };
                     hasher.update(&chunk.data);
-                    file.write_all(&chunk.data)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    file.write_all(&chunk.data).await?;
                 }
-                file.flush().await.map_err(|e| e.to_string())?;
+                file.flush().await?;
                 if *hasher.finalize().as_bytes() != hash {
-                    return Err(
+                    return Err(peer(
                         "content does not match its hash (changed on the peer meanwhile?)".into(),
-                    );
+                    ));
                 }
                 Ok(())
             }
@@ -761,6 +759,7 @@ impl PeerSession {
                     up_to_seq,
                     records,
                     fetcher: fetcher.clone(),
+                    retry: false,
                 })
                 .await
                 .map_err(engine_err)?;

@@ -15,6 +15,7 @@ mod integration {
     mod echo;
     mod gates;
     mod restart;
+    mod skip;
     mod sync;
     mod tls;
 }

@@ -588,7 +588,11 @@ impl StagedBatch {
         if let Err(e) = durable {
             for (i, s, _) in staged.drain(..) {
                 s.discard();
-                results[i] = Some(Err(std::io::Error::new(e.kind(), e.to_string())));
+                // The errno is kept: it says the trouble is the node's, not the path's.
+                results[i] = Some(Err(match e.raw_os_error() {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::new(e.kind(), e.to_string()),
+                }));
             }
         }
         let t_durable = t0.elapsed();

@@ -49,6 +49,35 @@ pub struct Cursor {
     pub seq: u64,
 }
 
+/// A peer's change that kept failing to apply: set aside, so that the rest of the peer's
+/// stream flows, and retried with backoff until it applies or the peer moves past it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub peer: String,
+    /// The record as the peer sent it (`seq` is the peer's sequence number).
+    pub record: FileRecord,
+    pub problem: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When it was first skipped, and when it is tried next (wall time, ms).
+    pub first_ms: u64,
+    pub retry_ms: u64,
+}
+
+/// Changes to the skipped list, written in the transaction of the batch that caused them.
+#[derive(Debug, Clone, Default)]
+pub struct SkipChanges {
+    pub set: Vec<Skipped>,
+    /// (peer, path) entries that applied or were overtaken.
+    pub cleared: Vec<(String, RelPath)>,
+}
+
+impl SkipChanges {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.cleared.is_empty()
+    }
+}
+
 /// One kept losing side of a conflict.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConflictEntry {
@@ -104,6 +133,25 @@ CREATE TABLE IF NOT EXISTS peer_cursors (
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     PRIMARY KEY (peer, folder)
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    folder TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    path TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    hash BLOB,
+    version BLOB NOT NULL,
+    stamp_hlc INTEGER NOT NULL,
+    stamp_node INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    problem TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL,
+    retry_ms INTEGER NOT NULL,
+    PRIMARY KEY (folder, peer, path)
 );
 CREATE TABLE IF NOT EXISTS deployed (
     artifact_id TEXT PRIMARY KEY,
@@ -323,12 +371,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes records (and optionally a peer cursor) in one transaction.
+    /// Writes records, and optionally a peer cursor and changes to the skipped list, in one
+    /// transaction.
     pub async fn commit(
         &self,
         folder: &str,
         records: &[StoredRecord],
         cursor: Option<(&str, Cursor)>,
+        skips: &SkipChanges,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
         // Many rows per statement: one round trip to SQLite's worker thread per chunk, not
@@ -369,7 +419,101 @@ impl Store {
                 .await
                 .map_err(|e| self.db_err(e))?;
         }
+        for (peer, path) in &skips.cleared {
+            sqlx::query("DELETE FROM skipped WHERE folder = ? AND peer = ? AND path = ?")
+                .bind(folder)
+                .bind(peer)
+                .bind(path.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db_err(e))?;
+        }
+        for s in &skips.set {
+            let r = &s.record;
+            sqlx::query(
+                "INSERT OR REPLACE INTO skipped (folder, peer, path, kind, deleted, size, mode, \
+                 hash, version, stamp_hlc, stamp_node, seq, problem, attempts, first_ms, retry_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(folder)
+            .bind(&s.peer)
+            .bind(r.path.as_str())
+            .bind(if r.kind == Kind::Dir { 1i64 } else { 0 })
+            .bind(i64::from(r.deleted))
+            .bind(to_db(r.size))
+            .bind(i64::from(r.mode))
+            .bind(r.hash.map(|h| h.to_vec()))
+            .bind(encode_version(&r.version))
+            .bind(to_db(r.stamp.hlc))
+            .bind(to_db(r.stamp.node.0))
+            .bind(to_db(r.seq))
+            .bind(&s.problem)
+            .bind(i64::from(s.attempts))
+            .bind(to_db(s.first_ms))
+            .bind(to_db(s.retry_ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        }
         tx.commit().await.map_err(|e| self.db_err(e))
+    }
+
+    /// The skipped peer changes of a folder.
+    pub async fn skipped(&self, folder: &str) -> Result<Vec<Skipped>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT peer, path, kind, deleted, size, mode, hash, version, stamp_hlc, stamp_node, \
+             seq, problem, attempts, first_ms, retry_ms FROM skipped WHERE folder = ? \
+             ORDER BY peer, path",
+        )
+        .bind(folder)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db_err(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let peer: String = row.get(0);
+            let path: String = row.get(1);
+            let corrupt = |problem: &str| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: format!("skipped change {folder}/{path} from {peer}"),
+                problem: problem.to_owned(),
+            };
+            let rel = RelPath::new(&path).map_err(|e| corrupt(&e.to_string()))?;
+            let hash = match row.get::<Option<Vec<u8>>, _>(6) {
+                None => None,
+                Some(h) => {
+                    Some(<[u8; 32]>::try_from(h.as_slice()).map_err(|_| corrupt("hash length"))?)
+                }
+            };
+            let version = decode_version(&row.get::<Vec<u8>, _>(7))
+                .ok_or_else(|| corrupt("version vector"))?;
+            out.push(Skipped {
+                record: FileRecord {
+                    path: rel,
+                    kind: if row.get::<i64, _>(2) == 1 {
+                        Kind::Dir
+                    } else {
+                        Kind::File
+                    },
+                    deleted: row.get::<i64, _>(3) != 0,
+                    size: from_db(row.get(4)),
+                    mode: u32::try_from(row.get::<i64, _>(5)).unwrap_or(0o644),
+                    hash,
+                    version,
+                    stamp: Stamp {
+                        hlc: from_db(row.get(8)),
+                        node: NodeId(from_db(row.get(9))),
+                    },
+                    seq: from_db(row.get(10)),
+                },
+                problem: row.get(11),
+                attempts: u32::try_from(row.get::<i64, _>(12)).unwrap_or(u32::MAX),
+                first_ms: from_db(row.get(13)),
+                retry_ms: from_db(row.get(14)),
+                peer,
+            });
+        }
+        Ok(out)
     }
 
     /// Updates only the stat keys of records (after a rescan found the same content).
@@ -553,13 +697,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).await.expect("open");
         let batch: Vec<StoredRecord> = (1..=777).map(|i| rec(&format!("d/{i}.xml"), i)).collect();
-        store.commit("f", &batch, None).await.expect("commit");
+        store
+            .commit("f", &batch, None, &SkipChanges::default())
+            .await
+            .expect("commit");
         // A later version of some of them, and one path twice in one batch: the later wins.
         let mut update: Vec<StoredRecord> = (1..=300)
             .map(|i| rec(&format!("d/{i}.xml"), 1000 + i))
             .collect();
         update.push(rec("d/1.xml", 5000));
-        store.commit("f", &update, None).await.expect("commit");
+        store
+            .commit("f", &update, None, &SkipChanges::default())
+            .await
+            .expect("commit");
         let rows = store.load_folder("f").await.expect("load");
         assert_eq!(rows.len(), 777);
         let seq_of = |p: &str| {
@@ -585,6 +735,7 @@ mod tests {
                     "f",
                     &[rec("a/b.xml", 1), rec("c", 2)],
                     Some(("gw2", Cursor { epoch: 3, seq: 11 })),
+                    &SkipChanges::default(),
                 )
                 .await
                 .expect("commit");
@@ -614,5 +765,56 @@ mod tests {
             .expect("remove");
         assert_eq!(store.load_folder("f").await.expect("load").len(), 1);
         assert!(store.load_folder("other").await.expect("load").is_empty());
+    }
+
+    #[tokio::test]
+    async fn skipped_changes_are_kept_with_their_batch_and_cleared_by_peer_and_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let skip = |peer: &str, path: &str, attempts: u32| Skipped {
+            peer: peer.into(),
+            record: rec(path, 40).record,
+            problem: "Permission denied (os error 13)".into(),
+            attempts,
+            first_ms: 1_000,
+            retry_ms: 61_000,
+        };
+        {
+            let store = Store::open(dir.path()).await.expect("open");
+            let set = SkipChanges {
+                set: vec![skip("gw2", "api/a.xml", 3), skip("gw3", "api/a.xml", 3)],
+                cleared: Vec::new(),
+            };
+            store
+                .commit(
+                    "f",
+                    &[rec("c", 2)],
+                    Some(("gw2", Cursor { epoch: 3, seq: 50 })),
+                    &set,
+                )
+                .await
+                .expect("commit");
+        }
+        let store = Store::open(dir.path()).await.expect("reopen");
+        let kept = store.skipped("f").await.expect("skipped");
+        assert_eq!(
+            kept,
+            vec![skip("gw2", "api/a.xml", 3), skip("gw3", "api/a.xml", 3)]
+        );
+        assert!(kept[0].record.same_version(&rec("api/a.xml", 40).record));
+        assert_eq!(kept[0].record.seq, 40, "the peer's sequence is kept");
+        assert!(store.skipped("other").await.expect("skipped").is_empty());
+        // A new attempt replaces the entry; clearing one peer's entry leaves the other's.
+        let changes = SkipChanges {
+            set: vec![skip("gw3", "api/a.xml", 4)],
+            cleared: vec![("gw2".into(), RelPath::new("api/a.xml").expect("valid"))],
+        };
+        store
+            .commit("f", &[], None, &changes)
+            .await
+            .expect("commit");
+        assert_eq!(
+            store.skipped("f").await.expect("skipped"),
+            vec![skip("gw3", "api/a.xml", 4)]
+        );
     }
 }

@@ -529,6 +529,13 @@ impl Node {
             .expect("append to the node's config");
     }
 
+    /// Puts a top-level key (`key = value` line) at the head of the node's config, where
+    /// it cannot land in a table; call before start.
+    pub fn set_top_level(&self, line: &str) {
+        let text = std::fs::read_to_string(self.config()).expect("read the node's config");
+        std::fs::write(self.config(), format!("{line}\n{text}")).expect("write the node's config");
+    }
+
     /// Starts `artisync run` without waiting for SERVING (see [`Node::health`]).
     pub fn start_no_wait(&mut self) {
         assert!(
