@@ -1169,8 +1169,12 @@ impl FolderEngine {
                 continue;
             }
             let mut decision = self.replica.receive(&remote, now);
+            // A held file at the path is looked at even for a new file: its bytes must be
+            // kept before anything replaces them.
+            let look_first =
+                !self.placed_without_replacing(&remote) || self.held.contains_key(&remote.path);
             if matches!(decision, Decision::Apply { .. })
-                && !self.placed_without_replacing(&remote)
+                && look_first
                 && !block(|| self.disk_matches_index(&remote.path))
             {
                 // The file changed under us since the last look: record that first, so the
@@ -1211,6 +1215,22 @@ impl FolderEngine {
                 }
             }
             let local_live = local.as_ref().filter(|l| !l.deleted);
+            // Local bytes held back by the XML gate were never shipped: when the peer's
+            // version changes the file, they are kept as a conflict copy first.
+            let rewrites = record.deleted
+                || (record.kind == Kind::File
+                    && !local_live.is_some_and(|l| l.kind == Kind::File && l.hash == record.hash));
+            let held = !conflict_copy && rewrites && self.held.contains_key(&record.path);
+            if held {
+                if let Err(e) = self.keep_held_copy(&record, now, &batch.peer).await {
+                    fails.note(
+                        &remote,
+                        format!("cannot keep the held local file: {e}"),
+                        true,
+                    );
+                    continue;
+                }
+            }
             let op = if record.deleted {
                 match local_live.map(|l| l.kind) {
                     Some(Kind::Dir) => Some(Op::RemoveDir {
@@ -1250,10 +1270,10 @@ impl FolderEngine {
                         path: record.path.clone(),
                         content: Content::Bytes(bytes.into_bytes()),
                         mode: record.mode,
-                        new: local_live.is_none(),
+                        new: local_live.is_none() && !held,
                     }),
                     _ => {
-                        fetches.push((record, remote, hash, local_live.is_none()));
+                        fetches.push((record, remote, hash, local_live.is_none() && !held));
                         continue;
                     }
                 }
@@ -1386,6 +1406,9 @@ impl FolderEngine {
             match result {
                 Ok(stat) => {
                     applied += 1;
+                    if self.held.remove(&record.path).is_some() {
+                        debug!(folder = %self.id, path = %record.path, "held file replaced by the peer's version");
+                    }
                     match stat {
                         Some(s) => {
                             self.stats.insert(record.path.clone(), s);
@@ -1695,33 +1718,77 @@ impl FolderEngine {
         peer: &str,
     ) -> Result<(), std::io::Error> {
         let Some(local) = local else { return Ok(()) };
-        let name_of = |id: NodeId| -> String {
-            if id == self.opts.node {
-                return self.opts.node_name.clone();
-            }
-            self.opts
-                .names
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&id).cloned())
-                .unwrap_or_else(|| id.to_string())
-        };
-        let writer = name_of(local.stamp.node);
-        let winner_name = name_of(winner.stamp.node);
-        let dest = self.opts.conflicts_dir.join(&self.id).join(format!(
-            "{}.{}.{}",
-            local.path,
-            writer,
-            Hlc::millis(local.stamp.hlc)
-        ));
-        let src = self.root.join(local.path.as_str());
+        let writer = self.name_of(local.stamp.node);
+        let winner_name = self.name_of(winner.stamp.node);
+        let warning =
+            "conflict: concurrent change elsewhere wins; local version kept as a conflict copy";
+        let stamp_ms = Hlc::millis(local.stamp.hlc);
+        self.keep_copy_of(
+            &local.path,
+            &writer,
+            stamp_ms,
+            winner_name,
+            now,
+            peer,
+            warning,
+        )
+        .await
+    }
+
+    /// Keeps the local bytes of a file held back by the XML gate, which a peer's version is
+    /// about to replace (or delete), as a conflict copy named after this node and `now`.
+    async fn keep_held_copy(
+        &mut self,
+        winner: &FileRecord,
+        now: u64,
+        peer: &str,
+    ) -> Result<(), std::io::Error> {
+        let writer = self.opts.node_name.clone();
+        let winner_name = self.name_of(winner.stamp.node);
+        let warning = "a peer's version replaces a local file held back as not well-formed; the local bytes are kept as a conflict copy";
+        self.keep_copy_of(&winner.path, &writer, now, winner_name, now, peer, warning)
+            .await
+    }
+
+    /// The human name of a node, as far as this node knows it.
+    fn name_of(&self, id: NodeId) -> String {
+        if id == self.opts.node {
+            return self.opts.node_name.clone();
+        }
+        self.opts
+            .names
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&id).cloned())
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    /// Copies the file at `path` to `conflicts/<folder>/<path>.<writer>.<stamp_ms>` and logs
+    /// the copy (nothing when the file is gone).
+    #[allow(clippy::too_many_arguments)]
+    async fn keep_copy_of(
+        &mut self,
+        path: &RelPath,
+        writer: &str,
+        stamp_ms: u64,
+        winner_name: String,
+        now: u64,
+        peer: &str,
+        warning: &str,
+    ) -> Result<(), std::io::Error> {
+        let dest = self
+            .opts
+            .conflicts_dir
+            .join(&self.id)
+            .join(format!("{path}.{writer}.{stamp_ms}"));
+        let src = self.root.join(path.as_str());
         let kept = block(|| apply::keep_copy(&src, &dest))?;
         if kept {
-            warn!(folder = %self.id, path = %local.path, peer = %peer, copy = %dest.display(), "conflict: concurrent change elsewhere wins; local version kept as a conflict copy");
+            warn!(folder = %self.id, path = %path, peer = %peer, copy = %dest.display(), "{warning}");
             self.conflicts += 1;
             let entry = ConflictEntry {
                 folder: self.id.clone(),
-                path: local.path.to_string(),
+                path: path.to_string(),
                 copy: dest.display().to_string(),
                 winner_node: winner_name,
                 created_ms: now,
@@ -2272,5 +2339,82 @@ mod tests {
         assert_eq!(at(SKIP_AFTER_FAILURES + 3), 480_000);
         assert_eq!(at(SKIP_AFTER_FAILURES + 6), 3_600_000);
         assert_eq!(at(u32::MAX), 3_600_000);
+    }
+
+    /// Local bytes held back by the XML gate were never shipped: a peer's version that
+    /// replaces them (a new file at that path, or a newer version of a known file) keeps them
+    /// as a conflict copy first, and the path is no longer held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_version_replacing_a_held_file_keeps_the_local_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::write(root.join("new.xml"), b"<api").expect("write");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        assert!(handle.status().held.contains_key("new.xml"));
+        let applied = handle
+            .remote(batch(
+                1,
+                1,
+                vec![remote_file("new.xml", b"<api/>", 1, true)],
+            ))
+            .await
+            .expect("a new file replaces the held one");
+        assert_eq!(applied, 1);
+        assert_eq!(
+            std::fs::read(root.join("new.xml")).expect("new.xml"),
+            b"<api/>"
+        );
+
+        handle
+            .remote(batch(
+                1,
+                2,
+                vec![remote_file("known.xml", b"<v1/>", 2, true)],
+            ))
+            .await
+            .expect("applies");
+        std::fs::write(root.join("known.xml"), b"<v1").expect("write");
+        handle
+            .local(Change::Paths(vec![
+                RelPath::new("known.xml").expect("valid"),
+            ]))
+            .await
+            .expect("queued");
+        assert!(
+            status_until(&handle, |s| s.held.contains_key("known.xml")).await,
+            "the broken edit is held"
+        );
+        let mut v2 = remote_file("known.xml", b"<v2/>", 3, true);
+        v2.record.version.bump(PEER);
+        handle
+            .remote(batch(1, 3, vec![v2]))
+            .await
+            .expect("the newer version applies");
+        assert_eq!(
+            std::fs::read(root.join("known.xml")).expect("known.xml"),
+            b"<v2/>"
+        );
+
+        let mut kept: Vec<(String, Vec<u8>)> = store
+            .conflicts()
+            .await
+            .expect("conflicts")
+            .into_iter()
+            .map(|c| (c.path, std::fs::read(&c.copy).expect("the copy is there")))
+            .collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            vec![
+                ("known.xml".to_owned(), b"<v1".to_vec()),
+                ("new.xml".to_owned(), b"<api".to_vec()),
+            ]
+        );
+        let status = handle.status();
+        assert!(status.held.is_empty(), "{:?}", status.held);
+        assert_eq!(status.conflicts, 2);
+        cancel.cancel();
+        task.await.expect("engine task");
     }
 }
