@@ -1736,7 +1736,8 @@ impl FolderEngine {
     }
 
     /// Keeps the local bytes of a file held back by the XML gate, which a peer's version is
-    /// about to replace (or delete), as a conflict copy named after this node and `now`.
+    /// about to replace (or delete), as a conflict copy named after this node and the file's
+    /// modification time.
     async fn keep_held_copy(
         &mut self,
         winner: &FileRecord,
@@ -1746,8 +1747,23 @@ impl FolderEngine {
         let writer = self.opts.node_name.clone();
         let winner_name = self.name_of(winner.stamp.node);
         let warning = "a peer's version replaces a local file held back as not well-formed; the local bytes are kept as a conflict copy";
-        self.keep_copy_of(&winner.path, &writer, now, winner_name, now, peer, warning)
-            .await
+        // Named by the file's mtime: the same bytes met again make the same name.
+        let full = self.root.join(winner.path.as_str());
+        let mtime_ms = std::fs::symlink_metadata(&full)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(now, |d| d.as_millis() as u64);
+        self.keep_copy_of(
+            &winner.path,
+            &writer,
+            mtime_ms,
+            winner_name,
+            now,
+            peer,
+            warning,
+        )
+        .await
     }
 
     /// The human name of a node, as far as this node knows it.
@@ -1764,7 +1780,8 @@ impl FolderEngine {
     }
 
     /// Copies the file at `path` to `conflicts/<folder>/<path>.<writer>.<stamp_ms>` and logs
-    /// the copy (nothing when the file is gone).
+    /// the copy; nothing when the file is gone, or when the same bytes were kept under that
+    /// name before (a batch prepared, abandoned and retried meets its conflict twice).
     #[allow(clippy::too_many_arguments)]
     async fn keep_copy_of(
         &mut self,
@@ -1782,20 +1799,25 @@ impl FolderEngine {
             .join(&self.id)
             .join(format!("{path}.{writer}.{stamp_ms}"));
         let src = self.root.join(path.as_str());
-        let kept = block(|| apply::keep_copy(&src, &dest))?;
-        if kept {
-            warn!(folder = %self.id, path = %path, peer = %peer, copy = %dest.display(), "{warning}");
-            self.conflicts += 1;
-            let entry = ConflictEntry {
-                folder: self.id.clone(),
-                path: path.to_string(),
-                copy: dest.display().to_string(),
-                winner_node: winner_name,
-                created_ms: now,
-            };
-            if let Err(e) = self.store.add_conflict(&entry).await {
-                warn!(folder = %self.id, error = %e, "cannot log conflict in the index");
+        let dest = match block(|| apply::keep_copy(&src, &dest))? {
+            apply::Kept::New(dest) => dest,
+            apply::Kept::Already(dest) => {
+                debug!(folder = %self.id, path = %path, copy = %dest.display(), "conflict copy kept before");
+                return Ok(());
             }
+            apply::Kept::Gone => return Ok(()),
+        };
+        warn!(folder = %self.id, path = %path, peer = %peer, copy = %dest.display(), "{warning}");
+        self.conflicts += 1;
+        let entry = ConflictEntry {
+            folder: self.id.clone(),
+            path: path.to_string(),
+            copy: dest.display().to_string(),
+            winner_node: winner_name,
+            created_ms: now,
+        };
+        if let Err(e) = self.store.add_conflict(&entry).await {
+            warn!(folder = %self.id, error = %e, "cannot log conflict in the index");
         }
         Ok(())
     }

@@ -678,30 +678,52 @@ impl StagedBatch {
     }
 }
 
+/// What [`keep_copy`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// A new copy, at this path.
+    New(PathBuf),
+    /// A copy with the same bytes was there already (the same conflict met again).
+    Already(PathBuf),
+    /// The source no longer exists.
+    Gone,
+}
+
 /// Keeps the losing side of a conflict: copies `src` to `dest` (outside every synced folder),
-/// durably. Returns `Ok(false)` when `src` no longer exists.
-pub fn keep_copy(src: &Path, dest: &Path) -> std::io::Result<bool> {
+/// durably. When `dest` is taken by other bytes, the copy goes to `dest.1`, `dest.2`, ...;
+/// when it holds the same bytes, nothing is copied again.
+pub fn keep_copy(src: &Path, dest: &Path) -> std::io::Result<Kept> {
     let dir = dest
         .parent()
         .ok_or_else(|| std::io::Error::other("conflict copy has no directory"))?;
     std::fs::create_dir_all(dir)?;
-    let (f, tmp) = create_temp(dir, 0o600)?;
-    drop(f);
-    match std::fs::copy(src, &tmp) {
-        Ok(_) => {}
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(false)
-            } else {
-                Err(e)
-            };
+    let bytes = match std::fs::read(src) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Kept::Gone),
+        Err(e) => return Err(e),
+    };
+    let mut target = dest.to_owned();
+    for n in 1u32.. {
+        match std::fs::read(&target) {
+            Ok(there) if there == bytes => return Ok(Kept::Already(target)),
+            Ok(_) => {
+                let mut name = dest.as_os_str().to_owned();
+                name.push(format!(".{n}"));
+                target = PathBuf::from(name);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) => return Err(e),
         }
     }
-    File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dest)?;
+    let (mut f, tmp) = create_temp(dir, 0o600)?;
+    let written = f.write_all(&bytes).and_then(|()| f.sync_all());
+    drop(f);
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &target)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     sync_dir(dir)?;
-    Ok(true)
+    Ok(Kept::New(target))
 }
 
 /// Removes temp files a crash left behind under `root`. Returns how many.
@@ -1064,9 +1086,31 @@ mod tests {
         );
         assert_eq!(remove_stale_temps(dir.path()), 1);
         std::fs::write(dir.path().join("src"), b"bytes").expect("write");
+        let src = dir.path().join("src");
         let dest = dir.path().join("c/x/y.node.1");
-        assert!(keep_copy(&dir.path().join("src"), &dest).expect("copy"));
+        assert_eq!(
+            keep_copy(&src, &dest).expect("copy"),
+            Kept::New(dest.clone())
+        );
         assert_eq!(std::fs::read(&dest).expect("read"), b"bytes");
-        assert!(!keep_copy(&dir.path().join("gone"), &dest).expect("copy"));
+        assert_eq!(
+            keep_copy(&dir.path().join("gone"), &dest).expect("copy"),
+            Kept::Gone
+        );
+        // The same conflict met again (a batch retried) is not copied twice...
+        assert_eq!(
+            keep_copy(&src, &dest).expect("copy"),
+            Kept::Already(dest.clone())
+        );
+        // ...but other bytes under the same name never replace a kept copy.
+        std::fs::write(&src, b"other bytes").expect("write");
+        let second = dir.path().join("c/x/y.node.1.1");
+        assert_eq!(
+            keep_copy(&src, &dest).expect("copy"),
+            Kept::New(second.clone())
+        );
+        assert_eq!(std::fs::read(&dest).expect("read"), b"bytes");
+        assert_eq!(std::fs::read(&second).expect("read"), b"other bytes");
+        assert_eq!(keep_copy(&src, &dest).expect("copy"), Kept::Already(second));
     }
 }
