@@ -275,6 +275,8 @@ pub struct EngineOptions {
     pub tombstone_ttl_ms: u64,
     /// First retry of a skipped peer change, ms; it doubles after each failed retry.
     pub skip_retry_ms: u64,
+    /// Names of the configured peers: skipped changes of any other peer are dropped at start.
+    pub peers: Vec<String>,
 }
 
 pub struct FolderEngine {
@@ -480,9 +482,22 @@ impl FolderEngine {
             .iter()
             .filter(|c| c.folder == folder.id)
             .count() as u64;
-        let skipped = store
+        // A peer taken out of the config will never send its skipped changes again.
+        let (skipped, gone): (Vec<Skipped>, Vec<Skipped>) = store
             .skipped(&folder.id)
             .await?
+            .into_iter()
+            .partition(|s| opts.peers.contains(&s.peer));
+        if !gone.is_empty() {
+            info!(folder = %folder.id, count = gone.len(), "dropping skipped changes of peers no longer configured");
+            let cleared = gone.into_iter().map(|s| (s.peer, s.record.path)).collect();
+            let changes = SkipChanges {
+                set: Vec::new(),
+                cleared,
+            };
+            store.commit(&folder.id, &[], None, &changes).await?;
+        }
+        let skipped = skipped
             .into_iter()
             .map(|s| ((s.peer.clone(), s.record.path.clone()), s))
             .collect();
@@ -1844,6 +1859,7 @@ pub fn engine_options(config: &Config, node: NodeId, names: NodeNames) -> Engine
         conflicts_dir: config.state_dir.join("conflicts"),
         tombstone_ttl_ms: config.tombstone_ttl().as_millis() as u64,
         skip_retry_ms: config.skip_retry_ms,
+        peers: config.peers.iter().map(|p| p.name.clone()).collect(),
     }
 }
 
@@ -1944,12 +1960,13 @@ mod tests {
         CancellationToken,
         tokio::task::JoinHandle<()>,
     ) {
-        engine_with(dir, 60_000).await
+        engine_with(dir, 60_000, &["gw2"]).await
     }
 
     async fn engine_with(
         dir: &Path,
         skip_retry_ms: u64,
+        peers: &[&str],
     ) -> (
         FolderHandle,
         Store,
@@ -1972,6 +1989,7 @@ mod tests {
             conflicts_dir: dir.join("conflicts"),
             tombstone_ttl_ms: 1000,
             skip_retry_ms,
+            peers: peers.iter().map(|p| p.to_string()).collect(),
         };
         let (mut engine, handle, inbox) = FolderEngine::open(&folder, store.clone(), opts)
             .await
@@ -2217,7 +2235,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_failing_three_times_is_skipped_and_retried_until_it_applies() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (handle, store, cancel, task) = engine_with(dir.path(), 150).await;
+        let (handle, store, cancel, task) = engine_with(dir.path(), 150, &["gw2"]).await;
         let root = dir.path().join("root");
         let answers = fail_big_on_streams(&handle, 1..4).await;
         assert!(
@@ -2325,6 +2343,31 @@ mod tests {
         assert_eq!(
             std::fs::read(root.join("big.xml")).expect("big.xml"),
             b"<big v='2'/>"
+        );
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    /// A peer taken out of the config never sends its skipped changes again: they are
+    /// dropped at start, from status and from the index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn skipped_changes_of_a_peer_no_longer_configured_are_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (handle, _store, cancel, task) = engine_on(dir.path()).await;
+            let answers = fail_big_on_streams(&handle, 1..4).await;
+            assert_eq!(answers[2].as_ref().ok(), Some(&3), "{answers:?}");
+            cancel.cancel();
+            task.await.expect("engine task");
+        }
+        let (handle, store, cancel, task) = engine_with(dir.path(), 60_000, &["gw3"]).await;
+        assert!(handle.status().skipped.is_empty());
+        assert!(
+            store
+                .skipped("synapse-configs")
+                .await
+                .expect("skipped")
+                .is_empty()
         );
         cancel.cancel();
         task.await.expect("engine task");
