@@ -357,7 +357,7 @@ impl FolderEngine {
         let rows = store.load_folder(&folder.id).await?;
         let mut stats = HashMap::with_capacity(rows.len());
         let mut records = Vec::with_capacity(rows.len());
-        for StoredRecord { record, stat } in rows {
+        for StoredRecord { record, stat, .. } in rows {
             if let Some(s) = stat {
                 stats.insert(record.path.clone(), s);
             }
@@ -779,7 +779,11 @@ impl FolderEngine {
                             self.stats.remove(&path);
                         }
                     }
-                    commits.push(StoredRecord { record, stat });
+                    commits.push(StoredRecord {
+                        record,
+                        stat,
+                        origin: None,
+                    });
                 }
                 None => {
                     if let Some((_, s)) = observed {
@@ -992,7 +996,11 @@ impl FolderEngine {
             .map(|record| {
                 let stat = self.stats.get(&record.path).copied();
                 let record = self.replica.commit(record);
-                StoredRecord { record, stat }
+                StoredRecord {
+                    record,
+                    stat,
+                    origin: None,
+                }
             })
             .collect()
     }
@@ -1250,7 +1258,11 @@ impl FolderEngine {
                         }
                     }
                     let record = self.replica.commit(record);
-                    commits.push(StoredRecord { record, stat });
+                    commits.push(StoredRecord {
+                        record,
+                        stat,
+                        origin: None,
+                    });
                 }
                 Err(e)
                     if record.deleted
@@ -1275,7 +1287,11 @@ impl FolderEngine {
         for record in no_op {
             let stat = self.stats.get(&record.path).copied();
             let record = self.replica.commit(record);
-            commits.push(StoredRecord { record, stat });
+            commits.push(StoredRecord {
+                record,
+                stat,
+                origin: None,
+            });
         }
         let applied_up_to = match &fails.first {
             Some((seq, _, _)) => seq.saturating_sub(1),
@@ -1620,7 +1636,7 @@ mod tests {
         assert_eq!(cursor.seq, 300);
         // Every sequence number the replica handed out is in the index, in order.
         let rows = store
-            .since("synapse-configs", 0, 10_000)
+            .since("synapse-configs", 0, 10_000, None)
             .await
             .expect("since");
         let seqs: Vec<u64> = rows.iter().map(|r| r.record.seq).collect();
@@ -1735,7 +1751,10 @@ mod tests {
             std::fs::read(root.join("x.xml")).expect("x.xml"),
             b"<local/>"
         );
-        let rows = store.since("synapse-configs", 0, 10).await.expect("index");
+        let rows = store
+            .since("synapse-configs", 0, 10, None)
+            .await
+            .expect("index");
         let x = rows
             .iter()
             .find(|r| r.record.path.as_str() == "x.xml")

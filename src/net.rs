@@ -274,7 +274,7 @@ async fn pump_folder(
         let from = rows.last().map_or(since, |r| r.record.seq);
         let want = BATCH_RECORDS.saturating_sub(u32::try_from(rows.len()).unwrap_or(BATCH_RECORDS));
         let more = if want > 0 {
-            handle.store.since(&handle.id, from, want).await
+            handle.store.since(&handle.id, from, want, None).await
         } else {
             Ok(Vec::new())
         };
