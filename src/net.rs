@@ -523,9 +523,22 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// Per folder: how many of the peer's index sequence numbers are not applied here yet.
     pub behind: HashMap<String, u64>,
+    /// Per folder: the peer's index sequence applied here up to (this node's cursor into it).
+    #[serde(default)]
+    pub applied_seq: HashMap<String, u64>,
+    /// Per folder: what came from the peer since this agent started.
+    #[serde(default)]
+    pub received: HashMap<String, Received>,
     /// Folder streams currently up.
     #[serde(skip)]
     pub streams: usize,
+}
+
+/// Index batches and records received from a peer for one folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Received {
+    pub batches: u64,
+    pub records: u64,
 }
 
 /// Shared status of all peer sessions.
@@ -731,6 +744,7 @@ impl PeerSession {
                     set_status(&self.statuses, &name, |s| {
                         s.last_seen_ms = Some(crate::now_ms());
                         s.behind.insert(handle.id.clone(), max_seq.saturating_sub(applied));
+                        s.applied_seq.insert(handle.id.clone(), applied);
                     });
                     continue;
                 }
@@ -755,6 +769,11 @@ impl PeerSession {
             if batch.folder != handle.id {
                 continue;
             }
+            set_status(&self.statuses, &name, |s| {
+                let r = s.received.entry(handle.id.clone()).or_default();
+                r.batches += 1;
+                r.records += batch.records.len() as u64;
+            });
             let pb::IndexBatch {
                 epoch,
                 up_to_seq,
