@@ -219,7 +219,8 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             // WAL + NORMAL: a commit survives a process crash; after a power loss the last
             // commits may roll back, which the start-up rescan repairs (disk wins, as a local
-            // change whose content then merges with the peers' identical one).
+            // change whose content then merges with the peers' identical one), and the daemon
+            // then gives the folders new epochs (see `daemon::index_may_have_rolled_back`).
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
@@ -283,6 +284,30 @@ impl Store {
             what: key,
             problem: format!("epoch {value:?} is not a number"),
         })
+    }
+
+    /// Forgets the epoch of every folder: each gets a fresh one on its next [`Store::epoch`], so
+    /// peers exchange each folder in full once. For an index that may have lost its last
+    /// commits, which an epoch must never do (peers' cursors and the records they leave out
+    /// assume it only moves forward). Returns how many epochs were dropped.
+    pub async fn new_epochs(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM meta WHERE key LIKE 'epoch:%'")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Makes every commit so far durable: a WAL checkpoint, which syncs the log and the
+    /// database file (a commit alone does not, with `synchronous = NORMAL`). False when a
+    /// reader kept it from completing.
+    pub async fn checkpoint(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        let (busy, log, done): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        Ok(busy == 0 && log == done)
     }
 
     /// Every stored record of a folder.
@@ -762,6 +787,34 @@ mod tests {
                 .await
                 .expect("since")
                 .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn new_epochs_replace_every_folder_epoch_and_keep_rows_and_cursors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).await.expect("open");
+        assert_eq!(store.epoch("f", 7).await.expect("epoch"), 7);
+        assert_eq!(store.epoch("g", 8).await.expect("epoch"), 8);
+        let cursor = Cursor { epoch: 3, seq: 11 };
+        store
+            .commit("f", &[rec("a", 1)], Some(("gw2", cursor)))
+            .await
+            .expect("commit");
+        assert_eq!(store.new_epochs().await.expect("new epochs"), 2);
+        assert_eq!(store.epoch("f", 17).await.expect("epoch"), 17);
+        assert_eq!(store.epoch("g", 18).await.expect("epoch"), 18);
+        assert_eq!(store.load_folder("f").await.expect("load").len(), 1);
+        assert_eq!(store.cursor("gw2", "f").await.expect("cursor"), cursor);
+        assert!(
+            store.checkpoint().await.expect("checkpoint"),
+            "nothing reads"
+        );
+        let wal = std::fs::metadata(dir.path().join("index.db-wal")).expect("wal");
+        assert_eq!(
+            wal.len(),
+            0,
+            "the checkpoint moved every commit to the database file"
         );
     }
 

@@ -153,3 +153,76 @@ fn a_peer_that_lost_its_index_but_kept_its_node_id_gets_everything_back() {
 fn a_peer_that_lost_its_index_and_node_id_gets_everything_back() {
     a_peer_that_lost_its_index_gets_everything_back(false);
 }
+
+/// What a power loss can leave behind, simulated on a stopped A: its running marker names
+/// another boot (it did not stop cleanly), and its index lost its last commits: the record of
+/// `api3.xml` (whose bytes never reached the disk either) and its cursor into B. A's folders
+/// take new epochs, so B, which holds `api3.xml` as A's own record, sends it back; with the
+/// epoch kept, B would leave it out for good. Before that, a marker of the current boot (a
+/// process that died on a running machine, which loses no commit) keeps the epochs.
+#[test]
+fn a_node_whose_machine_went_down_while_it_ran_takes_new_epochs_and_gets_its_lost_records_back() {
+    let mut cluster = Cluster::full_mesh(2);
+    write_tree(&cluster[0].synapse());
+    cluster[0].start();
+    cluster[1].start();
+    wait_same_trees(
+        SYNC_TIMEOUT,
+        "A's files to reach B",
+        &cluster.synapse_roots(),
+    );
+    wait_applied(&cluster[0], &cluster[1], ENTRIES);
+    let epoch = cluster[0].folder_status(SYNAPSE)["epoch"].clone();
+    let b_epoch = cluster[1].folder_status(SYNAPSE)["epoch"]
+        .as_u64()
+        .expect("B's epoch");
+    let marker = cluster[0].state_dir().join("running");
+    cluster[0].stop();
+    assert!(!marker.exists(), "a clean stop removes the running marker");
+
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    std::fs::write(&marker, boot).expect("a marker of this boot");
+    cluster[0].start();
+    assert!(marker.exists(), "a running agent has its marker");
+    assert_eq!(
+        cluster[0].folder_status(SYNAPSE)["epoch"],
+        epoch,
+        "same boot"
+    );
+    let (_, records) = wait_applied(&cluster[0], &cluster[1], ENTRIES);
+    assert_eq!(records, 0, "B still leaves A's records out");
+    cluster[0].stop();
+
+    let lost = "default/api/api3.xml";
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        use artisync::store::{Cursor, Store};
+        let store = Store::open(&cluster[0].state_dir())
+            .await
+            .expect("A's index");
+        let path = artisync::model::RelPath::new(lost).expect("valid");
+        store.remove(SYNAPSE, &[path]).await.expect("lose a record");
+        let cursor = Cursor {
+            epoch: b_epoch,
+            seq: 0,
+        };
+        store
+            .commit(SYNAPSE, &[], Some(("b", cursor)))
+            .await
+            .expect("lose the cursor's progress");
+    });
+    std::fs::remove_file(cluster[0].synapse().join(lost)).expect("lose the bytes");
+    std::fs::write(&marker, "00000000-0000-0000-0000-000000000000\n").expect("another boot");
+    cluster[0].start();
+
+    assert_ne!(
+        cluster[0].folder_status(SYNAPSE)["epoch"],
+        epoch,
+        "new epoch"
+    );
+    wait_content(&cluster[0].synapse().join(lost), b"<api name=\"api3\"/>\n");
+    wait_same_trees(SYNC_TIMEOUT, "A and B to agree", &cluster.synapse_roots());
+}
