@@ -30,6 +30,11 @@ use crate::store::Store;
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 /// How often files that were unstable, held or paused are looked at again.
 const RETRY_LOOK: Duration = Duration::from_millis(500);
+/// `state_dir/running`: while an agent runs, the id of the machine's boot it started in;
+/// removed once a clean shutdown has made the index durable.
+const RUNNING_MARKER: &str = "running";
+/// Where the kernel tells the id of the current boot.
+const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -104,6 +109,72 @@ pub fn node_id(state_dir: &Path) -> Result<NodeId, DaemonError> {
     }
 }
 
+/// The kernel's id of this boot of the machine.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string(BOOT_ID_PATH).ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// True when the index may have lost its last commits: the last run did not stop cleanly (its
+/// marker is still there) and the machine went down since (another boot, or no boot id to
+/// compare). Commits are durable only at checkpoints (WAL with `synchronous = NORMAL`), so a
+/// power loss can take the last ones back, while a process that dies on a running machine
+/// loses none.
+fn index_may_have_rolled_back(marker: Option<&str>, boot: Option<&str>) -> bool {
+    match (marker, boot) {
+        (None, _) => false,
+        (Some(m), Some(b)) => m.trim() != b,
+        (Some(_), None) => true,
+    }
+}
+
+fn read_running_marker(state_dir: &Path) -> Result<Option<String>, DaemonError> {
+    let path = state_dir.join(RUNNING_MARKER);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DaemonError::StateDir { path, source }),
+    }
+}
+
+/// Writes the marker durably: it must survive the power loss that the index's last commits
+/// may not.
+fn write_running_marker(state_dir: &Path, boot: Option<&str>) -> Result<(), DaemonError> {
+    use std::io::Write;
+    let path = state_dir.join(RUNNING_MARKER);
+    let io = |source| DaemonError::StateDir {
+        path: path.clone(),
+        source,
+    };
+    let (mut f, tmp) = crate::fs::apply::create_temp(state_dir, 0o600).map_err(io)?;
+    f.write_all(format!("{}\n", boot.unwrap_or_default()).as_bytes())
+        .map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    std::fs::File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
+}
+
+/// Removes the marker once every index commit is durable; otherwise leaves it, so a start
+/// after a machine restart takes new epochs.
+async fn clean_stop(store: &Store, state_dir: &Path) {
+    match store.checkpoint().await {
+        Ok(true) => {
+            if let Err(e) = std::fs::remove_file(state_dir.join(RUNNING_MARKER)) {
+                warn!(error = %e, "cannot remove the running marker; a start after a machine restart will take new epochs");
+            }
+        }
+        Ok(false) => warn!(
+            "index checkpoint incomplete; a start after a machine restart will take new epochs"
+        ),
+        Err(e) => {
+            warn!(error = %e, "index checkpoint failed; a start after a machine restart will take new epochs")
+        }
+    }
+}
+
 /// Creates `state_dir` (mode 0700) and takes its lock for the life of the process, so two
 /// agents never share one index.
 fn prepare_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
@@ -155,6 +226,18 @@ pub async fn run(
     raise_descriptor_limit();
     let node = node_id(&config.state_dir)?;
     let store = Store::open(&config.state_dir).await?;
+    let boot = boot_id();
+    let marker = read_running_marker(&config.state_dir)?;
+    if index_may_have_rolled_back(marker.as_deref(), boot.as_deref()) {
+        // Peers' cursors into this index and the records they leave out for this node
+        // (`net::pump_folder`) hold only while an epoch's index never goes back.
+        let epochs = store.new_epochs().await?;
+        warn!(
+            folders = epochs,
+            "the agent did not stop cleanly and the machine has restarted since: the index may have lost its last commits, so its folders take new epochs and every peer exchanges them in full once"
+        );
+    }
+    write_running_marker(&config.state_dir, boot.as_deref())?;
     let names: engine::NodeNames = Arc::new(Mutex::new(HashMap::new()));
     let opts = engine::engine_options(&config, node, names.clone());
     info!(node = %config.node, node_id = %node, folders = config.folders.len(), peers = config.peers.len(), "starting");
@@ -375,14 +458,17 @@ pub async fn run(
         .set_service_status("", ServingStatus::NotServing)
         .await;
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
+    let stopped = tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !stopped {
         warn!("some tasks did not stop within the shutdown deadline");
     }
     for w in watchers {
         w.join().await;
+    }
+    if stopped {
+        clean_stop(&store, &config.state_dir).await;
     }
     let _ = std::fs::remove_file(&socket);
     info!(node = %config.node, "stopped");
@@ -401,4 +487,47 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
 fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     Some(Duration::from_micros(usec / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unclean_stop_before_a_machine_restart_may_have_lost_index_commits() {
+        let boot = Some("6d1c2e1a-0b7f-4a7e-9c55-3b1f9b2f0c11");
+        assert!(!index_may_have_rolled_back(None, boot), "clean stop");
+        assert!(!index_may_have_rolled_back(None, None), "clean stop");
+        assert!(
+            !index_may_have_rolled_back(Some("6d1c2e1a-0b7f-4a7e-9c55-3b1f9b2f0c11\n"), boot),
+            "the process died on this boot: the page cache kept every commit"
+        );
+        assert!(index_may_have_rolled_back(
+            Some("0c7de3f2-7d34-4d7b-8d0e-8e4f1f6f7a90\n"),
+            boot
+        ));
+        assert!(
+            index_may_have_rolled_back(Some("\n"), boot),
+            "no boot id then"
+        );
+        assert!(
+            index_may_have_rolled_back(Some("x"), None),
+            "no boot id now"
+        );
+    }
+
+    #[test]
+    fn the_running_marker_round_trips_and_reads_as_absent_when_missing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_running_marker(dir.path()).expect("read"), None);
+        write_running_marker(dir.path(), Some("b00t")).expect("write");
+        let marker = read_running_marker(dir.path()).expect("read");
+        assert!(!index_may_have_rolled_back(marker.as_deref(), Some("b00t")));
+        assert!(index_may_have_rolled_back(marker.as_deref(), Some("other")));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, [RUNNING_MARKER], "no temp file is left");
+    }
 }

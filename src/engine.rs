@@ -30,7 +30,7 @@ use crate::model::{
     Causality, Decision, FileRecord, Hash, Hlc, Kind, NodeId, RelPath, Replica, VersionVector,
 };
 use crate::store::{
-    ConflictEntry, Cursor, SkipChanges, Skipped, StatKey, Store, StoreError, StoredRecord,
+    ConflictEntry, Cursor, Origin, SkipChanges, Skipped, StatKey, Store, StoreError, StoredRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -406,6 +406,9 @@ struct PreparedRemote {
     staged: Option<apply::StagedBatch>,
     /// Every path of the batch (see `remote_chain`).
     paths: HashSet<RelPath>,
+    /// Paths decided to take the peer's record unchanged, with its version: committed as it
+    /// is, such a record gets the batch's origin, so it is not sent back to that peer.
+    as_sent: HashMap<RelPath, crate::model::VersionVector>,
     /// Some disk op removes a file or directory.
     removes: bool,
 }
@@ -459,7 +462,7 @@ impl FolderEngine {
         let rows = store.load_folder(&folder.id).await?;
         let mut stats = HashMap::with_capacity(rows.len());
         let mut records = Vec::with_capacity(rows.len());
-        for StoredRecord { record, stat } in rows {
+        for StoredRecord { record, stat, .. } in rows {
             if let Some(s) = stat {
                 stats.insert(record.path.clone(), s);
             }
@@ -923,7 +926,11 @@ impl FolderEngine {
                             self.stats.remove(&path);
                         }
                     }
-                    commits.push(StoredRecord { record, stat });
+                    commits.push(StoredRecord {
+                        record,
+                        stat,
+                        origin: None,
+                    });
                 }
                 None => {
                     if let Some((_, s)) = observed {
@@ -1144,7 +1151,11 @@ impl FolderEngine {
             .map(|record| {
                 let stat = self.stats.get(&record.path).copied();
                 let record = self.replica.commit(record);
-                StoredRecord { record, stat }
+                StoredRecord {
+                    record,
+                    stat,
+                    origin: None,
+                }
             })
             .collect()
     }
@@ -1173,6 +1184,7 @@ impl FolderEngine {
             .map(|r| r.record.path.clone())
             .collect();
         let mut stores: Vec<FileRecord> = Vec::new();
+        let mut as_sent = HashMap::new();
         // (record decided, record as the peer sent it, conflict copy, content source)
         let mut applies: Vec<(FileRecord, FileRecord, bool, Option<Inline>)> = Vec::new();
         for Incoming {
@@ -1208,6 +1220,11 @@ impl FolderEngine {
                     record,
                     conflict_copy,
                 } => {
+                    // A new path or a dominating version; a concurrent merge or a
+                    // delete-vs-modify rewrite has a version the peer has not seen.
+                    if record.version == remote.version {
+                        as_sent.insert(record.path.clone(), record.version.clone());
+                    }
                     applies.push((record, remote, conflict_copy, inline));
                 }
             }
@@ -1369,6 +1386,7 @@ impl FolderEngine {
             staged,
             paths,
             removes,
+            as_sent,
         })
     }
 
@@ -1405,8 +1423,16 @@ impl FolderEngine {
             no_op,
             mut fails,
             paths,
+            as_sent,
             ..
         } = prepared;
+        // Only the exact version the peer sent has come from it (see `Origin`).
+        let origin_of = |record: &FileRecord| {
+            (as_sent.get(&record.path) == Some(&record.version)).then(|| Origin {
+                peer: peer.clone(),
+                epoch,
+            })
+        };
         let results = match joined {
             Ok(results) => results,
             Err(e) => op_meta
@@ -1432,8 +1458,13 @@ impl FolderEngine {
                             self.stats.remove(&record.path);
                         }
                     }
+                    let origin = origin_of(&record);
                     let record = self.replica.commit(record);
-                    commits.push(StoredRecord { record, stat });
+                    commits.push(StoredRecord {
+                        record,
+                        stat,
+                        origin,
+                    });
                 }
                 Err(e)
                     if record.deleted
@@ -1457,8 +1488,13 @@ impl FolderEngine {
         }
         for record in no_op {
             let stat = self.stats.get(&record.path).copied();
+            let origin = origin_of(&record);
             let record = self.replica.commit(record);
-            commits.push(StoredRecord { record, stat });
+            commits.push(StoredRecord {
+                record,
+                stat,
+                origin,
+            });
         }
         let skips = self.skip_failures(&peer, retry, &paths, &mut fails);
         // The peer's cursor stops just before the first failure that was not skipped.
@@ -2063,7 +2099,7 @@ mod tests {
         assert_eq!(cursor.seq, 300);
         // Every sequence number the replica handed out is in the index, in order.
         let rows = store
-            .since("synapse-configs", 0, 10_000)
+            .since("synapse-configs", 0, 10_000, None)
             .await
             .expect("since");
         let seqs: Vec<u64> = rows.iter().map(|r| r.record.seq).collect();
@@ -2145,6 +2181,134 @@ mod tests {
         task.await.expect("engine task");
     }
 
+    /// The index row of `path`, as stored.
+    async fn row_of(store: &Store, path: &str) -> StoredRecord {
+        store
+            .load_folder("synapse-configs")
+            .await
+            .expect("index")
+            .into_iter()
+            .find(|r| r.record.path.as_str() == path)
+            .unwrap_or_else(|| panic!("{path} is not in the index"))
+    }
+
+    /// What `batch` says it came from.
+    fn gw2_epoch_5() -> Option<Origin> {
+        Some(Origin {
+            peer: "gw2".into(),
+            epoch: 5,
+        })
+    }
+
+    /// A version taken exactly as the peer sent it (a new path, a dominating version, a
+    /// tombstone with nothing to remove) carries the batch's origin; a local re-observation
+    /// of the path drops it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_applied_as_the_peer_sent_it_is_stored_with_the_batch_origin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        let root = dir.path().join("root");
+        let first = remote_file("x.xml", b"<x v=\"1\"/>", 1, true);
+        let mut newer = remote_file("x.xml", b"<x v=\"2\"/>", 3, true);
+        newer.record.version.bump(PEER);
+        let mut gone = remote_file("gone.xml", b"", 2, false);
+        (gone.record.deleted, gone.record.hash) = (true, None);
+        handle
+            .remote(batch(1, 2, vec![first, gone]))
+            .await
+            .expect("applied");
+        assert_eq!(row_of(&store, "x.xml").await.origin, gw2_epoch_5(), "new");
+        assert_eq!(
+            row_of(&store, "gone.xml").await.origin,
+            gw2_epoch_5(),
+            "no disk op"
+        );
+        handle
+            .remote(batch(1, 3, vec![newer.clone()]))
+            .await
+            .expect("applied");
+        let x = row_of(&store, "x.xml").await;
+        assert!(x.record.same_version(&newer.record));
+        assert_eq!(x.origin, gw2_epoch_5(), "a dominating version");
+
+        std::fs::write(root.join("x.xml"), b"<x v=\"local\"/>").expect("local edit");
+        handle
+            .local(Change::Paths(vec![RelPath::new("x.xml").expect("valid")]))
+            .await
+            .expect("queued");
+        handle.resume().await.expect("engine answers"); // the local change is handled by now
+        let x = row_of(&store, "x.xml").await;
+        assert_eq!(
+            x.record.hash,
+            Some(*blake3::hash(b"<x v=\"local\"/>").as_bytes())
+        );
+        assert_eq!(x.origin, None, "a local version has no origin");
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    /// A concurrent change is merged here into a version the peer has not seen, whether the
+    /// peer's side wins (applied with a merged vector and a conflict copy) or only the index
+    /// changes (same bytes): the peer must receive it, so it carries no origin.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merged_version_is_stored_without_origin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::write(root.join("same.xml"), b"<same/>").expect("write");
+        std::fs::write(root.join("mine.xml"), b"<mine/>").expect("write");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        // Same bytes, an older stamp: only the vectors merge (`Decision::Store`).
+        let same = remote_file("same.xml", b"<same/>", 1, true);
+        // Other bytes with a later stamp: the peer's content wins a concurrent conflict.
+        let mut theirs = remote_file("mine.xml", b"<theirs/>", 2, true);
+        theirs.record.stamp.hlc = Hlc::default().tick(crate::now_ms() + 3_600_000);
+        handle
+            .remote(batch(1, 2, vec![same.clone(), theirs.clone()]))
+            .await
+            .expect("applied");
+        assert_eq!(
+            std::fs::read(root.join("mine.xml")).expect("mine.xml"),
+            b"<theirs/>"
+        );
+        for (path, sent) in [("same.xml", &same), ("mine.xml", &theirs)] {
+            let row = row_of(&store, path).await;
+            assert_eq!(
+                row.record.version.compare(&sent.record.version),
+                crate::model::Causality::After,
+                "{path}: the merged vector dominates the peer's"
+            );
+            assert_eq!(row.origin, None, "{path}: a merge has no origin");
+        }
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    /// A batch with no records that moves the cursor (the sender left out rows the
+    /// subscriber has) is answered like any other: cursor committed, `up_to_seq` returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_empty_batch_moves_the_peer_cursor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        let seq = handle.status().seq;
+        assert_eq!(
+            handle.remote(batch(1, 42, Vec::new())).await.expect("ok"),
+            42
+        );
+        let cursor = store
+            .cursor("gw2", "synapse-configs")
+            .await
+            .expect("cursor");
+        assert_eq!((cursor.epoch, cursor.seq), (5, 42));
+        assert_eq!(
+            handle.status().seq,
+            seq,
+            "nothing was committed but the cursor"
+        );
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
     /// A peer's new file never overwrites a local file the index does not know yet: the
     /// write fails, the local file is looked at, and the next attempt meets it as a
     /// concurrent change. Here the local write is the later one (this node had seen the
@@ -2178,7 +2342,10 @@ mod tests {
             std::fs::read(root.join("x.xml")).expect("x.xml"),
             b"<local/>"
         );
-        let rows = store.since("synapse-configs", 0, 10).await.expect("index");
+        let rows = store
+            .since("synapse-configs", 0, 10, None)
+            .await
+            .expect("index");
         let x = rows
             .iter()
             .find(|r| r.record.path.as_str() == "x.xml")

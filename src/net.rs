@@ -27,7 +27,7 @@ use crate::model::{FileRecord, Hash, Kind, NodeId, RelPath, Stamp, VersionVector
 use crate::pb::sync as pb;
 use crate::pb::sync::peer_client::PeerClient;
 use crate::pb::sync::peer_server::Peer;
-use crate::store::StoredRecord;
+use crate::store::{Origin, StoredRecord};
 
 /// Largest gRPC message accepted (batches carry inline contents).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -249,6 +249,9 @@ fn read_inline(
     (inline, rest)
 }
 
+/// Streams one folder's index to one subscriber: the rows after `since`, then new rows as they
+/// are committed. Rows whose origin is `skip` (the subscriber itself, in its current epoch) are
+/// left out; the cursor still moves past them, in a batch without records if need be.
 async fn pump_folder(
     svc: PeerService,
     handle: FolderHandle,
@@ -256,6 +259,7 @@ async fn pump_folder(
     tx: mpsc::Sender<Result<pb::IndexBatch, Status>>,
     subscriber: String,
     subscriber_id: NodeId,
+    skip: Option<Origin>,
 ) {
     let mut seq_rx = handle.subscribe_seq();
     let mut announced = false;
@@ -274,14 +278,20 @@ async fn pump_folder(
         let from = rows.last().map_or(since, |r| r.record.seq);
         let want = BATCH_RECORDS.saturating_sub(u32::try_from(rows.len()).unwrap_or(BATCH_RECORDS));
         let more = if want > 0 {
-            handle.store.since(&handle.id, from, want).await
+            handle
+                .store
+                .since(&handle.id, from, want, skip.as_ref())
+                .await
         } else {
             Ok(Vec::new())
         };
-        let rows = match more {
+        // A read that came back short saw every row committed up to `current` (sequence
+        // numbers reach the index in order, before the folder's seq announces them).
+        let (rows, complete) = match more {
             Ok(more) => {
+                let complete = more.len() < want as usize;
                 rows.extend(more);
-                rows
+                (rows, complete)
             }
             Err(e) => {
                 warn!(folder = %handle.id, peer = %subscriber, error = %e, "cannot read index for peer");
@@ -291,7 +301,7 @@ async fn pump_folder(
         };
         let max_seq = current;
         let t_rows = std::time::Instant::now();
-        if !rows.is_empty() || !announced {
+        if !rows.is_empty() || !announced || (complete && current > since) {
             let root = handle.root.clone();
             let inline_max = svc.inline_max;
             let (rows, inline, rest) = match tokio::task::spawn_blocking(move || {
@@ -305,8 +315,14 @@ async fn pump_folder(
                 Err(_) => return,
             };
             let read = t_rows.elapsed();
+            let last = rows.last().map_or(since, |r| r.record.seq);
+            // Past the rows left out, too, when nothing read is held back for the next batch.
+            let up_to = if complete && rest.is_empty() {
+                last.max(current)
+            } else {
+                last
+            };
             ahead = Some((current, rest));
-            let up_to = rows.last().map_or(since, |r| r.record.seq);
             let batch = pb::IndexBatch {
                 node_id: svc.node.0,
                 node_name: svc.node_name.clone(),
@@ -323,7 +339,7 @@ async fn pump_folder(
             if tx.send(Ok(batch)).await.is_err() {
                 return;
             }
-            debug!(folder = %handle.id, peer = %subscriber, records = rows.len(), read_us = read.as_micros() as u64, queued_us = t_rows.elapsed().as_micros() as u64, "batch sent to peer");
+            debug!(folder = %handle.id, peer = %subscriber, records = rows.len(), up_to_seq = up_to, read_us = read.as_micros() as u64, queued_us = t_rows.elapsed().as_micros() as u64, "batch sent to peer");
             announced = true;
             since = up_to;
             continue;
@@ -366,6 +382,13 @@ impl Peer for PeerService {
             } else {
                 0
             };
+            // Origins are recorded under the name the receiving node's config gives the peer,
+            // and its session refuses batches whose node_name is not that name (see
+            // `PeerSession::session_once`): it is the name the subscriber gives here.
+            let skip = (cursor.subscriber_epoch != 0).then(|| Origin {
+                peer: subscriber.clone(),
+                epoch: cursor.subscriber_epoch,
+            });
             tokio::spawn(pump_folder(
                 self.clone(),
                 handle.clone(),
@@ -373,6 +396,7 @@ impl Peer for PeerService {
                 tx.clone(),
                 subscriber.clone(),
                 NodeId(req.node_id),
+                skip,
             ));
         }
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -499,9 +523,22 @@ pub struct PeerStatus {
     pub last_error: Option<String>,
     /// Per folder: how many of the peer's index sequence numbers are not applied here yet.
     pub behind: HashMap<String, u64>,
+    /// Per folder: the peer's index sequence applied here up to (this node's cursor into it).
+    #[serde(default)]
+    pub applied_seq: HashMap<String, u64>,
+    /// Per folder: what came from the peer since this agent started.
+    #[serde(default)]
+    pub received: HashMap<String, Received>,
     /// Folder streams currently up.
     #[serde(skip)]
     pub streams: usize,
+}
+
+/// Index batches and records received from a peer for one folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Received {
+    pub batches: u64,
+    pub records: u64,
 }
 
 /// Shared status of all peer sessions.
@@ -655,6 +692,8 @@ impl PeerSession {
             folder: handle.id.clone(),
             epoch: c.epoch,
             since_seq: c.seq,
+            // The peer leaves out what it took unchanged from this index, in this epoch.
+            subscriber_epoch: handle.epoch,
         }];
         let mut stream = client
             .subscribe(pb::SubscribeRequest {
@@ -703,6 +742,7 @@ impl PeerSession {
                     set_status(&self.statuses, &name, |s| {
                         s.last_seen_ms = Some(crate::now_ms());
                         s.behind.insert(handle.id.clone(), max_seq.saturating_sub(applied));
+                        s.applied_seq.insert(handle.id.clone(), applied);
                     });
                     continue;
                 }
@@ -711,6 +751,8 @@ impl PeerSession {
             let Some(batch) = next.map_err(|s| perr(format!("stream: {}", s.message())))? else {
                 return Err(perr("peer closed the stream".into()));
             };
+            // This check also makes origins line up: this node records the peer's records with
+            // origin `name`, and the peer knows this node's records by its node_name.
             if batch.node_name != name {
                 return Err(perr(format!(
                     "address {address} answers as node {:?}, not {name:?}; fix the peer's address",
@@ -725,6 +767,11 @@ impl PeerSession {
             if batch.folder != handle.id {
                 continue;
             }
+            set_status(&self.statuses, &name, |s| {
+                let r = s.received.entry(handle.id.clone()).or_default();
+                r.batches += 1;
+                r.records += batch.records.len() as u64;
+            });
             let pb::IndexBatch {
                 epoch,
                 up_to_seq,

@@ -6,12 +6,16 @@
 //! batch advances are written in one transaction, so after a crash the index and the cursor
 //! agree; the disk is made durable *before* the transaction (see `fs::apply`), so the index never
 //! claims content the disk does not have.
+//!
+//! A row holding a version exactly as a peer's batch brought it says so ([`Origin`]: that peer
+//! and its index epoch), so that the sender does not stream it back to that peer.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+use tracing::info;
 
 use crate::model::{FileRecord, Kind, NodeId, RelPath, Stamp, VersionVector};
 
@@ -35,11 +39,23 @@ pub struct StatKey {
     pub ino: u64,
 }
 
-/// A record as stored: the replicated part and this node's stat key for it.
+/// A record as stored: the replicated part, this node's stat key for it, and where this exact
+/// version came from.
 #[derive(Debug, Clone)]
 pub struct StoredRecord {
     pub record: FileRecord,
     pub stat: Option<StatKey>,
+    /// The peer whose batch this version was committed from, unchanged; `None` for local
+    /// observations and for versions made here (merges), which every peer must receive.
+    pub origin: Option<Origin>,
+}
+
+/// A peer (its configured name, as in `peer_cursors.peer`) and that peer's index epoch of the
+/// folder: the version of a row with this origin was in that peer's index in that epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub peer: String,
+    pub epoch: u64,
 }
 
 /// How far this node has applied a peer's index of one folder.
@@ -124,6 +140,8 @@ CREATE TABLE IF NOT EXISTS files (
     stat_size INTEGER,
     stat_mtime_ns INTEGER,
     stat_ino INTEGER,
+    origin_peer TEXT,
+    origin_epoch INTEGER,
     PRIMARY KEY (folder, path)
 );
 CREATE INDEX IF NOT EXISTS files_by_seq ON files (folder, seq);
@@ -167,14 +185,19 @@ CREATE TABLE IF NOT EXISTS conflicts (
 );
 "#;
 
+/// Columns of `files` added after the first schema, with their types: an index created
+/// before them gets them on open (NULL in old rows: no origin, so those rows are always sent).
+const ADDED_FILES_COLUMNS: &[(&str, &str)] =
+    &[("origin_peer", "TEXT"), ("origin_epoch", "INTEGER")];
+
 macro_rules! columns {
     () => {
         "path, kind, deleted, size, mode, hash, version, stamp_hlc, stamp_node, seq, \
-         stat_size, stat_mtime_ns, stat_ino"
+         stat_size, stat_mtime_ns, stat_ino, origin_peer, origin_epoch"
     };
 }
 
-/// Rows per multi-row INSERT at most (14 parameters each, far below SQLite's 32,766).
+/// Rows per multi-row INSERT at most (16 parameters each, far below SQLite's 32,766).
 const MAX_INSERT_ROWS: usize = 256;
 
 /// The largest power of two that is at most `left` and [`MAX_INSERT_ROWS`].
@@ -186,13 +209,14 @@ fn chunk_rows(left: usize) -> usize {
 fn insert_files_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT OR REPLACE INTO files (folder, path, kind, deleted, size, mode, hash, version, \
-         stamp_hlc, stamp_node, seq, stat_size, stat_mtime_ns, stat_ino) VALUES ",
+         stamp_hlc, stamp_node, seq, stat_size, stat_mtime_ns, stat_ino, origin_peer, \
+         origin_epoch) VALUES ",
     );
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
     }
     sql
 }
@@ -243,7 +267,8 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             // WAL + NORMAL: a commit survives a process crash; after a power loss the last
             // commits may roll back, which the start-up rescan repairs (disk wins, as a local
-            // change whose content then merges with the peers' identical one).
+            // change whose content then merges with the peers' identical one), and the daemon
+            // then gives the folders new epochs (see `daemon::index_may_have_rolled_back`).
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
@@ -252,7 +277,31 @@ impl Store {
             .await
             .map_err(err)?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err)?;
-        Ok(Self { pool, path })
+        let store = Self { pool, path };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Adds the columns of [`ADDED_FILES_COLUMNS`] an older index lacks.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
+        let present: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('files')")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| self.db_err(e))?;
+        for (name, kind) in ADDED_FILES_COLUMNS {
+            if present.iter().any(|p| p == name) {
+                continue;
+            }
+            let sql = format!("ALTER TABLE files ADD COLUMN {name} {kind}");
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db_err(e))?;
+            info!(path = %self.path.display(), column = name, "index database: added a column");
+        }
+        tx.commit().await.map_err(|e| self.db_err(e))
     }
 
     fn db_err(&self, source: sqlx::Error) -> StoreError {
@@ -285,6 +334,30 @@ impl Store {
         })
     }
 
+    /// Forgets the epoch of every folder: each gets a fresh one on its next [`Store::epoch`], so
+    /// peers exchange each folder in full once. For an index that may have lost its last
+    /// commits, which an epoch must never do (peers' cursors and the records they leave out
+    /// assume it only moves forward). Returns how many epochs were dropped.
+    pub async fn new_epochs(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM meta WHERE key LIKE 'epoch:%'")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Makes every commit so far durable: a WAL checkpoint, which syncs the log and the
+    /// database file (a commit alone does not, with `synchronous = NORMAL`). False when a
+    /// reader kept it from completing.
+    pub async fn checkpoint(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
+        let (busy, log, done): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        Ok(busy == 0 && log == done)
+    }
+
     /// Every stored record of a folder.
     pub async fn load_folder(&self, folder: &str) -> Result<Vec<StoredRecord>, StoreError> {
         let rows = sqlx::query(concat!(
@@ -299,24 +372,40 @@ impl Store {
         self.decode(folder, rows)
     }
 
-    /// Up to `limit` records of a folder changed after `seq`, in sequence order.
+    /// Up to `limit` records of a folder changed after `seq`, in sequence order, leaving out
+    /// the rows whose origin is `except` (they are not decoded, nor counted in `limit`).
     pub async fn since(
         &self,
         folder: &str,
         seq: u64,
         limit: u32,
+        except: Option<&Origin>,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM files WHERE folder = ? AND seq > ? ORDER BY seq LIMIT ?"
-        ))
-        .bind(folder)
-        .bind(to_db(seq))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.db_err(e))?;
+        let query = match except {
+            None => sqlx::query(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM files WHERE folder = ? AND seq > ? ORDER BY seq LIMIT ?"
+            ))
+            .bind(folder)
+            .bind(to_db(seq)),
+            // `IS`, not `=`: a row without origin (NULLs) must compare as "other", not NULL.
+            Some(o) => sqlx::query(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM files WHERE folder = ? AND seq > ? \
+                 AND NOT (origin_peer IS ? AND origin_epoch IS ?) ORDER BY seq LIMIT ?"
+            ))
+            .bind(folder)
+            .bind(to_db(seq))
+            .bind(o.peer.as_str())
+            .bind(to_db(o.epoch)),
+        };
+        let rows = query
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.db_err(e))?;
         self.decode(folder, rows)
     }
 
@@ -349,6 +438,17 @@ impl Store {
                 mtime_ns: row.get::<Option<i64>, _>(11).unwrap_or_default(),
                 ino: from_db(row.get::<Option<i64>, _>(12).unwrap_or_default()),
             });
+            // Both or neither are written; a half one is read as no origin (always sent).
+            let origin = match (
+                row.get::<Option<String>, _>(13),
+                row.get::<Option<i64>, _>(14),
+            ) {
+                (Some(peer), Some(epoch)) => Some(Origin {
+                    peer,
+                    epoch: from_db(epoch),
+                }),
+                _ => None,
+            };
             let kind: i64 = row.get(1);
             out.push(StoredRecord {
                 record: FileRecord {
@@ -366,6 +466,7 @@ impl Store {
                     seq: from_db(row.get(9)),
                 },
                 stat,
+                origin,
             });
         }
         Ok(out)
@@ -390,7 +491,12 @@ impl Store {
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
             let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_files_sql(n)));
-            for StoredRecord { record: r, stat } in chunk {
+            for StoredRecord {
+                record: r,
+                stat,
+                origin,
+            } in chunk
+            {
                 q = q
                     .bind(folder)
                     .bind(r.path.as_str())
@@ -405,7 +511,9 @@ impl Store {
                     .bind(to_db(r.seq))
                     .bind(stat.map(|s| to_db(s.size)))
                     .bind(stat.map(|s| s.mtime_ns))
-                    .bind(stat.map(|s| to_db(s.ino)));
+                    .bind(stat.map(|s| to_db(s.ino)))
+                    .bind(origin.as_ref().map(|o| o.peer.as_str()))
+                    .bind(origin.as_ref().map(|o| to_db(o.epoch)));
             }
             q.execute(&mut *tx).await.map_err(|e| self.db_err(e))?;
         }
@@ -672,7 +780,22 @@ mod tests {
                 mtime_ns: 1_700_000_000_123_456_789,
                 ino: 42,
             }),
+            origin: None,
         }
+    }
+
+    fn from_peer(path: &str, seq: u64, peer: &str, epoch: u64) -> StoredRecord {
+        StoredRecord {
+            origin: Some(Origin {
+                peer: peer.into(),
+                epoch,
+            }),
+            ..rec(path, seq)
+        }
+    }
+
+    fn paths(rows: &[StoredRecord]) -> Vec<&str> {
+        rows.iter().map(|r| r.record.path.as_str()).collect()
     }
 
     #[test]
@@ -721,7 +844,228 @@ mod tests {
         assert_eq!(seq_of("d/300.xml"), Some(1300));
         assert_eq!(seq_of("d/301.xml"), Some(301));
         assert_eq!(seq_of("d/777.xml"), Some(777));
-        assert_eq!(store.since("f", 1299, 1000).await.expect("since").len(), 2);
+        assert_eq!(
+            store
+                .since("f", 1299, 1000, None)
+                .await
+                .expect("since")
+                .len(),
+            2
+        );
+    }
+
+    /// Epochs are random 64-bit values: one above `i64::MAX` must survive the bit-pattern
+    /// storage, and a later commit of the path without origin must clear it.
+    #[tokio::test]
+    async fn origin_is_stored_read_back_and_replaced_by_a_later_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = u64::MAX - 41;
+        {
+            let store = Store::open(dir.path()).await.expect("open");
+            store
+                .commit(
+                    "f",
+                    &[from_peer("a", 1, "gw2", big), rec("b", 2)],
+                    None,
+                    &SkipChanges::default(),
+                )
+                .await
+                .expect("commit");
+        }
+        let store = Store::open(dir.path()).await.expect("reopen");
+        let mut rows = store.load_folder("f").await.expect("load");
+        rows.sort_by(|a, b| a.record.path.cmp(&b.record.path));
+        assert_eq!(
+            rows[0].origin,
+            Some(Origin {
+                peer: "gw2".into(),
+                epoch: big
+            })
+        );
+        assert_eq!(rows[1].origin, None);
+        let since = store.since("f", 0, 10, None).await.expect("since");
+        assert_eq!(since[0].origin, rows[0].origin, "since decodes it too");
+
+        store
+            .commit("f", &[rec("a", 3)], None, &SkipChanges::default())
+            .await
+            .expect("commit");
+        let rows = store.since("f", 2, 10, None).await.expect("since");
+        assert_eq!(paths(&rows), ["a"]);
+        assert_eq!(rows[0].origin, None, "the newer row has no origin");
+    }
+
+    #[tokio::test]
+    async fn since_leaves_out_exactly_the_rows_of_the_excepted_origin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).await.expect("open");
+        let epoch = u64::MAX - 6;
+        store
+            .commit(
+                "f",
+                &[
+                    from_peer("a", 1, "gw2", epoch),
+                    rec("b", 2),
+                    from_peer("c", 3, "gw2", epoch - 1),
+                    from_peer("d", 4, "gw3", epoch),
+                    from_peer("e", 5, "gw2", epoch),
+                    rec("f", 6),
+                ],
+                None,
+                &SkipChanges::default(),
+            )
+            .await
+            .expect("commit");
+        // The same origin in another folder is not this folder's business.
+        store
+            .commit(
+                "g",
+                &[from_peer("a", 1, "gw2", epoch)],
+                None,
+                &SkipChanges::default(),
+            )
+            .await
+            .expect("commit");
+        let except = Origin {
+            peer: "gw2".into(),
+            epoch,
+        };
+        let kept = store
+            .since("f", 0, 100, Some(&except))
+            .await
+            .expect("since");
+        assert_eq!(paths(&kept), ["b", "c", "d", "f"]);
+        // The limit counts the rows returned, not the ones left out.
+        let first = store.since("f", 0, 2, Some(&except)).await.expect("since");
+        assert_eq!(paths(&first), ["b", "c"]);
+        let rest = store.since("f", 3, 2, Some(&except)).await.expect("since");
+        assert_eq!(paths(&rest), ["d", "f"]);
+        let all = store.since("f", 0, 100, None).await.expect("since");
+        assert_eq!(paths(&all), ["a", "b", "c", "d", "e", "f"]);
+        assert!(
+            store
+                .since("g", 0, 100, Some(&except))
+                .await
+                .expect("since")
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn new_epochs_replace_every_folder_epoch_and_keep_rows_and_cursors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).await.expect("open");
+        assert_eq!(store.epoch("f", 7).await.expect("epoch"), 7);
+        assert_eq!(store.epoch("g", 8).await.expect("epoch"), 8);
+        let cursor = Cursor { epoch: 3, seq: 11 };
+        store
+            .commit(
+                "f",
+                &[rec("a", 1)],
+                Some(("gw2", cursor)),
+                &SkipChanges::default(),
+            )
+            .await
+            .expect("commit");
+        assert_eq!(store.new_epochs().await.expect("new epochs"), 2);
+        assert_eq!(store.epoch("f", 17).await.expect("epoch"), 17);
+        assert_eq!(store.epoch("g", 18).await.expect("epoch"), 18);
+        assert_eq!(store.load_folder("f").await.expect("load").len(), 1);
+        assert_eq!(store.cursor("gw2", "f").await.expect("cursor"), cursor);
+        assert!(
+            store.checkpoint().await.expect("checkpoint"),
+            "nothing reads"
+        );
+        let wal = std::fs::metadata(dir.path().join("index.db-wal")).expect("wal");
+        assert_eq!(
+            wal.len(),
+            0,
+            "the checkpoint moved every commit to the database file"
+        );
+    }
+
+    /// The `files` table as the first schema made it (before `origin_peer`, `origin_epoch`).
+    const OLD_FILES_TABLE: &str = "CREATE TABLE files (
+        folder TEXT NOT NULL, path TEXT NOT NULL, kind INTEGER NOT NULL,
+        deleted INTEGER NOT NULL, size INTEGER NOT NULL, mode INTEGER NOT NULL, hash BLOB,
+        version BLOB NOT NULL, stamp_hlc INTEGER NOT NULL, stamp_node INTEGER NOT NULL,
+        seq INTEGER NOT NULL, stat_size INTEGER, stat_mtime_ns INTEGER, stat_ino INTEGER,
+        PRIMARY KEY (folder, path));
+        CREATE INDEX files_by_seq ON files (folder, seq);";
+
+    #[tokio::test]
+    async fn an_index_of_the_old_schema_gains_the_origin_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = rec("a/b.xml", 7);
+        {
+            let options = SqliteConnectOptions::new()
+                .filename(dir.path().join("index.db"))
+                .create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.expect("old db");
+            sqlx::raw_sql(OLD_FILES_TABLE)
+                .execute(&pool)
+                .await
+                .expect("old schema");
+            let r = &old.record;
+            sqlx::query(
+                "INSERT INTO files (folder, path, kind, deleted, size, mode, hash, version, \
+                 stamp_hlc, stamp_node, seq, stat_size, stat_mtime_ns, stat_ino) \
+                 VALUES ('f', ?, 0, 0, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+            )
+            .bind(r.path.as_str())
+            .bind(to_db(r.size))
+            .bind(i64::from(r.mode))
+            .bind(r.hash.map(|h| h.to_vec()))
+            .bind(encode_version(&r.version))
+            .bind(to_db(r.stamp.hlc))
+            .bind(to_db(r.stamp.node.0))
+            .bind(to_db(r.seq))
+            .execute(&pool)
+            .await
+            .expect("old row");
+            pool.close().await;
+        }
+        for round in 0..2 {
+            // The second open finds the columns there already.
+            let store = Store::open(dir.path()).await.expect("open migrates");
+            let rows = store.load_folder("f").await.expect("load");
+            assert_eq!(rows.len(), 1 + round, "round {round}");
+            let a = rows
+                .iter()
+                .find(|r| r.record.path.as_str() == "a/b.xml")
+                .expect("the old row");
+            assert!(a.record.same_version(&old.record));
+            assert_eq!(
+                a.origin, None,
+                "an old row has no origin: it is always sent"
+            );
+            let except = Origin {
+                peer: "gw2".into(),
+                epoch: 9,
+            };
+            let kept = store.since("f", 0, 10, Some(&except)).await.expect("since");
+            assert_eq!(paths(&kept), ["a/b.xml"], "the old row is not left out");
+            if round == 0 {
+                store
+                    .commit(
+                        "f",
+                        &[from_peer("c", 8, "gw2", 9)],
+                        None,
+                        &SkipChanges::default(),
+                    )
+                    .await
+                    .expect("commit with origin");
+            }
+        }
+        let store = Store::open(dir.path()).await.expect("open");
+        let rows = store.since("f", 7, 10, None).await.expect("since");
+        assert_eq!(
+            rows[0].origin,
+            Some(Origin {
+                peer: "gw2".into(),
+                epoch: 9
+            })
+        );
     }
 
     #[tokio::test]

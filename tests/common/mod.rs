@@ -376,6 +376,16 @@ impl Node {
             .unwrap_or_else(|| panic!("status of node {} has no folder {id}: {status}", self.name))
     }
 
+    /// The `peers[]` entry of `artisync status --json` for peer `name`.
+    pub fn peer_status(&self, name: &str) -> Value {
+        let status = self.status_json();
+        status["peers"]
+            .as_array()
+            .and_then(|list| list.iter().find(|p| p["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("status of node {} has no peer {name}: {status}", self.name))
+    }
+
     /// The folder's index sequence number, from `artisync status --json`.
     pub fn seq(&self, id: &str) -> u64 {
         let f = self.folder_status(id);
