@@ -238,6 +238,41 @@ fn encode_version(v: &VersionVector) -> Vec<u8> {
     out
 }
 
+/// The replicated part of a record, from the columns `path, kind, deleted, size, mode, hash,
+/// version, stamp_hlc, stamp_node, seq` of `row`, starting at column `at`.
+fn record_at(
+    row: &sqlx::sqlite::SqliteRow,
+    at: usize,
+    corrupt: impl Fn(&str) -> StoreError,
+) -> Result<FileRecord, StoreError> {
+    let path: String = row.get(at);
+    let path = RelPath::new(&path).map_err(|e| corrupt(&e.to_string()))?;
+    let hash = match row.get::<Option<Vec<u8>>, _>(at + 5) {
+        None => None,
+        Some(h) => Some(<[u8; 32]>::try_from(h.as_slice()).map_err(|_| corrupt("hash length"))?),
+    };
+    let version =
+        decode_version(&row.get::<Vec<u8>, _>(at + 6)).ok_or_else(|| corrupt("version vector"))?;
+    Ok(FileRecord {
+        path,
+        kind: if row.get::<i64, _>(at + 1) == 1 {
+            Kind::Dir
+        } else {
+            Kind::File
+        },
+        deleted: row.get::<i64, _>(at + 2) != 0,
+        size: from_db(row.get(at + 3)),
+        mode: u32::try_from(row.get::<i64, _>(at + 4)).unwrap_or(0o644),
+        hash,
+        version,
+        stamp: Stamp {
+            hlc: from_db(row.get(at + 7)),
+            node: NodeId(from_db(row.get(at + 8))),
+        },
+        seq: from_db(row.get(at + 9)),
+    })
+}
+
 fn decode_version(bytes: &[u8]) -> Option<VersionVector> {
     if bytes.len() % 16 != 0 {
         return None;
@@ -422,16 +457,7 @@ impl Store {
                 what: format!("{folder}/{path}"),
                 problem: problem.to_owned(),
             };
-            let rel = RelPath::new(&path).map_err(|e| corrupt(&e.to_string()))?;
-            let hash: Option<Vec<u8>> = row.get(5);
-            let hash = match hash {
-                None => None,
-                Some(h) => {
-                    Some(<[u8; 32]>::try_from(h.as_slice()).map_err(|_| corrupt("hash length"))?)
-                }
-            };
-            let version: Vec<u8> = row.get(6);
-            let version = decode_version(&version).ok_or_else(|| corrupt("version vector"))?;
+            let record = record_at(&row, 0, corrupt)?;
             let stat_size: Option<i64> = row.get(10);
             let stat = stat_size.map(|s| StatKey {
                 size: from_db(s),
@@ -449,22 +475,8 @@ impl Store {
                 }),
                 _ => None,
             };
-            let kind: i64 = row.get(1);
             out.push(StoredRecord {
-                record: FileRecord {
-                    path: rel,
-                    kind: if kind == 1 { Kind::Dir } else { Kind::File },
-                    deleted: row.get::<i64, _>(2) != 0,
-                    size: from_db(row.get(3)),
-                    mode: u32::try_from(row.get::<i64, _>(4)).unwrap_or(0o644),
-                    hash,
-                    version,
-                    stamp: Stamp {
-                        hlc: from_db(row.get(7)),
-                        node: NodeId(from_db(row.get(8))),
-                    },
-                    seq: from_db(row.get(9)),
-                },
+                record,
                 stat,
                 origin,
             });
@@ -586,34 +598,8 @@ impl Store {
                 what: format!("skipped change {folder}/{path} from {peer}"),
                 problem: problem.to_owned(),
             };
-            let rel = RelPath::new(&path).map_err(|e| corrupt(&e.to_string()))?;
-            let hash = match row.get::<Option<Vec<u8>>, _>(6) {
-                None => None,
-                Some(h) => {
-                    Some(<[u8; 32]>::try_from(h.as_slice()).map_err(|_| corrupt("hash length"))?)
-                }
-            };
-            let version = decode_version(&row.get::<Vec<u8>, _>(7))
-                .ok_or_else(|| corrupt("version vector"))?;
             out.push(Skipped {
-                record: FileRecord {
-                    path: rel,
-                    kind: if row.get::<i64, _>(2) == 1 {
-                        Kind::Dir
-                    } else {
-                        Kind::File
-                    },
-                    deleted: row.get::<i64, _>(3) != 0,
-                    size: from_db(row.get(4)),
-                    mode: u32::try_from(row.get::<i64, _>(5)).unwrap_or(0o644),
-                    hash,
-                    version,
-                    stamp: Stamp {
-                        hlc: from_db(row.get(8)),
-                        node: NodeId(from_db(row.get(9))),
-                    },
-                    seq: from_db(row.get(10)),
-                },
+                record: record_at(&row, 1, corrupt)?,
                 problem: row.get(11),
                 attempts: u32::try_from(row.get::<i64, _>(12)).unwrap_or(u32::MAX),
                 first_ms: from_db(row.get(13)),
