@@ -237,7 +237,11 @@ pub async fn run(
             "the agent did not stop cleanly and the machine has restarted since: the index may have lost its last commits, so its folders take new epochs and every peer exchanges them in full once"
         );
     }
-    write_running_marker(&config.state_dir, boot.as_deref())?;
+    // It must be durable before anything of this run reaches a peer (the listener binds and
+    // the sessions start after the folders are scanned): its two fsyncs run meanwhile.
+    let state_dir = config.state_dir.clone();
+    let marker_written =
+        tokio::task::spawn_blocking(move || write_running_marker(&state_dir, boot.as_deref()));
     let names: engine::NodeNames = Arc::new(Mutex::new(HashMap::new()));
     let opts = engine::engine_options(&config, node, names.clone());
     info!(node = %config.node, node_id = %node, folders = config.folders.len(), peers = config.peers.len(), "starting");
@@ -275,6 +279,10 @@ pub async fn run(
         handles.insert(folder.id.clone(), handle);
     }
     let folders = Arc::new(handles);
+    marker_written.await.map_err(|e| DaemonError::StateDir {
+        path: config.state_dir.join(RUNNING_MARKER),
+        source: std::io::Error::other(e.to_string()),
+    })??;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -400,15 +400,13 @@ struct PreparedRemote {
     stores: Vec<FileRecord>,
     /// (record decided, record as the peer sent it) of each disk op, in op order.
     op_meta: Vec<(FileRecord, FileRecord)>,
-    /// Records whose disk already matches.
-    no_op: Vec<FileRecord>,
+    /// Records whose disk already matches, each with whether it is the peer's version as
+    /// sent (see `Origin`).
+    no_op: Vec<(FileRecord, bool)>,
     fails: Failures,
     staged: Option<apply::StagedBatch>,
     /// Every path of the batch (see `remote_chain`).
     paths: HashSet<RelPath>,
-    /// Paths decided to take the peer's record unchanged, with its version: committed as it
-    /// is, such a record gets the batch's origin, so it is not sent back to that peer.
-    as_sent: HashMap<RelPath, crate::model::VersionVector>,
     /// Some disk op removes a file or directory.
     removes: bool,
 }
@@ -1184,7 +1182,6 @@ impl FolderEngine {
             .map(|r| r.record.path.clone())
             .collect();
         let mut stores: Vec<FileRecord> = Vec::new();
-        let mut as_sent = HashMap::new();
         // (record decided, record as the peer sent it, conflict copy, content source)
         let mut applies: Vec<(FileRecord, FileRecord, bool, Option<Inline>)> = Vec::new();
         for Incoming {
@@ -1220,11 +1217,6 @@ impl FolderEngine {
                     record,
                     conflict_copy,
                 } => {
-                    // A new path or a dominating version; a concurrent merge or a
-                    // delete-vs-modify rewrite has a version the peer has not seen.
-                    if record.version == remote.version {
-                        as_sent.insert(record.path.clone(), record.version.clone());
-                    }
                     applies.push((record, remote, conflict_copy, inline));
                 }
             }
@@ -1234,7 +1226,7 @@ impl FolderEngine {
         let mut fetches: Vec<(FileRecord, FileRecord, Hash, bool)> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut op_meta: Vec<(FileRecord, FileRecord)> = Vec::new();
-        let mut no_op: Vec<FileRecord> = Vec::new();
+        let mut no_op: Vec<(FileRecord, bool)> = Vec::new();
         for (record, remote, conflict_copy, inline) in applies {
             let local = self.replica.get(&record.path).cloned();
             if conflict_copy {
@@ -1315,7 +1307,10 @@ impl FolderEngine {
                     ops.push(op);
                     op_meta.push((record, remote));
                 }
-                None => no_op.push(record),
+                None => {
+                    let as_sent = record.version == remote.version;
+                    no_op.push((record, as_sent));
+                }
             }
         }
         // Contents that did not travel inline, a few at a time.
@@ -1386,7 +1381,6 @@ impl FolderEngine {
             staged,
             paths,
             removes,
-            as_sent,
         })
     }
 
@@ -1423,12 +1417,13 @@ impl FolderEngine {
             no_op,
             mut fails,
             paths,
-            as_sent,
             ..
         } = prepared;
-        // Only the exact version the peer sent has come from it (see `Origin`).
-        let origin_of = |record: &FileRecord| {
-            (as_sent.get(&record.path) == Some(&record.version)).then(|| Origin {
+        // Only the exact version the peer sent has come from it (see `Origin`): a new path or
+        // a dominating version, not a concurrent merge or a delete-vs-modify rewrite, which
+        // the peer has not seen.
+        let origin = |as_sent: bool| {
+            as_sent.then(|| Origin {
                 peer: peer.clone(),
                 epoch,
             })
@@ -1458,7 +1453,7 @@ impl FolderEngine {
                             self.stats.remove(&record.path);
                         }
                     }
-                    let origin = origin_of(&record);
+                    let origin = origin(record.version == remote.version);
                     let record = self.replica.commit(record);
                     commits.push(StoredRecord {
                         record,
@@ -1486,9 +1481,9 @@ impl FolderEngine {
                 }
             }
         }
-        for record in no_op {
+        for (record, as_sent) in no_op {
             let stat = self.stats.get(&record.path).copied();
-            let origin = origin_of(&record);
+            let origin = origin(as_sent);
             let record = self.replica.commit(record);
             commits.push(StoredRecord {
                 record,

@@ -88,12 +88,6 @@ pub struct SkipChanges {
     pub cleared: Vec<(String, RelPath)>,
 }
 
-impl SkipChanges {
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.cleared.is_empty()
-    }
-}
-
 /// One kept losing side of a conflict.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConflictEntry {
@@ -236,6 +230,23 @@ fn encode_version(v: &VersionVector) -> Vec<u8> {
         out.extend_from_slice(&counter.to_le_bytes());
     }
     out
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// Binds the replicated part of a record to the columns `path, kind, deleted, size, mode,
+/// hash, version, stamp_hlc, stamp_node, seq` (the order [`record_at`] reads them in).
+fn bind_record<'q>(q: SqliteQuery<'q>, r: &FileRecord) -> SqliteQuery<'q> {
+    q.bind(r.path.as_str())
+        .bind(if r.kind == Kind::Dir { 1i64 } else { 0 })
+        .bind(i64::from(r.deleted))
+        .bind(to_db(r.size))
+        .bind(i64::from(r.mode))
+        .bind(r.hash.map(|h| h.to_vec()))
+        .bind(encode_version(&r.version))
+        .bind(to_db(r.stamp.hlc))
+        .bind(to_db(r.stamp.node.0))
+        .bind(to_db(r.seq))
 }
 
 /// The replicated part of a record, from the columns `path, kind, deleted, size, mode, hash,
@@ -509,18 +520,7 @@ impl Store {
                 origin,
             } in chunk
             {
-                q = q
-                    .bind(folder)
-                    .bind(r.path.as_str())
-                    .bind(if r.kind == Kind::Dir { 1i64 } else { 0 })
-                    .bind(i64::from(r.deleted))
-                    .bind(to_db(r.size))
-                    .bind(i64::from(r.mode))
-                    .bind(r.hash.map(|h| h.to_vec()))
-                    .bind(encode_version(&r.version))
-                    .bind(to_db(r.stamp.hlc))
-                    .bind(to_db(r.stamp.node.0))
-                    .bind(to_db(r.seq))
+                q = bind_record(q.bind(folder), r)
                     .bind(stat.map(|s| to_db(s.size)))
                     .bind(stat.map(|s| s.mtime_ns))
                     .bind(stat.map(|s| to_db(s.ino)))
@@ -549,31 +549,21 @@ impl Store {
                 .map_err(|e| self.db_err(e))?;
         }
         for s in &skips.set {
-            let r = &s.record;
-            sqlx::query(
+            let q = sqlx::query(
                 "INSERT OR REPLACE INTO skipped (folder, peer, path, kind, deleted, size, mode, \
                  hash, version, stamp_hlc, stamp_node, seq, problem, attempts, first_ms, retry_ms) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(folder)
-            .bind(&s.peer)
-            .bind(r.path.as_str())
-            .bind(if r.kind == Kind::Dir { 1i64 } else { 0 })
-            .bind(i64::from(r.deleted))
-            .bind(to_db(r.size))
-            .bind(i64::from(r.mode))
-            .bind(r.hash.map(|h| h.to_vec()))
-            .bind(encode_version(&r.version))
-            .bind(to_db(r.stamp.hlc))
-            .bind(to_db(r.stamp.node.0))
-            .bind(to_db(r.seq))
-            .bind(&s.problem)
-            .bind(i64::from(s.attempts))
-            .bind(to_db(s.first_ms))
-            .bind(to_db(s.retry_ms))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.db_err(e))?;
+            .bind(&s.peer);
+            bind_record(q, &s.record)
+                .bind(&s.problem)
+                .bind(i64::from(s.attempts))
+                .bind(to_db(s.first_ms))
+                .bind(to_db(s.retry_ms))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.db_err(e))?;
         }
         tx.commit().await.map_err(|e| self.db_err(e))
     }
