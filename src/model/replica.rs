@@ -194,11 +194,11 @@ impl Replica {
             (Some(l), _) => l.version.clone(),
             (None, Some(_)) => Default::default(),
         };
-        version.bump(self.node);
         let stamp = Stamp {
             hlc: self.hlc.tick(now_ms),
             node: self.node,
         };
+        version.bump_past(self.node, stamp.hlc);
         let record = match observed {
             Some(o) => FileRecord {
                 path: path.clone(),
@@ -256,12 +256,12 @@ impl Replica {
                 if winner.deleted && !loser.deleted {
                     // Delete vs modify: the modification wins, as a new write that dominates both.
                     let mut record = loser.clone();
-                    record.version = version;
-                    record.version.bump(self.node);
                     record.stamp = Stamp {
                         hlc: self.hlc.tick(now_ms),
                         node: self.node,
                     };
+                    record.version = version;
+                    record.version.bump_past(self.node, record.stamp.hlc);
                     return if remote_wins {
                         Decision::Store(record)
                     } else {

@@ -52,6 +52,15 @@ impl VersionVector {
         *self.0.entry(node).or_insert(0) += 1;
     }
 
+    /// Records one more write by `node`, with a counter of at least `floor`. A node gives its
+    /// own writes their HLC stamp as the floor, so its counters move past every counter it ever
+    /// sent, even after a crash rolled its index back to an older counter (a repeated counter
+    /// would make two different writes look equal, and peers would keep different bytes).
+    pub fn bump_past(&mut self, node: NodeId, floor: u64) {
+        let c = self.0.entry(node).or_insert(0);
+        *c = (*c + 1).max(floor);
+    }
+
     /// Pointwise maximum: the result dominates (or equals) both.
     pub fn merge(&mut self, other: &VersionVector) {
         for (node, counter) in &other.0 {
