@@ -49,7 +49,8 @@ impl VersionVector {
 
     /// Records one more write by `node`.
     pub fn bump(&mut self, node: NodeId) {
-        *self.0.entry(node).or_insert(0) += 1;
+        let c = self.0.entry(node).or_insert(0);
+        *c = c.saturating_add(1);
     }
 
     /// Records one more write by `node`, with a counter of at least `floor`. A node gives its
@@ -58,7 +59,7 @@ impl VersionVector {
     /// would make two different writes look equal, and peers would keep different bytes).
     pub fn bump_past(&mut self, node: NodeId, floor: u64) {
         let c = self.0.entry(node).or_insert(0);
-        *c = (*c + 1).max(floor);
+        *c = c.saturating_add(1).max(floor);
     }
 
     /// Pointwise maximum: the result dominates (or equals) both.
@@ -130,7 +131,8 @@ impl Hlc {
     /// A stamp value for a new local event at wall time `now_ms`.
     pub fn tick(&mut self, now_ms: u64) -> u64 {
         let physical = now_ms << HLC_LOGICAL_BITS;
-        self.last = physical.max(self.last + 1);
+        // Saturates: a peer's stamp at the top of the range must not wrap the clock to zero.
+        self.last = physical.max(self.last.saturating_add(1));
         self.last
     }
 
@@ -184,5 +186,28 @@ mod tests {
         c.observe(u64::from(u32::MAX) << 20);
         assert!(c.tick(1001) > u64::from(u32::MAX) << 20);
         assert_eq!(Hlc::millis(Hlc::default().tick(1234)), 1234);
+    }
+
+    #[test]
+    fn counters_and_clock_at_the_top_of_the_range_saturate_instead_of_wrapping() {
+        // A peer's record can carry any value: no overflow panic, nothing goes back to zero.
+        let mut c = Hlc::default();
+        c.observe(u64::MAX);
+        assert_eq!(c.tick(1000), u64::MAX);
+        let mut v = vv(&[(7, u64::MAX)]);
+        v.bump(NodeId(7));
+        v.bump_past(NodeId(7), 5);
+        assert_eq!(v.get(NodeId(7)), u64::MAX);
+    }
+
+    #[test]
+    fn bump_past_counts_one_more_write_and_jumps_to_the_floor() {
+        let mut v = vv(&[(1, 3)]);
+        v.bump_past(NodeId(1), 2);
+        assert_eq!(v.get(NodeId(1)), 4, "an old floor still counts a write");
+        v.bump_past(NodeId(1), 1 << 40);
+        assert_eq!(v.get(NodeId(1)), 1 << 40);
+        v.bump_past(NodeId(2), 9);
+        assert_eq!(v.get(NodeId(2)), 9);
     }
 }
