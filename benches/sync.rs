@@ -39,6 +39,79 @@ const LAT_POLL: Duration = Duration::from_micros(100);
 const DEFAULT_RUNS: usize = 3;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Size of each fresh file system made with `ARTISYNC_BENCH_LOOPFS=1` (sparse image; room for
+/// the tree and 65,536 inodes).
+const LOOPFS_BYTES: u64 = 1 << 30;
+const LOOPFS_CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A fresh ext4 file system on a loop device (root only), mounted at `mount`; unmounted and
+/// its image removed on drop. With `ARTISYNC_BENCH_LOOPFS=1` every copy in (b), artisync's and
+/// the references', goes to one of these: a file system that earlier copies have filled makes
+/// file creation slower run after run, and that drift is larger than the effects compared.
+struct LoopFs {
+    image: PathBuf,
+    mount: PathBuf,
+    keep: bool,
+}
+
+impl LoopFs {
+    fn new(base: &Path, name: &str, keep: bool) -> Self {
+        let image = base.join(format!("{name}.img"));
+        let mount = base.join(name);
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(LOOPFS_BYTES))
+            .expect("create a loop fs image");
+        fs::create_dir_all(&mount).expect("create a mount point");
+        run_cmd(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+                .arg(&image),
+            "mkfs.ext4 (ARTISYNC_BENCH_LOOPFS needs e2fsprogs)",
+            LOOPFS_CMD_TIMEOUT,
+        );
+        run_cmd(
+            Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&image)
+                .arg(&mount),
+            "mount -o loop (ARTISYNC_BENCH_LOOPFS needs root)",
+            LOOPFS_CMD_TIMEOUT,
+        );
+        Self { image, mount, keep }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        let unmounted = Command::new("umount")
+            .arg(&self.mount)
+            .status()
+            .is_ok_and(|s| s.success());
+        if unmounted {
+            let _ = fs::remove_file(&self.image);
+        } else {
+            eprintln!("could not unmount {}", self.mount.display());
+        }
+    }
+}
+
+/// Where one copy of (b) goes: a fresh loop fs (`ARTISYNC_BENCH_LOOPFS=1`) or a new directory
+/// under `base`.
+fn copy_root(base: &Path, name: &str, mounts: &mut Vec<LoopFs>, keep: bool) -> PathBuf {
+    if std::env::var("ARTISYNC_BENCH_LOOPFS").is_ok_and(|v| v == "1") {
+        let m = LoopFs::new(base, &format!("fs-{name}"), keep);
+        let root = m.mount.clone();
+        mounts.push(m);
+        root
+    } else {
+        base.to_owned()
+    }
+}
+
 fn runs() -> usize {
     std::env::var("ARTISYNC_BENCH_RUNS")
         .ok()
@@ -453,14 +526,32 @@ fn main() {
         "every copy goes to a fresh directory and nothing is deleted until the end (on ext4 without a journal,"
     );
     println!(
-        "recently deleted inodes slow down new file creation, which would penalise later runs).\n"
+        "recently deleted inodes slow down new file creation, which would penalise later runs)."
     );
+    if std::env::var("ARTISYNC_BENCH_LOOPFS").is_ok_and(|v| v == "1") {
+        println!(
+            "ARTISYNC_BENCH_LOOPFS=1: each (b) copy (artisync's B, rsync, rsync + sync) goes to its own fresh"
+        );
+        println!(
+            "1 GiB ext4 loop file system (journaled; images under the bench dir), so no run inherits a filled fs."
+        );
+    }
+    println!();
 
     // ---------------------------------------------------------------- setup
+    // Declared before the agents, so they are dropped (stopped) before these are unmounted.
+    let mut mounts: Vec<LoopFs> = Vec::new();
     let ports = free_ports(n_runs + 3).expect("free ports");
     let a = Node::new(base, "a", ports[0]);
     let bs: Vec<Node> = (0..n_runs)
-        .map(|i| Node::new(base, &format!("b{}", i + 1), ports[1 + i]))
+        .map(|i| {
+            let name = format!("b{}", i + 1);
+            Node::new(
+                &copy_root(base, &name, &mut mounts, keep),
+                &name,
+                ports[1 + i],
+            )
+        })
         .collect();
     let lone = Node::new(base, "empty", ports[n_runs + 1]);
     let rsync_port = ports[n_runs + 2];
@@ -540,14 +631,16 @@ fn main() {
             b_agent = Some(agent);
         }
 
-        let dest = base.join(format!("rsync-{}", run + 1));
+        let name = format!("rsync-{}", run + 1);
+        let dest = copy_root(base, &name, &mut mounts, keep).join(&name);
         fs::create_dir_all(&dest).expect("rsync destination");
         os_sync();
         let took = rsyncd.copy(&dest);
         assert!(digest(&dest) == want, "rsync copy differs from A's tree");
         rs.push(took);
 
-        let dest = base.join(format!("rsync-sync-{}", run + 1));
+        let name = format!("rsync-sync-{}", run + 1);
+        let dest = copy_root(base, &name, &mut mounts, keep).join(&name);
         fs::create_dir_all(&dest).expect("rsync destination");
         os_sync();
         let start = Instant::now();
