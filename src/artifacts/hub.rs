@@ -246,12 +246,37 @@ pub fn check_publish(req: pb::PublishRequest) -> Result<(NewArtifact, Bundle), S
     ))
 }
 
+/// Whether a caller may publish or remove artifacts through this agent: a client that showed a
+/// certificate of the cluster's CA (the server asks for one whenever `[tls]` is configured), or
+/// a process on this machine. A plaintext caller from another host is refused, whatever
+/// `insecure` says: whoever reaches the port could otherwise deploy an API, mediation logic
+/// included, on every gateway of the labels. (Reading through the hub or the peer protocol
+/// stays open on a trusted network; writing is what this guards.)
+fn saver_caller_allowed(remote: Option<std::net::SocketAddr>, client_certified: bool) -> bool {
+    client_certified || remote.is_some_and(|a| a.ip().to_canonical().is_loopback())
+}
+
+fn authorize_saver<T>(request: &Request<T>) -> Result<(), Status> {
+    let certified = request.peer_certs().is_some_and(|c| !c.is_empty());
+    let remote = request.remote_addr();
+    if saver_caller_allowed(remote, certified) {
+        return Ok(());
+    }
+    let from = remote.map_or_else(|| "an unknown address".to_owned(), |a| a.ip().to_string());
+    tracing::warn!(remote = %from, "refused a plaintext publish/remove from another host");
+    Err(Status::permission_denied(format!(
+        "publishing through an agent from another host ({from}) needs mutual TLS: configure [tls] \
+         on the agents and the publisher, or publish on the agent's machine or with --db"
+    )))
+}
+
 #[tonic::async_trait]
 impl pb::artifact_saver_server::ArtifactSaver for HubService {
     async fn publish(
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishReply>, Status> {
+        authorize_saver(&request)?;
         let (meta, bundle) =
             check_publish(request.into_inner()).map_err(Status::invalid_argument)?;
         let db = self.source.db().await.map_err(status_of)?;
@@ -266,6 +291,7 @@ impl pb::artifact_saver_server::ArtifactSaver for HubService {
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveReply>, Status> {
+        authorize_saver(&request)?;
         let req = request.into_inner();
         let id = super::parse_id(&req.id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let db = self.source.db().await.map_err(status_of)?;
@@ -440,5 +466,55 @@ impl Source for HubSource {
 
     async fn wait(&self, max: Duration) {
         tokio::time::sleep(self.poll.min(max)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::artifact_saver_server::ArtifactSaver;
+
+    fn addr(s: &str) -> Option<std::net::SocketAddr> {
+        Some(s.parse().expect("socket address"))
+    }
+
+    #[test]
+    fn only_certified_or_local_callers_may_publish() {
+        assert!(saver_caller_allowed(addr("127.0.0.1:4000"), false));
+        assert!(saver_caller_allowed(addr("127.8.9.10:4000"), false));
+        assert!(saver_caller_allowed(addr("[::1]:4000"), false));
+        assert!(saver_caller_allowed(addr("[::ffff:127.0.0.1]:4000"), false));
+        assert!(!saver_caller_allowed(addr("10.0.0.12:4000"), false));
+        assert!(!saver_caller_allowed(addr("[fd00::2]:4000"), false));
+        assert!(!saver_caller_allowed(
+            addr("[::ffff:10.0.0.12]:4000"),
+            false
+        ));
+        assert!(!saver_caller_allowed(None, false), "unknown caller");
+        assert!(
+            saver_caller_allowed(addr("10.0.0.12:4000"), true),
+            "mutual TLS"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_of_unknown_origin_is_refused_before_the_database_is_touched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/artifacts.db", dir.path().display());
+        let hub = HubService::new(Arc::new(DbSource::new(&url, Duration::from_millis(200))));
+        // A request that did not come through the server has no remote address.
+        let publish = hub
+            .publish(Request::new(pb::PublishRequest::default()))
+            .await
+            .expect_err("refused");
+        assert_eq!(publish.code(), tonic::Code::PermissionDenied);
+        assert!(publish.message().contains("mutual TLS"), "{publish:?}");
+        let remove = hub
+            .remove(Request::new(pb::RemoveRequest::default()))
+            .await
+            .expect_err("refused");
+        assert_eq!(remove.code(), tonic::Code::PermissionDenied);
+        assert_eq!(hub.source.queries(), 0, "the database was not asked");
+        assert!(!dir.path().join("artifacts.db").exists());
     }
 }
