@@ -10,6 +10,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{FolderHandle, FolderStatus};
+use crate::liveness::{self, ENGINE_STALL_LIMIT, EngineReport};
 use crate::model::NodeId;
 use crate::net::{PeerStatus, PeerStatuses};
 use crate::pb::admin as pb;
@@ -32,8 +33,12 @@ pub struct StatusReport {
 pub struct FolderReport {
     #[serde(flatten)]
     pub status: FolderStatus,
-    /// Not paused, nothing held or skipped, and every peer connected with nothing left to
-    /// apply.
+    /// The engine's liveness, judged when the report is made (a stuck or dead engine cannot
+    /// publish its own status, so `status` may be old then).
+    #[serde(default)]
+    pub engine: Option<EngineReport>,
+    /// Not paused, nothing held or skipped, the engine neither stalled nor stopped, and every
+    /// peer connected with nothing left to apply.
     pub in_sync: bool,
 }
 
@@ -60,11 +65,13 @@ impl AdminService {
                 v
             })
             .unwrap_or_default();
-        let mut folders: Vec<FolderStatus> = self.folders.values().map(|h| h.status()).collect();
-        folders.sort_by(|a, b| a.id.cmp(&b.id));
-        let folders = folders
-            .into_iter()
-            .map(|f| {
+        let now_ms = liveness::mono_ms();
+        let mut folders: Vec<FolderReport> = self
+            .folders
+            .values()
+            .map(|h| {
+                let f = h.status();
+                let engine = h.engine_report(now_ms, ENGINE_STALL_LIMIT);
                 let peers_done = peers
                     .iter()
                     .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));
@@ -72,11 +79,14 @@ impl AdminService {
                     in_sync: f.paused.is_none()
                         && f.held.is_empty()
                         && f.skipped.is_empty()
+                        && !engine.is_failing()
                         && peers_done,
+                    engine: Some(engine),
                     status: f,
                 }
             })
             .collect();
+        folders.sort_by(|a, b| a.status.id.cmp(&b.status.id));
         StatusReport {
             node: self.node_name.clone(),
             node_id: self.node.to_string(),
