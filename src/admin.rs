@@ -10,6 +10,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{FolderHandle, FolderStatus};
+use crate::liveness::{self, ENGINE_STALL_LIMIT, EngineReport};
 use crate::model::NodeId;
 use crate::net::{PeerStatus, PeerStatuses};
 use crate::pb::admin as pb;
@@ -32,8 +33,12 @@ pub struct StatusReport {
 pub struct FolderReport {
     #[serde(flatten)]
     pub status: FolderStatus,
-    /// Not paused, nothing held or skipped, and every peer connected with nothing left to
-    /// apply.
+    /// The engine's liveness, judged when the report is made (a stuck or dead engine cannot
+    /// publish its own status, so `status` may be old then).
+    #[serde(default)]
+    pub engine: Option<EngineReport>,
+    /// Not paused, nothing held or skipped, the engine neither stalled nor stopped, and every
+    /// peer connected with nothing left to apply.
     pub in_sync: bool,
 }
 
@@ -60,23 +65,21 @@ impl AdminService {
                 v
             })
             .unwrap_or_default();
-        let mut folders: Vec<FolderStatus> = self.folders.values().map(|h| h.status()).collect();
-        folders.sort_by(|a, b| a.id.cmp(&b.id));
-        let folders = folders
-            .into_iter()
-            .map(|f| {
-                let peers_done = peers
-                    .iter()
-                    .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));
+        let now_ms = liveness::mono_ms();
+        let mut folders: Vec<FolderReport> = self
+            .folders
+            .values()
+            .map(|h| {
+                let f = h.status();
+                let engine = h.engine_report(now_ms, ENGINE_STALL_LIMIT);
                 FolderReport {
-                    in_sync: f.paused.is_none()
-                        && f.held.is_empty()
-                        && f.skipped.is_empty()
-                        && peers_done,
+                    in_sync: in_sync(&f, &engine, &peers),
+                    engine: Some(engine),
                     status: f,
                 }
             })
             .collect();
+        folders.sort_by(|a, b| a.status.id.cmp(&b.status.id));
         StatusReport {
             node: self.node_name.clone(),
             node_id: self.node.to_string(),
@@ -91,6 +94,18 @@ impl AdminService {
     pub fn into_server(self) -> pb::admin_server::AdminServer<Self> {
         pb::admin_server::AdminServer::new(self)
     }
+}
+
+/// See [`FolderReport::in_sync`].
+fn in_sync(f: &FolderStatus, engine: &EngineReport, peers: &[PeerStatus]) -> bool {
+    let peers_done = peers
+        .iter()
+        .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));
+    f.paused.is_none()
+        && f.held.is_empty()
+        && f.skipped.is_empty()
+        && !engine.is_failing()
+        && peers_done
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Response<pb::Json>, Status> {
@@ -243,4 +258,66 @@ pub async fn call(
             path,
             message: s.message().to_owned(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::liveness::Verdict;
+
+    #[test]
+    fn a_folder_whose_engine_is_stalled_or_stopped_is_not_in_sync() {
+        let f = FolderStatus {
+            id: "synapse-configs".into(),
+            ..Default::default()
+        };
+        let peer = PeerStatus {
+            name: "gw2".into(),
+            connected: true,
+            behind: [("synapse-configs".to_owned(), 0)].into(),
+            ..Default::default()
+        };
+        let engine = |state| EngineReport {
+            state,
+            for_secs: 400,
+            quiet_secs: 400,
+        };
+        let peers = std::slice::from_ref(&peer);
+        assert!(in_sync(&f, &engine(Verdict::Idle), peers));
+        assert!(in_sync(&f, &engine(Verdict::Working), peers));
+        assert!(!in_sync(&f, &engine(Verdict::Stalled), peers));
+        assert!(!in_sync(&f, &engine(Verdict::Stopped), peers));
+    }
+
+    #[test]
+    fn status_text_says_loudly_that_an_engine_is_stalled() {
+        let report = StatusReport {
+            node: "gw1".into(),
+            node_id: "1".into(),
+            listen: "127.0.0.1:7701".into(),
+            uptime_secs: 1,
+            folders: vec![FolderReport {
+                status: FolderStatus {
+                    id: "synapse-configs".into(),
+                    ..Default::default()
+                },
+                engine: Some(EngineReport {
+                    state: Verdict::Stalled,
+                    for_secs: 420,
+                    quiet_secs: 360,
+                }),
+                in_sync: false,
+            }],
+            peers: Vec::new(),
+            retriever: None,
+        };
+        let text = crate::demo::render_status(&report);
+        assert!(text.contains("NOT in sync"), "{text}");
+        assert!(
+            text.contains("ENGINE STALLED: busy for 420 s, no progress for 360 s"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).expect("json");
+        assert_eq!(json["folders"][0]["engine"]["state"], "stalled");
+    }
 }

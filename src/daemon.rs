@@ -1,19 +1,27 @@
 //! Wiring: starts the folder engines and watchers, the gRPC server (peers + health), the admin
-//! socket and the peer sessions; tells systemd when it is ready and pets the watchdog; on
-//! cancellation, stops everything under a deadline.
+//! socket and the peer sessions; tells systemd when it is ready; on cancellation, stops
+//! everything under a deadline.
+//!
+//! It also watches the folder engines (see [`crate::liveness`]): an engine whose task ends
+//! while the agent runs is critical (health NOT_SERVING, graceful shutdown, exit non-zero, so
+//! systemd's `Restart=on-failure` restarts the agent); an engine busy without progress for
+//! longer than [`ENGINE_STALL_LIMIT`] turns health NOT_SERVING and stops the systemd watchdog
+//! pets (systemd then restarts the agent after `WatchdogSec`), until it moves again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 use crate::admin::AdminService;
@@ -22,6 +30,7 @@ use crate::artifacts::retriever::{DbSource, Retriever, Source};
 use crate::config::Config;
 use crate::engine::{self, FolderEngine, FolderHandle};
 use crate::fs::watch::{Change, FolderWatcher};
+use crate::liveness::{self, ENGINE_STALL_LIMIT, Verdict};
 use crate::model::NodeId;
 use crate::net::{self, PeerService};
 use crate::store::Store;
@@ -35,6 +44,8 @@ const RETRY_LOOK: Duration = Duration::from_millis(500);
 const RUNNING_MARKER: &str = "running";
 /// Where the kernel tells the id of the current boot.
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+/// How often the engines' liveness is looked at (health follows it within this time).
+const ENGINE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -69,6 +80,10 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the engine of folder {folder} {reason} while the agent was running; the agent stopped so that it can be restarted"
+    )]
+    EngineGone { folder: String, reason: String },
 }
 
 /// Reads the node id kept in `state_dir`, creating it on first start.
@@ -246,6 +261,14 @@ pub async fn run(
     let opts = engine::engine_options(&config, node, names.clone());
     info!(node = %config.node, node_id = %node, folders = config.folders.len(), peers = config.peers.len(), "starting");
 
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // tonic-health starts service "" as SERVING; it must say so only once the agent is up
+    // (admin socket bound, peer sessions started; in sync mode, the start-up deploy done).
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let gone: Gone = Arc::new(OnceLock::new());
+
     let tracker = TaskTracker::new();
     let mut handles = HashMap::new();
     let mut watchers = Vec::new();
@@ -267,7 +290,13 @@ pub async fn run(
         engine.initial_scan().await?;
         let status = handle.status();
         info!(folder = %folder.id, files = status.files, seq = status.seq, "folder scanned");
-        tracker.spawn(engine.run(inbox, config.rescan_interval(), RETRY_LOOK, cancel.clone()));
+        tracker.spawn(watch_engine(
+            folder.id.clone(),
+            engine.run(inbox, config.rescan_interval(), RETRY_LOOK, cancel.clone()),
+            cancel.clone(),
+            health.clone(),
+            gone.clone(),
+        ));
         let h = handle.clone();
         tracker.spawn(async move {
             while let Some(change) = rx.recv().await {
@@ -297,16 +326,6 @@ pub async fn run(
             source,
         })?;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    // Not SERVING until everything below is up (and, in sync mode, the start-up deploy is done).
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    // tonic-health starts service "" as SERVING; it must say so only once the agent is up
-    // (admin socket bound, peer sessions started).
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
     let peer_service = PeerService::new(
         node,
         config.node.clone(),
@@ -423,34 +442,22 @@ pub async fn run(
         tracker.spawn(session.run(cancel.clone()));
     }
 
-    match retriever_ready {
-        // Sync start-up: not SERVING until the start-up deploy finished or its retries ran out.
-        Some(mut ready) => {
-            let h = health.clone();
-            let node_name = config.node.clone();
-            tracker.spawn(async move {
-                if ready.wait_for(|done| *done).await.is_ok() {
-                    h.set_service_status("", ServingStatus::Serving).await;
-                    info!(node = %node_name, "start-up deploy finished; serving");
-                }
-            });
-        }
-        None => health.set_service_status("", ServingStatus::Serving).await,
-    }
+    // From here on the engine watch owns the health status: SERVING while every engine is
+    // alive and (sync start-up) the start-up deploy finished or its retries ran out.
+    let mut engine_watch = EngineWatch {
+        node: config.node.clone(),
+        folders: folders.clone(),
+        health: health.clone(),
+        startup: retriever_ready,
+        startup_done: false,
+        stalled: BTreeMap::new(),
+        serving: None,
+    };
+    let engines = engine_watch.snapshots();
+    engine_watch.check(&engines, liveness::mono_ms()).await;
     info!(node = %config.node, listen = %listen, "listening");
     notify_systemd(&[sd_notify::NotifyState::Ready]);
-    if let Some(interval) = watchdog_interval() {
-        let c = cancel.clone();
-        tracker.spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = c.cancelled() => break,
-                    _ = tick.tick() => notify_systemd(&[sd_notify::NotifyState::Watchdog]),
-                }
-            }
-        });
-    }
+    let engine_watch = tokio::spawn(engine_watch.run(watchdog_interval(), cancel.clone()));
     if let Some(ready) = ready {
         let _ = ready.send(Running {
             node,
@@ -462,6 +469,10 @@ pub async fn run(
     cancel.cancelled().await;
     info!(node = %config.node, "shutting down");
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    // Stopped first, so it cannot set SERVING again after this.
+    if let Err(e) = engine_watch.await {
+        error!(node = %config.node, error = %e, "the engine watch failed");
+    }
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
@@ -480,7 +491,170 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&socket);
     info!(node = %config.node, "stopped");
-    Ok(())
+    match gone.get() {
+        Some((folder, reason)) => Err(DaemonError::EngineGone {
+            folder: folder.clone(),
+            reason: reason.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The first folder engine that ended while the agent ran, and how (see [`watch_engine`]).
+type Gone = Arc<OnceLock<(String, String)>>;
+
+/// Runs a folder engine and notices when it ends while the agent is not shutting down
+/// (returned, or panicked: tokio would catch the panic and leave the folder silently
+/// unsynced). That is critical: health goes NOT_SERVING and the agent shuts down, and
+/// [`run`] then fails, so the process exits non-zero and systemd restarts it.
+async fn watch_engine(
+    folder: String,
+    engine: impl std::future::Future<Output = ()>,
+    cancel: CancellationToken,
+    health: HealthReporter,
+    gone: Gone,
+) {
+    // Unwind safety: after a panic nothing of the engine is used again.
+    let reason = match std::panic::AssertUnwindSafe(engine).catch_unwind().await {
+        Ok(()) => "stopped".to_owned(),
+        Err(panic) => format!("panicked ({})", panic_message(panic.as_ref())),
+    };
+    if cancel.is_cancelled() {
+        if reason != "stopped" {
+            error!(folder = %folder, reason = %reason, "folder engine failed while shutting down");
+        }
+        return;
+    }
+    error!(folder = %folder, reason = %reason, "folder engine is gone while the agent runs: the folder is no longer synced; health is NOT_SERVING and the agent shuts down to be restarted");
+    let _ = gone.set((folder, reason));
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    cancel.cancel();
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
+}
+
+/// Watches the folder engines' liveness after start-up: sets health, and pets systemd's
+/// watchdog only while every engine is alive (idle, or busy and progressing).
+struct EngineWatch {
+    node: String,
+    folders: Arc<HashMap<String, FolderHandle>>,
+    health: HealthReporter,
+    /// Sync start-up mode: becomes true once the start-up deploy finished (or its retries ran
+    /// out); `None` in async mode and without a retriever.
+    startup: Option<watch::Receiver<bool>>,
+    startup_done: bool,
+    /// Engines found stalled, by folder: when they last showed progress (ms, `mono_ms`).
+    stalled: BTreeMap<String, u64>,
+    /// The health status last set (`None`: not set yet).
+    serving: Option<bool>,
+}
+
+impl EngineWatch {
+    /// Every engine's liveness, now.
+    fn snapshots(&self) -> Vec<(String, liveness::Snapshot)> {
+        self.folders
+            .iter()
+            .map(|(folder, handle)| (folder.clone(), handle.liveness()))
+            .collect()
+    }
+
+    /// Looks at every engine's liveness once, logs the ones that stalled or moved again since
+    /// the last look, and sets health. True when every engine is alive.
+    async fn check(&mut self, engines: &[(String, liveness::Snapshot)], now_ms: u64) -> bool {
+        let mut alive = true;
+        for (folder, snapshot) in engines {
+            let snapshot = *snapshot;
+            match liveness::judge(&snapshot, now_ms, ENGINE_STALL_LIMIT) {
+                Verdict::Stalled => {
+                    alive = false;
+                    if !self.stalled.contains_key(folder) {
+                        error!(
+                            node = %self.node,
+                            folder = %folder,
+                            stalled_secs = liveness::quiet_ms(&snapshot, now_ms) / 1000,
+                            limit_secs = ENGINE_STALL_LIMIT.as_secs(),
+                            "folder engine is stuck: busy without progress for longer than the limit; health is NOT_SERVING and the systemd watchdog is no longer petted, so systemd restarts the agent"
+                        );
+                        self.stalled
+                            .insert(folder.clone(), snapshot.progress_ms.max(snapshot.since_ms));
+                    }
+                }
+                // Logged by `watch_engine`, which also shuts the agent down.
+                Verdict::Stopped => alive = false,
+                Verdict::Idle | Verdict::Working => {
+                    if let Some(quiet_from) = self.stalled.remove(folder) {
+                        info!(
+                            node = %self.node,
+                            folder = %folder,
+                            stalled_secs = snapshot.progress_ms.saturating_sub(quiet_from) / 1000,
+                            "folder engine moves again; petting the systemd watchdog again"
+                        );
+                    }
+                }
+            }
+        }
+        if !self.startup_done && self.startup.as_ref().is_none_or(|r| *r.borrow()) {
+            self.startup_done = true;
+            if self.startup.is_some() {
+                info!(node = %self.node, "start-up deploy finished");
+            }
+        }
+        let serving = alive && self.startup_done;
+        if self.serving != Some(serving) {
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            self.health.set_service_status("", status).await;
+            if self.serving.is_some() || serving {
+                info!(node = %self.node, serving, "health status");
+            }
+            self.serving = Some(serving);
+        }
+        alive
+    }
+
+    /// Checks every [`ENGINE_CHECK_EVERY`] (and when the start-up deploy finishes), and pets
+    /// systemd's watchdog every `pet_every` while every engine is alive; stops at `cancel`.
+    async fn run(mut self, pet_every: Option<Duration>, cancel: CancellationToken) {
+        let mut check = tokio::time::interval(ENGINE_CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pet = tokio::time::interval(pet_every.unwrap_or(ENGINE_CHECK_EVERY));
+        pet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Wake when the start-up deploy finishes (not once its task is gone).
+            let startup_pending = !self.startup_done
+                && self
+                    .startup
+                    .as_ref()
+                    .is_some_and(|r| r.has_changed().is_ok());
+            let pet_now = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = pet.tick(), if pet_every.is_some() => true,
+                _ = check.tick() => false,
+                _ = async {
+                    if let Some(r) = self.startup.as_mut() {
+                        let _ = r.changed().await;
+                    }
+                }, if startup_pending => false,
+            };
+            let engines = self.snapshots();
+            let alive = self.check(&engines, liveness::mono_ms()).await;
+            if pet_now && alive {
+                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }
 }
 
 fn notify_systemd(state: &[sd_notify::NotifyState]) {
@@ -500,6 +674,157 @@ fn watchdog_interval() -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::liveness::{Activity, Snapshot};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::server::HealthService;
+
+    async fn serving(health: &HealthReporter) -> bool {
+        let service = HealthService::from_health_reporter(health.clone());
+        let reply = service
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .expect("service \"\" is known");
+        reply.into_inner().status == ServingStatus::Serving as i32
+    }
+
+    /// A reporter that knows service "" as SERVING (as `HealthReporter::new` makes it).
+    fn health_serving() -> HealthReporter {
+        HealthReporter::new()
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_panics_while_the_agent_runs_shuts_it_down_as_a_failure() {
+        let (cancel, health, gone) = (CancellationToken::new(), health_serving(), Gone::default());
+        assert!(serving(&health).await);
+        watch_engine(
+            "synapse-configs".into(),
+            async { panic!("index row 7 is corrupt") },
+            cancel.clone(),
+            health.clone(),
+            gone.clone(),
+        )
+        .await;
+        assert!(cancel.is_cancelled(), "the agent shuts down");
+        assert!(!serving(&health).await);
+        let (folder, reason) = gone.get().expect("the failure is kept for the exit code");
+        assert_eq!(folder, "synapse-configs");
+        assert_eq!(reason, "panicked (index row 7 is corrupt)");
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_returns_while_the_agent_runs_is_a_failure_too() {
+        let (cancel, health, gone) = (CancellationToken::new(), health_serving(), Gone::default());
+        watch_engine(
+            "plans".into(),
+            async {},
+            cancel.clone(),
+            health,
+            gone.clone(),
+        )
+        .await;
+        assert!(cancel.is_cancelled());
+        assert_eq!(
+            gone.get(),
+            Some(&("plans".to_owned(), "stopped".to_owned()))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_ends_at_shutdown_is_no_failure() {
+        let (cancel, health, gone) = (CancellationToken::new(), health_serving(), Gone::default());
+        cancel.cancel();
+        watch_engine(
+            "plans".into(),
+            async {},
+            cancel,
+            health.clone(),
+            gone.clone(),
+        )
+        .await;
+        assert_eq!(gone.get(), None);
+        assert!(serving(&health).await, "shutdown sets health itself");
+    }
+
+    fn watch_of(health: &HealthReporter, startup: Option<watch::Receiver<bool>>) -> EngineWatch {
+        EngineWatch {
+            node: "gw1".into(),
+            folders: Arc::new(HashMap::new()),
+            health: health.clone(),
+            startup,
+            startup_done: false,
+            stalled: BTreeMap::new(),
+            serving: None,
+        }
+    }
+
+    fn engine(activity: Activity, since_ms: u64, progress_ms: u64) -> (String, Snapshot) {
+        (
+            "synapse-configs".into(),
+            Snapshot {
+                activity,
+                since_ms,
+                progress_ms,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stuck_engine_turns_health_off_and_stops_the_pets_until_it_moves_again() {
+        let health = health_serving();
+        let mut w = watch_of(&health, None);
+        let limit = ENGINE_STALL_LIMIT.as_millis() as u64;
+        let t0 = 1_000_000;
+        assert!(w.check(&[engine(Activity::Idle, 0, 0)], t0).await);
+        assert!(serving(&health).await);
+        // Busy, and progressing, for twice the limit: fine.
+        let working = engine(Activity::Busy, t0, t0 + 2 * limit - 10);
+        assert!(w.check(&[working], t0 + 2 * limit).await);
+        assert!(serving(&health).await);
+        // Then no progress for longer than the limit.
+        let stuck = engine(Activity::Busy, t0, t0 + 2 * limit - 10);
+        assert!(
+            !w.check(std::slice::from_ref(&stuck), t0 + 3 * limit).await,
+            "no pet"
+        );
+        assert!(!serving(&health).await);
+        assert!(w.stalled.contains_key("synapse-configs"));
+        assert!(!w.check(&[stuck], t0 + 4 * limit).await, "still no pet");
+        // It moves again.
+        let moved = engine(Activity::Busy, t0, t0 + 4 * limit);
+        assert!(w.check(&[moved], t0 + 4 * limit + 5).await);
+        assert!(serving(&health).await);
+        assert!(w.stalled.is_empty());
+        // A stopped engine is no pet either (`watch_engine` shuts the agent down).
+        assert!(!w.check(&[engine(Activity::Stopped, 0, 0)], t0).await);
+        assert!(!serving(&health).await);
+    }
+
+    #[tokio::test]
+    async fn sync_start_up_stays_not_serving_until_the_deploy_is_done_and_a_recovery_keeps_that() {
+        let health = health_serving();
+        let (done_tx, done_rx) = watch::channel(false);
+        let mut w = watch_of(&health, Some(done_rx));
+        let limit = ENGINE_STALL_LIMIT.as_millis() as u64;
+        let idle = engine(Activity::Idle, 0, 0);
+        assert!(
+            w.check(std::slice::from_ref(&idle), 10).await,
+            "engines alive: pets go on"
+        );
+        assert!(!serving(&health).await, "start-up deploy not done");
+        // A stall and a recovery while still deploying: still NOT_SERVING.
+        assert!(!w.check(&[engine(Activity::Busy, 0, 0)], limit + 1).await);
+        assert!(w.check(std::slice::from_ref(&idle), limit + 2).await);
+        assert!(
+            !serving(&health).await,
+            "a recovery must not skip the start-up gate"
+        );
+        done_tx.send_replace(true);
+        assert!(w.check(&[idle], limit + 3).await);
+        assert!(serving(&health).await);
+    }
 
     #[test]
     fn only_an_unclean_stop_before_a_machine_restart_may_have_lost_index_commits() {

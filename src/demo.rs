@@ -509,6 +509,17 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
                 String::new()
             }
         ));
+        match &report.engine {
+            Some(e) if e.state == crate::liveness::Verdict::Stalled => out.push_str(&format!(
+                "    ENGINE STALLED: busy for {} s, no progress for {} s (health is NOT_SERVING; systemd's watchdog restarts the agent)\n",
+                e.for_secs, e.quiet_secs
+            )),
+            Some(e) if e.state == crate::liveness::Verdict::Stopped => out.push_str(&format!(
+                "    ENGINE STOPPED {} s ago: the folder is not synced (the agent shuts down to be restarted)\n",
+                e.for_secs
+            )),
+            _ => {}
+        }
         if let Some(p) = &f.paused {
             out.push_str(&format!(
                 "    PAUSED: {p}\n    (confirm with: artisync resume --config FILE --folder {})\n",

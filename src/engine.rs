@@ -26,6 +26,7 @@ use crate::fs::own::OwnWrites;
 use crate::fs::scan::{self, Look};
 use crate::fs::watch::Change;
 use crate::fs::xml;
+use crate::liveness::{self, EngineReport, Liveness, StopOnDrop};
 use crate::model::{
     Causality, Decision, FileRecord, Hash, Hlc, Kind, NodeId, RelPath, Replica, VersionVector,
 };
@@ -198,6 +199,7 @@ pub struct FolderHandle {
     tx: mpsc::Sender<Msg>,
     seq: watch::Receiver<u64>,
     status: Arc<Mutex<FolderStatus>>,
+    live: Arc<Liveness>,
 }
 
 impl FolderHandle {
@@ -260,6 +262,16 @@ impl FolderHandle {
     pub fn status(&self) -> FolderStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// The engine's liveness, read without asking the engine (which may be stuck).
+    pub fn liveness(&self) -> liveness::Snapshot {
+        self.live.snapshot()
+    }
+
+    /// The engine's liveness as status shows it, judged at `now_ms` ([`liveness::mono_ms`]).
+    pub fn engine_report(&self, now_ms: u64, stall_limit: std::time::Duration) -> EngineReport {
+        liveness::report(&self.live.snapshot(), now_ms, stall_limit)
+    }
 }
 
 /// Names of the nodes seen so far (from peer batches), for naming conflict copies.
@@ -292,6 +304,8 @@ pub struct FolderEngine {
     stats: HashMap<RelPath, StatKey>,
     seq_tx: watch::Sender<u64>,
     status: Arc<Mutex<FolderStatus>>,
+    /// Idle or busy, and progress, for the daemon's watchdog (see [`crate::liveness`]).
+    live: Arc<Liveness>,
     paused: Option<String>,
     /// The operator confirmed the folder's current state: the next scan may delete.
     confirmed: bool,
@@ -470,6 +484,7 @@ impl FolderEngine {
         let (seq_tx, seq_rx) = watch::channel(replica.seq());
         let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
         let status = Arc::new(Mutex::new(FolderStatus::default()));
+        let live = Arc::new(Liveness::default());
         let ignore = Ignore::new(&folder.ignore).map_err(|e| EngineError::Scan {
             folder: folder.id.clone(),
             source: scan::ScanError::Io {
@@ -515,6 +530,7 @@ impl FolderEngine {
             stats,
             seq_tx,
             status: status.clone(),
+            live: live.clone(),
             paused: None,
             confirmed: false,
             held: BTreeMap::new(),
@@ -538,6 +554,7 @@ impl FolderEngine {
             tx,
             seq: seq_rx,
             status,
+            live,
         };
         Ok((engine, handle, Inbox(rx)))
     }
@@ -576,29 +593,36 @@ impl FolderEngine {
         rescan.tick().await;
         let mut retry = tokio::time::interval(retry_every);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // However the task ends (return or panic), the daemon sees the engine stopped.
+        let _stopped = StopOnDrop(self.live.clone());
         // A message taken off the queue by a batch chain (see `remote_chain`), handled next.
         let mut pending: Option<Msg> = None;
         loop {
             if let Some(msg) = pending.take() {
                 pending = self.handle(msg, &mut rx).await;
+                self.live.progress();
                 self.publish_status();
                 continue;
             }
             let skip_wait = self.next_retry_in(crate::now_ms());
+            self.live.idle();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
+                    self.live.busy();
                     pending = self.handle(msg, &mut rx).await;
                 }
                 _ = rescan.tick() => {
+                    self.live.busy();
                     if let Err(e) = self.on_local(Change::Rescan).await {
                         warn!(folder = %self.id, error = %e, "periodic rescan failed");
                     }
                     self.purge_tombstones().await;
                 }
                 _ = tokio::time::sleep(skip_wait.unwrap_or_default()), if skip_wait.is_some() => {
+                    self.live.busy();
                     if let Some(batch) = self.due_retry(crate::now_ms()) {
                         debug!(folder = %self.id, peer = %batch.peer, records = batch.records.len(), "retrying skipped changes");
                         // Nobody waits for the answer: the outcome lands in the skip list.
@@ -607,6 +631,7 @@ impl FolderEngine {
                     }
                 }
                 _ = retry.tick(), if !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
+                    self.live.busy();
                     let mut paths: Vec<RelPath> = std::mem::take(&mut self.unstable).into_iter().collect();
                     paths.extend(self.held.keys().cloned());
                     let change = if self.paused.is_some() { Change::Rescan } else { Change::Paths(paths) };
@@ -615,6 +640,7 @@ impl FolderEngine {
                     }
                 }
             }
+            self.live.progress();
             self.publish_status();
         }
         debug!(folder = %self.id, "engine stopped");
@@ -861,6 +887,8 @@ impl FolderEngine {
                 .map(|p| {
                     let known = self.known(&p);
                     let look = scan::look_checked(&self.root, &p, known, &mut parents);
+                    // A scan of a large folder is long but never stuck: every path counts.
+                    self.live.progress();
                     (p, look)
                 })
                 .collect()
@@ -1091,6 +1119,7 @@ impl FolderEngine {
             };
             let stream = current.prepared.stream;
             let done = self.settle_remote(current.prepared, joined);
+            self.live.progress();
             // A failure known now stops the stream before the next batch is finished.
             self.note_outcome(stream, &done.outcome);
             settled = Some((done, current.reply));
@@ -1103,6 +1132,7 @@ impl FolderEngine {
         let stream = done.stream;
         let t = std::time::Instant::now();
         let r = self.record_remote(done).await;
+        self.live.progress();
         debug!(folder = %self.id, commit_us = t.elapsed().as_micros() as u64, "batch recorded");
         self.note_outcome(stream, &r);
         // Status shows the batch by the time its session hears back.
@@ -1325,8 +1355,12 @@ impl FolderEngine {
                     };
                     let (fetcher, id, path) =
                         (batch.fetcher.clone(), self.id.clone(), record.path.clone());
-                    let (hash, mode) = (*hash, record.mode);
-                    async move { fetcher.fetch(&id, &path, hash, &dir, mode).await }
+                    let (hash, mode, live) = (*hash, record.mode, self.live.clone());
+                    async move {
+                        let fetched = fetcher.fetch(&id, &path, hash, &dir, mode).await;
+                        live.progress();
+                        fetched
+                    }
                 })
                 .collect();
             futures_util::stream::iter(jobs)
@@ -2643,5 +2677,113 @@ mod tests {
         assert_eq!(status.conflicts, 2);
         cancel.cancel();
         task.await.expect("engine task");
+    }
+
+    /// A peer that serves one file's bytes once the test opens its gate: the engine stays
+    /// busy in the fetch until then.
+    struct Gated {
+        bytes: Vec<u8>,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl Fetcher for Gated {
+        fn fetch<'a>(
+            &'a self,
+            folder: &'a str,
+            path: &'a RelPath,
+            hash: Hash,
+            dir: &'a Path,
+            mode: u32,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>,
+        > {
+            Box::pin(async move {
+                let _open = self
+                    .gate
+                    .acquire()
+                    .await
+                    .map_err(|e| FetchError::Peer(e.to_string()))?;
+                Serve(self.bytes.clone())
+                    .fetch(folder, path, hash, dir, mode)
+                    .await
+            })
+        }
+    }
+
+    async fn liveness_until(
+        handle: &FolderHandle,
+        done: impl Fn(&liveness::Snapshot) -> bool,
+    ) -> liveness::Snapshot {
+        for _ in 0..500 {
+            let s = handle.liveness();
+            if done(&s) {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("liveness never got there; last: {:?}", handle.liveness());
+    }
+
+    /// The engine shows busy while it works on a batch (here: a fetch that hangs until the
+    /// test lets it go), is judged stalled when that lasts past the limit, and shows progress
+    /// and idle once the batch is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_engine_is_busy_while_it_works_idle_after_and_progress_moves() {
+        use crate::liveness::{Activity, Verdict, judge, mono_ms};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, _store, cancel, task) = engine_on(dir.path()).await;
+        liveness_until(&handle, |s| s.activity == Activity::Idle).await;
+
+        let bytes = b"<api name=\"big\"/>".to_vec();
+        let fetcher = Arc::new(Gated {
+            bytes: bytes.clone(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let mut b = batch(3, 1, vec![remote_file("big.xml", &bytes, 1, false)]);
+        b.fetcher = fetcher.clone();
+        let answer = handle.queue_remote(b).await.expect("queued");
+        let stuck = liveness_until(&handle, |s| s.activity == Activity::Busy).await;
+        // Let the clock move past the last progress: a 1 ms limit is then exceeded.
+        let limit = std::time::Duration::from_millis(1);
+        for _ in 0..500 {
+            if mono_ms() > stuck.progress_ms + 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let now = handle.liveness();
+        assert_eq!(
+            now.progress_ms, stuck.progress_ms,
+            "no progress while stuck"
+        );
+        assert_eq!(judge(&now, mono_ms(), limit), Verdict::Stalled);
+
+        fetcher.gate.add_permits(1);
+        assert_eq!(answer.await.expect("applied"), 1);
+        let after = liveness_until(&handle, |s| s.activity == Activity::Idle).await;
+        assert!(
+            after.progress_ms > stuck.progress_ms,
+            "the fetch, the settled batch and the handled message count as progress: {stuck:?} -> {after:?}"
+        );
+        assert_eq!(judge(&after, mono_ms(), limit), Verdict::Idle);
+
+        cancel.cancel();
+        task.await.expect("engine task");
+        assert_eq!(handle.liveness().activity, Activity::Stopped);
+    }
+
+    /// An engine whose task dies (here: aborted, as a panic unwinds it) shows as stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_engine_whose_task_dies_shows_as_stopped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, _store, _cancel, task) = engine_on(dir.path()).await;
+        // Running (an async fn's body, and its guard, exist once it is first polled): it
+        // answers a message.
+        handle.resume().await.expect("the engine answers");
+        task.abort();
+        assert!(task.await.is_err_and(|e| e.is_cancelled()));
+        let r = handle.engine_report(liveness::mono_ms(), liveness::ENGINE_STALL_LIMIT);
+        assert_eq!(r.state, liveness::Verdict::Stopped);
+        assert!(r.is_failing());
     }
 }

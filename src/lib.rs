@@ -7,6 +7,7 @@
 //! - [`store`]: the crash-safe local index (SQLite, WAL).
 //! - [`fs`]: scan + hash, watch, safe batched apply, ignore rules, the XML gate.
 //! - [`engine`]: one task per folder that owns its replica and wires the edges to the model.
+//! - [`liveness`]: whether each engine is idle, busy or stopped, and whether it is stalled.
 //! - [`net`]: the peer gRPC service and the client sessions to each peer.
 //! - [`admin`]: the local admin service on a unix socket (status, conflicts, resume).
 //! - [`daemon`]: starts everything, health service, systemd notify, graceful shutdown.
@@ -22,6 +23,7 @@ pub mod daemon;
 pub mod demo;
 pub mod engine;
 pub mod fs;
+pub mod liveness;
 pub mod model;
 pub mod net;
 pub mod store;

@@ -19,4 +19,5 @@ mod integration {
     mod skip;
     mod sync;
     mod tls;
+    mod watchdog;
 }

@@ -190,6 +190,8 @@ pub struct Node {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra environment of the agent process (see [`Node::set_env`]).
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -204,6 +206,7 @@ impl Node {
             port,
             dir,
             child: None,
+            env: Vec::new(),
         };
         for folder in [node.synapse(), node.plans()] {
             std::fs::create_dir_all(&folder).expect("create a synced folder");
@@ -254,6 +257,12 @@ impl Node {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Sets an environment variable for the agent's next starts (e.g. systemd's
+    /// `NOTIFY_SOCKET` and `WATCHDOG_USEC`).
+    pub fn set_env(&mut self, key: &str, value: impl Into<String>) {
+        self.env.push((key.to_owned(), value.into()));
     }
 
     /// Starts `artisync run` and waits until its health service says SERVING.
@@ -564,6 +573,9 @@ impl Node {
             .arg("--config")
             .arg(self.config())
             .env("ARTISYNC_LOG", "info,artisync=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
