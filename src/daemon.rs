@@ -44,6 +44,12 @@ const RETRY_LOOK: Duration = Duration::from_millis(500);
 const RUNNING_MARKER: &str = "running";
 /// Where the kernel tells the id of the current boot.
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+/// Marker text of a boot known by its wall-clock instant instead of its id (see [`this_boot`]).
+const BOOT_AT: &str = "boot-at:";
+/// Two boot instants this close are one boot: wall-clock slewing moves the computed instant by
+/// milliseconds; a clock step moves it further and then reads as a restart, which only costs a
+/// full exchange with the peers.
+const BOOT_AT_TOLERANCE_MS: u64 = 2_000;
 /// How often the engines' liveness is looked at (health follows it within this time).
 const ENGINE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -124,22 +130,50 @@ pub fn node_id(state_dir: &Path) -> Result<NodeId, DaemonError> {
     }
 }
 
-/// The kernel's id of this boot of the machine.
-fn boot_id() -> Option<String> {
-    let id = std::fs::read_to_string(BOOT_ID_PATH).ok()?;
-    let id = id.trim();
-    (!id.is_empty()).then(|| id.to_owned())
+/// This boot of the machine: the kernel's boot id or, where `/proc/sys` is hidden (the shipped
+/// unit's `ProcSubset=pid`), the wall-clock instant the machine booted at
+/// (`CLOCK_REALTIME - CLOCK_BOOTTIME`, in ms), as `boot-at:<ms>`.
+fn this_boot() -> Option<String> {
+    std::fs::read_to_string(BOOT_ID_PATH)
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+        .or_else(boot_instant)
+}
+
+/// `boot-at:<ms>`: when this boot began, by the wall clock.
+fn boot_instant() -> Option<String> {
+    use nix::time::{ClockId, clock_gettime};
+    let ms = |t: nix::sys::time::TimeSpec| -> Option<u64> {
+        Some(u64::try_from(t.tv_sec()).ok()? * 1000 + u64::try_from(t.tv_nsec()).ok()? / 1_000_000)
+    };
+    let now = ms(clock_gettime(ClockId::CLOCK_REALTIME).ok()?)?;
+    let up = ms(clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?)?;
+    Some(format!("{BOOT_AT}{}", now.checked_sub(up)?))
+}
+
+/// Whether a marker's boot and this one are the same boot (see [`this_boot`]).
+fn same_boot(marker: &str, now: &str) -> bool {
+    match (marker.strip_prefix(BOOT_AT), now.strip_prefix(BOOT_AT)) {
+        (Some(then), Some(now)) => match (then.parse::<u64>(), now.parse::<u64>()) {
+            (Ok(then), Ok(now)) => then.abs_diff(now) <= BOOT_AT_TOLERANCE_MS,
+            _ => false,
+        },
+        (None, None) => marker == now,
+        // Known one way then and the other way now: not comparable.
+        _ => false,
+    }
 }
 
 /// True when the index may have lost its last commits: the last run did not stop cleanly (its
-/// marker is still there) and the machine went down since (another boot, or no boot id to
+/// marker is still there) and the machine went down since (another boot, or no boot to
 /// compare). Commits are durable only at checkpoints (WAL with `synchronous = NORMAL`), so a
 /// power loss can take the last ones back, while a process that dies on a running machine
 /// loses none.
 fn index_may_have_rolled_back(marker: Option<&str>, boot: Option<&str>) -> bool {
     match (marker, boot) {
         (None, _) => false,
-        (Some(m), Some(b)) => m.trim() != b,
+        (Some(m), Some(b)) => !same_boot(m.trim(), b),
         (Some(_), None) => true,
     }
 }
@@ -241,7 +275,7 @@ pub async fn run(
     raise_descriptor_limit();
     let node = node_id(&config.state_dir)?;
     let store = Store::open(&config.state_dir).await?;
-    let boot = boot_id();
+    let boot = this_boot();
     let marker = read_running_marker(&config.state_dir)?;
     if index_may_have_rolled_back(marker.as_deref(), boot.as_deref()) {
         // Peers' cursors into this index and the records they leave out for this node
@@ -847,6 +881,39 @@ mod tests {
             index_may_have_rolled_back(Some("x"), None),
             "no boot id now"
         );
+    }
+
+    #[test]
+    fn a_boot_known_by_its_instant_is_the_same_boot_within_the_tolerance() {
+        let then = "boot-at:1796000000000";
+        assert!(!index_may_have_rolled_back(
+            Some(then),
+            Some("boot-at:1796000000700")
+        ));
+        assert!(!index_may_have_rolled_back(
+            Some("boot-at:1796000001500\n"),
+            Some(then)
+        ));
+        assert!(
+            index_may_have_rolled_back(Some(then), Some("boot-at:1796000600000")),
+            "booted ten minutes later"
+        );
+        assert!(index_may_have_rolled_back(Some("boot-at:x"), Some(then)));
+        assert!(
+            index_may_have_rolled_back(Some(then), Some("6d1c2e1a-0b7f-4a7e-9c55-3b1f9b2f0c11")),
+            "an id and an instant cannot be compared"
+        );
+    }
+
+    #[test]
+    fn this_boot_reads_the_same_twice_by_id_and_by_instant() {
+        let a = this_boot().expect("a boot id or the clocks");
+        let b = this_boot().expect("a boot id or the clocks");
+        assert!(!index_may_have_rolled_back(Some(&a), Some(&b)));
+        let a = boot_instant().expect("the clocks");
+        assert!(a.starts_with(BOOT_AT), "{a}");
+        let b = boot_instant().expect("the clocks");
+        assert!(!index_may_have_rolled_back(Some(&a), Some(&b)));
     }
 
     #[test]
