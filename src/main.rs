@@ -487,11 +487,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(real_main(cli)) {
+    let code = match runtime.block_on(real_main(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("artisync: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Dropping the runtime would wait for every blocking thread, and one stuck in the kernel
+    // (the work of a stalled engine) would hold up the exit for good.
+    runtime.shutdown_timeout(RUNTIME_EXIT_WAIT);
+    code
 }
+
+/// How long the exit waits for blocking work still running after the agent stopped.
+const RUNTIME_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
