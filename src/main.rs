@@ -61,7 +61,7 @@ enum Command {
     Cert(CertCommand),
     /// Save, remove and inspect DB-backed artifacts; act on this node's deployed ones.
     #[command(subcommand)]
-    Artifact(ArtifactCommand),
+    Artifact(Box<ArtifactCommand>),
     /// Start a local cluster on loopback in a temp dir and show sync as it happens.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -74,18 +74,36 @@ enum Command {
     },
 }
 
-/// Where artifacts are saved: a database URL, a config's `[retriever] database_url`, or an
-/// agent with database access (its `ArtifactSaver` service).
+/// Where artifacts are saved, and the client certificate for an agent reached over https.
+#[derive(clap::Args)]
+struct Target {
+    #[command(flatten)]
+    to: Destination,
+    /// With `--hub https://...`: the cluster's CA certificate (PEM). An agent takes publish
+    /// and remove from another host only over mutual TLS.
+    #[arg(long, requires_all = ["hub", "cert", "key"])]
+    ca: Option<PathBuf>,
+    /// With `--hub https://...`: this publisher's certificate (PEM), signed by the CA.
+    #[arg(long, requires_all = ["hub", "ca", "key"])]
+    cert: Option<PathBuf>,
+    /// With `--hub https://...`: this publisher's private key (PEM).
+    #[arg(long, requires_all = ["hub", "ca", "cert"])]
+    key: Option<PathBuf>,
+}
+
+/// A database URL, a config's `[retriever] database_url`, or an agent with database access
+/// (its `ArtifactSaver` service).
 #[derive(clap::Args)]
 #[group(required = true, multiple = false)]
-struct Target {
+struct Destination {
     /// sqlite:///path.db, postgres://user@host/db or mysql://user@host/db
     #[arg(long)]
     db: Option<String>,
     /// Use `[retriever] database_url` of this config.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Address of an agent with database access, e.g. http://127.0.0.1:7701.
+    /// Address of an agent with database access, e.g. http://127.0.0.1:7701 (on its own
+    /// machine) or https://gw1.example:7701 with --ca, --cert and --key.
     #[arg(long)]
     hub: Option<String>,
 }
@@ -163,10 +181,10 @@ enum Saver {
 
 async fn saver(target: &Target) -> Result<Saver> {
     use artisync::artifacts::db::ArtifactDb;
-    if let Some(url) = &target.db {
+    if let Some(url) = &target.to.db {
         return Ok(Saver::Db(ArtifactDb::connect(url).await?));
     }
-    if let Some(path) = &target.config {
+    if let Some(path) = &target.to.config {
         let config = load(path)?;
         let url = config
             .retriever
@@ -176,11 +194,28 @@ async fn saver(target: &Target) -> Result<Saver> {
         return Ok(Saver::Db(ArtifactDb::connect(&url).await?));
     }
     let hub = target
+        .to
         .hub
         .as_deref()
         .context("give --db, --config or --hub")?;
-    artisync::config::parse_peer_address(hub).map_err(|e| anyhow::anyhow!("--hub: {e}"))?;
-    let channel = artisync::net::channel(hub, None, "hub").await?;
+    let (secure, _) =
+        artisync::config::parse_peer_address(hub).map_err(|e| anyhow::anyhow!("--hub: {e}"))?;
+    let tls = match (&target.ca, &target.cert, &target.key) {
+        (Some(ca), Some(cert), Some(key)) => Some(artisync::config::TlsConfig {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    match (secure, tls.is_some()) {
+        (true, false) => {
+            anyhow::bail!("--hub {hub}: an https address needs --ca, --cert and --key")
+        }
+        (false, true) => anyhow::bail!("--hub {hub}: --ca, --cert and --key need an https address"),
+        _ => {}
+    }
+    let channel = artisync::net::channel(hub, tls.as_ref(), "hub").await?;
     Ok(Saver::Hub(
         artisync::pb::artifacts::artifact_saver_client::ArtifactSaverClient::new(channel)
             .max_encoding_message_size(artisync::net::MAX_MESSAGE_BYTES),
@@ -460,7 +495,7 @@ async fn real_main(cli: Cli) -> Result<()> {
                 hosts.join(", ")
             );
         }
-        Command::Artifact(cmd) => artifact(cmd).await?,
+        Command::Artifact(cmd) => artifact(*cmd).await?,
         Command::Demo { nodes, apis, keep } => {
             init_logging("text", "warn")?;
             artisync::demo::run(artisync::demo::DemoOptions { nodes, apis, keep }).await?;

@@ -139,3 +139,92 @@ fn peers_sync_over_mutual_tls_and_refuse_a_foreign_certificate() {
         },
     );
 }
+
+/// `artisync artifact publish --hub https://...`: the publisher presents a certificate of the
+/// cluster's CA (an agent takes publishes from another host only over mutual TLS); the agent
+/// saves the artifact in its database and its retriever deploys it.
+#[test]
+fn a_publisher_saves_through_an_agent_over_mutual_tls() {
+    let mut cluster = Cluster::new(&[&[]]);
+    let pki = tempfile::tempdir().expect("tempdir");
+    let dir = pki.path().to_str().expect("utf-8 temp path");
+    cert(&["ca", "--out", dir]);
+    for name in ["hub", "publisher"] {
+        cert(&[
+            "node",
+            "--ca",
+            dir,
+            "--name",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--out",
+            dir,
+        ]);
+    }
+    let hub = &mut cluster[0];
+    let text = format!(
+        "node = \"hub\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{state}\"\n\n\
+         [tls]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/hub.pem\"\nkey = \"{dir}/hub.key\"\n\n\
+         [[folder]]\nid = \"{SYNAPSE}\"\npath = \"{synapse}\"\n\n\
+         [retriever]\nartifact_retriever = \"db\"\nfolder = \"{SYNAPSE}\"\n\
+         database_url = \"sqlite://{state}/artifacts.db\"\ngateway_labels = [\"L1\"]\n",
+        port = hub.port,
+        state = hub.state_dir().display(),
+        synapse = hub.synapse().display(),
+    );
+    std::fs::write(hub.config(), text).expect("write config");
+    hub.start_no_wait();
+    wait_up(hub);
+
+    let from = tempfile::tempdir().expect("tempdir");
+    write(
+        &from.path().join("default/api/secure.xml"),
+        "<api name=\"secure\"/>\n",
+    );
+    let address = format!("https://127.0.0.1:{}", hub.port);
+    let publish = |tls: &[&str]| {
+        let mut args = vec!["artifact", "publish", "--hub", address.as_str()];
+        args.extend_from_slice(tls);
+        args.extend_from_slice(&[
+            "--id",
+            "9b2c1f4e-5a6d-4e3f-8a1b-2c3d4e5f6a7b",
+            "--name",
+            "SecureAPI",
+            "--version",
+            "1.0.0",
+            "--label",
+            "L1",
+            "--from",
+            from.path().to_str().expect("utf-8 temp path"),
+        ]);
+        Command::new(BIN)
+            .args(&args)
+            .output()
+            .expect("run artisync artifact publish")
+    };
+    // An https hub without a client certificate is refused by the CLI itself, naming the flags.
+    let refused = publish(&[]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--ca, --cert and --key"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let ca = format!("{dir}/ca.pem");
+    let (c, k) = (
+        format!("{dir}/publisher.pem"),
+        format!("{dir}/publisher.key"),
+    );
+    let saved = publish(&["--ca", &ca, "--cert", &c, "--key", &k]);
+    assert!(
+        saved.status.success(),
+        "publish over mutual TLS: {}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    assert!(String::from_utf8_lossy(&saved.stdout).contains("revision 1"));
+    wait_content(
+        &hub.synapse().join("default/api/secure.xml"),
+        b"<api name=\"secure\"/>\n",
+    );
+}
