@@ -457,10 +457,10 @@ impl FolderEngine {
         opts: EngineOptions,
     ) -> Result<(Self, FolderHandle, Inbox), EngineError> {
         let epoch = store.epoch(&folder.id, rand::random::<u64>() | 1).await?;
-        let rows = store.load_folder(&folder.id).await?;
+        let rows = store.load_index(&folder.id).await?;
         let mut stats = HashMap::with_capacity(rows.len());
         let mut records = Vec::with_capacity(rows.len());
-        for StoredRecord { record, stat, .. } in rows {
+        for (record, stat) in rows {
             if let Some(s) = stat {
                 stats.insert(record.path.clone(), s);
             }
