@@ -445,6 +445,17 @@ const FETCHES_AT_ONCE: usize = 4;
 /// Messages queued to one engine before senders wait.
 const ENGINE_QUEUE: usize = 64;
 
+/// The folder's ignore rules, as its engine and its watcher apply them.
+pub fn folder_ignore(folder: &FolderConfig) -> Result<Ignore, EngineError> {
+    Ignore::new(&folder.ignore).map_err(|e| EngineError::Scan {
+        folder: folder.id.clone(),
+        source: scan::ScanError::Io {
+            path: folder.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        },
+    })
+}
+
 fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
@@ -455,6 +466,17 @@ impl FolderEngine {
         folder: &FolderConfig,
         store: Store,
         opts: EngineOptions,
+    ) -> Result<(Self, FolderHandle, Inbox), EngineError> {
+        Self::open_with(folder, store, opts, Arc::new(OwnWrites::default())).await
+    }
+
+    /// [`FolderEngine::open`] with the record of own writes that the folder's watcher was
+    /// started with: the watch can then be set up while the index loads.
+    pub async fn open_with(
+        folder: &FolderConfig,
+        store: Store,
+        opts: EngineOptions,
+        own: Arc<OwnWrites>,
     ) -> Result<(Self, FolderHandle, Inbox), EngineError> {
         let epoch = store.epoch(&folder.id, rand::random::<u64>() | 1).await?;
         let rows = store.load_index(&folder.id).await?;
@@ -470,13 +492,7 @@ impl FolderEngine {
         let (seq_tx, seq_rx) = watch::channel(replica.seq());
         let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
         let status = Arc::new(Mutex::new(FolderStatus::default()));
-        let ignore = Ignore::new(&folder.ignore).map_err(|e| EngineError::Scan {
-            folder: folder.id.clone(),
-            source: scan::ScanError::Io {
-                path: folder.path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            },
-        })?;
+        let ignore = folder_ignore(folder)?;
         let conflicts = store
             .conflicts()
             .await?
@@ -524,7 +540,7 @@ impl FolderEngine {
             last_error: None,
             conflicts,
             failed_streams: VecDeque::new(),
-            own: Arc::new(OwnWrites::default()),
+            own,
             strikes: HashMap::new(),
             skipped,
             fetchers: HashMap::new(),
