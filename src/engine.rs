@@ -23,6 +23,7 @@ use crate::config::{Config, FolderConfig};
 use crate::fs::apply::{self, Content, Op};
 use crate::fs::ignore::Ignore;
 use crate::fs::own::OwnWrites;
+use crate::fs::par;
 use crate::fs::scan::{self, Look};
 use crate::fs::watch::Change;
 use crate::fs::xml;
@@ -869,19 +870,28 @@ impl FolderEngine {
         let now = crate::now_ms();
         let mut commits: Vec<StoredRecord> = Vec::new();
         let mut stat_updates: Vec<(RelPath, StatKey)> = Vec::new();
-        let looks: Vec<(RelPath, Result<Look, scan::ScanError>)> = block(|| {
-            let mut parents = scan::ParentCheck::default();
-            paths
-                .into_iter()
-                .filter(|p| !self.ignore.is_ignored(p))
-                .map(|p| {
-                    let known = self.known(&p);
-                    let look = scan::look_checked(&self.root, &p, known, &mut parents);
-                    (p, look)
-                })
-                .collect()
+        let paths: Vec<RelPath> = paths
+            .into_iter()
+            .filter(|p| !self.ignore.is_ignored(p))
+            .collect();
+        // A look is an lstat (and a hash when the stat key changed): kernel time, which
+        // overlaps on several cores. Each thread takes a run of the sorted paths, so its
+        // parent-directory checks are mostly its own.
+        let looks: Vec<Result<Look, scan::ScanError>> = block(|| {
+            let threads = par::threads_for(paths.len());
+            let runs: Vec<&[RelPath]> =
+                paths.chunks(paths.len().div_ceil(threads).max(1)).collect();
+            par::map(&runs, threads, |run| {
+                let mut parents = scan::ParentCheck::default();
+                run.iter()
+                    .map(|p| scan::look_checked(&self.root, p, self.known(p), &mut parents))
+                    .collect::<Vec<_>>()
+            })
+            .into_iter()
+            .flatten()
+            .collect()
         });
-        for (path, look) in looks {
+        for (path, look) in paths.into_iter().zip(looks) {
             let look = match look {
                 Ok(l) => {
                     self.unreadable.remove(&path);
