@@ -544,8 +544,13 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(|e| self.db_err(e))?;
-            let (page, count, last): (String, i64, Option<String>) =
-                (row.get(0), row.get(1), row.get(2));
+            // A path that is not UTF-8 makes the page text invalid: an error, not a panic.
+            let page: String = row.try_get(0).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                what: format!("{folder} (index page)"),
+                problem: e.to_string(),
+            })?;
+            let (count, last): (i64, Option<String>) = (row.get(1), row.get(2));
             self.decode_index_page(folder, &page, &mut out)?;
             match last {
                 Some(last) if count >= INDEX_PAGE_ROWS => after = Some(last),
@@ -1071,6 +1076,14 @@ mod tests {
             }
             other => panic!("expected a corrupt row, got {other:?}"),
         }
+        sqlx::query("UPDATE files SET hash = NULL, path = CAST(x'61ff' AS TEXT)")
+            .execute(&store.pool)
+            .await
+            .expect("a path that is not UTF-8");
+        assert!(matches!(
+            store.load_index("f").await,
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     /// Epochs are random 64-bit values: one above `i64::MAX` must survive the bit-pattern
