@@ -22,13 +22,14 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::AdminService;
 use crate::artifacts::hub::{HubService, HubSource};
 use crate::artifacts::retriever::{DbSource, Retriever, Source};
 use crate::config::Config;
 use crate::engine::{self, FolderEngine, FolderHandle};
+use crate::fs::own::OwnWrites;
 use crate::fs::watch::{Change, FolderWatcher};
 use crate::liveness::{self, ENGINE_STALL_LIMIT, Verdict};
 use crate::model::NodeId;
@@ -72,6 +73,8 @@ pub enum DaemonError {
     Engine(#[from] engine::EngineError),
     #[error(transparent)]
     Watch(#[from] crate::fs::watch::WatchError),
+    #[error("cannot watch {path}: the set-up failed: {message}")]
+    WatchSetup { path: PathBuf, message: String },
     #[error(transparent)]
     Net(#[from] net::NetError),
     #[error("cannot listen on {addr}: {source}")]
@@ -307,23 +310,47 @@ pub async fn run(
     let mut handles = HashMap::new();
     let mut watchers = Vec::new();
     for folder in &config.folders {
-        let (mut engine, handle, inbox) =
-            FolderEngine::open(folder, store.clone(), opts.clone()).await?;
-        // Watch first, then scan: nothing changed during the scan is missed.
+        let started = std::time::Instant::now();
+        // Watch first, then scan: nothing changed during the scan is missed. Setting up the
+        // watch walks the whole tree (notify adds one watch per directory), so it runs on a
+        // blocking thread while the index loads; the scan waits for both.
         let (tx, mut rx) = mpsc::channel::<Change>(64);
-        let watcher = FolderWatcher::start(
-            &folder.path,
-            engine.ignore().clone(),
-            engine.own_writes(),
-            config.quiet_period(),
-            config.open_write_hold(),
-            tx,
-            cancel.clone(),
-        )?;
+        let own = Arc::new(OwnWrites::default());
+        let watching = {
+            let (root, ignore, own) = (
+                folder.path.clone(),
+                engine::folder_ignore(folder)?,
+                own.clone(),
+            );
+            let (quiet, hold, cancel) = (
+                config.quiet_period(),
+                config.open_write_hold(),
+                cancel.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                FolderWatcher::start(&root, ignore, own, quiet, hold, tx, cancel)
+            })
+        };
+        let (opened, watching) = tokio::join!(
+            FolderEngine::open_with(folder, store.clone(), opts.clone(), own),
+            watching
+        );
+        let watcher = watching.map_err(|e| DaemonError::WatchSetup {
+            path: folder.path.clone(),
+            message: e.to_string(),
+        })??;
         watchers.push(watcher);
+        let (mut engine, handle, inbox) = opened?;
+        let loaded = std::time::Instant::now();
         engine.initial_scan().await?;
         let status = handle.status();
         info!(folder = %folder.id, files = status.files, seq = status.seq, "folder scanned");
+        debug!(
+            folder = %folder.id,
+            open_and_watch_ms = (loaded - started).as_secs_f64() * 1e3,
+            scan_ms = loaded.elapsed().as_secs_f64() * 1e3,
+            "folder start-up times"
+        );
         tracker.spawn(watch_engine(
             folder.id.clone(),
             engine.run(inbox, config.rescan_interval(), RETRY_LOOK, cancel.clone()),

@@ -23,6 +23,7 @@ use crate::config::{Config, FolderConfig};
 use crate::fs::apply::{self, Content, Op};
 use crate::fs::ignore::Ignore;
 use crate::fs::own::OwnWrites;
+use crate::fs::par;
 use crate::fs::scan::{self, Look};
 use crate::fs::watch::Change;
 use crate::fs::xml;
@@ -459,6 +460,17 @@ const FETCHES_AT_ONCE: usize = 4;
 /// Messages queued to one engine before senders wait.
 const ENGINE_QUEUE: usize = 64;
 
+/// The folder's ignore rules, as its engine and its watcher apply them.
+pub fn folder_ignore(folder: &FolderConfig) -> Result<Ignore, EngineError> {
+    Ignore::new(&folder.ignore).map_err(|e| EngineError::Scan {
+        folder: folder.id.clone(),
+        source: scan::ScanError::Io {
+            path: folder.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        },
+    })
+}
+
 fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
@@ -470,11 +482,22 @@ impl FolderEngine {
         store: Store,
         opts: EngineOptions,
     ) -> Result<(Self, FolderHandle, Inbox), EngineError> {
+        Self::open_with(folder, store, opts, Arc::new(OwnWrites::default())).await
+    }
+
+    /// [`FolderEngine::open`] with the record of own writes that the folder's watcher was
+    /// started with: the watch can then be set up while the index loads.
+    pub async fn open_with(
+        folder: &FolderConfig,
+        store: Store,
+        opts: EngineOptions,
+        own: Arc<OwnWrites>,
+    ) -> Result<(Self, FolderHandle, Inbox), EngineError> {
         let epoch = store.epoch(&folder.id, rand::random::<u64>() | 1).await?;
-        let rows = store.load_folder(&folder.id).await?;
+        let rows = store.load_index(&folder.id).await?;
         let mut stats = HashMap::with_capacity(rows.len());
         let mut records = Vec::with_capacity(rows.len());
-        for StoredRecord { record, stat, .. } in rows {
+        for (record, stat) in rows {
             if let Some(s) = stat {
                 stats.insert(record.path.clone(), s);
             }
@@ -485,13 +508,7 @@ impl FolderEngine {
         let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
         let status = Arc::new(Mutex::new(FolderStatus::default()));
         let live = Arc::new(Liveness::default());
-        let ignore = Ignore::new(&folder.ignore).map_err(|e| EngineError::Scan {
-            folder: folder.id.clone(),
-            source: scan::ScanError::Io {
-                path: folder.path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            },
-        })?;
+        let ignore = folder_ignore(folder)?;
         let conflicts = store
             .conflicts()
             .await?
@@ -540,7 +557,7 @@ impl FolderEngine {
             last_error: None,
             conflicts,
             failed_streams: VecDeque::new(),
-            own: Arc::new(OwnWrites::default()),
+            own,
             strikes: HashMap::new(),
             skipped,
             fetchers: HashMap::new(),
@@ -879,21 +896,33 @@ impl FolderEngine {
         let now = crate::now_ms();
         let mut commits: Vec<StoredRecord> = Vec::new();
         let mut stat_updates: Vec<(RelPath, StatKey)> = Vec::new();
-        let looks: Vec<(RelPath, Result<Look, scan::ScanError>)> = block(|| {
-            let mut parents = scan::ParentCheck::default();
-            paths
-                .into_iter()
-                .filter(|p| !self.ignore.is_ignored(p))
-                .map(|p| {
-                    let known = self.known(&p);
-                    let look = scan::look_checked(&self.root, &p, known, &mut parents);
-                    // A scan of a large folder is long but never stuck: every path counts.
-                    self.live.progress();
-                    (p, look)
-                })
-                .collect()
+        let paths: Vec<RelPath> = paths
+            .into_iter()
+            .filter(|p| !self.ignore.is_ignored(p))
+            .collect();
+        // A look is an lstat (and a hash when the stat key changed): kernel time, which
+        // overlaps on several cores. Each thread takes a run of the sorted paths, so its
+        // parent-directory checks are mostly its own.
+        let looks: Vec<Result<Look, scan::ScanError>> = block(|| {
+            let threads = par::threads_for(paths.len());
+            let runs: Vec<&[RelPath]> =
+                paths.chunks(paths.len().div_ceil(threads).max(1)).collect();
+            par::map(&runs, threads, |run| {
+                let mut parents = scan::ParentCheck::default();
+                run.iter()
+                    .map(|p| {
+                        let look = scan::look_checked(&self.root, p, self.known(p), &mut parents);
+                        // A scan of a large folder is long but never stuck: every path counts.
+                        self.live.progress();
+                        look
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .into_iter()
+            .flatten()
+            .collect()
         });
-        for (path, look) in looks {
+        for (path, look) in paths.into_iter().zip(looks) {
             let look = match look {
                 Ok(l) => {
                     self.unreadable.remove(&path);
