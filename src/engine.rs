@@ -576,15 +576,6 @@ impl FolderEngine {
         Ok((engine, handle, Inbox(rx)))
     }
 
-    pub fn ignore(&self) -> &Ignore {
-        &self.ignore
-    }
-
-    /// What the engine writes itself; the folder's watcher uses it to drop the echo.
-    pub fn own_writes(&self) -> Arc<OwnWrites> {
-        self.own.clone()
-    }
-
     /// Removes leftovers of a crash and brings the index up to date with the disk.
     pub async fn initial_scan(&mut self) -> Result<(), EngineError> {
         let removed = block(|| apply::remove_stale_temps(&self.root));
