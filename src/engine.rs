@@ -73,6 +73,10 @@ pub enum FetchError {
     Peer(String),
 }
 
+/// What [`Fetcher::fetch`] returns: the path of the verified temp file, once fetched.
+pub type Fetching<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>>;
+
 /// Fetches the content of a file from the peer that announced it, into a verified temp file.
 pub trait Fetcher: Send + Sync {
     fn fetch<'a>(
@@ -82,7 +86,7 @@ pub trait Fetcher: Send + Sync {
         hash: Hash,
         dir: &'a Path,
         mode: u32,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>>;
+    ) -> Fetching<'a>;
 }
 
 /// One record from a peer, with its content when it travelled inline.
@@ -1964,9 +1968,7 @@ mod tests {
             _hash: Hash,
             _dir: &'a Path,
             _mode: u32,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>,
-        > {
+        ) -> Fetching<'a> {
             Box::pin(async { Err(FetchError::Peer("peer is gone".to_owned())) })
         }
     }
@@ -1982,9 +1984,7 @@ mod tests {
             hash: Hash,
             dir: &'a Path,
             mode: u32,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>,
-        > {
+        ) -> Fetching<'a> {
             Box::pin(async move {
                 if *blake3::hash(&self.0).as_bytes() != hash {
                     return Err(FetchError::Peer("not the bytes asked for".to_owned()));
@@ -2714,9 +2714,7 @@ mod tests {
             hash: Hash,
             dir: &'a Path,
             mode: u32,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>,
-        > {
+        ) -> Fetching<'a> {
             Box::pin(async move {
                 let _open = self
                     .gate

@@ -565,7 +565,7 @@ impl crate::engine::Fetcher for PeerFetcher {
         hash: Hash,
         dir: &'a Path,
         mode: u32,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<PathBuf, FetchError>> + Send + 'a>> {
+    ) -> crate::engine::Fetching<'a> {
         let peer = |m: String| FetchError::Peer(m);
         Box::pin(async move {
             let mut client = self.client.clone();

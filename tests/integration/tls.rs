@@ -48,17 +48,12 @@ fn wait_up(node: &Node) {
     );
 }
 
-fn peer_state(node: &Node) -> serde_json::Value {
-    node.status_json()["peers"][0].clone()
-}
-
-#[test]
-fn peers_sync_over_mutual_tls_and_refuse_a_foreign_certificate() {
-    let mut cluster = Cluster::full_mesh(2);
+/// A new CA with a certificate for each of `names` (valid for 127.0.0.1), from `artisync cert`.
+fn new_pki(names: &[&str]) -> tempfile::TempDir {
     let pki = tempfile::tempdir().expect("tempdir");
     let dir = pki.path().to_str().expect("utf-8 temp path");
     cert(&["ca", "--out", dir]);
-    for name in ["a", "b"] {
+    for name in names {
         cert(&[
             "node",
             "--ca",
@@ -71,6 +66,17 @@ fn peers_sync_over_mutual_tls_and_refuse_a_foreign_certificate() {
             dir,
         ]);
     }
+    pki
+}
+
+fn peer_state(node: &Node) -> serde_json::Value {
+    node.status_json()["peers"][0].clone()
+}
+
+#[test]
+fn peers_sync_over_mutual_tls_and_refuse_a_foreign_certificate() {
+    let mut cluster = Cluster::full_mesh(2);
+    let pki = new_pki(&["a", "b"]);
     use_tls(&cluster[0], pki.path());
     use_tls(&cluster[1], pki.path());
     cluster[0].start_no_wait();
@@ -95,20 +101,8 @@ fn peers_sync_over_mutual_tls_and_refuse_a_foreign_certificate() {
     // by B's client-certificate check, and gets none of B's files.
     let mut intruder_cluster = Cluster::new(&[&[]]);
     let intruder = &mut intruder_cluster[0];
-    let other = tempfile::tempdir().expect("tempdir");
+    let other = new_pki(&["a"]);
     let d = other.path().to_str().expect("utf-8 temp path");
-    cert(&["ca", "--out", d]);
-    cert(&[
-        "node",
-        "--ca",
-        d,
-        "--name",
-        "a",
-        "--host",
-        "127.0.0.1",
-        "--out",
-        d,
-    ]);
     let text = format!(
         "node = \"a\"\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{}\"\n\n[tls]\nca = \"{}\"\ncert = \"{d}/a.pem\"\nkey = \"{d}/a.key\"\n\n[[folder]]\nid = \"{SYNAPSE}\"\npath = \"{}\"\n\n[[peer]]\nname = \"b\"\naddress = \"https://127.0.0.1:{}\"\n",
         intruder.port,
@@ -146,22 +140,8 @@ fn peers_sync_over_mutual_tls_and_refuse_a_foreign_certificate() {
 #[test]
 fn a_publisher_saves_through_an_agent_over_mutual_tls() {
     let mut cluster = Cluster::new(&[&[]]);
-    let pki = tempfile::tempdir().expect("tempdir");
+    let pki = new_pki(&["hub", "publisher"]);
     let dir = pki.path().to_str().expect("utf-8 temp path");
-    cert(&["ca", "--out", dir]);
-    for name in ["hub", "publisher"] {
-        cert(&[
-            "node",
-            "--ca",
-            dir,
-            "--name",
-            name,
-            "--host",
-            "127.0.0.1",
-            "--out",
-            dir,
-        ]);
-    }
     let hub = &mut cluster[0];
     let text = format!(
         "node = \"hub\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{state}\"\n\n\
