@@ -383,9 +383,12 @@ enum CertCommand {
 fn init_logging(format: &str, default: &str) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ARTISYNC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A stderr that breaks (its reader gone) loses log lines, not the agent: by default
+    // tracing-subscriber reports a failed write with `eprint!`, which panics then.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         "json" => builder.json().init(),
         "text" => builder.init(),
@@ -510,7 +513,7 @@ fn main() -> ExitCode {
         .install_default()
         .is_err()
     {
-        eprintln!("artisync: warning: a TLS crypto provider was already installed");
+        say_err("artisync: warning: a TLS crypto provider was already installed");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -518,14 +521,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("artisync: cannot start the async runtime: {e}");
+            say_err(&format!("artisync: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     let code = match runtime.block_on(real_main(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("artisync: {e:#}");
+            say_err(&format!("artisync: {e:#}"));
             ExitCode::FAILURE
         }
     };
@@ -533,6 +536,12 @@ fn main() -> ExitCode {
     // (the work of a stalled engine) would hold up the exit for good.
     runtime.shutdown_timeout(RUNTIME_EXIT_WAIT);
     code
+}
+
+/// Writes a line to stderr; a broken stderr is ignored (`eprintln!` would panic).
+fn say_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// How long the exit waits for blocking work still running after the agent stopped.
