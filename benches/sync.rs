@@ -87,10 +87,27 @@ impl Drop for LoopFs {
         if self.keep {
             return;
         }
+        // Bounded like every other wait of the bench (no panic here: this runs on drop).
         let unmounted = Command::new("umount")
             .arg(&self.mount)
-            .status()
-            .is_ok_and(|s| s.success());
+            .stdin(Stdio::null())
+            .spawn()
+            .is_ok_and(|mut child| {
+                let start = Instant::now();
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(status)) => break status.success(),
+                        Ok(None) if start.elapsed() < LOOPFS_CMD_TIMEOUT => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        _ => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break false;
+                        }
+                    }
+                }
+            });
         if unmounted {
             let _ = fs::remove_file(&self.image);
         } else {
