@@ -101,13 +101,14 @@ pub struct Incoming {
 /// before): holding one proves the check was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inline {
-    bytes: Vec<u8>,
+    bytes: bytes::Bytes,
     hash: Hash,
 }
 
 impl Inline {
     /// The bytes, when they hash to `hash`.
-    pub fn verified(bytes: Vec<u8>, hash: &Hash) -> Option<Self> {
+    pub fn verified(bytes: impl Into<bytes::Bytes>, hash: &Hash) -> Option<Self> {
+        let bytes = bytes.into();
         (blake3::hash(&bytes).as_bytes() == hash).then_some(Self { bytes, hash: *hash })
     }
 
@@ -120,7 +121,7 @@ impl Inline {
         &self.bytes
     }
 
-    pub fn into_bytes(self) -> Vec<u8> {
+    pub fn into_bytes(self) -> bytes::Bytes {
         self.bytes
     }
 }
@@ -1784,7 +1785,7 @@ impl FolderEngine {
             paths.insert(path.clone());
             ops.push(Op::Write {
                 path,
-                content: Content::Bytes(data),
+                content: Content::Bytes(data.into()),
                 mode: file_mode,
                 new: false,
             });

@@ -31,9 +31,14 @@ use crate::store::{Origin, StoredRecord};
 
 /// Largest gRPC message accepted (batches carry inline contents).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-/// Records per index batch, and the inline bytes one batch may carry.
+/// Records per index batch, and the inline bytes one batch may carry, at first. A stream
+/// that keeps filling its batches (an initial sync, a large copy) doubles both, up to
+/// `BATCH_GROWTH` times, so the receiver pays its per-batch durability (a `syncfs`, the
+/// directory syncs, an index commit) fewer times; one that catches up starts small again,
+/// so a single change still goes out alone.
 const BATCH_RECORDS: u32 = 1000;
 const BATCH_INLINE_BYTES: u64 = 4 * 1024 * 1024;
+const BATCH_GROWTH: u32 = 4;
 /// HTTP/2 receive window of one stream (the client's side of a subscription).
 const STREAM_WINDOW_BYTES: u32 = 2 * BATCH_INLINE_BYTES as u32;
 /// Batches of one stream handed to the engine and not answered yet: one being finished, one
@@ -97,7 +102,7 @@ pub fn record_to_pb(r: &FileRecord, inline: Option<Vec<u8>>) -> pb::Record {
         stamp_hlc: r.stamp.hlc,
         stamp_node: r.stamp.node.0,
         seq: r.seq,
-        inline_data: inline,
+        inline_data: inline.map(bytes::Bytes::from),
     }
 }
 
@@ -215,8 +220,8 @@ fn read_inline(
     rows: &mut Vec<StoredRecord>,
     inline_max: u64,
     subscriber: NodeId,
+    mut budget: u64,
 ) -> (Vec<Option<Vec<u8>>>, Vec<StoredRecord>) {
-    let mut budget = BATCH_INLINE_BYTES;
     let mut rest = Vec::new();
     let mut wanted = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {
@@ -249,6 +254,17 @@ fn read_inline(
     (inline, rest)
 }
 
+/// The size of the next batch, in base batches: a full batch (cut by rows or by bytes) means
+/// more is waiting, so the next one may be twice as large, up to `BATCH_GROWTH`; a batch that
+/// took everything there was starts the next one small again.
+fn next_batch_scale(scale: u32, caught_up: bool) -> u32 {
+    if caught_up {
+        1
+    } else {
+        scale.saturating_mul(2).clamp(1, BATCH_GROWTH)
+    }
+}
+
 /// Streams one folder's index to one subscriber: the rows after `since`, then new rows as they
 /// are committed. Rows whose origin is `skip` (the subscriber itself, in its current epoch) are
 /// left out; the cursor still moves past them, in a batch without records if need be.
@@ -267,6 +283,8 @@ async fn pump_folder(
     // they make the start of the next batch while nothing has been recorded since (a newer
     // record would have replaced some of them in the index).
     let mut ahead: Option<(u64, Vec<StoredRecord>)> = None;
+    // How many times the base batch size the next batch may be (see `BATCH_GROWTH`).
+    let mut scale: u32 = 1;
     loop {
         seq_rx.borrow_and_update();
         let current = *seq_rx.borrow();
@@ -276,7 +294,8 @@ async fn pump_folder(
             _ => Vec::new(),
         };
         let from = rows.last().map_or(since, |r| r.record.seq);
-        let want = BATCH_RECORDS.saturating_sub(u32::try_from(rows.len()).unwrap_or(BATCH_RECORDS));
+        let limit = BATCH_RECORDS * scale;
+        let want = limit.saturating_sub(u32::try_from(rows.len()).unwrap_or(limit));
         let more = if want > 0 {
             handle
                 .store
@@ -304,9 +323,11 @@ async fn pump_folder(
         if !rows.is_empty() || !announced || (complete && current > since) {
             let root = handle.root.clone();
             let inline_max = svc.inline_max;
+            let budget = BATCH_INLINE_BYTES * u64::from(scale);
             let (rows, inline, rest) = match tokio::task::spawn_blocking(move || {
                 let mut rows = rows;
-                let (inline, rest) = read_inline(&root, &mut rows, inline_max, subscriber_id);
+                let (inline, rest) =
+                    read_inline(&root, &mut rows, inline_max, subscriber_id, budget);
                 (rows, inline, rest)
             })
             .await
@@ -322,6 +343,7 @@ async fn pump_folder(
             } else {
                 last
             };
+            scale = next_batch_scale(scale, complete && rest.is_empty());
             ahead = Some((current, rest));
             let batch = pb::IndexBatch {
                 node_id: svc.node.0,
@@ -878,6 +900,48 @@ mod tests {
     }
 
     #[test]
+    fn batches_grow_while_they_fill_and_start_small_once_caught_up() {
+        let mut scale = 1;
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            scale = next_batch_scale(scale, false);
+            seen.push(scale);
+        }
+        assert_eq!(seen, [2, 4, 4, 4, 4]);
+        assert_eq!(next_batch_scale(scale, true), 1);
+        assert_eq!(next_batch_scale(0, false), 1);
+    }
+
+    #[test]
+    fn a_batch_carries_inline_contents_up_to_its_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rows = Vec::new();
+        for i in 0..4u64 {
+            let mut r = sample();
+            r.path = RelPath::new(&format!("f{i}.xml")).expect("valid");
+            r.size = 100;
+            r.seq = i + 1;
+            std::fs::write(dir.path().join(r.path.as_str()), [b'x'; 100]).expect("write");
+            rows.push(StoredRecord {
+                record: r,
+                stat: None,
+                origin: None,
+            });
+        }
+        let mut small = rows.clone();
+        let (inline, rest) = read_inline(dir.path(), &mut small, 1000, NodeId(9), 250);
+        assert_eq!((inline.len(), small.len(), rest.len()), (2, 2, 2));
+        assert!(
+            inline
+                .iter()
+                .all(|c| c.as_ref().is_some_and(|b| b.len() == 100))
+        );
+        let mut large = rows;
+        let (inline, rest) = read_inline(dir.path(), &mut large, 1000, NodeId(9), 1000);
+        assert_eq!((inline.len(), rest.len()), (4, 0));
+    }
+
+    #[test]
     fn records_round_trip_through_the_wire() {
         let r = sample();
         let back = record_from_pb(record_to_pb(&r, Some(b"<a/>".to_vec()))).expect("valid");
@@ -954,7 +1018,7 @@ mod tests {
             ),
             (
                 pb::Record {
-                    inline_data: Some(vec![0; 10]),
+                    inline_data: Some(vec![0; 10].into()),
                     ..good.clone()
                 },
                 "inline",

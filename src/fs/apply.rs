@@ -23,7 +23,7 @@ const SYNCFS_THRESHOLD: usize = 8;
 /// Where the new bytes of a file come from.
 #[derive(Debug)]
 pub enum Content {
-    Bytes(Vec<u8>),
+    Bytes(bytes::Bytes),
     /// A temp file already written (and verified) in the target's directory.
     Temp(PathBuf),
 }
@@ -753,7 +753,7 @@ mod tests {
     fn write(path: &str, bytes: &[u8], mode: u32, new: bool) -> Op {
         Op::Write {
             path: p(path),
-            content: Content::Bytes(bytes.to_vec()),
+            content: Content::Bytes(bytes.to_vec().into()),
             mode,
             new,
         }
@@ -775,7 +775,7 @@ mod tests {
             },
             Op::Write {
                 path: p("api/sub/b.xml"),
-                content: Content::Bytes(b"<b/>".to_vec()),
+                content: Content::Bytes(b"<b/>".to_vec().into()),
                 mode: 0o640,
                 new: true,
             },
@@ -791,7 +791,7 @@ mod tests {
         for i in 0..20 {
             ops.push(Op::Write {
                 path: p(&format!("many/{i}.xml")),
-                content: Content::Bytes(vec![b'a'; i]),
+                content: Content::Bytes(vec![b'a'; i].into()),
                 mode: 0o644,
                 new: true,
             });
@@ -831,14 +831,14 @@ mod tests {
         let mut ops: Vec<Op> = (0..300)
             .map(|i| Op::Write {
                 path: p(&format!("d{}/{i}.xml", i % 3)),
-                content: Content::Bytes(format!("<f n=\"{i}\"/>").into_bytes()),
+                content: Content::Bytes(format!("<f n=\"{i}\"/>").into_bytes().into()),
                 mode: 0o640,
                 new: true,
             })
             .collect();
         ops.push(Op::Write {
             path: p("d0/0.xml"),
-            content: Content::Bytes(b"<later/>".to_vec()),
+            content: Content::Bytes(b"<later/>".to_vec().into()),
             mode: 0o600,
             new: false,
         });
@@ -1019,7 +1019,7 @@ mod tests {
             vec![
                 Op::Write {
                     path: p("api/evil.xml"),
-                    content: Content::Bytes(b"x".to_vec()),
+                    content: Content::Bytes(b"x".to_vec().into()),
                     mode: 0o644,
                     new: true,
                 },
@@ -1039,13 +1039,13 @@ mod tests {
         let many: Vec<Op> = (0..100)
             .map(|i| Op::Write {
                 path: p(&format!("api/evil{i}.xml")),
-                content: Content::Bytes(b"x".to_vec()),
+                content: Content::Bytes(b"x".to_vec().into()),
                 mode: 0o644,
                 new: true,
             })
             .chain((0..100).map(|i| Op::Write {
                 path: p(&format!("ok/{i}.xml")),
-                content: Content::Bytes(b"y".to_vec()),
+                content: Content::Bytes(b"y".to_vec().into()),
                 mode: 0o644,
                 new: true,
             }))
