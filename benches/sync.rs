@@ -116,16 +116,17 @@ impl Drop for LoopFs {
     }
 }
 
-/// Where one copy of (b) goes: a fresh loop fs (`ARTISYNC_BENCH_LOOPFS=1`) or a new directory
-/// under `base`.
-fn copy_root(base: &Path, name: &str, mounts: &mut Vec<LoopFs>, keep: bool) -> PathBuf {
+/// Where one copy of (b) goes: a fresh loop fs (`ARTISYNC_BENCH_LOOPFS=1`), returned with the
+/// root so that the caller unmounts it as soon as the copy is measured, or a new directory
+/// under `base`. Mounted file systems slow each other down: with every copy of a 5-run bench
+/// left mounted to the end, runs 3 to 5 took 1.8x as long as runs 1 and 2 (rsync -a too), and
+/// with each unmounted right after its run, all runs took the same (2026-12-02).
+fn copy_root(base: &Path, name: &str, keep: bool) -> (PathBuf, Option<LoopFs>) {
     if std::env::var("ARTISYNC_BENCH_LOOPFS").is_ok_and(|v| v == "1") {
         let m = LoopFs::new(base, &format!("fs-{name}"), keep);
-        let root = m.mount.clone();
-        mounts.push(m);
-        root
+        (m.mount.clone(), Some(m))
     } else {
-        base.to_owned()
+        (base.to_owned(), None)
     }
 }
 
@@ -267,8 +268,10 @@ struct Node {
 }
 
 impl Node {
-    fn new(base: &Path, name: &str, port: u16) -> Self {
-        let dir = base.join(name);
+    /// A node whose files are under `root/name`, and its log at `logs/name.log` (off any
+    /// loop fs, so it is still there after the fs is unmounted).
+    fn new(root: &Path, logs: &Path, name: &str, port: u16) -> Self {
+        let dir = root.join(name);
         let tree = dir.join("tree");
         for f in FOLDERS {
             fs::create_dir_all(tree.join(f)).expect("create a folder root");
@@ -279,7 +282,7 @@ impl Node {
             tree,
             state: dir.join("state"),
             config: dir.join("artisync.toml"),
-            log: dir.join("agent.log"),
+            log: logs.join(format!("{name}.log")),
         }
     }
 
@@ -556,21 +559,14 @@ fn main() {
     println!();
 
     // ---------------------------------------------------------------- setup
-    // Declared before the agents, so they are dropped (stopped) before these are unmounted.
-    let mut mounts: Vec<LoopFs> = Vec::new();
+    // Declared before the agents, so that it is dropped (unmounted) after they are stopped:
+    // the loop fs of the last B, which (c) and (a) go on using.
+    let mut last_b_fs: Option<LoopFs> = None;
     let ports = free_ports(n_runs + 3).expect("free ports");
-    let a = Node::new(base, "a", ports[0]);
-    let bs: Vec<Node> = (0..n_runs)
-        .map(|i| {
-            let name = format!("b{}", i + 1);
-            Node::new(
-                &copy_root(base, &name, &mut mounts, keep),
-                &name,
-                ports[1 + i],
-            )
-        })
-        .collect();
-    let lone = Node::new(base, "empty", ports[n_runs + 1]);
+    let a = Node::new(base, base, "a", ports[0]);
+    // B of each run, made when its run starts (on a loop fs mounted then).
+    let mut bs: Vec<Node> = Vec::new();
+    let lone = Node::new(base, base, "empty", ports[n_runs + 1]);
     let rsync_port = ports[n_runs + 2];
 
     let t = Instant::now();
@@ -612,7 +608,11 @@ fn main() {
     let mut a_first_start = Duration::ZERO;
     let mut a_agent: Option<Agent> = None;
     let mut b_agent: Option<Agent> = None;
-    for (run, b) in bs.iter().enumerate() {
+    for run in 0..n_runs {
+        let name = format!("b{}", run + 1);
+        let (b_root, b_fs) = copy_root(base, &name, keep);
+        bs.push(Node::new(&b_root, base, &name, ports[1 + run]));
+        let b = &bs[run];
         // A serves the tree with B as its only peer (restart: stat-key scan of its own tree).
         if let Some(mut old) = a_agent.take() {
             old.stop();
@@ -644,20 +644,25 @@ fn main() {
         std::thread::sleep(Duration::from_millis(500));
         if run + 1 < n_runs {
             agent.stop();
+            drop(b_fs);
         } else {
             b_agent = Some(agent);
+            last_b_fs = b_fs;
         }
 
         let name = format!("rsync-{}", run + 1);
-        let dest = copy_root(base, &name, &mut mounts, keep).join(&name);
+        let (root, dest_fs) = copy_root(base, &name, keep);
+        let dest = root.join(&name);
         fs::create_dir_all(&dest).expect("rsync destination");
         os_sync();
         let took = rsyncd.copy(&dest);
         assert!(digest(&dest) == want, "rsync copy differs from A's tree");
         rs.push(took);
+        drop(dest_fs);
 
         let name = format!("rsync-sync-{}", run + 1);
-        let dest = copy_root(base, &name, &mut mounts, keep).join(&name);
+        let (root, dest_fs) = copy_root(base, &name, keep);
+        let dest = root.join(&name);
         fs::create_dir_all(&dest).expect("rsync destination");
         os_sync();
         let start = Instant::now();
@@ -666,6 +671,7 @@ fn main() {
         let took = start.elapsed();
         assert!(digest(&dest) == want, "rsync copy differs from A's tree");
         rs_sync.push(took);
+        drop(dest_fs);
         println!(
             "         rsync -a {:>8.0} ms   rsync -a + sync {:>8.0} ms",
             ms(rs[run]),
@@ -814,6 +820,7 @@ fn main() {
     // ---------------------------------------------------------------- shut down
     b_agent.stop();
     a_agent.stop();
+    drop(last_b_fs);
     let mut log_notes = String::new();
     for node in std::iter::once(&a).chain(bs.iter()).chain([&lone]) {
         let text = strip_ansi(&fs::read_to_string(&node.log).unwrap_or_default());
