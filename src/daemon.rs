@@ -93,6 +93,10 @@ pub enum DaemonError {
         "the engine of folder {folder} {reason} while the agent was running; the agent stopped so that it can be restarted"
     )]
     EngineGone { folder: String, reason: String },
+    #[error(
+        "the start-up scan of folder {folder} panicked ({reason}); the agent stopped before serving, so that it can be restarted"
+    )]
+    ScanPanicked { folder: String, reason: String },
 }
 
 /// Reads the node id kept in `state_dir`, creating it on first start.
@@ -342,7 +346,7 @@ pub async fn run(
         watchers.push(watcher);
         let (mut engine, handle, inbox) = opened?;
         let loaded = std::time::Instant::now();
-        engine.initial_scan().await?;
+        scan_at_start(&folder.id, engine.initial_scan()).await?;
         let status = handle.status();
         info!(folder = %folder.id, files = status.files, seq = status.seq, "folder scanned");
         debug!(
@@ -594,6 +598,23 @@ async fn watch_engine(
     cancel.cancel();
 }
 
+/// Runs a folder's start-up scan. A panic in it (a bug, or an index the code cannot read)
+/// fails the start like any other error, named after the folder, and the agent shuts down
+/// in order (state lock released, other tasks stopped) instead of the process aborting.
+async fn scan_at_start(
+    folder: &str,
+    scan: impl std::future::Future<Output = Result<(), engine::EngineError>>,
+) -> Result<(), DaemonError> {
+    // Unwind safety: after a panic the engine is dropped unused.
+    match std::panic::AssertUnwindSafe(scan).catch_unwind().await {
+        Ok(r) => Ok(r?),
+        Err(panic) => Err(DaemonError::ScanPanicked {
+            folder: folder.to_owned(),
+            reason: panic_message(panic.as_ref()).to_owned(),
+        }),
+    }
+}
+
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic
         .downcast_ref::<&str>()
@@ -773,6 +794,25 @@ mod tests {
         let (folder, reason) = gone.get().expect("the failure is kept for the exit code");
         assert_eq!(folder, "synapse-configs");
         assert_eq!(reason, "panicked (index row 7 is corrupt)");
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_start_up_scan_is_an_error_naming_the_folder() {
+        let r = scan_at_start("executionplans", async {
+            panic!("stat key of a.siddhiql is corrupt")
+        })
+        .await;
+        match r {
+            Err(DaemonError::ScanPanicked { folder, reason }) => {
+                assert_eq!(folder, "executionplans");
+                assert_eq!(reason, "stat key of a.siddhiql is corrupt");
+            }
+            other => panic!("expected ScanPanicked, got {other:?}"),
+        }
+        assert!(scan_at_start("f", async { Ok(()) }).await.is_ok());
+        let failed =
+            scan_at_start("f", async { Err(engine::EngineError::Stopped("f".into())) }).await;
+        assert!(matches!(failed, Err(DaemonError::Engine(_))), "{failed:?}");
     }
 
     #[tokio::test]
