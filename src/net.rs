@@ -393,7 +393,10 @@ impl Peer for PeerService {
         }
         let subscriber = req.node_name.clone();
         info!(peer = %subscriber, folders = req.folders.len(), "peer subscribed");
-        let (tx, rx) = mpsc::channel(4);
+        // One batch queued ahead of the one on the wire (plus one per folder waiting to be
+        // queued): batches grow to 16 MiB, and a deeper queue only held more of them in memory
+        // while the receiver, the slower side, worked (4 queued: no faster initial sync).
+        let (tx, rx) = mpsc::channel(1);
         for cursor in req.folders {
             let Some(handle) = self.folders.get(&cursor.folder) else {
                 debug!(peer = %subscriber, folder = %cursor.folder, "peer asks for a folder this node does not have");
