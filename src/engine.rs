@@ -459,6 +459,21 @@ struct InFlight {
 /// right after a failure, so only streams with batches still queued matter.
 const FAILED_STREAMS_KEPT: usize = 16;
 
+/// Longest a local change waits for a chain of peer batches (see `remote_chain`).
+const LOCAL_DEFER_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// One change standing for two that came one after the other: the union of their paths, or
+/// a rescan when either is one.
+fn merge_changes(a: Change, b: Change) -> Change {
+    match (a, b) {
+        (Change::Paths(mut a), Change::Paths(b)) => {
+            a.extend(b);
+            Change::Paths(a)
+        }
+        _ => Change::Rescan,
+    }
+}
+
 /// Large contents of one batch fetched from the peer at the same time.
 const FETCHES_AT_ONCE: usize = 4;
 
@@ -608,11 +623,12 @@ impl FolderEngine {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // However the task ends (return or panic), the daemon sees the engine stopped.
         let _stopped = StopOnDrop(self.live.clone());
-        // A message taken off the queue by a batch chain (see `remote_chain`), handled next.
-        let mut pending: Option<Msg> = None;
+        // Messages taken off the queue by a batch chain (see `remote_chain`), handled next,
+        // in the order they came.
+        let mut pending: VecDeque<Msg> = VecDeque::new();
         loop {
-            if let Some(msg) = pending.take() {
-                pending = self.handle(msg, &mut rx).await;
+            if let Some(msg) = pending.pop_front() {
+                pending.extend(self.handle(msg, &mut rx).await);
                 self.live.progress();
                 self.publish_status();
                 continue;
@@ -625,7 +641,7 @@ impl FolderEngine {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
                     self.live.busy();
-                    pending = self.handle(msg, &mut rx).await;
+                    pending.extend(self.handle(msg, &mut rx).await);
                 }
                 _ = rescan.tick() => {
                     self.live.busy();
@@ -640,7 +656,7 @@ impl FolderEngine {
                         debug!(folder = %self.id, peer = %batch.peer, records = batch.records.len(), "retrying skipped changes");
                         // Nobody waits for the answer: the outcome lands in the skip list.
                         let (reply, _) = oneshot::channel();
-                        pending = self.remote_chain(batch, reply, &mut rx).await;
+                        pending.extend(self.remote_chain(batch, reply, &mut rx).await);
                     }
                 }
                 _ = retry.tick(), if !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
@@ -659,8 +675,8 @@ impl FolderEngine {
         debug!(folder = %self.id, "engine stopped");
     }
 
-    /// Handles one message; returns one it took off the queue and left for the next turn.
-    async fn handle(&mut self, msg: Msg, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
+    /// Handles one message; returns those it took off the queue and left for the next turn.
+    async fn handle(&mut self, msg: Msg, rx: &mut mpsc::Receiver<Msg>) -> Vec<Msg> {
         match msg {
             Msg::Local(change) => {
                 if let Err(e) = self.on_local(change).await {
@@ -681,7 +697,7 @@ impl FolderEngine {
                 let _ = reply.send(text);
             }
         }
-        None
+        Vec::new()
     }
 
     fn publish_status(&self) {
@@ -1064,20 +1080,33 @@ impl FolderEngine {
     /// next is decided and staged, and once it is on disk its index commit runs while the next
     /// one is being finished. Only a batch that shares no path with the one before, and
     /// follows one without removals, is staged early; anything else (another message, or
-    /// nothing queued) finishes the batch in flight first. Returns a message it took off the
-    /// queue and did not handle.
+    /// nothing queued) finishes the batch in flight first. A local change that comes
+    /// meanwhile (often the watcher reporting the directories a batch created) does not end
+    /// the chain: it waits, for at most [`LOCAL_DEFER_MAX`], and is handled right after the
+    /// chain, as if the watcher had been that much slower; whatever it finds on disk is
+    /// re-checked against the index then, as always. Returns the messages it took off the
+    /// queue and did not handle, in the order they came.
     async fn remote_chain(
         &mut self,
         batch: RemoteBatch,
         reply: oneshot::Sender<Result<u64, EngineError>>,
         rx: &mut mpsc::Receiver<Msg>,
-    ) -> Option<Msg> {
+    ) -> Vec<Msg> {
         let mut queued = Some((self.prepare_checked(batch).await, reply));
         // A batch on disk and settled in memory, whose index commit waits for the next
         // batch's finish to be under way.
         let mut settled: Option<(Settled, Reply)> = None;
+        // Local changes that came during the chain, merged, and since when they wait.
+        let mut deferred: Option<(Change, std::time::Instant)> = None;
         // A message taken off the queue that ends the chain.
         let mut leftover: Option<Msg> = None;
+        let leftovers = |deferred: Option<(Change, std::time::Instant)>, leftover: Option<Msg>| {
+            deferred
+                .map(|(c, _)| Msg::Local(c))
+                .into_iter()
+                .chain(leftover)
+                .collect::<Vec<Msg>>()
+        };
         loop {
             let current = match queued.take() {
                 Some(((stream, Ok(mut prepared)), reply))
@@ -1116,30 +1145,42 @@ impl FolderEngine {
             };
             self.record_settled(settled.take()).await;
             let Some(mut current) = current else {
-                return leftover;
+                return leftovers(deferred, leftover);
             };
             // While this batch finishes, the next one may arrive: stage it meanwhile (its
             // paths must not meet this batch's, and a batch that removes waits, so that a
             // removal never races a write beneath it).
-            let arrived = tokio::select! {
-                biased;
-                joined = &mut current.finishing => Err(joined),
-                msg = rx.recv() => Ok(msg),
-            };
-            let joined = match arrived {
-                Err(joined) => joined,
-                Ok(Some(Msg::Remote(b, reply)))
-                    if !current.prepared.removes
-                        && b.records
-                            .iter()
-                            .all(|r| !current.prepared.paths.contains(&r.record.path)) =>
-                {
-                    queued = Some((self.prepare_checked(b).await, reply));
-                    current.finishing.await
-                }
-                Ok(other) => {
-                    leftover = other;
-                    current.finishing.await
+            let joined = loop {
+                let arrived = tokio::select! {
+                    biased;
+                    joined = &mut current.finishing => Err(joined),
+                    msg = rx.recv() => Ok(msg),
+                };
+                match arrived {
+                    Err(joined) => break joined,
+                    Ok(Some(Msg::Local(change)))
+                        if deferred
+                            .as_ref()
+                            .is_none_or(|(_, since)| since.elapsed() < LOCAL_DEFER_MAX) =>
+                    {
+                        deferred = Some(match deferred.take() {
+                            None => (change, std::time::Instant::now()),
+                            Some((before, since)) => (merge_changes(before, change), since),
+                        });
+                    }
+                    Ok(Some(Msg::Remote(b, reply)))
+                        if !current.prepared.removes
+                            && b.records
+                                .iter()
+                                .all(|r| !current.prepared.paths.contains(&r.record.path)) =>
+                    {
+                        queued = Some((self.prepare_checked(b).await, reply));
+                        break current.finishing.await;
+                    }
+                    Ok(other) => {
+                        leftover = other;
+                        break current.finishing.await;
+                    }
                 }
             };
             let stream = current.prepared.stream;
@@ -2161,6 +2202,81 @@ mod tests {
         );
         assert_eq!(seqs.len(), 203, "x, y, 200 in d/, z: one row per path");
         assert_eq!(apply::remove_stale_temps(&root), 0);
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    #[test]
+    fn merged_changes_keep_every_path_and_a_rescan_wins() {
+        let p = |s: &str| RelPath::new(s).expect("valid");
+        assert_eq!(
+            merge_changes(
+                Change::Paths(vec![p("a.xml")]),
+                Change::Paths(vec![p("b.xml"), p("a.xml")])
+            ),
+            Change::Paths(vec![p("a.xml"), p("b.xml"), p("a.xml")])
+        );
+        assert_eq!(
+            merge_changes(Change::Paths(vec![p("a.xml")]), Change::Rescan),
+            Change::Rescan
+        );
+        assert_eq!(
+            merge_changes(Change::Rescan, Change::Paths(vec![p("a.xml")])),
+            Change::Rescan
+        );
+    }
+
+    /// A local change queued between two peer batches waits for the chain, and is recorded
+    /// right after it: deferring it must never lose it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_change_between_peer_batches_is_recorded_after_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        let root = dir.path().join("root");
+        let many: Vec<Incoming> = (0..300)
+            .map(|i| {
+                remote_file(
+                    &format!("d/{i}.xml"),
+                    format!("<d n=\"{i}\"/>").as_bytes(),
+                    1 + i,
+                    true,
+                )
+            })
+            .collect();
+        let first = handle
+            .queue_remote(batch(4, 300, many))
+            .await
+            .expect("queued");
+        std::fs::write(root.join("mine.xml"), b"<mine/>").expect("local write");
+        let mine = RelPath::new("mine.xml").expect("valid");
+        handle
+            .local(Change::Paths(vec![mine.clone()]))
+            .await
+            .expect("local change queued");
+        let second = handle
+            .queue_remote(batch(
+                4,
+                301,
+                vec![remote_file("z.xml", b"<z/>", 301, true)],
+            ))
+            .await
+            .expect("queued");
+        assert_eq!(first.await.expect("first applied"), 300);
+        assert_eq!(second.await.expect("second applied"), 301);
+        // A message with an answer is handled after everything a chain left over.
+        handle.resume().await.expect("engine answers");
+        let rows = store
+            .since("synapse-configs", 0, 10_000, None)
+            .await
+            .expect("since");
+        let local = rows
+            .iter()
+            .find(|r| r.record.path == mine)
+            .expect("the local file is in the index");
+        assert!(!local.record.deleted);
+        assert_eq!(local.origin, None, "recorded as this node's own change");
+        assert!(rows.iter().any(|r| r.record.path.as_str() == "z.xml"));
+        assert_eq!(std::fs::read(root.join("d/299.xml")).expect("d"), b"<d n=\"299\"/>");
         cancel.cancel();
         task.await.expect("engine task");
     }
