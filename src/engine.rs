@@ -1145,6 +1145,18 @@ impl FolderEngine {
             };
             self.record_settled(settled.take()).await;
             let Some(mut current) = current else {
+                debug!(
+                    folder = %self.id,
+                    deferred_local = deferred.is_some(),
+                    ended_by = match &leftover {
+                        None => "no batch queued",
+                        Some(Msg::Local(_)) => "local change waited long enough",
+                        Some(Msg::Remote(..)) => "batch overlapping the one before",
+                        Some(Msg::Deploy(..)) => "deploy",
+                        Some(Msg::Resume(_)) => "resume",
+                    },
+                    "batch chain ended"
+                );
                 return leftovers(deferred, leftover);
             };
             // While this batch finishes, the next one may arrive: stage it meanwhile (its
