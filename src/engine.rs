@@ -57,6 +57,12 @@ pub enum EngineError {
     },
     #[error("folder engine {0} has stopped")]
     Stopped(String),
+    #[error("folder {folder}: {what} did not finish: {reason}")]
+    Task {
+        folder: String,
+        what: &'static str,
+        reason: String,
+    },
     #[error(
         "folder {folder}: an earlier batch from peer {peer} on this stream failed; resubscribing"
     )]
@@ -1421,7 +1427,16 @@ impl FolderEngine {
                 }
             }
         }
-        // Contents that did not travel inline, a few at a time.
+        // Contents that did not travel inline are fetched, a few at a time, while the inline
+        // ones are staged on a blocking thread (the fetches write their own temp files).
+        let t_staging = std::time::Instant::now();
+        let removes = ops
+            .iter()
+            .any(|o| matches!(o, Op::RemoveFile { .. } | Op::RemoveDir { .. }));
+        let staging = (!ops.is_empty()).then(|| {
+            let (root, own) = (self.root.clone(), self.own.clone());
+            tokio::task::spawn_blocking(move || apply::stage_batch(&root, ops, Some(&own)))
+        });
         let fetched: Vec<Result<PathBuf, FetchError>> = {
             use futures_util::StreamExt;
             let jobs: Vec<_> = fetches
@@ -1446,11 +1461,20 @@ impl FolderEngine {
                 .collect()
                 .await
         };
+        let staged = match staging {
+            Some(task) => Some(task.await.map_err(|e| EngineError::Task {
+                folder: self.id.clone(),
+                what: "staging a batch",
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
         let fetched_count = fetched.len();
+        let mut fetched_ops: Vec<Op> = Vec::new();
         for ((record, remote, _, new), r) in fetches.into_iter().zip(fetched) {
             match r {
                 Ok(tmp) => {
-                    ops.push(Op::Write {
+                    fetched_ops.push(Op::Write {
                         path: record.path.clone(),
                         content: Content::Temp(tmp),
                         mode: record.mode,
@@ -1467,19 +1491,19 @@ impl FolderEngine {
                 }
             }
         }
-        let removes = ops
-            .iter()
-            .any(|o| matches!(o, Op::RemoveFile { .. } | Op::RemoveDir { .. }));
-        let t_staging = std::time::Instant::now();
-        let n_ops = ops.len();
-        let staged = if ops.is_empty() {
-            None
+        let n_ops = op_meta.len();
+        // The fetched contents join the staged batch after the inline ones, as `op_meta` has
+        // them.
+        let staged = if fetched_ops.is_empty() {
+            staged
         } else {
-            Some(block(|| {
-                apply::stage_batch(&self.root, ops, Some(&self.own))
-            }))
+            let more = block(|| apply::stage_batch(&self.root, fetched_ops, Some(&self.own)));
+            Some(match staged {
+                Some(first) => first.merge(more),
+                None => more,
+            })
         };
-        debug!(folder = %self.id, peer = %batch.peer, ops = n_ops, fetched = fetched_count, decide_fetch_us = t_staging.duration_since(t_prepare).as_micros() as u64, stage_us = t_staging.elapsed().as_micros() as u64, "batch staged");
+        debug!(folder = %self.id, peer = %batch.peer, ops = n_ops, fetched = fetched_count, decide_us = t_staging.duration_since(t_prepare).as_micros() as u64, fetch_and_stage_us = t_staging.elapsed().as_micros() as u64, "batch staged");
         Ok(PreparedRemote {
             peer: batch.peer,
             stream: batch.stream,
@@ -2288,7 +2312,10 @@ mod tests {
         assert!(!local.record.deleted);
         assert_eq!(local.origin, None, "recorded as this node's own change");
         assert!(rows.iter().any(|r| r.record.path.as_str() == "z.xml"));
-        assert_eq!(std::fs::read(root.join("d/299.xml")).expect("d"), b"<d n=\"299\"/>");
+        assert_eq!(
+            std::fs::read(root.join("d/299.xml")).expect("d"),
+            b"<d n=\"299\"/>"
+        );
         cancel.cancel();
         task.await.expect("engine task");
     }

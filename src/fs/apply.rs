@@ -560,6 +560,27 @@ pub fn stage_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Staged
 }
 
 impl StagedBatch {
+    /// One batch of this one's ops followed by `other`'s (results in that order), staged
+    /// separately under the same root (the second batch's ops must not need the first one's
+    /// directories: a write creates its directory when missing).
+    pub fn merge(mut self, other: StagedBatch) -> StagedBatch {
+        let offset = self.ops.len();
+        self.ops.extend(other.ops);
+        self.results.extend(other.results);
+        self.order
+            .extend(other.order.into_iter().map(|i| i + offset));
+        // Stable: within a rank, this batch's ops stay before the other's.
+        self.order.sort_by_key(|i| self.ops[*i].rank());
+        self.dirty_dirs.extend(other.dirty_dirs);
+        self.staged.extend(
+            other
+                .staged
+                .into_iter()
+                .map(|(i, s, key)| (i + offset, s, key)),
+        );
+        self
+    }
+
     /// Throws the staged contents away (a batch that will not be applied after all).
     pub fn discard(self) {
         for (_, s, _) in &self.staged {
@@ -822,6 +843,86 @@ mod tests {
             19
         );
         assert_eq!(remove_stale_temps(root), 0, "no temp file is left behind");
+    }
+
+    /// Inline contents and fetched ones are staged apart and finished as one batch: results
+    /// come back in the merged order, removals still run after the writes, and a temp file
+    /// written by a fetch is put in place like any other.
+    #[test]
+    fn two_staged_batches_merge_into_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("gone")).expect("mkdir");
+        std::fs::write(root.join("gone/old.xml"), b"<old/>").expect("write");
+        std::fs::write(root.join("d.xml"), b"<d/>").expect("write");
+        let first = stage_batch(
+            root,
+            vec![
+                Op::RemoveDir { path: p("gone") },
+                write("api/a.xml", b"<a/>", 0o644, true),
+                Op::RemoveFile {
+                    path: p("gone/old.xml"),
+                },
+                Op::Mkdir {
+                    path: p("api"),
+                    mode: 0o750,
+                },
+            ],
+            None,
+        );
+        let (mut f, tmp) = create_temp(&root.join("big"), 0o600).expect("fetched temp");
+        f.write_all(b"<big/>").expect("fetched bytes");
+        drop(f);
+        let second = stage_batch(
+            root,
+            vec![
+                Op::Write {
+                    path: p("big/b.xml"),
+                    content: Content::Temp(tmp),
+                    mode: 0o640,
+                    new: true,
+                },
+                write("c.xml", b"<c/>", 0o644, false),
+                Op::RemoveFile { path: p("d.xml") },
+            ],
+            None,
+        );
+        let results = first.merge(second).finish(None);
+        assert_eq!(results.len(), 7);
+        for (i, r) in results.iter().enumerate() {
+            assert!(r.is_ok(), "op {i}: {r:?}");
+        }
+        assert!(
+            results[0].as_ref().is_ok_and(|k| k.is_none()),
+            "dir removed"
+        );
+        assert!(
+            results[2].as_ref().is_ok_and(|k| k.is_none()),
+            "file removed"
+        );
+        assert!(
+            results[4].as_ref().is_ok_and(|k| k.is_some()),
+            "fetched file placed"
+        );
+        assert!(
+            results[6].as_ref().is_ok_and(|k| k.is_none()),
+            "second batch's removal"
+        );
+        assert!(!root.join("gone").exists());
+        assert!(!root.join("d.xml").exists());
+        assert_eq!(std::fs::read(root.join("api/a.xml")).expect("a"), b"<a/>");
+        assert_eq!(std::fs::read(root.join("big/b.xml")).expect("b"), b"<big/>");
+        assert_eq!(std::fs::read(root.join("c.xml")).expect("c"), b"<c/>");
+        let mode = |rel: &str| {
+            std::fs::metadata(root.join(rel))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("api"), 0o750);
+        assert_eq!(mode("big/b.xml"), 0o640);
+        assert_eq!(remove_stale_temps(root), 0, "no temp file left");
     }
 
     #[test]
