@@ -43,6 +43,26 @@ pub enum DbError {
     NotFound(String),
 }
 
+/// `query` with its `?` placeholders as `backend` wants them (`$n` for PostgreSQL). The
+/// queries of this crate have no `?` inside string literals.
+pub fn placeholders(backend: Backend, query: &str) -> String {
+    if backend != Backend::Postgres {
+        return query.to_owned();
+    }
+    let mut out = String::with_capacity(query.len() + 8);
+    let mut n = 0;
+    for c in query.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -321,20 +341,7 @@ impl ArtifactDb {
 
     /// Rewrites `?` placeholders to `$n` for PostgreSQL.
     fn sql(&self, query: &str) -> String {
-        if self.backend != Backend::Postgres {
-            return query.to_owned();
-        }
-        let mut out = String::with_capacity(query.len() + 8);
-        let mut n = 0;
-        for c in query.chars() {
-            if c == '?' {
-                n += 1;
-                out.push_str(&format!("${n}"));
-            } else {
-                out.push(c);
-            }
-        }
-        out
+        placeholders(self.backend, query)
     }
 
     async fn exec(&self, query: &str) -> Result<(), DbError> {

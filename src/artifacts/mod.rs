@@ -7,6 +7,7 @@
 pub mod db;
 pub mod hub;
 pub mod retriever;
+pub mod wso2;
 
 use crate::model::RelPath;
 
