@@ -491,11 +491,12 @@ pub fn stage_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Staged
                                 "a file stands where a directory should be",
                             ));
                         }
-                        Err(_) => {
-                            std::fs::create_dir_all(&target)?;
-                            dirty_dirs.insert(parent_dir(root, ops[i].path()));
-                        }
+                        Err(_) => std::fs::create_dir_all(&target)?,
                     }
+                    // Its entry in the parent is synced with the batch even when the directory
+                    // was there already: a write of this batch (or a fetch) may have created
+                    // it a moment ago, for a file below it.
+                    dirty_dirs.insert(parent_dir(root, ops[i].path()));
                     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode))?;
                     stat_of(&target)
                 })();
@@ -843,6 +844,29 @@ mod tests {
             19
         );
         assert_eq!(remove_stale_temps(root), 0, "no temp file is left behind");
+    }
+
+    /// A directory that a fetch (or another write) created just before its Mkdir op still has
+    /// its entry synced with the batch.
+    #[test]
+    fn a_new_directory_found_already_there_still_gets_its_parent_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("default/api")).expect("made by a fetch");
+        let staged = stage_batch(
+            root,
+            vec![Op::Mkdir {
+                path: p("default/api"),
+                mode: 0o755,
+            }],
+            None,
+        );
+        assert!(
+            staged.dirty_dirs.contains(&root.join("default")),
+            "{:?}",
+            staged.dirty_dirs
+        );
+        assert!(staged.finish(None).iter().all(Result::is_ok));
     }
 
     /// Inline contents and fetched ones are staged apart and finished as one batch: results
