@@ -468,6 +468,13 @@ const FAILED_STREAMS_KEPT: usize = 16;
 /// Longest a local change waits for a chain of peer batches (see `remote_chain`).
 const LOCAL_DEFER_MAX: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// A local change waits for a chain of peer batches no longer than this: then the chain ends.
+fn waited_enough(deferred: &Option<(Change, std::time::Instant)>) -> bool {
+    deferred
+        .as_ref()
+        .is_some_and(|(_, since)| since.elapsed() >= LOCAL_DEFER_MAX)
+}
+
 /// One change standing for two that came one after the other: the union of their paths, or
 /// a rescan when either is one.
 fn merge_changes(a: Change, b: Change) -> Change {
@@ -1155,8 +1162,9 @@ impl FolderEngine {
                     folder = %self.id,
                     deferred_local = deferred.is_some(),
                     ended_by = match &leftover {
+                        _ if waited_enough(&deferred) => "local change waited long enough",
                         None => "no batch queued",
-                        Some(Msg::Local(_)) => "local change waited long enough",
+                        Some(Msg::Local(_)) => "local change",
                         Some(Msg::Remote(..)) => "batch overlapping the one before",
                         Some(Msg::Deploy(..)) => "deploy",
                         Some(Msg::Resume(_)) => "resume",
@@ -1176,11 +1184,7 @@ impl FolderEngine {
                 };
                 match arrived {
                     Err(joined) => break joined,
-                    Ok(Some(Msg::Local(change)))
-                        if deferred
-                            .as_ref()
-                            .is_none_or(|(_, since)| since.elapsed() < LOCAL_DEFER_MAX) =>
-                    {
+                    Ok(Some(Msg::Local(change))) if !waited_enough(&deferred) => {
                         deferred = Some(match deferred.take() {
                             None => (change, std::time::Instant::now()),
                             Some((before, since)) => (merge_changes(before, change), since),
@@ -1188,6 +1192,7 @@ impl FolderEngine {
                     }
                     Ok(Some(Msg::Remote(b, reply)))
                         if !current.prepared.removes
+                            && !waited_enough(&deferred)
                             && b.records
                                 .iter()
                                 .all(|r| !current.prepared.paths.contains(&r.record.path)) =>
@@ -2260,6 +2265,18 @@ mod tests {
             merge_changes(Change::Rescan, Change::Paths(vec![p("a.xml")])),
             Change::Rescan
         );
+    }
+
+    #[test]
+    fn a_deferred_local_change_ends_the_chain_once_it_waited_long_enough() {
+        let now = std::time::Instant::now();
+        let change = || Change::Paths(Vec::new());
+        assert!(!waited_enough(&None));
+        assert!(!waited_enough(&Some((change(), now))));
+        let long_ago = now
+            .checked_sub(LOCAL_DEFER_MAX)
+            .expect("the monotonic clock is past its origin");
+        assert!(waited_enough(&Some((change(), long_ago))));
     }
 
     /// A local change queued between two peer batches waits for the chain, and is recorded
