@@ -465,8 +465,11 @@ struct InFlight {
 /// right after a failure, so only streams with batches still queued matter.
 const FAILED_STREAMS_KEPT: usize = 16;
 
-/// Longest a local change waits for a chain of peer batches (see `remote_chain`).
-const LOCAL_DEFER_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+/// Longest a local change waits for a chain of peer batches (see `remote_chain`). Ending a
+/// chain costs the overlap of one batch, so this bounds that cost to one batch a second of
+/// inflow; a local edit made during a bulk inflow reaches the index (and the peers) at most
+/// this much later. The watcher's quiet period is on top, as always.
+const LOCAL_DEFER_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A local change waits for a chain of peer batches no longer than this: then the chain ends.
 fn waited_enough(deferred: &Option<(Change, std::time::Instant)>) -> bool {
