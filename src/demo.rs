@@ -34,6 +34,12 @@ pub struct DemoOptions {
 
 /// BLAKE3 of every file under `root`, by relative path (artisync's temp files excluded).
 pub fn tree_digest(root: &Path) -> BTreeMap<String, [u8; 32]> {
+    tree_map(root, |p| crate::fs::scan::hash_file(p).ok())
+}
+
+/// `f` of every file under `root`, by relative path (artisync's temp files excluded, and
+/// files `f` gives nothing for).
+pub fn tree_map<T>(root: &Path, f: impl Fn(&Path) -> Option<T>) -> BTreeMap<String, T> {
     walkdir::WalkDir::new(root)
         .min_depth(1)
         .into_iter()
@@ -46,8 +52,7 @@ pub fn tree_digest(root: &Path) -> BTreeMap<String, [u8; 32]> {
         })
         .filter_map(|e| {
             let rel = e.path().strip_prefix(root).ok()?.to_str()?.to_owned();
-            let hash = crate::fs::scan::hash_file(e.path()).ok()?;
-            Some((rel, hash))
+            Some((rel, f(e.path())?))
         })
         .collect()
 }

@@ -532,6 +532,7 @@ impl std::ops::IndexMut<usize> for Cluster {
     }
 }
 
+pub mod db;
 pub mod proxy;
 
 /// Extensions for retriever tests: extra config, a start that does not wait for SERVING, and

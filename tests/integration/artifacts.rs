@@ -17,9 +17,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use artisync::artifacts::db::Backend;
-use artisync::artifacts::db::testing::{drop_db, fresh_url};
 use serde_json::Value;
 
+use crate::common::db::{FreshDb, block_on, contents, per_backend};
 use crate::common::proxy::Proxy;
 use crate::common::*;
 
@@ -76,26 +76,6 @@ const RETRIEVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long "nothing changes" and "still NOT_SERVING" are watched.
 const HOLD: Duration = Duration::from_secs(1);
 
-macro_rules! per_backend {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use super::Backend;
-            #[test]
-            fn sqlite() {
-                super::$scenario(Backend::Sqlite);
-            }
-            #[test]
-            fn postgres() {
-                super::$scenario(Backend::Postgres);
-            }
-            #[test]
-            fn mysql() {
-                super::$scenario(Backend::MySql);
-            }
-        }
-    )*};
-}
-
 per_backend!(
     startup_deploys_only_the_nodes_labels,
     publish_and_remove_follow_events,
@@ -106,37 +86,10 @@ per_backend!(
     bad_publish_input_is_refused,
 );
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(f)
-}
+/// The database of one test.
+type TestDb = FreshDb;
 
-/// A fresh database for one test (and a temp dir for SQLite files and bundle sources);
-/// dropped at the end (best effort), after the nodes declared later have stopped.
-struct TestDb {
-    backend: Backend,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
-impl TestDb {
-    /// `None` when the backend's server is unreachable off CI (the test is skipped).
-    fn new(backend: Backend) -> Option<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("artisync-it-db-")
-            .tempdir()
-            .expect("temp dir");
-        let url = block_on(fresh_url(backend, dir.path()))?;
-        Some(Self { backend, url, dir })
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
+impl FreshDb {
     /// `--db URL` for the CLI.
     fn target(&self) -> [&str; 2] {
         ["--db", &self.url]
@@ -157,17 +110,6 @@ impl TestDb {
             &SocketAddr::new(server.ip(), port).to_string(),
             1,
         )
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            rt.block_on(drop_db(&self.url));
-        }
     }
 }
 
@@ -273,25 +215,6 @@ fn lone_node(name: &str, retriever: &str) -> Node {
     let node = Node::new(name, port, &[]);
     node.append_config(retriever);
     node
-}
-
-/// Every file below `root` with its bytes (artisync's temp files excluded).
-fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    walkdir::WalkDir::new(root)
-        .min_depth(1)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .filter(|e| {
-            !e.file_name()
-                .to_str()
-                .is_some_and(artisync::fs::ignore::Ignore::is_temp)
-        })
-        .filter_map(|e| {
-            let rel = e.path().strip_prefix(root).ok()?.to_str()?.to_owned();
-            Some((rel, std::fs::read(e.path()).ok()?))
-        })
-        .collect()
 }
 
 /// The exact tree a folder should hold: the union of `sets`.

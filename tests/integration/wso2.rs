@@ -9,14 +9,13 @@
 //! except in CI (`CI=true`), where they fail.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
-use artisync::artifacts::db::testing::{drop_db, fresh_url};
 use artisync::artifacts::db::{Backend, placeholders};
 use serde_json::Value;
 use sqlx::{AnyPool, AssertSqlSafe};
 
+use crate::common::db::{FreshDb, block_on, contents, per_backend};
 use crate::common::*;
 
 const LABEL: &str = "Production and Sandbox";
@@ -29,55 +28,18 @@ const BROKEN: &str = "5c4b3a29-1807-4f6e-9d8c-7b6a59483726";
 /// Bound for the agent to deploy or undeploy what the test wrote.
 const RETRIEVE_TIMEOUT: Duration = Duration::from_secs(30);
 
-macro_rules! per_backend {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use super::Backend;
-            #[test]
-            fn sqlite() {
-                super::$scenario(Backend::Sqlite);
-            }
-            #[test]
-            fn postgres() {
-                super::$scenario(Backend::Postgres);
-            }
-            #[test]
-            fn mysql() {
-                super::$scenario(Backend::MySql);
-            }
-        }
-    )*};
-}
-
 per_backend!(published_apis_are_rendered_and_followed);
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(f)
-}
-
-/// A fresh database holding WSO2's two gateway tables; dropped at the end (best effort).
+/// A fresh database holding WSO2's two gateway tables.
 struct Wso2Db {
-    backend: Backend,
-    url: String,
-    _dir: tempfile::TempDir,
+    db: FreshDb,
 }
 
 impl Wso2Db {
     /// `None` when the backend's server is unreachable off CI (the test is skipped).
     fn new(backend: Backend) -> Option<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("artisync-it-wso2-")
-            .tempdir()
-            .expect("temp dir");
-        let url = block_on(fresh_url(backend, dir.path()))?;
         let db = Self {
-            backend,
-            url,
-            _dir: dir,
+            db: FreshDb::new(backend)?,
         };
         let (blob, stamp) = match backend {
             Backend::Postgres => ("BYTEA", "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP"),
@@ -107,15 +69,15 @@ impl Wso2Db {
 
     /// The URL the test itself uses (SQLite: creating the file).
     fn own_url(&self) -> String {
-        match self.backend {
-            Backend::Sqlite => format!("{}?mode=rwc", self.url),
-            _ => self.url.clone(),
+        match self.db.backend {
+            Backend::Sqlite => format!("{}?mode=rwc", self.db.url),
+            _ => self.db.url.clone(),
         }
     }
 
     /// Runs one statement; `args` are text, or bytes when they start with `<bytes>`.
     fn exec(&self, sql: &str, args: &[Arg]) {
-        let sql = placeholders(self.backend, sql);
+        let sql = placeholders(self.db.backend, sql);
         let url = self.own_url();
         block_on(async {
             sqlx::any::install_default_drivers();
@@ -169,17 +131,6 @@ impl Wso2Db {
     }
 }
 
-impl Drop for Wso2Db {
-    fn drop(&mut self) {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            rt.block_on(drop_db(&self.url));
-        }
-    }
-}
-
 enum Arg {
     Text(String),
     Bytes(Vec<u8>),
@@ -219,25 +170,6 @@ fn rendered_paths(name: &str) -> Vec<String> {
         format!("default/endpoints/{name}--v1.0.0_APIproductionEndpoint.xml"),
         format!("default/sequences/admin--{name}_v1.0.0--In.xml"),
     ]
-}
-
-/// Every file below `root` with its bytes (artisync's temp files excluded).
-fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    walkdir::WalkDir::new(root)
-        .min_depth(1)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .filter(|e| {
-            !e.file_name()
-                .to_str()
-                .is_some_and(artisync::fs::ignore::Ignore::is_temp)
-        })
-        .filter_map(|e| {
-            let rel = e.path().strip_prefix(root).ok()?.to_str()?.to_owned();
-            Some((rel, std::fs::read(e.path()).ok()?))
-        })
-        .collect()
 }
 
 /// Waits until the node's synapse folder holds exactly the files of the APIs `names`.
@@ -304,7 +236,7 @@ fn published_apis_are_rendered_and_followed(backend: Backend) {
         b"{\"name\": \"BrokenAPI\", \"apiDefinition\": \"<api".to_vec(),
     );
 
-    let mut gw = wso2_node("gw", &db.url);
+    let mut gw = wso2_node("gw", &db.db.url);
     gw.start();
     // Start-up deploy: this label's APIs only, rendered with Synapse's names; the broken row
     // is reported, and does not hold up the others.

@@ -1,0 +1,81 @@
+//! Helpers of the database-backed tests (artifact store, WSO2 schema): one scenario function
+//! per backend, a runtime for the few async calls, and a folder's files with their bytes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use artisync::artifacts::db::Backend;
+use artisync::artifacts::db::testing::{drop_db, fresh_url};
+
+/// Makes three tests of each scenario function taking a `Backend`:
+/// `<scenario>::sqlite`, `::postgres` and `::mysql`.
+macro_rules! per_backend {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use artisync::artifacts::db::Backend;
+            #[test]
+            fn sqlite() {
+                super::$scenario(Backend::Sqlite);
+            }
+            #[test]
+            fn postgres() {
+                super::$scenario(Backend::Postgres);
+            }
+            #[test]
+            fn mysql() {
+                super::$scenario(Backend::MySql);
+            }
+        }
+    )*};
+}
+pub(crate) use per_backend;
+
+/// Runs `f` to completion on a new current-thread runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(f)
+}
+
+/// Every file below `root` with its bytes (artisync's temp files excluded).
+pub fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    artisync::demo::tree_map(root, |p| std::fs::read(p).ok())
+}
+
+/// A fresh, empty database for one test (and a temp dir for SQLite files and anything else
+/// the test keeps); dropped at the end (best effort), after the nodes declared later have
+/// stopped.
+pub struct FreshDb {
+    pub backend: Backend,
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+impl FreshDb {
+    /// `None` when the backend's server is unreachable off CI (the test is skipped).
+    pub fn new(backend: Backend) -> Option<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("artisync-it-db-")
+            .tempdir()
+            .expect("temp dir");
+        let url = block_on(fresh_url(backend, dir.path()))?;
+        Some(Self { backend, url, dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for FreshDb {
+    fn drop(&mut self) {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(drop_db(&self.url));
+        }
+    }
+}
