@@ -140,22 +140,6 @@ pub struct RetrieverConfig {
     /// retriever at once through LISTEN/NOTIFY; polling stays as the safety net.
     #[serde(default = "default_poll_interval")]
     pub poll_interval: u64,
-    /// Which tables `database_url` holds: `artisync` (this agent's own, created on first use)
-    /// or `wso2-apim-3.2` (WSO2 API Manager's `AM_GW_API_ARTIFACTS`, read only).
-    #[serde(default = "default_schema")]
-    pub schema: String,
-}
-
-/// The database schema of WSO2 API Manager 3.2's gateway artifacts (read only).
-pub const SCHEMA_WSO2: &str = "wso2-apim-3.2";
-/// This agent's own artifact schema.
-pub const SCHEMA_ARTISYNC: &str = "artisync";
-
-impl RetrieverConfig {
-    /// The database holds WSO2 API Manager's own tables.
-    pub fn wso2(&self) -> bool {
-        self.schema == SCHEMA_WSO2
-    }
 }
 
 fn default_true() -> bool {
@@ -202,9 +186,6 @@ fn default_reconcile_interval() -> u64 {
 }
 fn default_poll_interval() -> u64 {
     200
-}
-fn default_schema() -> String {
-    SCHEMA_ARTISYNC.to_owned()
 }
 
 /// Longest allowed inline size: one gRPC message must stay well under tonic's 4 MiB default.
@@ -490,24 +471,6 @@ impl RetrieverConfig {
                 format!("no [[folder]] has id {:?}", self.folder),
             ));
         }
-        match self.schema.as_str() {
-            SCHEMA_ARTISYNC => {}
-            SCHEMA_WSO2 if self.artifact_retriever == "db" => {}
-            SCHEMA_WSO2 => {
-                return Err(invalid(
-                    "retriever.schema",
-                    format!(
-                        "{SCHEMA_WSO2:?} is read from the database: it needs artifact_retriever = \"db\" (a hub agent serves hub nodes the rendered artifacts whatever its schema)"
-                    ),
-                ));
-            }
-            other => {
-                return Err(invalid(
-                    "retriever.schema",
-                    format!("{other:?} must be {SCHEMA_ARTISYNC:?} or {SCHEMA_WSO2:?}"),
-                ));
-            }
-        }
         if !matches!(self.data_retrieval_mode.as_str(), "sync" | "async") {
             return Err(invalid(
                 "retriever.data_retrieval_mode",
@@ -729,24 +692,6 @@ mod tests {
             "{b}\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\nfolder = \"nope\"\n"
         ));
         assert!(e.contains("retriever.folder"), "{e}");
-        let db = "[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\n";
-        let e = err_of(&format!("{b}\n{db}schema = \"wso2\"\n"));
-        assert!(e.contains("retriever.schema"), "{e}");
-        let e = err_of(&format!(
-            "{b}\n[retriever]\nartifact_retriever = \"hub\"\nhub = \"http://127.0.0.1:7701\"\nschema = \"wso2-apim-3.2\"\n"
-        ));
-        assert!(e.contains("retriever.schema"), "{e}");
-        let c = Config::parse(
-            &format!("{b}\n{db}schema = \"wso2-apim-3.2\"\n"),
-            Path::new("t"),
-        )
-        .expect("the WSO2 schema with a database is valid");
-        assert!(c.retriever.as_ref().is_some_and(|r| r.wso2()));
-        let c = Config::parse(&format!("{b}\n{db}"), Path::new("t")).expect("valid");
-        assert!(
-            c.retriever.as_ref().is_some_and(|r| !r.wso2()),
-            "artisync by default"
-        );
     }
 
     #[test]

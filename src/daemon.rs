@@ -27,7 +27,6 @@ use tracing::{debug, error, info, warn};
 use crate::admin::AdminService;
 use crate::artifacts::hub::{HubService, HubSource};
 use crate::artifacts::retriever::{DbSource, Retriever, Source};
-use crate::artifacts::wso2::Wso2Source;
 use crate::config::Config;
 use crate::engine::{self, FolderEngine, FolderHandle};
 use crate::fs::own::OwnWrites;
@@ -426,16 +425,6 @@ pub async fn run(
                 )
                 .await?,
             )
-        } else if rc.wso2() {
-            // API Manager's own tables, read only: the hub serves them rendered, and there is
-            // no saver (publishing goes through API Manager).
-            let wso2: Arc<dyn Source> = Arc::new(Wso2Source::new(
-                rc.database_url.as_deref().unwrap_or_default(),
-                &rc.folder,
-                poll,
-            ));
-            router = router.add_service(HubService::read_only(wso2.clone()).hub_server());
-            wso2
         } else {
             let db = Arc::new(DbSource::new(
                 rc.database_url.as_deref().unwrap_or_default(),

@@ -21,5 +21,4 @@ mod integration {
     mod sync;
     mod tls;
     mod watchdog;
-    mod wso2;
 }

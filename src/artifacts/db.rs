@@ -43,26 +43,6 @@ pub enum DbError {
     NotFound(String),
 }
 
-/// `query` with its `?` placeholders as `backend` wants them (`$n` for PostgreSQL). The
-/// queries of this crate have no `?` inside string literals.
-pub fn placeholders(backend: Backend, query: &str) -> String {
-    if backend != Backend::Postgres {
-        return query.to_owned();
-    }
-    let mut out = String::with_capacity(query.len() + 8);
-    let mut n = 0;
-    for c in query.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -341,7 +321,20 @@ impl ArtifactDb {
 
     /// Rewrites `?` placeholders to `$n` for PostgreSQL.
     fn sql(&self, query: &str) -> String {
-        placeholders(self.backend, query)
+        if self.backend != Backend::Postgres {
+            return query.to_owned();
+        }
+        let mut out = String::with_capacity(query.len() + 8);
+        let mut n = 0;
+        for c in query.chars() {
+            if c == '?' {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            } else {
+                out.push(c);
+            }
+        }
+        out
     }
 
     async fn exec(&self, query: &str) -> Result<(), DbError> {

@@ -73,36 +73,12 @@ fn status_of(e: SourceError) -> Status {
 /// The hub and saver services of an agent that has the database.
 #[derive(Clone)]
 pub struct HubService {
-    /// What the hub serves (this agent's own schema, or WSO2's rendered).
-    source: Arc<dyn Source>,
-    /// Where the saver writes; `None` when the database is read only (WSO2's tables).
-    saver: Option<Arc<DbSource>>,
+    source: Arc<DbSource>,
 }
 
 impl HubService {
-    /// Serves and saves to this agent's own artifact database.
-    pub fn new(db: Arc<DbSource>) -> Self {
-        Self {
-            source: db.clone(),
-            saver: Some(db),
-        }
-    }
-
-    /// Serves `source` read only (the saver refuses every call).
-    pub fn read_only(source: Arc<dyn Source>) -> Self {
-        Self {
-            source,
-            saver: None,
-        }
-    }
-
-    async fn saver_db(&self) -> Result<super::db::ArtifactDb, Status> {
-        match &self.saver {
-            Some(db) => db.db().await.map_err(status_of),
-            None => Err(Status::failed_precondition(
-                "this agent reads a WSO2 API Manager database, read only: publish through API Manager",
-            )),
-        }
+    pub fn new(source: Arc<DbSource>) -> Self {
+        Self { source }
     }
 
     pub fn hub_server(self) -> pb::artifact_hub_server::ArtifactHubServer<Self> {
@@ -303,7 +279,7 @@ impl pb::artifact_saver_server::ArtifactSaver for HubService {
         authorize_saver(&request)?;
         let (meta, bundle) =
             check_publish(request.into_inner()).map_err(Status::invalid_argument)?;
-        let db = self.saver_db().await?;
+        let db = self.source.db().await.map_err(status_of)?;
         let revision = db
             .publish(&meta, &bundle, crate::now_ms())
             .await
@@ -318,7 +294,7 @@ impl pb::artifact_saver_server::ArtifactSaver for HubService {
         authorize_saver(&request)?;
         let req = request.into_inner();
         let id = super::parse_id(&req.id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let db = self.saver_db().await?;
+        let db = self.source.db().await.map_err(status_of)?;
         let labels = db
             .remove(&id, req.label.as_deref(), crate::now_ms())
             .await

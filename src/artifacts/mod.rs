@@ -7,7 +7,6 @@
 pub mod db;
 pub mod hub;
 pub mod retriever;
-pub mod wso2;
 
 use crate::model::RelPath;
 
