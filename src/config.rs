@@ -112,6 +112,11 @@ pub struct RetrieverConfig {
     /// `db` (this node reads the database) or `hub` (it asks an agent that does).
     #[serde(default = "default_retriever_kind")]
     pub artifact_retriever: String,
+    /// Which tables the database holds (mode `db` only): `artisync` (its own artifact store,
+    /// created by migrations) or `wso2-apim-3.2` (WSO2 API-M 3.2's `AM_GW_API_ARTIFACTS`,
+    /// read only; never written or migrated).
+    #[serde(default = "default_schema")]
+    pub schema: String,
     /// Folder id that artifacts deploy into.
     #[serde(default = "default_retriever_folder")]
     pub folder: String,
@@ -166,6 +171,9 @@ fn default_skip_retry_ms() -> u64 {
 fn default_retriever_kind() -> String {
     "db".into()
 }
+fn default_schema() -> String {
+    SCHEMA_ARTISYNC.into()
+}
 fn default_retriever_folder() -> String {
     "synapse-configs".into()
 }
@@ -187,6 +195,11 @@ fn default_reconcile_interval() -> u64 {
 fn default_poll_interval() -> u64 {
     200
 }
+
+/// `retriever.schema`: artisync's own artifact store.
+pub const SCHEMA_ARTISYNC: &str = "artisync";
+/// `retriever.schema`: WSO2 API-M 3.2's gateway artifact tables, read only.
+pub const SCHEMA_WSO2_APIM_32: &str = "wso2-apim-3.2";
 
 /// Longest allowed inline size: one gRPC message must stay well under tonic's 4 MiB default.
 const INLINE_MAX_LIMIT: u64 = 1024 * 1024;
@@ -429,6 +442,11 @@ impl RetrieverConfig {
         self.data_retrieval_mode == "sync"
     }
 
+    /// The database holds WSO2 API-M 3.2's tables (read only) rather than artisync's own.
+    pub fn is_wso2(&self) -> bool {
+        self.schema == SCHEMA_WSO2_APIM_32
+    }
+
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         match self.artifact_retriever.as_str() {
             "db" => {
@@ -462,6 +480,26 @@ impl RetrieverConfig {
                 return Err(invalid(
                     "retriever.artifact_retriever",
                     format!("{other:?} must be \"db\" or \"hub\""),
+                ));
+            }
+        }
+        match self.schema.as_str() {
+            SCHEMA_ARTISYNC => {}
+            SCHEMA_WSO2_APIM_32 if self.artifact_retriever == "db" => {}
+            SCHEMA_WSO2_APIM_32 => {
+                return Err(invalid(
+                    "retriever.schema",
+                    format!(
+                        "{SCHEMA_WSO2_APIM_32:?} needs artifact_retriever = \"db\" (the tables are \
+                         read from the database); a hub subscriber gets the rendered WSO2 \
+                         artifacts from its hub and sets no schema"
+                    ),
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "retriever.schema",
+                    format!("{other:?} must be {SCHEMA_ARTISYNC:?} or {SCHEMA_WSO2_APIM_32:?}"),
                 ));
             }
         }
@@ -692,6 +730,39 @@ mod tests {
             "{b}\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\nfolder = \"nope\"\n"
         ));
         assert!(e.contains("retriever.folder"), "{e}");
+    }
+
+    #[test]
+    fn retriever_schema_is_validated() {
+        let dir = setup();
+        let b = base(dir.path());
+        let db = "\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\n";
+        let c = Config::parse(&format!("{b}{db}"), Path::new("t")).expect("valid");
+        let r = c.retriever.expect("retriever");
+        assert_eq!(r.schema, "artisync", "the default is artisync's own store");
+        assert!(!r.is_wso2());
+        let c = Config::parse(
+            &format!("{b}{db}schema = \"wso2-apim-3.2\"\n"),
+            Path::new("t"),
+        )
+        .expect("valid");
+        assert!(c.retriever.expect("retriever").is_wso2());
+        for bad in ["wso2", "WSO2-APIM-3.2", "wso2-apim-4.0", ""] {
+            let e = err_of(&format!("{b}{db}schema = \"{bad}\"\n"));
+            assert!(
+                e.contains("retriever.schema") && e.contains("wso2-apim-3.2"),
+                "{bad:?}: {e}"
+            );
+        }
+        let e = err_of(&format!(
+            "{b}\n[retriever]\nartifact_retriever = \"hub\"\nhub = \"http://127.0.0.1:7702\"\nschema = \"wso2-apim-3.2\"\n"
+        ));
+        assert!(
+            e.contains("retriever.schema") && e.contains("artifact_retriever"),
+            "{e}"
+        );
+        let e = err_of(&format!("{b}{db}schema = 3\n"));
+        assert!(e.contains("schema"), "a non-string is named too: {e}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::admin::AdminService;
 use crate::artifacts::hub::{HubService, HubSource};
 use crate::artifacts::retriever::{DbSource, Retriever, Source};
+use crate::artifacts::wso2::Wso2Source;
 use crate::config::Config;
 use crate::engine::{self, FolderEngine, FolderHandle};
 use crate::fs::own::OwnWrites;
@@ -412,7 +413,8 @@ pub async fn run(
     let mut router = builder
         .add_service(health_service)
         .add_service(peer_service.into_server());
-    // The retriever: a DB-backed node also serves the hub and saver to agents without DB access.
+    // The retriever: a DB-backed node also serves the hub and saver to agents without DB access
+    // (with WSO2's tables: the hub only).
     let mut retriever_parts = None;
     if let Some(rc) = &config.retriever {
         let poll = Duration::from_millis(rc.poll_interval);
@@ -425,6 +427,19 @@ pub async fn run(
                 )
                 .await?,
             )
+        } else if rc.is_wso2() {
+            // WSO2's own tables, read only: hub subscribers get the rendered bundles, and
+            // publish/remove are refused (WSO2 API-M writes those tables).
+            let wso2 = Arc::new(Wso2Source::new(
+                rc.database_url.as_deref().unwrap_or_default(),
+                &rc.folder,
+                poll,
+            ));
+            let hub = HubService::read_only(wso2.clone());
+            router = router
+                .add_service(hub.clone().hub_server())
+                .add_service(hub.saver_server());
+            wso2
         } else {
             let db = Arc::new(DbSource::new(
                 rc.database_url.as_deref().unwrap_or_default(),

@@ -9,6 +9,8 @@
 //! - [`engine`]: one task per folder that owns its replica and wires the edges to the model.
 //! - [`liveness`]: whether each engine is idle, busy or stopped, and whether it is stalled.
 //! - [`net`]: the peer gRPC service and the client sessions to each peer.
+//! - [`artifacts`]: the DB-backed artifact saver and retriever, the hub for agents without
+//!   database credentials, and WSO2 API-M 3.2's own tables as a read-only source.
 //! - [`admin`]: the local admin service on a unix socket (status, conflicts, resume).
 //! - [`daemon`]: starts everything, health service, systemd notify, graceful shutdown.
 //! - [`demo`]: a three-node cluster on loopback.

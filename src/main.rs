@@ -186,6 +186,15 @@ async fn saver(target: &Target) -> Result<Saver> {
     }
     if let Some(path) = &target.to.config {
         let config = load(path)?;
+        if let Some(r) = config.retriever.as_ref().filter(|r| r.is_wso2()) {
+            anyhow::bail!(
+                "{}: [retriever] schema = {:?} reads WSO2's own tables, which artisync never \
+                 writes (nor creates its tables beside them): publish and remove through WSO2 \
+                 API-M; `artisync artifact deployed --config` shows what this node deployed",
+                path.display(),
+                r.schema
+            );
+        }
         let url = config
             .retriever
             .as_ref()

@@ -21,4 +21,5 @@ mod integration {
     mod sync;
     mod tls;
     mod watchdog;
+    mod wso2;
 }

@@ -74,6 +74,25 @@ impl Backend {
     }
 }
 
+/// `query` with its `?` placeholders as `backend` wants them: `$1, $2, ...` for PostgreSQL,
+/// unchanged for the others (sqlx's `Any` driver does not translate them).
+pub(crate) fn placeholders(backend: Backend, query: &str) -> String {
+    if backend != Backend::Postgres {
+        return query.to_owned();
+    }
+    let mut out = String::with_capacity(query.len() + 8);
+    let mut n = 0;
+    for c in query.chars() {
+        if c == '?' {
+            n += 1;
+            out.push_str(&format!("${n}"));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A URL with its password replaced, for messages and logs.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -321,20 +340,7 @@ impl ArtifactDb {
 
     /// Rewrites `?` placeholders to `$n` for PostgreSQL.
     fn sql(&self, query: &str) -> String {
-        if self.backend != Backend::Postgres {
-            return query.to_owned();
-        }
-        let mut out = String::with_capacity(query.len() + 8);
-        let mut n = 0;
-        for c in query.chars() {
-            if c == '?' {
-                n += 1;
-                out.push_str(&format!("${n}"));
-            } else {
-                out.push(c);
-            }
-        }
-        out
+        placeholders(self.backend, query)
     }
 
     async fn exec(&self, query: &str) -> Result<(), DbError> {

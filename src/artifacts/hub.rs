@@ -73,12 +73,37 @@ fn status_of(e: SourceError) -> Status {
 /// The hub and saver services of an agent that has the database.
 #[derive(Clone)]
 pub struct HubService {
-    source: Arc<DbSource>,
+    source: Arc<dyn Source>,
+    /// Where publish and remove go; `None` for a read-only source (WSO2's tables).
+    saver: Option<Arc<DbSource>>,
 }
 
 impl HubService {
+    /// Serves artisync's own store: retrieval, publish and remove.
     pub fn new(source: Arc<DbSource>) -> Self {
-        Self { source }
+        Self {
+            source: source.clone(),
+            saver: Some(source),
+        }
+    }
+
+    /// Serves retrieval from `source`; publish and remove are refused (WSO2's tables are
+    /// written by WSO2 API-M only).
+    pub fn read_only(source: Arc<dyn Source>) -> Self {
+        Self {
+            source,
+            saver: None,
+        }
+    }
+
+    fn saver(&self) -> Result<&DbSource, Status> {
+        self.saver.as_deref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "this agent reads WSO2's artifact tables ({}), which artisync never writes: \
+                 publish and remove through WSO2 API-M",
+                self.source.describe()
+            ))
+        })
     }
 
     pub fn hub_server(self) -> pb::artifact_hub_server::ArtifactHubServer<Self> {
@@ -113,8 +138,12 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetReply>, Status> {
-        let id = request.into_inner().id;
-        let m = self.source.get(&id).await.map_err(status_of)?;
+        let req = request.into_inner();
+        let m = self
+            .source
+            .get(&req.id, &req.labels)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(pb::GetReply {
             artifact: m.as_ref().map(meta_to_pb),
         }))
@@ -125,9 +154,9 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
         request: Request<pb::BundleRequest>,
     ) -> Result<Response<Self::BundleStream>, Status> {
         let req = request.into_inner();
-        let meta = self
+        let mut meta = self
             .source
-            .get(&req.id)
+            .get(&req.id, &req.labels)
             .await
             .map_err(status_of)?
             .ok_or_else(|| Status::not_found(format!("artifact {} does not exist", req.id)))?;
@@ -136,6 +165,9 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
                 "artifact {} is at revision {}, not {}",
                 req.id, meta.revision, req.revision
             )));
+        }
+        if !req.labels.is_empty() {
+            meta.labels.retain(|l| req.labels.contains(l));
         }
         let bundle = self.source.bundle(&meta).await.map_err(status_of)?;
         let (tx, rx) = mpsc::channel(4);
@@ -277,9 +309,10 @@ impl pb::artifact_saver_server::ArtifactSaver for HubService {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishReply>, Status> {
         authorize_saver(&request)?;
+        let saver = self.saver()?;
         let (meta, bundle) =
             check_publish(request.into_inner()).map_err(Status::invalid_argument)?;
-        let db = self.source.db().await.map_err(status_of)?;
+        let db = saver.db().await.map_err(status_of)?;
         let revision = db
             .publish(&meta, &bundle, crate::now_ms())
             .await
@@ -292,9 +325,10 @@ impl pb::artifact_saver_server::ArtifactSaver for HubService {
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveReply>, Status> {
         authorize_saver(&request)?;
+        let saver = self.saver()?;
         let req = request.into_inner();
         let id = super::parse_id(&req.id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let db = self.source.db().await.map_err(status_of)?;
+        let db = saver.db().await.map_err(status_of)?;
         let labels = db
             .remove(&id, req.label.as_deref(), crate::now_ms())
             .await
@@ -375,10 +409,13 @@ impl Source for HubSource {
             .collect()
     }
 
-    async fn get(&self, id: &str) -> Result<Option<ArtifactMeta>, SourceError> {
+    async fn get(&self, id: &str, labels: &[String]) -> Result<Option<ArtifactMeta>, SourceError> {
         let reply = self
             .client()
-            .get(pb::GetRequest { id: id.into() })
+            .get(pb::GetRequest {
+                id: id.into(),
+                labels: labels.to_vec(),
+            })
             .await
             .map_err(source_err)?;
         reply.into_inner().artifact.map(meta_from_pb).transpose()
@@ -394,6 +431,7 @@ impl Source for HubSource {
             .bundle(pb::BundleRequest {
                 id: meta.id.clone(),
                 revision: meta.revision,
+                labels: meta.labels.clone(),
             })
             .await
             .map_err(|s| match source_err(s) {

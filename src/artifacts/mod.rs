@@ -2,11 +2,15 @@
 //! with gateway labels, deployed by every agent that subscribes to one of those labels.
 //!
 //! - [`db`]: the store (SQLite, PostgreSQL, MySQL/MariaDB) and its transactions.
+//! - [`retriever`]: deploys a node's labels from a source and follows its events.
+//! - [`hub`]: serves a source to agents without database credentials, and is one.
+//! - [`wso2`]: WSO2 API-M 3.2's own tables as a read-only source, rendered into Synapse files.
 //! - the types below: bundles, metadata, events, and the validation every bundle passes.
 
 pub mod db;
 pub mod hub;
 pub mod retriever;
+pub mod wso2;
 
 use crate::model::RelPath;
 

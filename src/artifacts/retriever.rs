@@ -104,7 +104,11 @@ impl From<DbError> for SourceError {
 pub trait Source: Send + Sync {
     fn describe(&self) -> String;
     async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError>;
-    async fn get(&self, id: &str) -> Result<Option<ArtifactMeta>, SourceError>;
+    /// One artifact as a node with `labels` sees it (empty: every label). Its `labels` may
+    /// still list others; the caller filters. With WSO2's tables the content (so revision and
+    /// digest) depends on the labels, since WSO2 renders an API per gateway environment.
+    async fn get(&self, id: &str, labels: &[String]) -> Result<Option<ArtifactMeta>, SourceError>;
+    /// The files of `meta`'s revision, for `meta.labels`.
     async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, SourceError>;
     /// Several bundles at once (one result each, in order); an outage fails the whole call.
     async fn bundles(
@@ -180,7 +184,8 @@ impl Source for DbSource {
         Ok(self.db().await?.current_for_labels(labels).await?)
     }
 
-    async fn get(&self, id: &str) -> Result<Option<ArtifactMeta>, SourceError> {
+    async fn get(&self, id: &str, _labels: &[String]) -> Result<Option<ArtifactMeta>, SourceError> {
+        // A revision is the same for every label here: the caller filters the labels.
         Ok(self.db().await?.get(id).await?)
     }
 
@@ -540,7 +545,7 @@ impl Retriever {
 
     /// Brings one artifact to its current state for this node's labels.
     async fn sync_one(&mut self, id: &str) -> Result<(), SourceError> {
-        let meta = match self.source.get(id).await {
+        let meta = match self.source.get(id, &self.config.gateway_labels).await {
             Ok(m) => m,
             Err(SourceError::Artifact { problem, .. }) => {
                 self.fail(id, 0, problem);

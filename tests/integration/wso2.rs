@@ -1,0 +1,411 @@
+//! WSO2 API-M 3.2 compatibility end to end (`[retriever] schema = "wso2-apim-3.2"`): the test
+//! plays WSO2 API-M. It creates WSO2's `AM_GW_PUBLISHED_API_DETAILS` / `AM_GW_API_ARTIFACTS`
+//! with plain SQL and writes rows as WSO2's `DBSaver` does (insert, then `ARTIFACT` and
+//! `GATEWAY_INSTRUCTION` updated in place). Real agents read them: one from the database, one
+//! through it as a hub subscriber without database credentials.
+//!
+//! One scenario per backend (`wso2_schema::sqlite`, `::postgres`, `::mysql`); PostgreSQL and
+//! MariaDB skip with a printed reason when unreachable, except under `CI=true`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use artisync::artifacts::db::Backend;
+use artisync::artifacts::db::testing::{drop_db, fresh_url};
+use artisync::artifacts::wso2::testing::{Wso2Tables, gateway_api_json, rendered_files};
+use serde_json::Value;
+
+use crate::common::*;
+
+const PIZZA: &str = "6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c";
+const WEATHER: &str = "0b6f7d4e-1c2a-4f3b-8e9d-5a6b7c8d9e0f";
+const STORE: &str = "d4b2f3a5-6c7e-4f8a-9b0c-1d2e3f4a5b6c";
+const BROKEN: &str = "c3a1e2f4-5b6d-4e7f-8a9b-0c1d2e3f4a5b";
+const PIZZA_API: &str = "admin--PizzaShackAPI:v1.0.0";
+const WEATHER_API: &str = "admin--WeatherAPI:v2.0.0";
+const STORE_API: &str = "admin--StoreAPI:v1.0.0";
+/// WSO2's default gateway label (with spaces: labels match exactly).
+const LABEL: &str = "Production and Sandbox";
+const OTHER_LABEL: &str = "Internal";
+/// Bound for an agent to deploy or undeploy what WSO2 wrote.
+const RETRIEVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// In a broken row: must never reach a log.
+const SECRET: &str = "s3cret-in-a-broken-row";
+
+mod wso2_schema {
+    use super::Backend;
+    #[test]
+    fn sqlite() {
+        super::wso2_schema(Backend::Sqlite);
+    }
+    #[test]
+    fn postgres() {
+        super::wso2_schema(Backend::Postgres);
+    }
+    #[test]
+    fn mysql() {
+        super::wso2_schema(Backend::MySql);
+    }
+}
+
+/// A fresh database with WSO2's tables, and the runtime its pool lives on; dropped (best
+/// effort) at the end, after the nodes declared later have stopped.
+struct Wso2Db {
+    rt: tokio::runtime::Runtime,
+    tables: Option<Wso2Tables>,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Wso2Db {
+    /// `None` when the backend's server is unreachable off CI (the test is skipped).
+    fn new(backend: Backend) -> Option<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let dir = tempfile::Builder::new()
+            .prefix("artisync-it-wso2-")
+            .tempdir()
+            .expect("temp dir");
+        let url = rt.block_on(fresh_url(backend, dir.path()))?;
+        let tables = rt
+            .block_on(Wso2Tables::create(&url))
+            .unwrap_or_else(|e| panic!("create WSO2's tables on {}: {e}", backend.name()));
+        Some(Self {
+            rt,
+            tables: Some(tables),
+            url,
+            _dir: dir,
+        })
+    }
+
+    fn tables(&self) -> &Wso2Tables {
+        self.tables.as_ref().expect("open until drop")
+    }
+
+    fn put(&self, api: &str, label: &str, instruction: &str, artifact: &[u8]) {
+        self.rt
+            .block_on(
+                self.tables()
+                    .put(api, label, Some(instruction), Some(artifact)),
+            )
+            .unwrap_or_else(|e| panic!("write the {instruction} row of {api} / {label}: {e}"));
+    }
+
+    fn publish(&self, api: &str, name: &str, label: &str, tag: &str) {
+        self.put(api, label, "Publish", &gateway_api_json(api, name, tag));
+    }
+
+    fn table_names(&self) -> Vec<String> {
+        self.rt
+            .block_on(self.tables().tables())
+            .expect("list tables")
+    }
+}
+
+impl Drop for Wso2Db {
+    fn drop(&mut self) {
+        if let Some(t) = self.tables.take() {
+            self.rt.block_on(t.close());
+        }
+        self.rt.block_on(drop_db(&self.url));
+    }
+}
+
+/// The files an API renders to, as (path below `synapse-configs`, bytes).
+fn files(api: &str, name: &str, tag: &str) -> BTreeMap<String, Vec<u8>> {
+    rendered_files(api, name, tag)
+        .into_iter()
+        .map(|(p, c)| (p, c.into_bytes()))
+        .collect()
+}
+
+fn union(sets: &[BTreeMap<String, Vec<u8>>]) -> BTreeMap<String, Vec<u8>> {
+    sets.iter().flat_map(|s| s.clone()).collect()
+}
+
+/// Every file below `root` with its bytes (artisync's temp files excluded).
+fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    files_below(root)
+        .into_iter()
+        .filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(artisync::fs::ignore::Ignore::is_temp)
+        })
+        .filter_map(|p| {
+            let rel = p.strip_prefix(root).ok()?.to_str()?.to_owned();
+            Some((rel, std::fs::read(&p).ok()?))
+        })
+        .collect()
+}
+
+fn tree_is(root: &Path, want: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
+    let got = contents(root);
+    if &got == want {
+        return Ok(());
+    }
+    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    let differ: Vec<&String> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+        .map(|(k, _)| k)
+        .collect();
+    Err(format!(
+        "missing {missing:?}; unexpected {extra:?}; content differs {differ:?}"
+    ))
+}
+
+fn wait_tree(node: &Node, what: &str, want: &BTreeMap<String, Vec<u8>>) {
+    wait_for(
+        RETRIEVE_TIMEOUT,
+        format!("node {}: {what}", node.name),
+        || tree_is(&node.synapse(), want),
+    );
+}
+
+/// The `retriever` part of `artisync status --json`.
+fn retriever_status(node: &Node) -> Value {
+    let status = node.status_json();
+    let r = status["retriever"].clone();
+    assert!(
+        r.is_object(),
+        "status of {} has no retriever: {status}",
+        node.name
+    );
+    r
+}
+
+fn deployed_ids(r: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = r["deployed"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no deployed list in {r}"))
+        .iter()
+        .filter_map(|d| d["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn retriever(extra: &str) -> String {
+    format!(
+        "\n[retriever]\ngateway_labels = [\"{LABEL}\"]\npoll_interval = 50\n\
+         deployment_retry_duration = 200\nmax_retry_count = 20\n{extra}"
+    )
+}
+
+/// A node without peers, with `retriever` appended to its config (not started).
+fn lone_node(name: &str, retriever: &str) -> Node {
+    let port = artisync::demo::free_ports(1).expect("reserve a loopback port")[0];
+    let node = Node::new(name, port, &[]);
+    node.append_config(retriever);
+    node
+}
+
+fn wso2_schema(backend: Backend) {
+    let Some(db) = Wso2Db::new(backend) else {
+        return;
+    };
+    let wso2_tables = db.table_names();
+    db.publish(PIZZA, PIZZA_API, LABEL, "v1");
+    db.publish(WEATHER, WEATHER_API, OTHER_LABEL, "v1");
+
+    // Sync start-up: SERVING means the start-up deploy is done, so the files are there now.
+    let mut gw = lone_node(
+        "gw",
+        &retriever(&format!(
+            "artifact_retriever = \"db\"\nschema = \"wso2-apim-3.2\"\n\
+             database_url = \"{}\"\ndata_retrieval_mode = \"sync\"\n",
+            db.url
+        )),
+    );
+    gw.start();
+    tree_is(&gw.synapse(), &files(PIZZA, PIZZA_API, "v1"))
+        .unwrap_or_else(|e| panic!("start-up deploy of the label's API only: {e}"));
+    let r = retriever_status(&gw);
+    assert_eq!(deployed_ids(&r), vec![PIZZA.to_owned()], "{r}");
+    assert_eq!(
+        r["deployed"][0]["labels"],
+        serde_json::json!([LABEL]),
+        "{r}"
+    );
+    assert_eq!(r["failing"], serde_json::json!([]), "{r}");
+    assert!(
+        r["source"]
+            .as_str()
+            .is_some_and(|s| s.contains("wso2-apim-3.2")),
+        "{r}"
+    );
+
+    // A hub subscriber gets the rendered files without database credentials; the hub refuses
+    // to write WSO2's tables.
+    let mut sub = lone_node(
+        "sub",
+        &retriever(&format!(
+            "artifact_retriever = \"hub\"\nhub = \"http://127.0.0.1:{}\"\n",
+            gw.port
+        )),
+    );
+    sub.start();
+    wait_tree(
+        &sub,
+        "PizzaShackAPI through the hub",
+        &files(PIZZA, PIZZA_API, "v1"),
+    );
+    let bundle = tempfile::tempdir().expect("temp dir");
+    write(
+        &bundle.path().join("default/api/x.xml"),
+        "<api name=\"x\"/>",
+    );
+    let out = Command::new(BIN)
+        .args(["artifact", "publish", "--hub"])
+        .arg(format!("http://127.0.0.1:{}", gw.port))
+        .args([
+            "--id",
+            STORE,
+            "--name",
+            "X",
+            "--version",
+            "1",
+            "--label",
+            LABEL,
+            "--from",
+        ])
+        .arg(bundle.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run artisync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("WSO2"),
+        "publishing through a WSO2 hub must be refused: {stderr}"
+    );
+
+    // While running: a row of another label (ignored), then a new Publish of the label.
+    db.publish(WEATHER, WEATHER_API, LABEL, "v1");
+    db.put(
+        WEATHER,
+        LABEL,
+        "Remove",
+        b"{\"apiId\":\"0b6f7d4e-1c2a-4f3b-8e9d-5a6b7c8d9e0f\"}",
+    );
+    db.publish(STORE, STORE_API, OTHER_LABEL, "other-label");
+    db.publish(STORE, STORE_API, LABEL, "v1");
+    let pizza_and_store = union(&[files(PIZZA, PIZZA_API, "v1"), files(STORE, STORE_API, "v1")]);
+    for node in [&gw, &sub] {
+        wait_tree(
+            node,
+            "the new Publish of the label (nothing of other labels or removed rows)",
+            &pizza_and_store,
+        );
+    }
+
+    // A new revision of an API (WSO2 updates ARTIFACT in place), then a Remove.
+    db.publish(PIZZA, PIZZA_API, LABEL, "v2");
+    let want = union(&[files(PIZZA, PIZZA_API, "v2"), files(STORE, STORE_API, "v1")]);
+    for node in [&gw, &sub] {
+        wait_tree(node, "PizzaShackAPI's new revision", &want);
+    }
+    db.put(
+        PIZZA,
+        LABEL,
+        "Remove",
+        b"{\"apiId\":\"6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c\",\"sequencesToBeRemove\":[]}",
+    );
+    for node in [&gw, &sub] {
+        wait_tree(
+            node,
+            "PizzaShackAPI removed",
+            &files(STORE, STORE_API, "v1"),
+        );
+    }
+
+    // A broken row fails that API alone, reported with its API_ID; the rest stays.
+    let broken = format!("{{\"apiDefinition\": \"<api name=\\\"{SECRET}\\\"/>\", ");
+    db.put(BROKEN, LABEL, "Publish", broken.as_bytes());
+    let failing = wait_for(
+        RETRIEVE_TIMEOUT,
+        "the broken row to be reported failing",
+        || {
+            let r = retriever_status(&gw);
+            let failing = r["failing"].as_array().cloned().unwrap_or_default();
+            match failing.iter().find(|f| f["id"] == BROKEN) {
+                Some(f) => Ok(f.clone()),
+                None => Err(format!("failing: {failing:?}")),
+            }
+        },
+    );
+    let reason = failing["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("not GatewayAPIDTO JSON"), "{failing}");
+    tree_is(&gw.synapse(), &files(STORE, STORE_API, "v1"))
+        .unwrap_or_else(|e| panic!("a broken row changes nothing: {e}"));
+    assert_eq!(deployed_ids(&retriever_status(&gw)), vec![STORE.to_owned()]);
+    let log = std::fs::read_to_string(gw.log_path()).expect("read log");
+    assert!(log.contains(BROKEN), "the log names the failing API_ID");
+    assert!(!log.contains(SECRET), "a log quotes an artifact's content");
+
+    assert_eq!(
+        db.table_names(),
+        wso2_tables,
+        "artisync created or dropped tables in WSO2's database"
+    );
+}
+
+#[test]
+fn wso2_schema_config_mistakes_are_named_and_the_cli_does_not_write_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("sc")).expect("mkdir");
+    let db = dir.path().join("wso2.db");
+    let base = format!(
+        "node = \"gw1\"\nlisten = \"127.0.0.1:1\"\nstate_dir = \"{}\"\n\n\
+         [[folder]]\nid = \"synapse-configs\"\npath = \"{}\"\n\n[retriever]\n",
+        dir.path().join("state").display(),
+        dir.path().join("sc").display()
+    );
+    let run = |args: &[&str], text: &str| {
+        let path = dir.path().join("artisync.toml");
+        std::fs::write(&path, text).expect("write config");
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run artisync");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let wso2 = format!(
+        "{base}schema = \"wso2-apim-3.2\"\ndatabase_url = \"sqlite://{}\"\n",
+        db.display()
+    );
+    let (ok, stderr) = run(&["check-config"], &wso2);
+    assert!(ok, "a valid WSO2 config: {stderr}");
+    for (text, needle) in [
+        (
+            wso2.replace("wso2-apim-3.2", "wso2-apim-4.2"),
+            "retriever.schema",
+        ),
+        (
+            format!(
+                "{base}schema = \"wso2-apim-3.2\"\nartifact_retriever = \"hub\"\nhub = \"http://127.0.0.1:7702\"\n"
+            ),
+            "retriever.schema",
+        ),
+    ] {
+        let (ok, stderr) = run(&["check-config"], &text);
+        assert!(!ok && stderr.contains(needle), "{text}\n{stderr}");
+    }
+    let (ok, stderr) = run(&["artifact", "list"], &wso2);
+    assert!(
+        !ok && stderr.contains("never"),
+        "the CLI must not open WSO2's database as an artisync store: {stderr}"
+    );
+    assert!(!db.exists(), "a database file was created");
+}
