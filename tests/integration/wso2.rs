@@ -17,6 +17,7 @@ use artisync::artifacts::db::testing::{drop_db, fresh_url};
 use artisync::artifacts::wso2::testing::{Wso2Tables, gateway_api_json, rendered_files};
 use serde_json::Value;
 
+use crate::common::db::contents;
 use crate::common::*;
 
 const PIZZA: &str = "6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c";
@@ -125,22 +126,6 @@ fn files(api: &str, name: &str, tag: &str) -> BTreeMap<String, Vec<u8>> {
 
 fn union(sets: &[BTreeMap<String, Vec<u8>>]) -> BTreeMap<String, Vec<u8>> {
     sets.iter().flat_map(|s| s.clone()).collect()
-}
-
-/// Every file below `root` with its bytes (artisync's temp files excluded).
-fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    files_below(root)
-        .into_iter()
-        .filter(|p| {
-            !p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(artisync::fs::ignore::Ignore::is_temp)
-        })
-        .filter_map(|p| {
-            let rel = p.strip_prefix(root).ok()?.to_str()?.to_owned();
-            Some((rel, std::fs::read(&p).ok()?))
-        })
-        .collect()
 }
 
 fn tree_is(root: &Path, want: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
