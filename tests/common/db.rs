@@ -4,8 +4,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use std::time::Duration;
+
 use artisync::artifacts::db::Backend;
 use artisync::artifacts::db::testing::{drop_db, fresh_url};
+use serde_json::Value;
+
+use super::{Node, wait_for};
+
+/// Bound for a retriever to deploy, undeploy or report what the test wrote.
+pub const RETRIEVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Makes three tests of each scenario function taking a `Backend`:
 /// `<scenario>::sqlite`, `::postgres` and `::mysql`.
@@ -78,4 +86,35 @@ impl Drop for FreshDb {
             rt.block_on(drop_db(&self.url));
         }
     }
+}
+
+/// The `retriever` part of `artisync status --json`.
+pub fn retriever_status(node: &Node) -> Value {
+    let status = node.status_json();
+    let r = status["retriever"].clone();
+    assert!(
+        r.is_object(),
+        "status of {} has no retriever: {status}",
+        node.name
+    );
+    r
+}
+
+/// Waits until the node's retriever lists artifact `id` under `failing`; returns that entry.
+pub fn wait_failing(node: &Node, id: &str) -> Value {
+    wait_for(
+        RETRIEVE_TIMEOUT,
+        format!(
+            "node {}: artifact {id} reported under retriever.failing",
+            node.name
+        ),
+        || {
+            let r = retriever_status(node);
+            let failing = r["failing"].as_array().cloned().unwrap_or_default();
+            match failing.iter().find(|f| f["id"] == id) {
+                Some(f) => Ok(f.clone()),
+                None => Err(format!("failing: {}", r["failing"])),
+            }
+        },
+    )
 }

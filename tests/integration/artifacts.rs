@@ -19,7 +19,9 @@ use std::time::Duration;
 use artisync::artifacts::db::Backend;
 use serde_json::Value;
 
-use crate::common::db::{FreshDb, block_on, contents, per_backend};
+use crate::common::db::{
+    FreshDb, RETRIEVE_TIMEOUT, block_on, contents, per_backend, retriever_status, wait_failing,
+};
 use crate::common::proxy::Proxy;
 use crate::common::*;
 
@@ -71,8 +73,6 @@ const D1: Files = &[(
     "<api name=\"StoreAPI\" context=\"/store/1.0.0\" version=\"1.0.0\"/>\n",
 )];
 
-/// Bound for a retriever to deploy or undeploy what was published.
-const RETRIEVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long "nothing changes" and "still NOT_SERVING" are watched.
 const HOLD: Duration = Duration::from_secs(1);
 
@@ -311,18 +311,6 @@ fn wait_deployed(node: &Node, want: &[(&str, i64)]) -> Value {
             }
         },
     )
-}
-
-/// The `retriever` part of `artisync status --json`.
-fn retriever_status(node: &Node) -> Value {
-    let status = node.status_json();
-    let r = status["retriever"].clone();
-    assert!(
-        r.is_object(),
-        "status of {} has no retriever: {status}",
-        node.name
-    );
-    r
 }
 
 /// A published on L1, B on L2; node x subscribed to L1 and y to L2, both started, both
@@ -850,18 +838,7 @@ fn corrupt_bundle_is_skipped_and_reported() {
     let mut node = lone_node("k", &db_retriever_retrying(&db.url, &["L1"], 60_000, ""));
     node.start();
     wait_tree(&node, "B deployed, corrupt C skipped", &[B1]);
-    let failing = wait_for(
-        RETRIEVE_TIMEOUT,
-        "C to be reported under retriever.failing",
-        || {
-            let r = retriever_status(&node);
-            let failing = r["failing"].as_array().cloned().unwrap_or_default();
-            match failing.iter().find(|f| f["id"] == C) {
-                Some(f) => Ok(f.clone()),
-                None => Err(format!("failing: {}", r["failing"])),
-            }
-        },
-    );
+    let failing = wait_failing(&node, C);
     assert!(
         failing["reason"]
             .as_str()

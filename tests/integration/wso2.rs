@@ -10,14 +10,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use artisync::artifacts::db::Backend;
 use artisync::artifacts::db::testing::{drop_db, fresh_url};
 use artisync::artifacts::wso2::testing::{Wso2Tables, gateway_api_json, rendered_files};
 use serde_json::Value;
 
-use crate::common::db::contents;
+use crate::common::db::{RETRIEVE_TIMEOUT, contents, retriever_status, wait_failing};
 use crate::common::*;
 
 const PIZZA: &str = "6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c";
@@ -31,7 +30,6 @@ const STORE_API: &str = "admin--StoreAPI:v1.0.0";
 const LABEL: &str = "Production and Sandbox";
 const OTHER_LABEL: &str = "Internal";
 /// Bound for an agent to deploy or undeploy what WSO2 wrote.
-const RETRIEVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// In a broken row: must never reach a log.
 const SECRET: &str = "s3cret-in-a-broken-row";
 
@@ -151,18 +149,6 @@ fn wait_tree(node: &Node, what: &str, want: &BTreeMap<String, Vec<u8>>) {
         format!("node {}: {what}", node.name),
         || tree_is(&node.synapse(), want),
     );
-}
-
-/// The `retriever` part of `artisync status --json`.
-fn retriever_status(node: &Node) -> Value {
-    let status = node.status_json();
-    let r = status["retriever"].clone();
-    assert!(
-        r.is_object(),
-        "status of {} has no retriever: {status}",
-        node.name
-    );
-    r
 }
 
 fn deployed_ids(r: &Value) -> Vec<String> {
@@ -312,18 +298,7 @@ fn wso2_schema(backend: Backend) {
     // A broken row fails that API alone, reported with its API_ID; the rest stays.
     let broken = format!("{{\"apiDefinition\": \"<api name=\\\"{SECRET}\\\"/>\", ");
     db.put(BROKEN, LABEL, "Publish", broken.as_bytes());
-    let failing = wait_for(
-        RETRIEVE_TIMEOUT,
-        "the broken row to be reported failing",
-        || {
-            let r = retriever_status(&gw);
-            let failing = r["failing"].as_array().cloned().unwrap_or_default();
-            match failing.iter().find(|f| f["id"] == BROKEN) {
-                Some(f) => Ok(f.clone()),
-                None => Err(format!("failing: {failing:?}")),
-            }
-        },
-    );
+    let failing = wait_failing(&gw, BROKEN);
     let reason = failing["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("not GatewayAPIDTO JSON"), "{failing}");
     tree_is(&gw.synapse(), &files(STORE, STORE_API, "v1"))
