@@ -52,6 +52,24 @@ pub fn contents(root: &Path) -> BTreeMap<String, Vec<u8>> {
     artisync::demo::tree_map(root, |p| std::fs::read(p).ok())
 }
 
+/// `Ok` when the files below `root` are exactly `want`, byte for byte; else what differs.
+pub fn tree_is(root: &Path, want: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
+    let got = contents(root);
+    if &got == want {
+        return Ok(());
+    }
+    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+    let differ: Vec<&String> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+        .map(|(k, _)| k)
+        .collect();
+    Err(format!(
+        "missing {missing:?}; unexpected {extra:?}; content differs {differ:?}"
+    ))
+}
+
 /// A fresh, empty database for one test (and a temp dir for SQLite files and anything else
 /// the test keeps); dropped at the end (best effort), after the nodes declared later have
 /// stopped.

@@ -20,7 +20,8 @@ use artisync::artifacts::db::Backend;
 use serde_json::Value;
 
 use crate::common::db::{
-    FreshDb, RETRIEVE_TIMEOUT, block_on, contents, per_backend, retriever_status, wait_failing,
+    FreshDb, RETRIEVE_TIMEOUT, block_on, contents, per_backend, retriever_status, tree_is,
+    wait_failing,
 };
 use crate::common::proxy::Proxy;
 use crate::common::*;
@@ -223,26 +224,6 @@ fn expected(sets: &[Files]) -> BTreeMap<String, Vec<u8>> {
         .flat_map(|s| s.iter())
         .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
         .collect()
-}
-
-fn describe_diff(got: &BTreeMap<String, Vec<u8>>, want: &BTreeMap<String, Vec<u8>>) -> String {
-    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
-    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-    let differ: Vec<&String> = want
-        .iter()
-        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
-        .map(|(k, _)| k)
-        .collect();
-    format!("missing {missing:?}; unexpected {extra:?}; content differs {differ:?}")
-}
-
-fn tree_is(root: &Path, want: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
-    let got = contents(root);
-    if &got == want {
-        Ok(())
-    } else {
-        Err(describe_diff(&got, want))
-    }
 }
 
 /// Waits until the node's synapse folder holds exactly the files of `sets`, byte for byte.

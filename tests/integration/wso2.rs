@@ -8,7 +8,6 @@
 //! MariaDB skip with a printed reason when unreachable, except under `CI=true`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use artisync::artifacts::db::Backend;
@@ -16,7 +15,7 @@ use artisync::artifacts::db::testing::{drop_db, fresh_url};
 use artisync::artifacts::wso2::testing::{Wso2Tables, gateway_api_json, rendered_files};
 use serde_json::Value;
 
-use crate::common::db::{RETRIEVE_TIMEOUT, contents, retriever_status, wait_failing};
+use crate::common::db::{RETRIEVE_TIMEOUT, retriever_status, tree_is, wait_failing};
 use crate::common::*;
 
 const PIZZA: &str = "6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c";
@@ -124,23 +123,6 @@ fn files(api: &str, name: &str, tag: &str) -> BTreeMap<String, Vec<u8>> {
 
 fn union(sets: &[BTreeMap<String, Vec<u8>>]) -> BTreeMap<String, Vec<u8>> {
     sets.iter().flat_map(|s| s.clone()).collect()
-}
-
-fn tree_is(root: &Path, want: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
-    let got = contents(root);
-    if &got == want {
-        return Ok(());
-    }
-    let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
-    let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-    let differ: Vec<&String> = want
-        .iter()
-        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
-        .map(|(k, _)| k)
-        .collect();
-    Err(format!(
-        "missing {missing:?}; unexpected {extra:?}; content differs {differ:?}"
-    ))
 }
 
 fn wait_tree(node: &Node, what: &str, want: &BTreeMap<String, Vec<u8>>) {
