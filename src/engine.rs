@@ -1470,11 +1470,21 @@ impl FolderEngine {
                 .await
         };
         let staged = match staging {
-            Some(task) => Some(task.await.map_err(|e| EngineError::Task {
-                folder: self.id.clone(),
-                what: "staging a batch",
-                reason: e.to_string(),
-            })?),
+            Some(task) => match task.await {
+                Ok(staged) => Some(staged),
+                Err(e) => {
+                    // A panic while staging: the fetched temp files go now; named temps the
+                    // staging left behind are removed at the next start.
+                    for tmp in fetched.into_iter().flatten() {
+                        let _ = std::fs::remove_file(tmp);
+                    }
+                    return Err(EngineError::Task {
+                        folder: self.id.clone(),
+                        what: "staging a batch",
+                        reason: e.to_string(),
+                    });
+                }
+            },
             None => None,
         };
         let fetched_count = fetched.len();
