@@ -90,6 +90,7 @@ pub trait Fetcher: Send + Sync {
         folder: &'a str,
         path: &'a RelPath,
         hash: Hash,
+        size: u64,
         dir: &'a Path,
         mode: u32,
     ) -> Fetching<'a>;
@@ -212,9 +213,65 @@ pub struct FolderHandle {
     seq: watch::Receiver<u64>,
     status: Arc<Mutex<FolderStatus>>,
     live: Arc<Liveness>,
+    /// The folder's ignore rules: an ignored path is never served to a peer.
+    ignore: Arc<Ignore>,
+}
+
+/// Why a peer's `Fetch` gets nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Not something this node serves (ignored, not indexed, deleted, other content, changed
+    /// since it was indexed, reached through a symlink): the peer sees "not found".
+    #[error("{path}: {reason}")]
+    NotServed { path: RelPath, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl FolderHandle {
+    /// Opens the content a peer asks for, and only that: the live file of an indexed record of
+    /// this folder whose hash is the one asked for, still as the index last saw it on disk
+    /// (its stat key), opened without following a symlink at any component. Ignored and
+    /// internal paths are never served, whatever the index says.
+    pub async fn open_for_peer(
+        &self,
+        path: &RelPath,
+        hash: &Hash,
+    ) -> Result<std::fs::File, ServeError> {
+        let refuse = |reason: &str| ServeError::NotServed {
+            path: path.clone(),
+            reason: reason.to_owned(),
+        };
+        if self.ignore.is_ignored(path) {
+            return Err(refuse("not synced here (ignored)"));
+        }
+        let Some(row) = self.store.get(&self.id, path).await? else {
+            return Err(refuse("not in this node's index"));
+        };
+        let r = &row.record;
+        if !r.is_live_file() {
+            return Err(refuse("no live file in this node's index"));
+        }
+        if r.hash.as_ref() != Some(hash) {
+            return Err(refuse("this node holds other content at that path"));
+        }
+        let (root, rel, expected) = (self.root.clone(), path.clone(), row.stat);
+        let opened = tokio::task::spawn_blocking(move || {
+            let file = crate::fs::beneath::open_file(&root, &rel)?;
+            let key = scan::stat_key(&file.metadata()?);
+            Ok::<_, std::io::Error>((file, key))
+        })
+        .await
+        .map_err(|e| refuse(&format!("opening failed: {e}")))?;
+        match opened {
+            Ok((file, key)) if expected == Some(key) => Ok(file),
+            // Changed since it was indexed: its newer record follows (or the file is being
+            // written); the peer fetches that one.
+            Ok(_) => Err(refuse("changed on disk since it was indexed")),
+            Err(e) => Err(refuse(&e.to_string())),
+        }
+    }
+
     /// Sends local changes (from the watcher or a timer).
     pub async fn local(&self, change: Change) -> Result<(), EngineError> {
         self.tx
@@ -608,6 +665,7 @@ impl FolderEngine {
             seq: seq_rx,
             status,
             live,
+            ignore: Arc::new(folder_ignore(folder)?),
         };
         Ok((engine, handle, Inbox(rx)))
     }
@@ -1345,7 +1403,7 @@ impl FolderEngine {
         }
         let mut fails = Failures::default();
         // Build the disk operations; what did not travel inline is fetched below.
-        let mut fetches: Vec<(FileRecord, FileRecord, Hash, bool)> = Vec::new();
+        let mut fetches: Vec<(FileRecord, FileRecord, Hash, bool, Option<StatKey>)> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut op_meta: Vec<(FileRecord, FileRecord)> = Vec::new();
         let mut no_op: Vec<(FileRecord, bool)> = Vec::new();
@@ -1377,6 +1435,13 @@ impl FolderEngine {
                     continue;
                 }
             }
+            // What the local file must still be when it is replaced or removed: the file the
+            // index knows (checked at that very moment, see `apply::Op::Write`). A held file
+            // was kept just now and is replaced as it is.
+            let expect = match local_live {
+                Some(l) if l.kind == Kind::File && !held => self.stats.get(&record.path).copied(),
+                _ => None,
+            };
             let op = if record.deleted {
                 match local_live.map(|l| l.kind) {
                     Some(Kind::Dir) => Some(Op::RemoveDir {
@@ -1384,6 +1449,7 @@ impl FolderEngine {
                     }),
                     Some(Kind::File) => Some(Op::RemoveFile {
                         path: record.path.clone(),
+                        expect,
                     }),
                     None => None,
                 }
@@ -1417,9 +1483,11 @@ impl FolderEngine {
                         content: Content::Bytes(bytes.into_bytes()),
                         mode: record.mode,
                         new: local_live.is_none() && !held,
+                        expect,
                     }),
                     _ => {
-                        fetches.push((record, remote, hash, local_live.is_none() && !held));
+                        let new = local_live.is_none() && !held;
+                        fetches.push((record, remote, hash, new, expect));
                         continue;
                     }
                 }
@@ -1449,16 +1517,21 @@ impl FolderEngine {
             use futures_util::StreamExt;
             let jobs: Vec<_> = fetches
                 .iter()
-                .map(|(record, _, hash, _)| {
-                    let dir = match record.path.parent() {
-                        Some(p) => self.root.join(p.as_str()),
-                        None => self.root.clone(),
-                    };
+                .map(|(record, _, hash, _, _)| {
                     let (fetcher, id, path) =
                         (batch.fetcher.clone(), self.id.clone(), record.path.clone());
-                    let (hash, mode, live) = (*hash, record.mode, self.live.clone());
+                    let (hash, size, mode) = (*hash, record.size, record.mode);
+                    let (root, live) = (self.root.clone(), self.live.clone());
                     async move {
-                        let fetched = fetcher.fetch(&id, &path, hash, &dir, mode).await;
+                        // The directory is checked (no symlink on the way) and created before
+                        // a byte of the peer's content is written into it.
+                        let parent = path.parent();
+                        let dir = tokio::task::spawn_blocking(move || {
+                            crate::fs::beneath::ensure_dir(&root, parent.as_ref())
+                        })
+                        .await
+                        .map_err(std::io::Error::other)??;
+                        let fetched = fetcher.fetch(&id, &path, hash, size, &dir, mode).await;
                         live.progress();
                         fetched
                     }
@@ -1489,7 +1562,7 @@ impl FolderEngine {
         };
         let fetched_count = fetched.len();
         let mut fetched_ops: Vec<Op> = Vec::new();
-        for ((record, remote, _, new), r) in fetches.into_iter().zip(fetched) {
+        for ((record, remote, _, new, expect), r) in fetches.into_iter().zip(fetched) {
             match r {
                 Ok(tmp) => {
                     fetched_ops.push(Op::Write {
@@ -1497,6 +1570,7 @@ impl FolderEngine {
                         content: Content::Temp(tmp),
                         mode: record.mode,
                         new,
+                        expect,
                     });
                     op_meta.push((record, remote));
                 }
@@ -1883,11 +1957,13 @@ impl FolderEngine {
                 content: Content::Bytes(data.into()),
                 mode: file_mode,
                 new: false,
+                // The database is the authority for deployed files: replaced as they are.
+                expect: None,
             });
         }
         for path in request.removes {
             paths.insert(path.clone());
-            ops.push(Op::RemoveFile { path });
+            ops.push(Op::RemoveFile { path, expect: None });
         }
         let described: Vec<String> = ops.iter().map(|o| o.path().to_string()).collect();
         let results = block(|| apply::apply_batch(&self.root, ops, Some(&self.own)));
@@ -2062,6 +2138,7 @@ mod tests {
             _folder: &'a str,
             _path: &'a RelPath,
             _hash: Hash,
+            _size: u64,
             _dir: &'a Path,
             _mode: u32,
         ) -> Fetching<'a> {
@@ -2078,6 +2155,7 @@ mod tests {
             _folder: &'a str,
             _path: &'a RelPath,
             hash: Hash,
+            _size: u64,
             dir: &'a Path,
             mode: u32,
         ) -> Fetching<'a> {
@@ -2595,6 +2673,165 @@ mod tests {
         task.await.expect("engine task");
     }
 
+    /// A peer that serves one file's bytes, but first lets a local program write the target:
+    /// the write lands after the batch was decided and before the peer's version is put in
+    /// place (the window of issue 12's lost writes).
+    struct WriteLocallyFirst {
+        bytes: Vec<u8>,
+        target: PathBuf,
+        local: Vec<u8>,
+        replace_by_rename: bool,
+    }
+
+    impl Fetcher for WriteLocallyFirst {
+        fn fetch<'a>(
+            &'a self,
+            folder: &'a str,
+            path: &'a RelPath,
+            hash: Hash,
+            _size: u64,
+            dir: &'a Path,
+            mode: u32,
+        ) -> Fetching<'a> {
+            Box::pin(async move {
+                if self.replace_by_rename {
+                    let tmp = self.target.with_extension("editor-tmp");
+                    std::fs::write(&tmp, &self.local)?;
+                    std::fs::rename(&tmp, &self.target)?;
+                } else {
+                    std::fs::write(&self.target, &self.local)?;
+                }
+                Serve(self.bytes.clone())
+                    .fetch(folder, path, hash, _size, dir, mode)
+                    .await
+            })
+        }
+    }
+
+    fn remote_update(path: &str, bytes: &[u8], seq: u64, writes: u64) -> Incoming {
+        let mut inc = remote_file(path, bytes, seq, false);
+        for _ in 1..writes {
+            inc.record.version.bump(PEER);
+        }
+        inc
+    }
+
+    /// Regression (issue 12, item 0): a local write that lands while a peer's version of the
+    /// same file is on its way is never replaced: the apply sees the file changed at the very
+    /// moment of the rename, puts it back, and the peer's version then meets it as a
+    /// concurrent change. Both ways of writing are covered: in place, and by rename.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_write_landing_while_a_peer_version_is_fetched_is_not_lost() {
+        for replace_by_rename in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (handle, store, cancel, task) = engine_on(dir.path()).await;
+            let root = dir.path().join("root");
+            let target = root.join("x.xml");
+            handle
+                .remote(batch(1, 1, vec![remote_file("x.xml", b"<v1/>", 1, true)]))
+                .await
+                .expect("v1 applies");
+            assert_eq!(std::fs::read(&target).expect("x.xml"), b"<v1/>");
+            let local = b"<local edit made meanwhile/>".to_vec();
+            let racing = Arc::new(WriteLocallyFirst {
+                bytes: b"<v2 from the peer/>".to_vec(),
+                target: target.clone(),
+                local: local.clone(),
+                replace_by_rename,
+            });
+            let v2 = || remote_update("x.xml", b"<v2 from the peer/>", 2, 2);
+            let mut b = batch(2, 2, vec![v2()]);
+            b.fetcher = racing;
+            let first = handle.remote(b).await;
+            assert!(
+                matches!(first, Err(EngineError::ApplyFailed { .. })),
+                "the replacement must fail on the changed file, got {first:?}"
+            );
+            assert_eq!(
+                std::fs::read(&target).expect("x.xml"),
+                local,
+                "the local edit stays in place (rename: {replace_by_rename})"
+            );
+            // The session comes back on a new stream; the engine looked at the file after the
+            // failure, so the peer's version is now concurrent with the local edit.
+            let mut again = batch(3, 2, vec![v2()]);
+            again.fetcher = Arc::new(Serve(b"<v2 from the peer/>".to_vec()));
+            handle.remote(again).await.expect("decided the second time");
+            let on_disk = std::fs::read(&target).expect("x.xml");
+            let copies: Vec<Vec<u8>> = walkdir::WalkDir::new(dir.path().join("conflicts"))
+                .into_iter()
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_file())
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .collect();
+            assert!(
+                on_disk == local || copies.contains(&local),
+                "the local edit is lost: disk has {:?}, conflict copies {:?}",
+                String::from_utf8_lossy(&on_disk),
+                copies.len()
+            );
+            let rows = store
+                .since("synapse-configs", 0, 10, None)
+                .await
+                .expect("index");
+            let x = rows
+                .iter()
+                .find(|r| r.record.path.as_str() == "x.xml")
+                .expect("indexed");
+            assert_eq!(
+                x.record.hash,
+                Some(*blake3::hash(&on_disk).as_bytes()),
+                "the index says what the disk has"
+            );
+            cancel.cancel();
+            task.await.expect("engine task");
+        }
+    }
+
+    /// The same for a peer's delete: a file edited after the delete was decided is not
+    /// removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_write_landing_before_a_peer_delete_is_not_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let target = root.join("d.xml");
+        // The file to delete is applied, then a batch deletes it and brings a large file
+        // whose fetch lets the local edit land before the batch is finished.
+        let (handle, _store, cancel, task) = engine_on(dir.path()).await;
+        handle
+            .remote(batch(1, 1, vec![remote_file("d.xml", b"<d/>", 1, true)]))
+            .await
+            .expect("applies");
+        let mut delete = remote_update("d.xml", b"<d/>", 2, 2);
+        delete.record.deleted = true;
+        delete.record.hash = None;
+        delete.record.size = 0;
+        let local = b"<edited before the delete landed/>".to_vec();
+        let mut b = batch(
+            2,
+            3,
+            vec![delete, remote_file("big.xml", b"<big/>", 3, false)],
+        );
+        b.fetcher = Arc::new(WriteLocallyFirst {
+            bytes: b"<big/>".to_vec(),
+            target: target.clone(),
+            local: local.clone(),
+            replace_by_rename: false,
+        });
+        let r = handle.remote(b).await;
+        assert!(
+            matches!(r, Err(EngineError::ApplyFailed { .. })),
+            "the removal must fail on the changed file, got {r:?}"
+        );
+        assert_eq!(std::fs::read(&target).expect("still there"), local);
+        assert!(
+            root.join("big.xml").exists(),
+            "the rest of the batch landed"
+        );
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
     /// Feeds the batch that fails at `big.xml` (its content cannot be fetched) on `streams`
     /// fresh streams, as a session resubscribing after each failure does; returns the answers.
     async fn fail_big_on_streams(
@@ -2898,6 +3135,7 @@ mod tests {
             folder: &'a str,
             path: &'a RelPath,
             hash: Hash,
+            _size: u64,
             dir: &'a Path,
             mode: u32,
         ) -> Fetching<'a> {
@@ -2908,7 +3146,7 @@ mod tests {
                     .await
                     .map_err(|e| FetchError::Peer(e.to_string()))?;
                 Serve(self.bytes.clone())
-                    .fetch(folder, path, hash, dir, mode)
+                    .fetch(folder, path, hash, _size, dir, mode)
                     .await
             })
         }

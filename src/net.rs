@@ -22,13 +22,22 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, PeerConfig, TlsConfig};
-use crate::engine::{FetchError, FolderHandle, Incoming, Inline, RemoteBatch};
+use crate::engine::{FetchError, FolderHandle, Incoming, Inline, RemoteBatch, ServeError};
 use crate::model::{FileRecord, Hash, Kind, NodeId, RelPath, Stamp, VersionVector};
 use crate::pb::sync as pb;
 use crate::pb::sync::peer_client::PeerClient;
 use crate::pb::sync::peer_server::Peer;
 use crate::store::{Origin, StoredRecord};
 
+/// Most entries a version vector from a peer may have (one per node that ever wrote the path;
+/// a record with more is refused, so it can never make a batch too large to relay).
+pub const MAX_VERSION_ENTRIES: usize = 1024;
+/// Largest stamp or version counter accepted from a peer: far beyond any real clock (about the
+/// year 4200 in HLC units), and far enough below `u64::MAX` that counting on from it can never
+/// saturate.
+pub const MAX_PEER_CLOCK: u64 = 1 << 62;
+/// Largest file a peer may announce (1 TiB).
+const MAX_FILE_BYTES: u64 = 1 << 40;
 /// Largest gRPC message accepted (batches carry inline contents).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Records per index batch, and the inline bytes one batch may carry, at first. A stream
@@ -39,11 +48,20 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const BATCH_RECORDS: u32 = 1000;
 const BATCH_INLINE_BYTES: u64 = 4 * 1024 * 1024;
 const BATCH_GROWTH: u32 = 4;
+/// Record metadata one batch may carry, whatever its scale: with the inline budget this keeps
+/// a batch far below [`MAX_MESSAGE_BYTES`] even when every record has the largest path and
+/// version vector a peer may send, so a relayed record can never make a batch unsendable.
+const BATCH_META_BYTES: u64 = 16 * 1024 * 1024;
 /// HTTP/2 receive window of one stream (the client's side of a subscription).
 const STREAM_WINDOW_BYTES: u32 = 2 * BATCH_INLINE_BYTES as u32;
 /// Batches of one stream handed to the engine and not answered yet: one being finished, one
 /// being staged, one checked and waiting.
 const BATCHES_IN_FLIGHT: usize = 3;
+/// Subscription streams one connection may hold open at once (a peer opens one per folder),
+/// and all connections together: each stream may pin a few batches in memory while its
+/// subscriber does not read (see the README's "Memory" notes).
+const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 8;
+const MAX_SUBSCRIPTIONS: usize = 256;
 /// Chunk size of large-file transfers.
 const CHUNK_BYTES: usize = 1024 * 1024;
 /// A fetch that receives nothing for this long is abandoned (a hung peer must not block the
@@ -133,6 +151,28 @@ pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
     if p.version.is_empty() {
         return Err(format!("{path}: empty version vector"));
     }
+    if p.version.len() > MAX_VERSION_ENTRIES {
+        return Err(format!(
+            "{path}: version vector of {} entries (at most {MAX_VERSION_ENTRIES})",
+            p.version.len()
+        ));
+    }
+    if p.stamp_hlc > MAX_PEER_CLOCK || p.version.iter().any(|e| e.counter > MAX_PEER_CLOCK) {
+        return Err(format!(
+            "{path}: stamp or version counter beyond the clock's range (a hostile or broken peer)"
+        ));
+    }
+    if !p.deleted && kind == Kind::File && p.size > MAX_FILE_BYTES {
+        return Err(format!("{path}: declared size {} is absurd", p.size));
+    }
+    // Only permission bits, and always readable and writable (directories also searchable)
+    // by the agent itself: a peer never sets setuid, setgid or sticky bits here, nor locks
+    // this node out of its own files. Directories and tombstones carry no size.
+    let (mode, size) = match (p.deleted, kind) {
+        (true, _) => (0, 0),
+        (false, Kind::Dir) => (p.mode & 0o777 | 0o700, 0),
+        (false, Kind::File) => (p.mode & 0o777 | 0o600, p.size),
+    };
     if let Some(data) = &p.inline_data {
         if data.len() as u64 != p.size {
             return Err(format!(
@@ -153,8 +193,8 @@ pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
             path,
             kind,
             deleted: p.deleted,
-            size: p.size,
-            mode: p.mode,
+            size,
+            mode,
             hash,
             version: VersionVector::from_entries(
                 p.version.iter().map(|e| (NodeId(e.node), e.counter)),
@@ -179,6 +219,117 @@ pub struct PeerService {
     folders: Arc<HashMap<String, FolderHandle>>,
     inline_max: u64,
     cancel: CancellationToken,
+    slots: Arc<Mutex<Slots>>,
+}
+
+/// Subscription streams open now, per connection and in total (see
+/// [`MAX_SUBSCRIPTIONS_PER_CONNECTION`]).
+#[derive(Debug, Default)]
+struct Slots {
+    total: usize,
+    per_connection: HashMap<Option<std::net::SocketAddr>, usize>,
+}
+
+/// One subscription stream's place in [`Slots`], given back when the stream is dropped
+/// (the subscriber hung up or the connection broke).
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    connection: Option<std::net::SocketAddr>,
+}
+
+impl Slot {
+    fn take(
+        slots: &Arc<Mutex<Slots>>,
+        connection: Option<std::net::SocketAddr>,
+    ) -> Result<Slot, Status> {
+        let mut s = slots
+            .lock()
+            .map_err(|_| Status::internal("subscription table poisoned"))?;
+        let here = s.per_connection.get(&connection).copied().unwrap_or(0);
+        if here >= MAX_SUBSCRIPTIONS_PER_CONNECTION {
+            return Err(Status::resource_exhausted(format!(
+                "at most {MAX_SUBSCRIPTIONS_PER_CONNECTION} subscriptions per connection"
+            )));
+        }
+        if s.total >= MAX_SUBSCRIPTIONS {
+            return Err(Status::resource_exhausted(format!(
+                "this node serves at most {MAX_SUBSCRIPTIONS} subscriptions at once"
+            )));
+        }
+        s.total += 1;
+        *s.per_connection.entry(connection).or_insert(0) += 1;
+        Ok(Slot {
+            slots: slots.clone(),
+            connection,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.slots.lock() {
+            s.total = s.total.saturating_sub(1);
+            if let Some(n) = s.per_connection.get_mut(&self.connection) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.per_connection.remove(&self.connection);
+                }
+            }
+        }
+    }
+}
+
+/// A subscription's stream of batches, holding its [`Slot`] while it lives.
+pub struct SubscriptionStream {
+    inner: ReceiverStream<Result<pb::IndexBatch, Status>>,
+    _slot: Slot,
+}
+
+impl tokio_stream::Stream for SubscriptionStream {
+    type Item = Result<pb::IndexBatch, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+/// The cursors of a subscription, one per folder: a folder named twice gets one stream, from
+/// the earliest of its cursors (any disagreement about the epoch sends everything). A folder
+/// this node does not have is refused, naming it.
+fn merge_cursors(
+    cursors: Vec<pb::FolderCursor>,
+    known: impl Fn(&str) -> bool,
+) -> Result<Vec<pb::FolderCursor>, Status> {
+    if cursors.is_empty() {
+        return Err(Status::invalid_argument("a subscription names no folder"));
+    }
+    let mut merged: std::collections::BTreeMap<String, pb::FolderCursor> = Default::default();
+    for c in cursors {
+        if !known(&c.folder) {
+            return Err(Status::not_found(format!(
+                "this node has no folder {:?} (check both nodes' [[folder]] ids)",
+                c.folder
+            )));
+        }
+        match merged.get_mut(&c.folder) {
+            None => {
+                merged.insert(c.folder.clone(), c);
+            }
+            Some(m) => {
+                if m.epoch != c.epoch {
+                    m.epoch = 0;
+                }
+                if m.subscriber_epoch != c.subscriber_epoch {
+                    m.subscriber_epoch = 0;
+                }
+                m.since_seq = m.since_seq.min(c.since_seq);
+            }
+        }
+    }
+    Ok(merged.into_values().collect())
 }
 
 impl PeerService {
@@ -195,6 +346,7 @@ impl PeerService {
             folders,
             inline_max,
             cancel,
+            slots: Arc::default(),
         }
     }
 
@@ -224,16 +376,19 @@ fn read_inline(
 ) -> (Vec<Option<Vec<u8>>>, Vec<StoredRecord>) {
     let mut rest = Vec::new();
     let mut wanted = Vec::with_capacity(rows.len());
+    let mut meta_budget = BATCH_META_BYTES;
     for (i, row) in rows.iter().enumerate() {
         let r = &row.record;
         let inline = !r.deleted
             && r.kind == Kind::File
             && r.size <= inline_max
             && r.stamp.node != subscriber;
-        if inline && r.size > budget && i > 0 {
+        let meta = record_meta_bytes(r);
+        if i > 0 && ((inline && r.size > budget) || meta > meta_budget) {
             rest = rows.split_off(i);
             break;
         }
+        meta_budget = meta_budget.saturating_sub(meta);
         if inline {
             budget = budget.saturating_sub(r.size);
         }
@@ -241,17 +396,26 @@ fn read_inline(
     }
     let jobs: Vec<(&StoredRecord, bool)> = rows.iter().zip(wanted).collect();
     let threads = crate::fs::par::threads_for(jobs.len());
+    // Never through a symlink: a file replaced by a link since it was indexed is fetched
+    // instead (and the fetch is refused).
+    let root = crate::fs::beneath::Root::open(root).ok();
     let inline = crate::fs::par::map(&jobs, threads, |(row, inline)| {
         let r = &row.record;
         if !inline {
             return None;
         }
-        let mut file = std::fs::File::open(root.join(r.path.as_str())).ok()?;
+        let mut file = root.as_ref()?.open_file(&r.path).ok()?;
         let mut bytes = Vec::with_capacity(usize::try_from(r.size).ok()? + 1);
         std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
         (bytes.len() as u64 == r.size).then_some(bytes)
     });
     (inline, rest)
+}
+
+/// About what a record's metadata takes on the wire, rounded up (path, version vector,
+/// the fixed fields and their tags).
+fn record_meta_bytes(r: &FileRecord) -> u64 {
+    r.path.as_str().len() as u64 + 24 * r.version.entries().count() as u64 + 128
 }
 
 /// The size of the next batch, in base batches: a full batch (cut by rows or by bytes) means
@@ -378,28 +542,32 @@ type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Chunk, Sta
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    type SubscribeStream = ReceiverStream<Result<pb::IndexBatch, Status>>;
+    type SubscribeStream = SubscriptionStream;
     type FetchStream = ChunkStream;
 
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let connection = request.remote_addr();
         let req = request.into_inner();
         if req.node_id == self.node.0 {
             return Err(Status::failed_precondition(
                 "a node cannot subscribe to itself (check peer addresses)",
             ));
         }
+        let cursors = merge_cursors(req.folders, |f| self.folders.contains_key(f))?;
+        let slot = Slot::take(&self.slots, connection).inspect_err(|e| {
+            warn!(peer = %req.node_name, remote = ?connection, error = %e.message(), "subscription refused");
+        })?;
         let subscriber = req.node_name.clone();
-        info!(peer = %subscriber, folders = req.folders.len(), "peer subscribed");
+        info!(peer = %subscriber, folders = cursors.len(), "peer subscribed");
         // One batch queued ahead of the one on the wire (plus one per folder waiting to be
         // queued): batches grow to 16 MiB, and a deeper queue only held more of them in memory
         // while the receiver, the slower side, worked (4 queued: no faster initial sync).
         let (tx, rx) = mpsc::channel(1);
-        for cursor in req.folders {
+        for cursor in cursors {
             let Some(handle) = self.folders.get(&cursor.folder) else {
-                debug!(peer = %subscriber, folder = %cursor.folder, "peer asks for a folder this node does not have");
                 continue;
             };
             let since = if cursor.epoch == handle.epoch {
@@ -424,7 +592,10 @@ impl Peer for PeerService {
                 skip,
             ));
         }
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(SubscriptionStream {
+            inner: ReceiverStream::new(rx),
+            _slot: slot,
+        }))
     }
 
     async fn fetch(
@@ -437,10 +608,20 @@ impl Peer for PeerService {
             .get(&req.folder)
             .ok_or_else(|| Status::not_found(format!("no folder {:?}", req.folder)))?;
         let path = RelPath::new(&req.path).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let full = handle.root.join(path.as_str());
-        let file = tokio::fs::File::open(&full)
+        let hash: Hash = req.hash.as_slice().try_into().map_err(|_| {
+            Status::invalid_argument(format!("hash is {} bytes, not 32", req.hash.len()))
+        })?;
+        let file = handle
+            .open_for_peer(&path, &hash)
             .await
-            .map_err(|e| Status::not_found(format!("{path}: {e}")))?;
+            .map_err(|e| match e {
+                ServeError::NotServed { .. } => {
+                    debug!(folder = %handle.id, path = %path, reason = %e, "fetch not served");
+                    Status::not_found(e.to_string())
+                }
+                ServeError::Store(e) => Status::internal(e.to_string()),
+            })?;
+        let file = tokio::fs::File::from_std(file);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
@@ -588,6 +769,7 @@ impl crate::engine::Fetcher for PeerFetcher {
         folder: &'a str,
         path: &'a RelPath,
         hash: Hash,
+        size: u64,
         dir: &'a Path,
         mode: u32,
     ) -> crate::engine::Fetching<'a> {
@@ -611,6 +793,7 @@ impl crate::engine::Fetcher for PeerFetcher {
             .map_err(std::io::Error::other)??;
             let mut file = tokio::fs::File::from_std(file);
             let mut hasher = blake3::Hasher::new();
+            let mut received: u64 = 0;
             let result: Result<(), FetchError> = async {
                 loop {
                     let next = tokio::time::timeout(FETCH_STALL, stream.message())
@@ -619,8 +802,21 @@ impl crate::engine::Fetcher for PeerFetcher {
                     let Some(chunk) = next.map_err(|s| peer(s.message().to_owned()))? else {
                         break;
                     };
+                    // Never more than the record says: a peer streaming on is cut off before
+                    // the extra bytes reach the disk.
+                    received = received.saturating_add(chunk.data.len() as u64);
+                    if received > size {
+                        return Err(peer(format!(
+                            "sent more than the {size} bytes its record declares"
+                        )));
+                    }
                     hasher.update(&chunk.data);
                     file.write_all(&chunk.data).await?;
+                }
+                if received != size {
+                    return Err(peer(format!(
+                        "sent {received} bytes, its record declares {size}"
+                    )));
                 }
                 file.flush().await?;
                 if *hasher.finalize().as_bytes() != hash {

@@ -38,6 +38,10 @@ pub enum Op {
         /// Nothing is expected at the path (a new file): the write fails instead of replacing
         /// whatever appeared there meanwhile (a local file the index does not know yet).
         new: bool,
+        /// The stat key the file being replaced must still have at the moment it is replaced
+        /// (the one the index holds): a file written meanwhile is never lost, the write fails
+        /// with [`changed_meanwhile`] and the file stays. `None`: replace whatever is there.
+        expect: Option<StatKey>,
     },
     Chmod {
         path: RelPath,
@@ -49,6 +53,8 @@ pub enum Op {
     },
     RemoveFile {
         path: RelPath,
+        /// As for [`Op::Write`]: the file removed must still be the one the index knows.
+        expect: Option<StatKey>,
     },
     RemoveDir {
         path: RelPath,
@@ -61,7 +67,7 @@ impl Op {
             Op::Write { path, .. }
             | Op::Chmod { path, .. }
             | Op::Mkdir { path, .. }
-            | Op::RemoveFile { path }
+            | Op::RemoveFile { path, .. }
             | Op::RemoveDir { path } => path,
         }
     }
@@ -81,11 +87,17 @@ impl Op {
 /// Result of one op: the stat key of what is now at the path (`None` once removed).
 pub type OpResult = Result<Option<StatKey>, std::io::Error>;
 
-/// A new temp file in `dir`, never with a deployable extension.
-/// The directory is created when missing (only then: a batch writes thousands of files into
-/// directories that exist, and a check per file would cost a `stat` each).
+/// A new temp file in `dir`, never with a deployable extension. The directory must exist:
+/// whoever creates it checks the way there first (see [`super::beneath::ensure_dir`]).
 pub fn create_temp(dir: &Path, mode: u32) -> std::io::Result<(File, PathBuf)> {
-    let mut created_dir = false;
+    create_temp_in(dir, mode, false)
+}
+
+/// [`create_temp`], creating `dir` when missing (only then: a batch writes thousands of files
+/// into directories that exist, and a check per file would cost a `stat` each). Only for a
+/// directory whose way from the root was checked.
+fn create_temp_in(dir: &Path, mode: u32, create_dir: bool) -> std::io::Result<(File, PathBuf)> {
+    let mut created_dir = !create_dir;
     for _ in 0..16 {
         let name = format!("{TEMP_PREFIX}{:016x}{TEMP_SUFFIX}", rand::random::<u64>());
         let path = dir.join(name);
@@ -290,7 +302,8 @@ fn write_temp(
                     return Ok((Staged::Unnamed(f), key));
                 }
             }
-            let (mut f, tmp) = create_temp(dir, mode)?;
+            // Its directory was checked for symlinks in phase 1 of the batch.
+            let (mut f, tmp) = create_temp_in(dir, mode, true)?;
             match fill(&mut f, bytes) {
                 Ok(key) => Ok((Staged::Named(tmp), key)),
                 Err(e) => {
@@ -325,6 +338,181 @@ fn appeared_meanwhile(target: &Path) -> std::io::Error {
             target.display()
         ),
     )
+}
+
+/// The error of a replacement or removal whose target changed after the batch was decided:
+/// the target is left as it is now, and the engine looks at it before the peer's version
+/// comes again (it then meets it as a concurrent change).
+pub fn changed_meanwhile(target: &Path) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        format!(
+            "{} changed while the peer's version was being applied; it is looked at first",
+            target.display()
+        ),
+    )
+}
+
+/// A fresh temp name in `target`'s directory.
+fn temp_beside(target: &Path) -> PathBuf {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    dir.join(format!(
+        "{TEMP_PREFIX}{:016x}{TEMP_SUFFIX}",
+        rand::random::<u64>()
+    ))
+}
+
+/// True when `meta` is what a replacement or removal may drop: the file the index knows
+/// (`expect`), or a symlink (never synced; a peer's file takes its place).
+fn is_expected(meta: &std::fs::Metadata, expect: &StatKey) -> bool {
+    meta.file_type().is_symlink() || (meta.is_file() && stat_key(meta) == *expect)
+}
+
+/// Renames `from` to `to` with `flags`.
+fn rename2(from: &Path, to: &Path, flags: nix::fcntl::RenameFlags) -> nix::Result<()> {
+    use nix::fcntl::AT_FDCWD;
+    nix::fcntl::renameat2(AT_FDCWD, from, AT_FDCWD, to, flags)
+}
+
+/// Puts the staged file `tmp` (inode `staged_ino`) at `target` only if `target` still is the
+/// file with stat key `expect`, race-free: the two are exchanged atomically
+/// (`RENAME_EXCHANGE`), and then what was swapped out is checked. The file the index knows
+/// is dropped; anything else (a local write that landed after the batch was decided) is put
+/// back and the write fails with [`changed_meanwhile`]. Consumes `tmp` in every case.
+///
+/// What remains: a program holding the old file open and writing into it in place after the
+/// check writes into the dropped file. Writers that replace files by renaming (editors, the
+/// gateway's own deployer, artisync) and writes finished before the exchange are never lost.
+fn replace_checked(
+    tmp: &Path,
+    staged_ino: u64,
+    target: &Path,
+    expect: &StatKey,
+) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    use nix::fcntl::RenameFlags;
+    use std::os::unix::fs::MetadataExt;
+    let discard = || {
+        let _ = std::fs::remove_file(tmp);
+    };
+    match rename2(tmp, target, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => {}
+        // Removed locally since the batch was decided.
+        Err(Errno::ENOENT) => {
+            discard();
+            return Err(changed_meanwhile(target));
+        }
+        // A file system without RENAME_EXCHANGE: look, then rename (a write landing between
+        // the two is replaced; there is no atomic way here).
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+            let r = match std::fs::symlink_metadata(target) {
+                Ok(m) if is_expected(&m, expect) => std::fs::rename(tmp, target),
+                Ok(_) => Err(changed_meanwhile(target)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(changed_meanwhile(target))
+                }
+                Err(e) => Err(e),
+            };
+            if r.is_err() {
+                discard();
+            }
+            return r;
+        }
+        Err(e) => {
+            discard();
+            return Err(e.into());
+        }
+    }
+    // `tmp` now names what `target` was a moment ago.
+    match std::fs::symlink_metadata(tmp) {
+        Ok(m) if is_expected(&m, expect) => {
+            if let Err(e) = std::fs::remove_file(tmp) {
+                // Our version is in place; the old file lingers under a temp name until the
+                // next start removes it.
+                tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a replaced file");
+            }
+            return Ok(());
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(path = %tmp.display(), error = %e, "cannot look at a replaced file");
+        }
+    }
+    // Changed meanwhile: swap back, then see what came out.
+    match rename2(tmp, target, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => match std::fs::symlink_metadata(tmp) {
+            Ok(m) if m.ino() == staged_ino => discard(),
+            Ok(_) => {
+                // A local program replaced our version in the instant it was there: its file
+                // is the newest, it goes back in place.
+                if let Err(e) = std::fs::rename(tmp, target) {
+                    tracing::error!(path = %target.display(), kept_at = %tmp.display(), error = %e, "cannot put a local file back in place");
+                }
+            }
+            Err(_) => {}
+        },
+        // Our version was removed locally meanwhile: the local file goes back, unless yet
+        // another one took the name.
+        Err(_) => match rename2(tmp, target, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => discard(),
+            Err(e) => {
+                tracing::error!(path = %target.display(), kept_at = %tmp.display(), error = %e, "cannot put a local file back in place");
+            }
+        },
+    }
+    Err(changed_meanwhile(target))
+}
+
+/// Removes the file at `target` only if it still is the file with stat key `expect`,
+/// race-free: it is first renamed aside, then checked; anything else goes back in place and
+/// the removal fails with [`changed_meanwhile`]. A target already gone is fine.
+fn remove_checked(target: &Path, expect: &StatKey) -> OpResult {
+    use nix::errno::Errno;
+    use nix::fcntl::RenameFlags;
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "a directory stands where a file was deleted",
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let aside = temp_beside(target);
+    match rename2(target, &aside, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => {}
+        Err(Errno::ENOENT) => return Ok(None),
+        // No RENAME_NOREPLACE here: the aside name is random, a clash is not a concern.
+        Err(Errno::EINVAL) => match std::fs::rename(target, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        },
+        Err(e) => return Err(e.into()),
+    }
+    match std::fs::symlink_metadata(&aside) {
+        Ok(m) if is_expected(&m, expect) => {
+            std::fs::remove_file(&aside)?;
+            return Ok(None);
+        }
+        _ => {}
+    }
+    match rename2(&aside, target, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => {}
+        // A new local file took the name meanwhile: it is the newest local state.
+        Err(Errno::EEXIST) => {
+            let _ = std::fs::remove_file(&aside);
+        }
+        Err(_) => {
+            if let Err(e) = std::fs::rename(&aside, target) {
+                tracing::error!(path = %target.display(), kept_at = %aside.display(), error = %e, "cannot put a local file back in place");
+            }
+        }
+    }
+    Err(changed_meanwhile(target))
 }
 
 /// Whether `linkat(fd, "", AT_EMPTY_PATH)` works for this process: since Linux 6.10 it does
@@ -366,14 +554,20 @@ fn link_unnamed(f: &File, to: &Path) -> nix::Result<()> {
 }
 
 /// Puts staged content at `target`. A `new` file never replaces anything (an unnamed file is
-/// linked, which fails on an existing name; a named one is renamed with RENAME_NOREPLACE).
+/// linked, which fails on an existing name; a named one is renamed with RENAME_NOREPLACE);
+/// a replacement with `expect` only replaces that file (see [`replace_checked`]).
 fn place(
     staged: &Staged,
+    key: &StatKey,
     target: &Path,
     new: bool,
+    expect: Option<&StatKey>,
     own: Option<&OwnWrites>,
 ) -> std::io::Result<()> {
     use nix::errno::Errno;
+    if let (Staged::Named(tmp), false, Some(expect)) = (staged, new, expect) {
+        return replace_checked(tmp, key.ino, target, expect);
+    }
     let r = match staged {
         Staged::Unnamed(f) => {
             if let Some(own) = own {
@@ -631,11 +825,15 @@ impl StagedBatch {
             threads,
             |(i, _, _)| ops[*i].path().parent(),
             |(i, s, key)| {
-                let new = matches!(&ops[*i], Op::Write { new: true, .. });
+                let (new, expect) = match &ops[*i] {
+                    Op::Write { new, expect, .. } => (*new, expect.as_ref()),
+                    _ => (false, None),
+                };
                 // The stat key is the temp file's, taken before it was put in place: a local
                 // edit landing on the target right after ours must not be taken for our write
                 // (nor fail an apply that already happened).
-                place(s, &root.join(ops[*i].path().as_str()), new, own).map(|_| Some(*key))
+                let target = root.join(ops[*i].path().as_str());
+                place(s, key, &target, new, expect, own).map(|_| Some(*key))
             },
         );
         for ((i, _, _), r) in staged.iter().zip(placed) {
@@ -651,7 +849,11 @@ impl StagedBatch {
             }
             let target = root.join(ops[i].path().as_str());
             let r = match &ops[i] {
-                Op::RemoveFile { .. } => match std::fs::symlink_metadata(&target) {
+                Op::RemoveFile {
+                    expect: Some(expect),
+                    ..
+                } => remove_checked(&target, expect),
+                Op::RemoveFile { expect: None, .. } => match std::fs::symlink_metadata(&target) {
                     Ok(m) if m.is_dir() => Err(std::io::Error::new(
                         std::io::ErrorKind::IsADirectory,
                         "a directory stands where a file was deleted",
@@ -683,7 +885,18 @@ impl StagedBatch {
                 .try_for_each(|d| sync_dir(d))
         };
         if let Err(e) = dir_sync {
-            tracing::warn!(root = %root.display(), error = %e, "directory sync failed");
+            // The entries are in place but not durable: nothing of the batch may be committed
+            // to the index (it would claim what a power loss can take back). Every op fails
+            // with the node's error, and the batch is retried as for any node problem.
+            tracing::warn!(root = %root.display(), error = %e, "directory sync failed; the batch fails");
+            for r in results.iter_mut() {
+                if matches!(r, Some(Ok(_))) {
+                    *r = Some(Err(match e.raw_os_error() {
+                        Some(code) => std::io::Error::from_raw_os_error(code),
+                        None => std::io::Error::new(e.kind(), e.to_string()),
+                    }));
+                }
+            }
         }
         tracing::debug!(
             root = %root.display(),
@@ -778,6 +991,7 @@ mod tests {
             content: Content::Bytes(bytes.to_vec().into()),
             mode,
             new,
+            expect: None,
         }
     }
 
@@ -794,12 +1008,14 @@ mod tests {
             },
             Op::RemoveFile {
                 path: p("old/deep/f"),
+                expect: None,
             },
             Op::Write {
                 path: p("api/sub/b.xml"),
                 content: Content::Bytes(b"<b/>".to_vec().into()),
                 mode: 0o640,
                 new: true,
+                expect: None,
             },
             Op::Mkdir {
                 path: p("api/sub"),
@@ -816,6 +1032,7 @@ mod tests {
                 content: Content::Bytes(vec![b'a'; i].into()),
                 mode: 0o644,
                 new: true,
+                expect: None,
             });
         }
         let results = apply_batch(root, ops, None);
@@ -886,6 +1103,7 @@ mod tests {
                 write("api/a.xml", b"<a/>", 0o644, true),
                 Op::RemoveFile {
                     path: p("gone/old.xml"),
+                    expect: None,
                 },
                 Op::Mkdir {
                     path: p("api"),
@@ -894,6 +1112,7 @@ mod tests {
             ],
             None,
         );
+        std::fs::create_dir_all(root.join("big")).expect("mkdir");
         let (mut f, tmp) = create_temp(&root.join("big"), 0o600).expect("fetched temp");
         f.write_all(b"<big/>").expect("fetched bytes");
         drop(f);
@@ -905,9 +1124,13 @@ mod tests {
                     content: Content::Temp(tmp),
                     mode: 0o640,
                     new: true,
+                    expect: None,
                 },
                 write("c.xml", b"<c/>", 0o644, false),
-                Op::RemoveFile { path: p("d.xml") },
+                Op::RemoveFile {
+                    path: p("d.xml"),
+                    expect: None,
+                },
             ],
             None,
         );
@@ -959,6 +1182,7 @@ mod tests {
                 content: Content::Bytes(format!("<f n=\"{i}\"/>").into_bytes().into()),
                 mode: 0o640,
                 new: true,
+                expect: None,
             })
             .collect();
         ops.push(Op::Write {
@@ -966,6 +1190,7 @@ mod tests {
             content: Content::Bytes(b"<later/>".to_vec().into()),
             mode: 0o600,
             new: false,
+            expect: None,
         });
         let results = apply_batch(root, ops, None);
         assert_eq!(results.len(), 301);
@@ -1022,10 +1247,13 @@ mod tests {
         // A named temp file with RENAME_NOREPLACE.
         let (mut f, tmp) = create_temp(root, 0o644).expect("temp");
         f.write_all(b"<peer/>").expect("write");
+        let key = stat_key(&std::fs::metadata(&tmp).expect("temp meta"));
         let e = place(
             &Staged::Named(tmp.clone()),
+            &key,
             &root.join("local.xml"),
             true,
+            None,
             None,
         )
         .expect_err("must not replace");
@@ -1063,7 +1291,16 @@ mod tests {
         assert!(r[0].is_ok(), "{r:?}");
         let (mut f, tmp) = create_temp(root, 0o644).expect("temp");
         f.write_all(b"<peer/>").expect("write");
-        place(&Staged::Named(tmp), &root.join("b.xml"), true, None).expect("named");
+        let key = stat_key(&std::fs::metadata(&tmp).expect("temp meta"));
+        place(
+            &Staged::Named(tmp),
+            &key,
+            &root.join("b.xml"),
+            true,
+            None,
+            None,
+        )
+        .expect("named");
         for name in ["a.xml", "b.xml"] {
             let meta = std::fs::symlink_metadata(root.join(name)).expect("meta");
             assert!(meta.is_file(), "{name} is a file now");
@@ -1147,9 +1384,11 @@ mod tests {
                     content: Content::Bytes(b"x".to_vec().into()),
                     mode: 0o644,
                     new: true,
+                    expect: None,
                 },
                 Op::RemoveFile {
                     path: p("api/victim.xml"),
+                    expect: None,
                 },
                 Op::Chmod {
                     path: p("api"),
@@ -1167,12 +1406,14 @@ mod tests {
                 content: Content::Bytes(b"x".to_vec().into()),
                 mode: 0o644,
                 new: true,
+                expect: None,
             })
             .chain((0..100).map(|i| Op::Write {
                 path: p(&format!("ok/{i}.xml")),
                 content: Content::Bytes(b"y".to_vec().into()),
                 mode: 0o644,
                 new: true,
+                expect: None,
             }))
             .collect();
         let r = apply_batch(&root, many, None);
@@ -1237,5 +1478,179 @@ mod tests {
         assert_eq!(std::fs::read(&dest).expect("read"), b"bytes");
         assert_eq!(std::fs::read(&second).expect("read"), b"other bytes");
         assert_eq!(keep_copy(&src, &dest).expect("copy"), Kept::Already(second));
+    }
+
+    fn key_of(path: &Path) -> StatKey {
+        stat_key(&std::fs::symlink_metadata(path).expect("meta"))
+    }
+
+    fn replace(path: &str, bytes: &[u8], expect: StatKey) -> Op {
+        Op::Write {
+            path: p(path),
+            content: Content::Bytes(bytes.to_vec().into()),
+            mode: 0o644,
+            new: false,
+            expect: Some(expect),
+        }
+    }
+
+    fn temps_in(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .expect("ls")
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(super::super::ignore::Ignore::is_temp)
+            })
+            .count()
+    }
+
+    /// Issue 12, item 0: the target is checked at the moment of the rename, not when the batch
+    /// was decided or staged. A write that lands in between stays, by either way of writing.
+    #[test]
+    fn a_replacement_keeps_a_file_changed_after_the_batch_was_staged() {
+        for by_rename in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = dir.path();
+            let target = root.join("a.xml");
+            std::fs::write(&target, b"<indexed/>").expect("write");
+            let indexed = key_of(&target);
+            let staged = stage_batch(root, vec![replace("a.xml", b"<peer/>", indexed)], None);
+            if by_rename {
+                std::fs::write(root.join("edit.new"), b"<local edit/>").expect("write");
+                std::fs::rename(root.join("edit.new"), &target).expect("rename");
+            } else {
+                std::fs::write(&target, b"<local edit/>").expect("write");
+            }
+            let r = staged.finish(None);
+            let e = r[0].as_ref().expect_err("the replacement must not happen");
+            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+            assert_eq!(std::fs::read(&target).expect("read"), b"<local edit/>");
+            assert_eq!(temps_in(root), 0, "no temp file left behind");
+        }
+    }
+
+    #[test]
+    fn a_replacement_of_the_indexed_file_happens_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let target = root.join("a.xml");
+        std::fs::write(&target, b"<indexed/>").expect("write");
+        let r = apply_batch(
+            root,
+            vec![replace("a.xml", b"<peer/>", key_of(&target))],
+            None,
+        );
+        let key = r[0].as_ref().expect("replaced").expect("stat key");
+        assert_eq!(std::fs::read(&target).expect("read"), b"<peer/>");
+        assert_eq!(key, key_of(&target), "the stat key is the new file's");
+        assert_eq!(temps_in(root), 0);
+        // A file removed meanwhile is not brought back by the peer's replacement.
+        let gone = key_of(&target);
+        std::fs::remove_file(&target).expect("rm");
+        let r = apply_batch(root, vec![replace("a.xml", b"<peer2/>", gone)], None);
+        assert!(r[0].is_err(), "a locally removed file is a change too");
+        assert!(!target.exists());
+        assert_eq!(temps_in(root), 0);
+    }
+
+    #[test]
+    fn a_removal_keeps_a_file_changed_after_the_batch_was_decided() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let target = root.join("d.xml");
+        std::fs::write(&target, b"<indexed/>").expect("write");
+        let indexed = key_of(&target);
+        std::fs::write(&target, b"<edited since/>").expect("write");
+        let op = Op::RemoveFile {
+            path: p("d.xml"),
+            expect: Some(indexed),
+        };
+        let r = apply_batch(root, vec![op], None);
+        let e = r[0].as_ref().expect_err("must not remove");
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read(&target).expect("read"), b"<edited since/>");
+        assert_eq!(temps_in(root), 0);
+        let op = Op::RemoveFile {
+            path: p("d.xml"),
+            expect: Some(key_of(&target)),
+        };
+        assert!(apply_batch(root, vec![op], None)[0].is_ok());
+        assert!(!target.exists());
+        assert_eq!(temps_in(root), 0);
+    }
+
+    /// A local writer replaces one file as fast as it can while peer versions replace it,
+    /// each decided on the content seen just before. Every peer version says which local
+    /// version it was decided against; the writer checks, before each write, that whatever
+    /// peer version it finds replaced exactly its own last write. A peer version that
+    /// replaced a local write it never saw is a lost write. Bounded: 1,500 rounds per side.
+    #[test]
+    fn hammering_one_path_from_both_sides_loses_no_local_write() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_owned();
+        let target = root.join("hot.xml");
+        std::fs::write(&target, b"local-0").expect("write");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (target, root, stop) = (target.clone(), root.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut lost = Vec::new();
+                let mut last = b"local-0".to_vec();
+                for i in 1..1500u32 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let replaced_unseen = |now: &[u8]| {
+                        now.strip_prefix(b"peer-decided-on:")
+                            .is_some_and(|seen| seen != last.as_slice())
+                    };
+                    if replaced_unseen(&std::fs::read(&target).unwrap_or_default()) {
+                        // A peer version may stand there for an instant before it is swapped
+                        // back out: lost only if it stays.
+                        let stays = (0..200).all(|_| {
+                            std::thread::sleep(std::time::Duration::from_micros(500));
+                            replaced_unseen(&std::fs::read(&target).unwrap_or_default())
+                        });
+                        if stays {
+                            lost.push(String::from_utf8_lossy(&last).into_owned());
+                        }
+                    }
+                    last = format!("local-{i}").into_bytes();
+                    let tmp = root.join("writer.part");
+                    std::fs::write(&tmp, &last).expect("write");
+                    std::fs::rename(&tmp, &target).expect("rename");
+                }
+                lost
+            })
+        };
+        let mut replaced = 0;
+        for _ in 0..1500 {
+            // Decide: what the index would hold now.
+            let Ok(seen) = std::fs::read(&target) else {
+                continue;
+            };
+            let Ok(meta) = std::fs::symlink_metadata(&target) else {
+                continue;
+            };
+            if std::fs::read(&target).ok().as_deref() != Some(seen.as_slice()) {
+                continue; // not a stable look (a scan would retry too)
+            }
+            let mut bytes = b"peer-decided-on:".to_vec();
+            bytes.extend_from_slice(&seen);
+            let r = apply_batch(
+                &root,
+                vec![replace("hot.xml", &bytes, stat_key(&meta))],
+                None,
+            );
+            replaced += usize::from(r[0].is_ok());
+        }
+        stop.store(true, Ordering::Relaxed);
+        let lost = writer.join().expect("writer thread");
+        assert!(lost.is_empty(), "local writes replaced unseen: {lost:?}");
+        assert!(replaced > 0, "the peer side never got a turn");
+        assert_eq!(temps_in(&root), 0);
     }
 }

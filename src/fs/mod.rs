@@ -1,8 +1,10 @@
 //! The file-system edge: scanning and hashing (`scan`), watching (`watch`), safe writes
-//! (`apply`), ignore rules (`ignore`), the XML validation gate (`xml`) and the few threads
-//! that bulk file work is spread over (`par`).
+//! (`apply`), opening and creating below a root without following symlinks (`beneath`),
+//! ignore rules (`ignore`), the XML validation gate (`xml`) and the few threads that bulk file
+//! work is spread over (`par`).
 
 pub mod apply;
+pub mod beneath;
 pub mod ignore;
 pub mod own;
 pub mod par;

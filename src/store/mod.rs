@@ -530,6 +530,26 @@ impl Store {
         self.decode(folder, rows)
     }
 
+    /// The stored record of one path, if any (what the node serves a peer is checked
+    /// against it).
+    pub async fn get(
+        &self,
+        folder: &str,
+        path: &RelPath,
+    ) -> Result<Option<StoredRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM files WHERE folder = ? AND path = ?"
+        ))
+        .bind(folder)
+        .bind(path.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.db_err(e))?;
+        Ok(self.decode(folder, rows)?.into_iter().next())
+    }
+
     /// Every stored record of a folder with its stat key: what a folder engine starts from
     /// (no origins; see [`Store::load_folder`] for those).
     ///
