@@ -145,6 +145,11 @@ pub struct RetrieverConfig {
     /// retriever at once through LISTEN/NOTIFY; polling stays as the safety net.
     #[serde(default = "default_poll_interval")]
     pub poll_interval: u64,
+    /// Names of the publisher certificates (`artisync cert publisher --name N`) whose publish
+    /// and remove this agent takes over `[tls]` (mode `db` with artisync's own store). A node
+    /// certificate never may publish; without `[tls]`, only callers on this machine may.
+    #[serde(default)]
+    pub publishers: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -503,6 +508,7 @@ impl RetrieverConfig {
                 ));
             }
         }
+        self.validate_publishers(config)?;
         if config.folder(&self.folder).is_none() {
             return Err(invalid(
                 "retriever.folder",
@@ -541,9 +547,50 @@ impl RetrieverConfig {
         }
         Ok(())
     }
+
+    fn validate_publishers(&self, config: &Config) -> Result<(), ConfigError> {
+        if self.publishers.is_empty() {
+            return Ok(());
+        }
+        let key = "retriever.publishers";
+        if self.artifact_retriever != "db" || self.is_wso2() {
+            return Err(invalid(
+                key,
+                "only an agent with artifact_retriever = \"db\" and artisync's own schema takes \
+                 publishes",
+            ));
+        }
+        if config.tls.is_none() {
+            return Err(invalid(
+                key,
+                "publisher certificates need [tls]; without it only callers on this machine may \
+                 publish",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, name) in self.publishers.iter().enumerate() {
+            if !valid_name(name) {
+                return Err(invalid(
+                    format!("{key}[{i}]"),
+                    format!(
+                        "{name:?} must be 1-64 characters of letters, digits, '-', '_' or '.' \
+                         (the --name given to `artisync cert publisher`)"
+                    ),
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(invalid(
+                    format!("{key}[{i}]"),
+                    format!("duplicate publisher {name:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
-fn valid_name(s: &str) -> bool {
+/// A node, folder or publisher name: 1-64 letters, digits, '-', '_' or '.'.
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()
@@ -763,6 +810,45 @@ mod tests {
         );
         let e = err_of(&format!("{b}{db}schema = 3\n"));
         assert!(e.contains("schema"), "a non-string is named too: {e}");
+    }
+
+    #[test]
+    fn retriever_publishers_are_validated() {
+        let dir = setup();
+        for f in ["ca.pem", "n.pem", "n.key"] {
+            std::fs::write(dir.path().join(f), "x").expect("write");
+        }
+        let d = dir.path().display();
+        let tls =
+            format!("[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/n.pem\"\nkey = \"{d}/n.key\"\n\n");
+        let b = base(dir.path());
+        let db = "\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\n";
+        let c = Config::parse(
+            &format!("{b}\n{tls}{db}publishers = [\"ci-publisher\"]\n"),
+            Path::new("t"),
+        )
+        .expect("valid");
+        assert_eq!(c.retriever.expect("retriever").publishers, ["ci-publisher"]);
+        for (bad, needle) in [
+            ("[\"\"]", "publishers[0]"),
+            ("[\"a/b\"]", "publishers[0]"),
+            ("[\"ci\", \"ci\"]", "duplicate"),
+        ] {
+            let e = err_of(&format!("{b}\n{tls}{db}publishers = {bad}\n"));
+            assert!(
+                e.contains("retriever.publishers") && e.contains(needle),
+                "{e}"
+            );
+        }
+        let e = err_of(&format!("{b}{db}publishers = [\"ci\"]\n"));
+        assert!(
+            e.contains("retriever.publishers") && e.contains("[tls]"),
+            "{e}"
+        );
+        let e = err_of(&format!(
+            "{b}\n{tls}{db}schema = \"wso2-apim-3.2\"\npublishers = [\"ci\"]\n"
+        ));
+        assert!(e.contains("retriever.publishers"), "{e}");
     }
 
     #[test]

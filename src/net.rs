@@ -385,6 +385,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        crate::identity::authorize_subscriber(&request, &request.get_ref().node_name)?;
         let req = request.into_inner();
         if req.node_id == self.node.0 {
             return Err(Status::failed_precondition(
@@ -431,6 +432,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
+        crate::identity::authorize_cluster_read(&request, "Peer.Fetch")?;
         let req = request.into_inner();
         let handle = self
             .folders
