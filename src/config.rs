@@ -298,6 +298,8 @@ impl Config {
         }
         let mut ids = HashSet::new();
         let mut roots: Vec<(&str, PathBuf)> = Vec::new();
+        let state = resolve_existing_prefix(&self.state_dir)
+            .map_err(|e| invalid("state_dir", format!("{}: {e}", self.state_dir.display())))?;
         for (i, f) in self.folders.iter().enumerate() {
             let key = format!("folder[{i}]");
             if !valid_name(&f.id) {
@@ -341,13 +343,30 @@ impl Config {
                     ));
                 }
             }
-            if let Ok(state) = self.state_dir.canonicalize() {
-                if state.starts_with(&canonical) {
-                    return Err(invalid(
-                        "state_dir",
-                        format!("must not lie inside folder {:?}", f.id),
-                    ));
-                }
+            // The index, node id, lock and `running` files would be synced to peers (and the
+            // agent would trip over its own `running` file): refused whether or not state_dir
+            // exists yet. A folder inside state_dir would be synced from beside the index.
+            if state.starts_with(&canonical) {
+                return Err(invalid(
+                    "state_dir",
+                    format!(
+                        "{} must not lie inside folder {:?} ({})",
+                        self.state_dir.display(),
+                        f.id,
+                        f.path.display()
+                    ),
+                ));
+            }
+            if canonical.starts_with(&state) {
+                return Err(invalid(
+                    "state_dir",
+                    format!(
+                        "{} must not contain folder {:?} ({})",
+                        self.state_dir.display(),
+                        f.id,
+                        f.path.display()
+                    ),
+                ));
             }
             for (j, pattern) in f.ignore.iter().enumerate() {
                 globset::Glob::new(pattern).map_err(|e| {
@@ -589,6 +608,41 @@ impl RetrieverConfig {
     }
 }
 
+/// `path` (absolute) with `.` and `..` resolved lexically, then its longest existing ancestor
+/// canonicalized (symlinks resolved) and the rest appended: where the path is, or will be once
+/// created, comparable with canonical folder roots.
+fn resolve_existing_prefix(path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let mut lexical = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    let mut existing = lexical.as_path();
+    let mut rest = Vec::new();
+    loop {
+        match existing.canonicalize() {
+            Ok(mut resolved) => {
+                resolved.extend(rest.iter().rev());
+                return Ok(resolved);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(e);
+                };
+                rest.push(name);
+                existing = parent;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A node, folder or publisher name: 1-64 letters, digits, '-', '_' or '.'.
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -810,6 +864,54 @@ mod tests {
         );
         let e = err_of(&format!("{b}{db}schema = 3\n"));
         assert!(e.contains("schema"), "a non-string is named too: {e}");
+    }
+
+    /// Issue 12: a state_dir inside a folder had its index, lock and `running` files synced
+    /// to peers when it did not exist yet at the first start.
+    #[test]
+    fn state_dir_inside_a_folder_is_refused_even_before_it_exists() {
+        let dir = setup();
+        let d = dir.path();
+        std::os::unix::fs::symlink(d.join("sc"), d.join("link")).expect("symlink");
+        let inside = [
+            d.join("sc/state"),
+            d.join("sc/deeper/state"),
+            d.join("sc/../sc/state"),
+            d.join("sc/./x/../state"),
+            d.join("link/state"),
+            d.join("sc"),
+        ];
+        for state in inside {
+            let text = base(d).replace(
+                &format!("{}/state", d.display()),
+                &state.display().to_string(),
+            );
+            let e = err_of(&text);
+            assert!(
+                e.contains("`state_dir`") && e.contains("\"synapse-configs\""),
+                "{}: {e}",
+                state.display()
+            );
+        }
+        assert!(!d.join("sc/state").exists() && !d.join("sc/deeper").exists());
+        // Beside the folder, even through `..` out of it, is fine.
+        let text = base(d).replace(
+            &format!("{}/state", d.display()),
+            &d.join("sc/../state").display().to_string(),
+        );
+        Config::parse(&text, Path::new("t")).expect("state_dir beside the folder");
+    }
+
+    #[test]
+    fn a_folder_inside_state_dir_is_refused() {
+        let dir = setup();
+        let d = dir.path();
+        let text = base(d).replace(&format!("{}/state", d.display()), &d.display().to_string());
+        let e = err_of(&text);
+        assert!(
+            e.contains("`state_dir`") && e.contains("contain folder \"synapse-configs\""),
+            "{e}"
+        );
     }
 
     #[test]
