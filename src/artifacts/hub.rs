@@ -1,6 +1,9 @@
 //! Hub mode: an agent with database access serves `ArtifactHub` (retrieval by label for agents
 //! without DB credentials) and `ArtifactSaver` (remote publish/remove) on its listen address,
 //! all from one connection pool. [`HubSource`] is the client side, a retriever [`Source`].
+//! Who may call which is decided in [`crate::identity`]: reads need a cluster node certificate
+//! (with TLS), publish and remove a listed publisher certificate (or, without TLS, a caller on
+//! this machine).
 
 use std::pin::Pin;
 use std::sync::Arc;
