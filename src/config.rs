@@ -145,6 +145,11 @@ pub struct RetrieverConfig {
     /// retriever at once through LISTEN/NOTIFY; polling stays as the safety net.
     #[serde(default = "default_poll_interval")]
     pub poll_interval: u64,
+    /// Names of the publisher certificates (`artisync cert publisher --name N`) whose publish
+    /// and remove this agent takes over `[tls]` (mode `db` with artisync's own store). A node
+    /// certificate never may publish; without `[tls]`, only callers on this machine may.
+    #[serde(default)]
+    pub publishers: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -293,6 +298,8 @@ impl Config {
         }
         let mut ids = HashSet::new();
         let mut roots: Vec<(&str, PathBuf)> = Vec::new();
+        let state = resolve_existing_prefix(&self.state_dir)
+            .map_err(|e| invalid("state_dir", format!("{}: {e}", self.state_dir.display())))?;
         for (i, f) in self.folders.iter().enumerate() {
             let key = format!("folder[{i}]");
             if !valid_name(&f.id) {
@@ -336,13 +343,30 @@ impl Config {
                     ));
                 }
             }
-            if let Ok(state) = self.state_dir.canonicalize() {
-                if state.starts_with(&canonical) {
-                    return Err(invalid(
-                        "state_dir",
-                        format!("must not lie inside folder {:?}", f.id),
-                    ));
-                }
+            // The index, node id, lock and `running` files would be synced to peers (and the
+            // agent would trip over its own `running` file): refused whether or not state_dir
+            // exists yet. A folder inside state_dir would be synced from beside the index.
+            if state.starts_with(&canonical) {
+                return Err(invalid(
+                    "state_dir",
+                    format!(
+                        "{} must not lie inside folder {:?} ({})",
+                        self.state_dir.display(),
+                        f.id,
+                        f.path.display()
+                    ),
+                ));
+            }
+            if canonical.starts_with(&state) {
+                return Err(invalid(
+                    "state_dir",
+                    format!(
+                        "{} must not contain folder {:?} ({})",
+                        self.state_dir.display(),
+                        f.id,
+                        f.path.display()
+                    ),
+                ));
             }
             for (j, pattern) in f.ignore.iter().enumerate() {
                 globset::Glob::new(pattern).map_err(|e| {
@@ -503,6 +527,7 @@ impl RetrieverConfig {
                 ));
             }
         }
+        self.validate_publishers(config)?;
         if config.folder(&self.folder).is_none() {
             return Err(invalid(
                 "retriever.folder",
@@ -541,9 +566,85 @@ impl RetrieverConfig {
         }
         Ok(())
     }
+
+    fn validate_publishers(&self, config: &Config) -> Result<(), ConfigError> {
+        if self.publishers.is_empty() {
+            return Ok(());
+        }
+        let key = "retriever.publishers";
+        if self.artifact_retriever != "db" || self.is_wso2() {
+            return Err(invalid(
+                key,
+                "only an agent with artifact_retriever = \"db\" and artisync's own schema takes \
+                 publishes",
+            ));
+        }
+        if config.tls.is_none() {
+            return Err(invalid(
+                key,
+                "publisher certificates need [tls]; without it only callers on this machine may \
+                 publish",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, name) in self.publishers.iter().enumerate() {
+            if !valid_name(name) {
+                return Err(invalid(
+                    format!("{key}[{i}]"),
+                    format!(
+                        "{name:?} must be 1-64 characters of letters, digits, '-', '_' or '.' \
+                         (the --name given to `artisync cert publisher`)"
+                    ),
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(invalid(
+                    format!("{key}[{i}]"),
+                    format!("duplicate publisher {name:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
-fn valid_name(s: &str) -> bool {
+/// `path` (absolute) with `.` and `..` resolved lexically, then its longest existing ancestor
+/// canonicalized (symlinks resolved) and the rest appended: where the path is, or will be once
+/// created, comparable with canonical folder roots.
+fn resolve_existing_prefix(path: &Path) -> std::io::Result<PathBuf> {
+    use std::path::Component;
+    let mut lexical = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    let mut existing = lexical.as_path();
+    let mut rest = Vec::new();
+    loop {
+        match existing.canonicalize() {
+            Ok(mut resolved) => {
+                resolved.extend(rest.iter().rev());
+                return Ok(resolved);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(e);
+                };
+                rest.push(name);
+                existing = parent;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A node, folder or publisher name: 1-64 letters, digits, '-', '_' or '.'.
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()
@@ -763,6 +864,93 @@ mod tests {
         );
         let e = err_of(&format!("{b}{db}schema = 3\n"));
         assert!(e.contains("schema"), "a non-string is named too: {e}");
+    }
+
+    /// Issue 12: a state_dir inside a folder had its index, lock and `running` files synced
+    /// to peers when it did not exist yet at the first start.
+    #[test]
+    fn state_dir_inside_a_folder_is_refused_even_before_it_exists() {
+        let dir = setup();
+        let d = dir.path();
+        std::os::unix::fs::symlink(d.join("sc"), d.join("link")).expect("symlink");
+        let inside = [
+            d.join("sc/state"),
+            d.join("sc/deeper/state"),
+            d.join("sc/../sc/state"),
+            d.join("sc/./x/../state"),
+            d.join("link/state"),
+            d.join("sc"),
+        ];
+        for state in inside {
+            let text = base(d).replace(
+                &format!("{}/state", d.display()),
+                &state.display().to_string(),
+            );
+            let e = err_of(&text);
+            assert!(
+                e.contains("`state_dir`") && e.contains("\"synapse-configs\""),
+                "{}: {e}",
+                state.display()
+            );
+        }
+        assert!(!d.join("sc/state").exists() && !d.join("sc/deeper").exists());
+        // Beside the folder, even through `..` out of it, is fine.
+        let text = base(d).replace(
+            &format!("{}/state", d.display()),
+            &d.join("sc/../state").display().to_string(),
+        );
+        Config::parse(&text, Path::new("t")).expect("state_dir beside the folder");
+    }
+
+    #[test]
+    fn a_folder_inside_state_dir_is_refused() {
+        let dir = setup();
+        let d = dir.path();
+        let text = base(d).replace(&format!("{}/state", d.display()), &d.display().to_string());
+        let e = err_of(&text);
+        assert!(
+            e.contains("`state_dir`") && e.contains("contain folder \"synapse-configs\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn retriever_publishers_are_validated() {
+        let dir = setup();
+        for f in ["ca.pem", "n.pem", "n.key"] {
+            std::fs::write(dir.path().join(f), "x").expect("write");
+        }
+        let d = dir.path().display();
+        let tls =
+            format!("[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/n.pem\"\nkey = \"{d}/n.key\"\n\n");
+        let b = base(dir.path());
+        let db = "\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\n";
+        let c = Config::parse(
+            &format!("{b}\n{tls}{db}publishers = [\"ci-publisher\"]\n"),
+            Path::new("t"),
+        )
+        .expect("valid");
+        assert_eq!(c.retriever.expect("retriever").publishers, ["ci-publisher"]);
+        for (bad, needle) in [
+            ("[\"\"]", "publishers[0]"),
+            ("[\"a/b\"]", "publishers[0]"),
+            ("[\"ci\", \"ci\"]", "duplicate"),
+        ] {
+            let e = err_of(&format!("{b}\n{tls}{db}publishers = {bad}\n"));
+            assert!(
+                e.contains("retriever.publishers") && e.contains(needle),
+                "{e}"
+            );
+        }
+        let e = err_of(&format!("{b}{db}publishers = [\"ci\"]\n"));
+        assert!(
+            e.contains("retriever.publishers") && e.contains("[tls]"),
+            "{e}"
+        );
+        let e = err_of(&format!(
+            "{b}\n{tls}{db}schema = \"wso2-apim-3.2\"\npublishers = [\"ci\"]\n"
+        ));
+        assert!(e.contains("retriever.publishers"), "{e}");
     }
 
     #[test]

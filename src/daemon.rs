@@ -445,7 +445,7 @@ pub async fn run(
                 rc.database_url.as_deref().unwrap_or_default(),
                 poll,
             ));
-            let hub = HubService::new(db.clone());
+            let hub = HubService::new(db.clone()).with_publishers(&rc.publishers);
             router = router
                 .add_service(hub.clone().hub_server())
                 .add_service(hub.saver_server());

@@ -16,6 +16,8 @@
 //! - [`demo`]: a three-node cluster on loopback.
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`cert`]: a private CA for the peers' mutual TLS.
+//! - [`identity`]: who a gRPC caller is (node, publisher, plaintext) by its client
+//!   certificate, and what each service lets it do.
 
 pub mod admin;
 pub mod artifacts;
@@ -25,6 +27,7 @@ pub mod daemon;
 pub mod demo;
 pub mod engine;
 pub mod fs;
+pub mod identity;
 pub mod liveness;
 pub mod model;
 pub mod net;

@@ -56,7 +56,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Make the peers' TLS material: a private CA, then one certificate per node.
+    /// Make the TLS material: a private CA, one certificate per node, and publishers'.
     #[command(subcommand)]
     Cert(CertCommand),
     /// Save, remove and inspect DB-backed artifacts; act on this node's deployed ones.
@@ -83,7 +83,8 @@ struct Target {
     /// and remove from another host only over mutual TLS.
     #[arg(long, requires_all = ["hub", "cert", "key"])]
     ca: Option<PathBuf>,
-    /// With `--hub https://...`: this publisher's certificate (PEM), signed by the CA.
+    /// With `--hub https://...`: this publisher's certificate (PEM) from `artisync cert
+    /// publisher`, whose name the agent lists in `[retriever] publishers`.
     #[arg(long, requires_all = ["hub", "ca", "key"])]
     cert: Option<PathBuf>,
     /// With `--hub https://...`: this publisher's private key (PEM).
@@ -387,6 +388,18 @@ enum CertCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Issue OUT/NAME.pem and OUT/NAME.key for a publisher (client only), for
+    /// `artifact publish|remove --hub https://...`; the agent lists NAME in
+    /// `[retriever] publishers`.
+    Publisher {
+        #[arg(long)]
+        ca: PathBuf,
+        /// Publisher name (the certificate's common name, as listed in `publishers`).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn init_logging(format: &str, default: &str) -> Result<()> {
@@ -505,6 +518,13 @@ async fn real_main(cli: Cli) -> Result<()> {
                 "node certificate {} for {}",
                 pem.display(),
                 hosts.join(", ")
+            );
+        }
+        Command::Cert(CertCommand::Publisher { ca, name, out }) => {
+            let pem = artisync::cert::make_publisher(&ca, &name, &out)?;
+            println!(
+                "publisher certificate {} (list {name:?} in the agent's [retriever] publishers)",
+                pem.display()
             );
         }
         Command::Artifact(cmd) => artifact(*cmd).await?,

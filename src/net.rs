@@ -549,6 +549,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        crate::identity::authorize_subscriber(&request, &request.get_ref().node_name)?;
         let connection = request.remote_addr();
         let req = request.into_inner();
         if req.node_id == self.node.0 {
@@ -602,6 +603,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
+        crate::identity::authorize_cluster_read(&request, "Peer.Fetch")?;
         let req = request.into_inner();
         let handle = self
             .folders

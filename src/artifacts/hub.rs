@@ -1,6 +1,9 @@
 //! Hub mode: an agent with database access serves `ArtifactHub` (retrieval by label for agents
 //! without DB credentials) and `ArtifactSaver` (remote publish/remove) on its listen address,
 //! all from one connection pool. [`HubSource`] is the client side, a retriever [`Source`].
+//! Who may call which is decided in [`crate::identity`]: reads need a cluster node certificate
+//! (with TLS), publish and remove a listed publisher certificate (or, without TLS, a caller on
+//! this machine).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use super::db::NewArtifact;
 use super::retriever::{DbSource, Source, SourceError};
 use super::{ArtifactMeta, Bundle, BundleFile, Event, Instruction};
 use crate::config::TlsConfig;
+use crate::identity::{authorize_cluster_read, authorize_publisher};
 use crate::model::RelPath;
 use crate::pb::artifacts as pb;
 
@@ -76,6 +80,9 @@ pub struct HubService {
     source: Arc<dyn Source>,
     /// Where publish and remove go; `None` for a read-only source (WSO2's tables).
     saver: Option<Arc<DbSource>>,
+    /// Names of the publisher certificates that may publish and remove over TLS
+    /// (`[retriever] publishers`).
+    publishers: Arc<[String]>,
 }
 
 impl HubService {
@@ -84,6 +91,7 @@ impl HubService {
         Self {
             source: source.clone(),
             saver: Some(source),
+            publishers: Arc::from([]),
         }
     }
 
@@ -93,7 +101,14 @@ impl HubService {
         Self {
             source,
             saver: None,
+            publishers: Arc::from([]),
         }
+    }
+
+    /// The publisher certificates (by name) whose publish and remove are taken over TLS.
+    pub fn with_publishers(mut self, publishers: &[String]) -> Self {
+        self.publishers = Arc::from(publishers);
+        self
     }
 
     fn saver(&self) -> Result<&DbSource, Status> {
@@ -127,6 +142,7 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
         &self,
         request: Request<pb::CurrentRequest>,
     ) -> Result<Response<pb::MetaList>, Status> {
+        authorize_cluster_read(&request, "ArtifactHub")?;
         let labels = request.into_inner().labels;
         let list = self.source.current(&labels).await.map_err(status_of)?;
         Ok(Response::new(pb::MetaList {
@@ -138,6 +154,7 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetReply>, Status> {
+        authorize_cluster_read(&request, "ArtifactHub")?;
         let req = request.into_inner();
         let m = self
             .source
@@ -153,6 +170,7 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
         &self,
         request: Request<pb::BundleRequest>,
     ) -> Result<Response<Self::BundleStream>, Status> {
+        authorize_cluster_read(&request, "ArtifactHub")?;
         let req = request.into_inner();
         let mut meta = self
             .source
@@ -201,6 +219,7 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<pb::EventList>, Status> {
+        authorize_cluster_read(&request, "ArtifactHub")?;
         let req = request.into_inner();
         let events = self
             .source
@@ -223,8 +242,9 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
 
     async fn last_event_id(
         &self,
-        _: Request<pb::LastEventIdRequest>,
+        request: Request<pb::LastEventIdRequest>,
     ) -> Result<Response<pb::LastEventIdReply>, Status> {
+        authorize_cluster_read(&request, "ArtifactHub")?;
         let id = self.source.last_event_id().await.map_err(status_of)?;
         Ok(Response::new(pb::LastEventIdReply { id }))
     }
@@ -278,37 +298,13 @@ pub fn check_publish(req: pb::PublishRequest) -> Result<(NewArtifact, Bundle), S
     ))
 }
 
-/// Whether a caller may publish or remove artifacts through this agent: a client that showed a
-/// certificate of the cluster's CA (the server asks for one whenever `[tls]` is configured), or
-/// a process on this machine. A plaintext caller from another host is refused, whatever
-/// `insecure` says: whoever reaches the port could otherwise deploy an API, mediation logic
-/// included, on every gateway of the labels. (Reading through the hub or the peer protocol
-/// stays open on a trusted network; writing is what this guards.)
-fn saver_caller_allowed(remote: Option<std::net::SocketAddr>, client_certified: bool) -> bool {
-    client_certified || remote.is_some_and(|a| a.ip().to_canonical().is_loopback())
-}
-
-fn authorize_saver<T>(request: &Request<T>) -> Result<(), Status> {
-    let certified = request.peer_certs().is_some_and(|c| !c.is_empty());
-    let remote = request.remote_addr();
-    if saver_caller_allowed(remote, certified) {
-        return Ok(());
-    }
-    let from = remote.map_or_else(|| "an unknown address".to_owned(), |a| a.ip().to_string());
-    tracing::warn!(remote = %from, "refused a plaintext publish/remove from another host");
-    Err(Status::permission_denied(format!(
-        "publishing through an agent from another host ({from}) needs mutual TLS: configure [tls] \
-         on the agents and the publisher, or publish on the agent's machine or with --db"
-    )))
-}
-
 #[tonic::async_trait]
 impl pb::artifact_saver_server::ArtifactSaver for HubService {
     async fn publish(
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishReply>, Status> {
-        authorize_saver(&request)?;
+        authorize_publisher(&request, &self.publishers)?;
         let saver = self.saver()?;
         let (meta, bundle) =
             check_publish(request.into_inner()).map_err(Status::invalid_argument)?;
@@ -324,7 +320,7 @@ impl pb::artifact_saver_server::ArtifactSaver for HubService {
         &self,
         request: Request<pb::RemoveRequest>,
     ) -> Result<Response<pb::RemoveReply>, Status> {
-        authorize_saver(&request)?;
+        authorize_publisher(&request, &self.publishers)?;
         let saver = self.saver()?;
         let req = request.into_inner();
         let id = super::parse_id(&req.id).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -511,29 +507,6 @@ impl Source for HubSource {
 mod tests {
     use super::*;
     use pb::artifact_saver_server::ArtifactSaver;
-
-    fn addr(s: &str) -> Option<std::net::SocketAddr> {
-        Some(s.parse().expect("socket address"))
-    }
-
-    #[test]
-    fn only_certified_or_local_callers_may_publish() {
-        assert!(saver_caller_allowed(addr("127.0.0.1:4000"), false));
-        assert!(saver_caller_allowed(addr("127.8.9.10:4000"), false));
-        assert!(saver_caller_allowed(addr("[::1]:4000"), false));
-        assert!(saver_caller_allowed(addr("[::ffff:127.0.0.1]:4000"), false));
-        assert!(!saver_caller_allowed(addr("10.0.0.12:4000"), false));
-        assert!(!saver_caller_allowed(addr("[fd00::2]:4000"), false));
-        assert!(!saver_caller_allowed(
-            addr("[::ffff:10.0.0.12]:4000"),
-            false
-        ));
-        assert!(!saver_caller_allowed(None, false), "unknown caller");
-        assert!(
-            saver_caller_allowed(addr("10.0.0.12:4000"), true),
-            "mutual TLS"
-        );
-    }
 
     #[tokio::test]
     async fn a_caller_of_unknown_origin_is_refused_before_the_database_is_touched() {

@@ -111,3 +111,43 @@ fn bad_configs_fail_at_start_naming_the_key() {
         "nothing may be created on disk before the config validated"
     );
 }
+
+/// Issue 12: a `state_dir` inside a synced folder that did not exist yet was accepted; on the
+/// first start its index, node id, lock and `running` files were synced to peers, and the agent
+/// could crash on its own `running` file. Both commands refuse it, naming `state_dir` and the
+/// folder, and nothing is created inside the folder.
+#[test]
+fn a_state_dir_inside_a_synced_folder_is_refused_before_anything_is_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir(d.join("sc")).expect("mkdir");
+    for state in [d.join("sc/state"), d.join("sc/../sc/.artisync")] {
+        let text = config_text(d, "").replace(
+            &format!("\"{}\"", d.join("state").display()),
+            &format!("\"{}\"", state.display()),
+        );
+        assert!(text.contains(&state.display().to_string()), "{text}");
+        let path = d.join("inside.toml");
+        std::fs::write(&path, &text).expect("write config");
+        for cmd in ["check-config", "run"] {
+            let (ok, stderr) = run_cli(cmd, &path);
+            assert!(
+                !ok,
+                "`artisync {cmd}` accepted state_dir {} inside the folder\nstderr: {stderr}",
+                state.display()
+            );
+            assert!(
+                stderr.contains("state_dir") && stderr.contains("synapse-configs"),
+                "`artisync {cmd}`: stderr should name state_dir and the folder: {stderr}"
+            );
+        }
+    }
+    let created: Vec<_> = std::fs::read_dir(d.join("sc"))
+        .expect("read folder")
+        .map(|e| e.map(|e| e.path()))
+        .collect();
+    assert!(
+        created.is_empty(),
+        "nothing may be created inside the folder: {created:?}"
+    );
+}

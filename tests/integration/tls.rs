@@ -134,28 +134,203 @@ fn peers_sync_over_mutual_tls_and_refuse_a_foreign_certificate() {
     );
 }
 
-/// `artisync artifact publish --hub https://...`: the publisher presents a certificate of the
-/// cluster's CA (an agent takes publishes from another host only over mutual TLS); the agent
-/// saves the artifact in its database and its retriever deploys it.
-#[test]
-fn a_publisher_saves_through_an_agent_over_mutual_tls() {
-    let mut cluster = Cluster::new(&[&[]]);
-    let pki = new_pki(&["hub", "publisher"]);
-    let dir = pki.path().to_str().expect("utf-8 temp path");
-    let hub = &mut cluster[0];
+/// `artisync cert publisher --ca DIR --name N --out DIR`.
+fn new_publisher(pki: &std::path::Path, name: &str) {
+    let dir = pki.to_str().expect("utf-8 temp path");
+    cert(&["publisher", "--ca", dir, "--name", name, "--out", dir]);
+}
+
+/// Rewrites `node`'s config as a TLS agent (its certificate from `pki`, named after the node)
+/// with the database, serving the hub and the saver; `publishers` goes to
+/// `[retriever] publishers`. Starts it and waits until it answers.
+fn start_tls_db_agent(node: &mut Node, pki: &std::path::Path, publishers: &[&str]) {
+    let dir = pki.to_str().expect("utf-8 temp path");
+    let list: Vec<String> = publishers.iter().map(|p| format!("{p:?}")).collect();
     let text = format!(
-        "node = \"hub\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{state}\"\n\n\
-         [tls]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/hub.pem\"\nkey = \"{dir}/hub.key\"\n\n\
+        "node = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{state}\"\n\n\
+         [tls]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/{name}.pem\"\nkey = \"{dir}/{name}.key\"\n\n\
          [[folder]]\nid = \"{SYNAPSE}\"\npath = \"{synapse}\"\n\n\
          [retriever]\nartifact_retriever = \"db\"\nfolder = \"{SYNAPSE}\"\n\
-         database_url = \"sqlite://{state}/artifacts.db\"\ngateway_labels = [\"L1\"]\n",
-        port = hub.port,
-        state = hub.state_dir().display(),
-        synapse = hub.synapse().display(),
+         database_url = \"sqlite://{state}/artifacts.db\"\ngateway_labels = [\"L1\"]\n\
+         publishers = [{list}]\n",
+        name = node.name,
+        port = node.port,
+        state = node.state_dir().display(),
+        synapse = node.synapse().display(),
+        list = list.join(", "),
     );
-    std::fs::write(hub.config(), text).expect("write config");
-    hub.start_no_wait();
-    wait_up(hub);
+    std::fs::write(node.config(), text).expect("write config");
+    node.start_no_wait();
+    wait_up(node);
+}
+
+/// A tonic channel to `node` over mutual TLS, presenting `pki/<holder>.pem`.
+async fn channel_as(
+    node_port: u16,
+    pki: &std::path::Path,
+    holder: &str,
+) -> tonic::transport::Channel {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = artisync::config::TlsConfig {
+        ca: pki.join("ca.pem"),
+        cert: pki.join(format!("{holder}.pem")),
+        key: pki.join(format!("{holder}.key")),
+    };
+    artisync::net::channel(
+        &format!("https://127.0.0.1:{node_port}"),
+        Some(&tls),
+        "test",
+    )
+    .await
+    .expect("channel")
+}
+
+async fn subscribe_as(
+    port: u16,
+    pki: &std::path::Path,
+    holder: &str,
+    claimed: &str,
+) -> Result<(), tonic::Status> {
+    use artisync::pb::sync::{SubscribeRequest, peer_client::PeerClient};
+    let mut client = PeerClient::new(channel_as(port, pki, holder).await);
+    client
+        .subscribe(SubscribeRequest {
+            node_id: 0x5eed_0003,
+            node_name: claimed.into(),
+            folders: Vec::new(),
+        })
+        .await
+        .map(drop)
+}
+
+/// The log text without terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Issue 12: with TLS, a peer's certificate name must match the node it claims to be. A
+/// cluster certificate for gw3 subscribing as gw2 is refused, and the agent says so in its log.
+#[test]
+fn a_subscriber_claiming_another_node_than_its_certificate_names_is_refused() {
+    let mut cluster = Cluster::new(&[&[]]);
+    let pki = new_pki(&["a", "gw3"]);
+    start_tls_db_agent(&mut cluster[0], pki.path(), &[]);
+    let node = &cluster[0];
+    runtime().block_on(async {
+        let refused = subscribe_as(node.port, pki.path(), "gw3", "gw2")
+            .await
+            .expect_err("gw3's certificate subscribing as gw2");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains("gw2"), "{refused:?}");
+        subscribe_as(node.port, pki.path(), "gw3", "gw3")
+            .await
+            .expect("gw3 subscribing as itself");
+    });
+    wait_for(SYNC_TIMEOUT, "the refusal in the agent's log", || {
+        let log = strip_ansi(&std::fs::read_to_string(node.log_path()).unwrap_or_default());
+        match log
+            .lines()
+            .find(|l| l.contains("refused a subscriber") && l.contains("cert_name=gw3"))
+        {
+            Some(line) if line.contains("peer=gw2") && line.contains("remote=127.0.0.1") => Ok(()),
+            other => Err(format!(
+                "no refusal with peer, cert name and remote: {other:?}"
+            )),
+        }
+    });
+}
+
+/// Issue 12: a publisher certificate may only publish and remove; the peer protocol and the
+/// hub's reads need a cluster node certificate.
+#[test]
+fn a_publisher_certificate_may_not_subscribe_fetch_or_read_the_hub() {
+    let mut cluster = Cluster::new(&[&[]]);
+    let pki = new_pki(&["a", "gw3"]);
+    new_publisher(pki.path(), "ci-publisher");
+    start_tls_db_agent(&mut cluster[0], pki.path(), &["ci-publisher"]);
+    let port = cluster[0].port;
+    runtime().block_on(async {
+        use artisync::pb::artifacts::{
+            CurrentRequest, LastEventIdRequest, artifact_hub_client::ArtifactHubClient,
+        };
+        use artisync::pb::sync::{FetchRequest, peer_client::PeerClient};
+        let denied = |what: &str, r: Result<(), tonic::Status>| match r {
+            Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                assert!(s.message().contains("publisher"), "{what}: {s:?}");
+            }
+            other => panic!("{what} with a publisher certificate: {other:?}"),
+        };
+        denied(
+            "Subscribe",
+            subscribe_as(port, pki.path(), "ci-publisher", "ci-publisher").await,
+        );
+        let mut peer = PeerClient::new(channel_as(port, pki.path(), "ci-publisher").await);
+        denied(
+            "Fetch",
+            peer.fetch(FetchRequest {
+                folder: SYNAPSE.into(),
+                path: "x.xml".into(),
+                hash: vec![0; 32],
+            })
+            .await
+            .map(drop),
+        );
+        let mut hub = ArtifactHubClient::new(channel_as(port, pki.path(), "ci-publisher").await);
+        denied(
+            "ArtifactHub.Current",
+            hub.current(CurrentRequest {
+                labels: vec!["L1".into()],
+            })
+            .await
+            .map(drop),
+        );
+        denied(
+            "ArtifactHub.LastEventId",
+            hub.last_event_id(LastEventIdRequest {}).await.map(drop),
+        );
+        // A cluster node certificate reads the hub.
+        let mut hub = ArtifactHubClient::new(channel_as(port, pki.path(), "gw3").await);
+        hub.current(CurrentRequest {
+            labels: vec!["L1".into()],
+        })
+        .await
+        .expect("a node certificate reads the hub");
+    });
+}
+
+/// `artisync artifact publish --hub https://...`: the publisher presents a publisher
+/// certificate (`artisync cert publisher`) whose name the agent lists in `[retriever]
+/// publishers`; the agent saves the artifact in its database and its retriever deploys it.
+/// Issue 12: a cluster node certificate, or a publisher certificate not listed, is refused.
+#[test]
+fn only_a_listed_publisher_certificate_saves_through_an_agent_over_mutual_tls() {
+    let mut cluster = Cluster::new(&[&[]]);
+    let pki = new_pki(&["a", "gw3"]);
+    new_publisher(pki.path(), "ci-publisher");
+    new_publisher(pki.path(), "rogue");
+    let dir = pki.path().to_str().expect("utf-8 temp path");
+    start_tls_db_agent(&mut cluster[0], pki.path(), &["ci-publisher"]);
+    let hub = &cluster[0];
 
     let from = tempfile::tempdir().expect("tempdir");
     write(
@@ -163,9 +338,20 @@ fn a_publisher_saves_through_an_agent_over_mutual_tls() {
         "<api name=\"secure\"/>\n",
     );
     let address = format!("https://127.0.0.1:{}", hub.port);
-    let publish = |tls: &[&str]| {
+    let ca = format!("{dir}/ca.pem");
+    let as_holder = |holder: &str| {
+        vec![
+            "--ca".to_owned(),
+            ca.clone(),
+            "--cert".to_owned(),
+            format!("{dir}/{holder}.pem"),
+            "--key".to_owned(),
+            format!("{dir}/{holder}.key"),
+        ]
+    };
+    let publish = |tls: &[String]| {
         let mut args = vec!["artifact", "publish", "--hub", address.as_str()];
-        args.extend_from_slice(tls);
+        args.extend(tls.iter().map(String::as_str));
         args.extend_from_slice(&[
             "--id",
             "9b2c1f4e-5a6d-4e3f-8a1b-2c3d4e5f6a7b",
@@ -183,20 +369,29 @@ fn a_publisher_saves_through_an_agent_over_mutual_tls() {
             .output()
             .expect("run artisync artifact publish")
     };
+    let remove = |tls: &[String]| {
+        let mut args = vec!["artifact", "remove", "--hub", address.as_str()];
+        args.extend(tls.iter().map(String::as_str));
+        args.extend_from_slice(&["--id", "9b2c1f4e-5a6d-4e3f-8a1b-2c3d4e5f6a7b"]);
+        Command::new(BIN)
+            .args(&args)
+            .output()
+            .expect("run artisync artifact remove")
+    };
+    let refused = |out: std::process::Output, needle: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "should be refused: {stderr}");
+        assert!(stderr.contains(needle), "{needle:?} in: {stderr}");
+    };
     // An https hub without a client certificate is refused by the CLI itself, naming the flags.
-    let refused = publish(&[]);
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("--ca, --cert and --key"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
-    let ca = format!("{dir}/ca.pem");
-    let (c, k) = (
-        format!("{dir}/publisher.pem"),
-        format!("{dir}/publisher.key"),
-    );
-    let saved = publish(&["--ca", &ca, "--cert", &c, "--key", &k]);
+    refused(publish(&[]), "--ca, --cert and --key");
+    // A cluster node certificate may not publish or remove.
+    refused(publish(&as_holder("gw3")), "node certificate");
+    refused(publish(&as_holder("a")), "node certificate");
+    // A publisher certificate the agent does not list may not either.
+    refused(publish(&as_holder("rogue")), "[retriever] publishers");
+
+    let saved = publish(&as_holder("ci-publisher"));
     assert!(
         saved.status.success(),
         "publish over mutual TLS: {}",
@@ -207,4 +402,14 @@ fn a_publisher_saves_through_an_agent_over_mutual_tls() {
         &hub.synapse().join("default/api/secure.xml"),
         b"<api name=\"secure\"/>\n",
     );
+    refused(remove(&as_holder("gw3")), "node certificate");
+    refused(remove(&as_holder("rogue")), "[retriever] publishers");
+    assert!(hub.synapse().join("default/api/secure.xml").exists());
+    let removed = remove(&as_holder("ci-publisher"));
+    assert!(
+        removed.status.success(),
+        "remove over mutual TLS: {}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    wait_gone(&hub.synapse().join("default/api/secure.xml"));
 }
