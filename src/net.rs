@@ -148,7 +148,9 @@ pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
     if p.mode > 0o7777 {
         return Err(format!("{path}: mode {:o} out of range", p.mode));
     }
-    if p.version.is_empty() {
+    // Counters of 0 are no entries: a vector of only those would compare equal to anything
+    // new, and the record would be ignored or taken at random.
+    if p.version.iter().all(|e| e.counter == 0) {
         return Err(format!("{path}: empty version vector"));
     }
     if p.version.len() > MAX_VERSION_ENTRIES {
@@ -184,6 +186,10 @@ pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
     }
     // Inline bytes that do not hash to the record's hash are dropped: the engine then fetches
     // the content by hash, which fails (and is retried) if the peer no longer has it.
+    // Only a live file has content: whatever else a tombstone or a directory carries is
+    // dropped.
+    let live_file = !p.deleted && kind == Kind::File;
+    let hash = hash.filter(|_| live_file);
     let inline = match (p.inline_data, &hash) {
         (Some(data), Some(h)) => Inline::verified(data, h),
         _ => None,
@@ -1230,6 +1236,109 @@ mod tests {
             match record_from_pb(rec) {
                 Ok(_) => panic!("{path}: accepted, expected refusal mentioning {expect}"),
                 Err(e) => assert!(e.contains(expect), "{e} should mention {expect}"),
+            }
+        }
+    }
+
+    mod arbitrary_records {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_path() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z./]{0,24}",
+                "(\\.\\.|/|[a-z]{1,3}|\\x00|\\.){1,8}",
+                Just("a".repeat(4000)),
+            ]
+        }
+
+        fn any_record() -> impl Strategy<Value = pb::Record> {
+            (
+                (
+                    any_path(),
+                    -2i32..4,
+                    any::<bool>(),
+                    any::<u64>(),
+                    any::<u32>(),
+                ),
+                prop::collection::vec(any::<u8>(), 0..40),
+                prop::collection::vec((any::<u64>(), any::<u64>()), 0..6),
+                (any::<u64>(), any::<u64>(), any::<u64>()),
+                prop::option::of(prop::collection::vec(any::<u8>(), 0..48)),
+                any::<bool>(),
+            )
+                .prop_map(
+                    |((path, kind, deleted, size, mode), hash, version, stamps, inline, honest)| {
+                        let (stamp_hlc, stamp_node, seq) = stamps;
+                        let mut r = pb::Record {
+                            path,
+                            kind,
+                            deleted,
+                            size,
+                            mode,
+                            hash,
+                            version: version
+                                .into_iter()
+                                .map(|(node, counter)| pb::VersionEntry { node, counter })
+                                .collect(),
+                            stamp_hlc,
+                            stamp_node,
+                            seq,
+                            inline_data: inline.map(bytes::Bytes::from),
+                        };
+                        // Half the cases are made consistent where it is cheap, so the
+                        // accepting side is explored as well as the refusing one.
+                        if honest {
+                            if let Some(data) = &r.inline_data {
+                                r.size = data.len() as u64;
+                                r.hash = blake3::hash(data).as_bytes().to_vec();
+                            }
+                            r.stamp_hlc >>= 3;
+                            for e in &mut r.version {
+                                e.counter >>= 3;
+                            }
+                            r.mode &= 0o7777;
+                        }
+                        r
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Whatever a peer sends, the conversion never panics, and what it accepts keeps
+            /// every rule the rest of the node relies on.
+            #[test]
+            fn any_record_from_a_peer_is_refused_or_sound(p in any_record()) {
+                let sent = p.clone();
+                match record_from_pb(p) {
+                    Err(e) => prop_assert!(!e.is_empty()),
+                    Ok(Incoming { record: r, inline }) => {
+                        prop_assert_eq!(r.path.as_str(), sent.path.as_str());
+                        prop_assert!(RelPath::new(r.path.as_str()).is_ok());
+                        prop_assert!(r.stamp.hlc <= MAX_PEER_CLOCK);
+                        prop_assert!(r.version.entries().count() <= MAX_VERSION_ENTRIES);
+                        prop_assert!(r.version.entries().all(|(_, c)| c <= MAX_PEER_CLOCK));
+                        prop_assert!(r.version.entries().count() > 0, "a version to compare");
+                        prop_assert_eq!(r.mode & !0o777, 0, "only permission bits");
+                        if !r.deleted {
+                            let owner = if r.kind == Kind::Dir { 0o700 } else { 0o600 };
+                            prop_assert_eq!(r.mode & owner, owner);
+                        }
+                        if r.is_live_file() {
+                            prop_assert!(r.hash.is_some());
+                            prop_assert!(r.size <= MAX_FILE_BYTES);
+                        } else {
+                            prop_assert_eq!(r.size, 0);
+                        }
+                        if let Some(i) = inline {
+                            prop_assert_eq!(Some(*i.hash()), r.hash);
+                            prop_assert_eq!(*blake3::hash(i.as_bytes()).as_bytes(), *i.hash());
+                            prop_assert_eq!(i.as_bytes().len() as u64, r.size);
+                        }
+                    }
+                }
             }
         }
     }
