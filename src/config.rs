@@ -63,6 +63,11 @@ pub struct Config {
     /// changes go on; it is retried after this many ms, doubling each time, never above 1 h.
     #[serde(default = "default_skip_retry_ms")]
     pub skip_retry_ms: u64,
+    /// A peer's stamp or version counter further ahead of this node's clock than this many ms
+    /// is applied without moving the clock (a wrong clock elsewhere must not drag this one
+    /// along); it is reported in status.
+    #[serde(default = "default_max_clock_skew_ms")]
+    pub max_clock_skew_ms: u64,
     #[serde(default, rename = "folder")]
     pub folders: Vec<FolderConfig>,
     #[serde(default, rename = "peer")]
@@ -173,6 +178,9 @@ fn default_inline_max_bytes() -> u64 {
 fn default_skip_retry_ms() -> u64 {
     60_000
 }
+fn default_max_clock_skew_ms() -> u64 {
+    crate::model::DEFAULT_MAX_CLOCK_SKEW_MS
+}
 fn default_retriever_kind() -> String {
     "db".into()
 }
@@ -208,6 +216,8 @@ pub const SCHEMA_WSO2_APIM_32: &str = "wso2-apim-3.2";
 
 /// Longest allowed inline size: one gRPC message must stay well under tonic's 4 MiB default.
 const INLINE_MAX_LIMIT: u64 = 1024 * 1024;
+/// The largest `max_clock_skew_ms` accepted: 7 days.
+const MAX_CLOCK_SKEW_LIMIT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 impl Config {
     /// Reads, parses and validates a config file.
@@ -276,6 +286,12 @@ impl Config {
             return Err(invalid(
                 "skip_retry_ms",
                 "must be between 100 and 3600000 (one hour)",
+            ));
+        }
+        if !(1..=MAX_CLOCK_SKEW_LIMIT_MS).contains(&self.max_clock_skew_ms) {
+            return Err(invalid(
+                "max_clock_skew_ms",
+                format!("must be between 1 and {MAX_CLOCK_SKEW_LIMIT_MS} (7 days)"),
             ));
         }
         if self.inline_max_bytes > INLINE_MAX_LIMIT {
@@ -741,6 +757,20 @@ mod tests {
         let text = format!("skip_retry_ms = 500\n{}", base(dir.path()));
         let c = Config::parse(&text, Path::new("t")).expect("valid");
         assert_eq!(c.skip_retry_ms, 500);
+    }
+
+    #[test]
+    fn max_clock_skew_defaults_to_five_minutes_and_out_of_range_is_named() {
+        let dir = setup();
+        let c = Config::parse(&base(dir.path()), Path::new("t")).expect("valid");
+        assert_eq!(c.max_clock_skew_ms, 300_000);
+        for bad in ["0", "604800001"] {
+            let e = err_of(&format!("max_clock_skew_ms = {bad}\n{}", base(dir.path())));
+            assert!(e.contains("max_clock_skew_ms"), "{e}");
+        }
+        let text = format!("max_clock_skew_ms = 2000\n{}", base(dir.path()));
+        let c = Config::parse(&text, Path::new("t")).expect("valid");
+        assert_eq!(c.max_clock_skew_ms, 2000);
     }
 
     #[test]

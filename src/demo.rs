@@ -555,6 +555,15 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
                 f.skipped.len() - SKIPPED_SHOWN
             ));
         }
+        if let Some(c) = &f.clock_ahead {
+            out.push_str(&format!(
+                "    clock ahead: {} sent {} stamped {} s ahead of this node's clock, {} s ago (applied without moving the clock)\n",
+                c.peer,
+                c.path,
+                c.ahead_ms / 1000,
+                now.saturating_sub(c.at_ms) / 1000
+            ));
+        }
         if let Some(e) = &f.last_error {
             out.push_str(&format!("    last error: {e}\n"));
         }

@@ -189,7 +189,26 @@ pub struct FolderStatus {
     /// the rest of the peer's changes flow, and retried with backoff.
     #[serde(default)]
     pub skipped: Vec<SkippedStatus>,
+    /// The latest peer record stamped further ahead of this node's clock than
+    /// `max_clock_skew_ms`: applied, without moving the clock.
+    #[serde(default)]
+    pub clock_ahead: Option<ClockAhead>,
 }
+
+/// A peer record stamped (or versioned) ahead of this node's clock, as status shows it.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ClockAhead {
+    pub peer: String,
+    pub path: String,
+    /// How far the record's stamp or largest version counter is ahead of this node's clock, ms.
+    pub ahead_ms: u64,
+    /// Wall time the record arrived, ms since the epoch.
+    pub at_ms: u64,
+}
+
+/// A record ahead of the clock is logged at most this often per folder, ms (status always
+/// shows the latest).
+const CLOCK_AHEAD_WARN_EVERY_MS: u64 = 60_000;
 
 /// One skipped peer change, as status shows it.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -358,6 +377,8 @@ pub struct EngineOptions {
     pub skip_retry_ms: u64,
     /// Names of the configured peers: skipped changes of any other peer are dropped at start.
     pub peers: Vec<String>,
+    /// A peer's stamp further ahead of this node's clock than this does not move it, ms.
+    pub max_clock_skew_ms: u64,
 }
 
 pub struct FolderEngine {
@@ -394,6 +415,8 @@ pub struct FolderEngine {
     skipped: BTreeMap<(String, RelPath), Skipped>,
     /// The latest content source of each peer, for retrying its skipped changes.
     fetchers: HashMap<String, Arc<dyn Fetcher>>,
+    /// The latest peer record ahead of this node's clock (see [`ClockAhead`]).
+    clock_ahead: Option<ClockAhead>,
 }
 
 /// One record of a batch that could not be applied.
@@ -596,7 +619,9 @@ impl FolderEngine {
             }
             records.push(record);
         }
-        let replica = Replica::from_records(opts.node, records);
+        let replica = Replica::new(opts.node)
+            .with_max_skew(opts.max_clock_skew_ms)
+            .with_records(records, crate::now_ms());
         let (seq_tx, seq_rx) = watch::channel(replica.seq());
         let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
         let status = Arc::new(Mutex::new(FolderStatus::default()));
@@ -654,6 +679,7 @@ impl FolderEngine {
             strikes: HashMap::new(),
             skipped,
             fetchers: HashMap::new(),
+            clock_ahead: None,
         };
         engine.publish_status();
         let handle = FolderHandle {
@@ -774,6 +800,24 @@ impl FolderEngine {
         Vec::new()
     }
 
+    /// Remembers a peer record ahead of this node's clock for status, and logs it (at most
+    /// every [`CLOCK_AHEAD_WARN_EVERY_MS`]).
+    fn note_clock_ahead(&mut self, peer: &str, path: &RelPath, ahead_ms: u64, now: u64) {
+        let quiet = self
+            .clock_ahead
+            .as_ref()
+            .is_some_and(|c| now.abs_diff(c.at_ms) < CLOCK_AHEAD_WARN_EVERY_MS);
+        if !quiet {
+            warn!(folder = %self.id, peer = %peer, path = %path, ahead_ms, "record stamped ahead of this node's clock; applied without moving the clock");
+        }
+        self.clock_ahead = Some(ClockAhead {
+            peer: peer.to_owned(),
+            path: path.to_string(),
+            ahead_ms,
+            at_ms: now,
+        });
+    }
+
     fn publish_status(&self) {
         let mut s = FolderStatus {
             id: self.id.clone(),
@@ -804,6 +848,7 @@ impl FolderEngine {
                     next_retry_ms: s.retry_ms,
                 })
                 .collect(),
+            clock_ahead: self.clock_ahead.clone(),
             ..Default::default()
         };
         let totals = self.replica.totals();
@@ -1371,6 +1416,9 @@ impl FolderEngine {
         {
             if self.ignore.is_ignored(&remote.path) {
                 continue;
+            }
+            if let Some(ahead_ms) = self.replica.ahead_of_clock(&remote, now) {
+                self.note_clock_ahead(&batch.peer, &remote.path, ahead_ms, now);
             }
             let mut decision = self.replica.receive(&remote, now);
             // A held file at the path is looked at even for a new file: its bytes must be
@@ -2121,6 +2169,7 @@ pub fn engine_options(config: &Config, node: NodeId, names: NodeNames) -> Engine
         tombstone_ttl_ms: config.tombstone_ttl().as_millis() as u64,
         skip_retry_ms: config.skip_retry_ms,
         peers: config.peers.iter().map(|p| p.name.clone()).collect(),
+        max_clock_skew_ms: config.max_clock_skew_ms,
     }
 }
 
@@ -2249,6 +2298,7 @@ mod tests {
             tombstone_ttl_ms: 1000,
             skip_retry_ms,
             peers: peers.iter().map(|p| p.to_string()).collect(),
+            max_clock_skew_ms: crate::model::DEFAULT_MAX_CLOCK_SKEW_MS,
         };
         let (mut engine, handle, inbox) = FolderEngine::open(&folder, store.clone(), opts)
             .await

@@ -23,7 +23,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, PeerConfig, TlsConfig};
 use crate::engine::{FetchError, FolderHandle, Incoming, Inline, RemoteBatch, ServeError};
-use crate::model::{FileRecord, Hash, Kind, NodeId, RelPath, Stamp, VersionVector};
+use crate::model::{
+    FileRecord, Hash, Kind, MAX_CLOCK_VALUE, NodeId, RelPath, Stamp, VersionVector,
+};
 use crate::pb::sync as pb;
 use crate::pb::sync::peer_client::PeerClient;
 use crate::pb::sync::peer_server::Peer;
@@ -32,10 +34,12 @@ use crate::store::{Origin, StoredRecord};
 /// Most entries a version vector from a peer may have (one per node that ever wrote the path;
 /// a record with more is refused, so it can never make a batch too large to relay).
 pub const MAX_VERSION_ENTRIES: usize = 1024;
-/// Largest stamp or version counter accepted from a peer: far beyond any real clock (about the
-/// year 4200 in HLC units), and far enough below `u64::MAX` that counting on from it can never
-/// saturate.
-pub const MAX_PEER_CLOCK: u64 = 1 << 62;
+/// Largest stamp or version counter accepted from a peer (see [`MAX_CLOCK_VALUE`]). One gap
+/// remains, by construction: a record crafted at just under the cap makes this node's next
+/// write of that path (stamped one past it) go over the cap, and peers refuse that write. No
+/// wrong clock gets there (the cap is about the year 4200); only a peer that forges records
+/// does, and with `[tls]` such a peer holds a cluster certificate.
+pub const MAX_PEER_CLOCK: u64 = MAX_CLOCK_VALUE;
 /// Largest file a peer may announce (1 TiB).
 const MAX_FILE_BYTES: u64 = 1 << 40;
 /// Largest gRPC message accepted (batches carry inline contents).

@@ -8,8 +8,8 @@ mod version;
 
 pub use path::{MAX_PATH_BYTES, PathError, RelPath};
 pub use record::{FileRecord, Hash, Kind, Observed};
-pub use replica::{Decision, Replica, Totals};
-pub use version::{Causality, Hlc, NodeId, Stamp, VersionVector};
+pub use replica::{DEFAULT_MAX_CLOCK_SKEW_MS, Decision, Replica, Totals};
+pub use version::{Causality, Hlc, MAX_CLOCK_VALUE, NodeId, Stamp, VersionVector};
 
 #[cfg(test)]
 mod tests;

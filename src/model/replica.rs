@@ -22,12 +22,30 @@
 //! counter bumped, a fresh stamp): that write dominates both sides, so the ordinary rule then
 //! spreads it. Several nodes may do so at once; their writes carry identical content, which
 //! merges without a conflict.
+//!
+//! # Bounded clocks
+//! Stamps and counters come from peers and may be far ahead of this node's clock: a VM
+//! restored with a future date, or a broken or hostile peer. The clock never adopts a value
+//! beyond its own wall time plus the maximum skew ([`DEFAULT_MAX_CLOCK_SKEW_MS`] unless set):
+//! it observes only remote stamps within that bound, so one bad record cannot drag every later
+//! stamp of this node along with it (or, at the top of the range, pin them to one value that
+//! makes each later write look equal to the one before). The record itself is kept as sent.
+//! The argument above still holds because a node never relies on its clock alone to order a
+//! write after what it supersedes: every stamp it makes for a path is greater than the stamp
+//! of the record(s) of that path it replaces (`max(clock tick, floor + 1)`), and its own
+//! counter moves past that stamp. So a write that dominates another still has the greater
+//! stamp, even over a far-future one, and a later write wins on every node. The edge refuses
+//! values above [`MAX_CLOCK_VALUE`](super::version::MAX_CLOCK_VALUE), so the `+ 1` per write
+//! never gets near `u64::MAX`.
 
 use std::collections::BTreeMap;
 
 use super::path::RelPath;
 use super::record::{FileRecord, Kind, Observed};
 use super::version::{Causality, Hlc, NodeId, Stamp};
+
+/// How far ahead of this node's wall clock a peer's stamp may be and still move the clock, ms.
+pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 300_000;
 
 /// What the edge must do with a remote record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,20 +93,22 @@ impl Totals {
         }
     }
 
+    /// Saturating: a size a peer declares can be anything, and a count must never wrap (or
+    /// panic) whatever the index holds.
     fn add(&mut self, r: &FileRecord) {
         let d = Self::of(r);
-        self.files += d.files;
-        self.dirs += d.dirs;
-        self.bytes += d.bytes;
-        self.tombstones += d.tombstones;
+        self.files = self.files.saturating_add(d.files);
+        self.dirs = self.dirs.saturating_add(d.dirs);
+        self.bytes = self.bytes.saturating_add(d.bytes);
+        self.tombstones = self.tombstones.saturating_add(d.tombstones);
     }
 
     fn sub(&mut self, r: &FileRecord) {
         let d = Self::of(r);
-        self.files -= d.files;
-        self.dirs -= d.dirs;
-        self.bytes -= d.bytes;
-        self.tombstones -= d.tombstones;
+        self.files = self.files.saturating_sub(d.files);
+        self.dirs = self.dirs.saturating_sub(d.dirs);
+        self.bytes = self.bytes.saturating_sub(d.bytes);
+        self.tombstones = self.tombstones.saturating_sub(d.tombstones);
     }
 
     /// Live entries (files and directories).
@@ -105,6 +125,10 @@ pub struct Replica {
     totals: Totals,
     seq: u64,
     hlc: Hlc,
+    /// The clock adopts no stamp beyond wall time plus this many ms.
+    max_skew_ms: u64,
+    /// The wall time of the latest call that gave one, for [`Replica::commit`]'s bound.
+    now_ms: u64,
 }
 
 impl Replica {
@@ -115,18 +139,80 @@ impl Replica {
             totals: Totals::default(),
             seq: 0,
             hlc: Hlc::default(),
+            max_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
+            now_ms: 0,
         }
     }
 
-    /// Rebuilds a replica from stored records (their `seq` fields are kept).
-    pub fn from_records(node: NodeId, records: impl IntoIterator<Item = FileRecord>) -> Self {
-        let mut r = Self::new(node);
+    /// Sets how far ahead of the wall clock a peer's stamp may move this node's clock, ms.
+    pub fn with_max_skew(mut self, max_skew_ms: u64) -> Self {
+        self.max_skew_ms = max_skew_ms;
+        self
+    }
+
+    /// Rebuilds a replica from stored records (their `seq` fields are kept) at wall time
+    /// `now_ms`, with the default maximum skew; see [`Replica::with_records`].
+    pub fn from_records(
+        node: NodeId,
+        records: impl IntoIterator<Item = FileRecord>,
+        now_ms: u64,
+    ) -> Self {
+        Self::new(node).with_records(records, now_ms)
+    }
+
+    /// Loads stored records (their `seq` fields are kept) at wall time `now_ms`. The clock
+    /// moves past the stored stamps within the skew bound only: a far-future stamp a peer sent
+    /// before the restart must not pin the clock after it. That holds for this node's own
+    /// records too, since a write over a far-future record carries that record's stamp plus
+    /// one; new writes of such a path still move past it (see the module doc).
+    pub fn with_records(
+        mut self,
+        records: impl IntoIterator<Item = FileRecord>,
+        now_ms: u64,
+    ) -> Self {
+        self.now_ms = now_ms;
         for rec in records {
-            r.seq = r.seq.max(rec.seq);
-            r.hlc.observe(rec.stamp.hlc);
-            r.insert(rec);
+            self.seq = self.seq.max(rec.seq);
+            self.observe_bounded(rec.stamp.hlc);
+            self.insert(rec);
         }
-        r
+        self
+    }
+
+    /// The greatest stamp value the clock may adopt at wall time `now_ms`.
+    fn clock_bound(&self, now_ms: u64) -> u64 {
+        Hlc::bound(now_ms, self.max_skew_ms)
+    }
+
+    /// Moves the clock past `seen` when it is within the skew bound of the latest wall time;
+    /// a value beyond it leaves the clock alone. (Clamping it to the bound instead would
+    /// still let every bad record push this node's stamps a full skew ahead of its clock.)
+    fn observe_bounded(&mut self, seen: u64) {
+        if seen <= self.clock_bound(self.now_ms) {
+            self.hlc.observe(seen);
+        }
+    }
+
+    /// A stamp for a new write by this node at `now_ms` that supersedes a record stamped
+    /// `floor`: the clock's next value, or just past `floor` when that is ahead of the clock.
+    fn stamp_after(&mut self, floor: u64, now_ms: u64) -> Stamp {
+        self.now_ms = now_ms;
+        Stamp {
+            hlc: self.hlc.tick(now_ms).max(floor.saturating_add(1)),
+            node: self.node,
+        }
+    }
+
+    /// How far `remote` is ahead of the wall time `now_ms`, in ms, when its stamp or one of
+    /// its version counters (counters count in HLC units too) is beyond the skew bound: such a
+    /// record is applied without moving the clock. `None` when it is within the bound.
+    pub fn ahead_of_clock(&self, remote: &FileRecord, now_ms: u64) -> Option<u64> {
+        let top = remote
+            .version
+            .entries()
+            .map(|(_, c)| c)
+            .fold(remote.stamp.hlc, u64::max);
+        (top > self.clock_bound(now_ms)).then(|| Hlc::millis(top).saturating_sub(now_ms))
     }
 
     fn insert(&mut self, record: FileRecord) {
@@ -187,6 +273,7 @@ impl Replica {
         now_ms: u64,
     ) -> Option<FileRecord> {
         let local = self.records.get(path);
+        let floor = local.map_or(0, |l| l.stamp.hlc);
         let mut version = match (local, observed) {
             (None, None) => return None,
             (Some(l), None) if l.deleted => return None,
@@ -194,10 +281,8 @@ impl Replica {
             (Some(l), _) => l.version.clone(),
             (None, Some(_)) => Default::default(),
         };
-        let stamp = Stamp {
-            hlc: self.hlc.tick(now_ms),
-            node: self.node,
-        };
+        let kind = local.map_or(Kind::File, |l| l.kind);
+        let stamp = self.stamp_after(floor, now_ms);
         version.bump_past(self.node, stamp.hlc);
         let record = match observed {
             Some(o) => FileRecord {
@@ -211,28 +296,27 @@ impl Replica {
                 stamp,
                 seq: 0,
             },
-            None => {
-                let kind = local.map_or(Kind::File, |l| l.kind);
-                FileRecord {
-                    path: path.clone(),
-                    kind,
-                    deleted: true,
-                    size: 0,
-                    mode: 0,
-                    hash: None,
-                    version,
-                    stamp,
-                    seq: 0,
-                }
-            }
+            None => FileRecord {
+                path: path.clone(),
+                kind,
+                deleted: true,
+                size: 0,
+                mode: 0,
+                hash: None,
+                version,
+                stamp,
+                seq: 0,
+            },
         };
         Some(self.commit(record))
     }
 
     /// Decides what to do with a record received from a peer. Does not change the index
-    /// (apart from moving the clock past the remote stamp); see [`Replica::commit`].
+    /// (apart from moving the clock past the remote stamp, up to the skew bound); see
+    /// [`Replica::commit`].
     pub fn receive(&mut self, remote: &FileRecord, now_ms: u64) -> Decision {
-        self.hlc.observe(remote.stamp.hlc);
+        self.now_ms = now_ms;
+        self.observe_bounded(remote.stamp.hlc);
         let Some(local) = self.records.get(&remote.path) else {
             return Decision::Apply {
                 record: remote.clone(),
@@ -256,10 +340,8 @@ impl Replica {
                 if winner.deleted && !loser.deleted {
                     // Delete vs modify: the modification wins, as a new write that dominates both.
                     let mut record = loser.clone();
-                    record.stamp = Stamp {
-                        hlc: self.hlc.tick(now_ms),
-                        node: self.node,
-                    };
+                    let floor = local.stamp.hlc.max(remote.stamp.hlc);
+                    record.stamp = self.stamp_after(floor, now_ms);
                     record.version = version;
                     record.version.bump_past(self.node, record.stamp.hlc);
                     return if remote_wins {
@@ -297,7 +379,7 @@ impl Replica {
     pub fn commit(&mut self, mut record: FileRecord) -> FileRecord {
         self.seq += 1;
         record.seq = self.seq;
-        self.hlc.observe(record.stamp.hlc);
+        self.observe_bounded(record.stamp.hlc);
         self.insert(record.clone());
         record
     }

@@ -8,6 +8,10 @@ use super::*;
 
 const A: NodeId = NodeId(1);
 const B: NodeId = NodeId(2);
+const C: NodeId = NodeId(3);
+/// A peer with a bad clock (or a hostile one).
+const H: NodeId = NodeId(9);
+const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
 
 fn path(s: &str) -> RelPath {
     RelPath::new(s).expect("valid test path")
@@ -146,7 +150,7 @@ fn a_write_after_an_index_rollback_never_repeats_a_sent_version() {
     let sent = a.observe_local(&p, Some(&file(2)), 2000).expect("modified");
     let d = b.receive(&sent, 2000);
     assert!(carry_out(&mut b, d).is_some());
-    let mut a = Replica::from_records(A, [base.clone()]);
+    let mut a = Replica::from_records(A, [base.clone()], 5000);
     // Back up (the wall clock moved on), A writes other bytes over what its index knows.
     let next = a.observe_local(&p, Some(&file(3)), 5000).expect("modified");
     assert_ne!(next.version, sent.version, "a sent version is never reused");
@@ -182,7 +186,7 @@ fn from_records_moves_the_clock_past_stored_stamps() {
     let p = path("x");
     let mut a = Replica::new(A);
     let rec = a.observe_local(&p, Some(&file(1)), 5000).expect("new");
-    let mut back = Replica::from_records(A, a.records().cloned());
+    let mut back = Replica::from_records(A, a.records().cloned(), 1000);
     assert_eq!(back.seq(), rec.seq);
     let next = back
         .observe_local(&p, Some(&file(2)), 1000)
@@ -558,6 +562,213 @@ fn winner_does_not_absorb_a_concurrent_write_it_does_not_hold() {
     assert_eq!(a.get(&p).and_then(content), Some(2));
 }
 
+// ---- bounded clocks (issue 12: one bad clock stops replication for good) -------------------
+
+/// The wall time of the stamp a fresh path would get on `r` at `now_ms`: where its clock is.
+fn clock_millis(r: &Replica, now_ms: u64) -> u64 {
+    let stamp = r
+        .clone()
+        .observe_local(&path("probe/fresh"), Some(&file(9)), now_ms)
+        .expect("new path")
+        .stamp;
+    Hlc::millis(stamp.hlc)
+}
+
+/// `rec` rewritten by `H` with content `b`, a stamp at the cap and counters at the cap for
+/// `H` and for `over` (a hostile peer can claim any counter, also the receiver's own).
+fn at_the_cap(rec: &FileRecord, b: u8, over: NodeId) -> FileRecord {
+    let mut h = rec.clone();
+    h.hash = Some([b; 32]);
+    h.size = file(b).size;
+    h.version = rec
+        .version
+        .merged(&vv(&[(H, MAX_CLOCK_VALUE), (over, MAX_CLOCK_VALUE)]));
+    h.stamp = Stamp {
+        hlc: MAX_CLOCK_VALUE,
+        node: H,
+    };
+    h
+}
+
+#[test]
+fn a_record_stamped_at_the_cap_is_applied_without_moving_the_clock_and_a_later_write_wins() {
+    let p = path("x");
+    let (_, mut b, base) = shared_base(&p);
+    let hostile = at_the_cap(&base, 2, B);
+    let d = b.receive(&hostile, 2000);
+    assert_eq!(
+        d,
+        Decision::Apply {
+            record: hostile.clone(),
+            conflict_copy: false
+        }
+    );
+    assert_eq!(
+        b.ahead_of_clock(&hostile, 2000),
+        Some(Hlc::millis(MAX_CLOCK_VALUE) - 2000)
+    );
+    carry_out(&mut b, d);
+    assert_eq!(
+        b.get(&p).and_then(content),
+        Some(2),
+        "the record is kept as sent"
+    );
+    assert!(
+        clock_millis(&b, 2000) <= 2000 + DEFAULT_MAX_CLOCK_SKEW_MS,
+        "the clock stays within the skew bound"
+    );
+    // B's next writes of the path go past the record: they dominate it and stamp later.
+    let later = b.observe_local(&p, Some(&file(3)), 2001).expect("modified");
+    assert_eq!(later.version.compare(&hostile.version), Causality::After);
+    assert!(later.stamp > hostile.stamp);
+    let again = b.observe_local(&p, Some(&file(4)), 2002).expect("modified");
+    assert_eq!(again.version.compare(&later.version), Causality::After);
+    assert!(again.stamp > later.stamp);
+    // Another replica ends with the latest write whatever the order it gets them in.
+    let orders = [
+        [&hostile, &later, &again],
+        [&again, &hostile, &later],
+        [&later, &again, &hostile],
+        [&hostile, &again, &later],
+    ];
+    for order in orders {
+        let mut c = Replica::new(C);
+        for r in order {
+            let d = c.receive(r, 2003);
+            carry_out(&mut c, d);
+        }
+        assert_eq!(c.get(&p).and_then(content), Some(4), "order {order:?}");
+        assert!(clock_millis(&c, 2003) <= 2003 + DEFAULT_MAX_CLOCK_SKEW_MS);
+    }
+}
+
+/// A counter at the cap for this node's own id (sent by a peer) does not stop its counters.
+#[test]
+fn own_counter_at_the_cap_still_lets_every_later_write_dominate() {
+    let p = path("x");
+    let (_, mut b, base) = shared_base(&p);
+    let hostile = at_the_cap(&base, 2, B);
+    let d = b.receive(&hostile, 2000);
+    carry_out(&mut b, d);
+    let mut prev = hostile;
+    for i in 0..1000u64 {
+        let rec = b
+            .observe_local(&p, Some(&file(3 + (i % 2) as u8)), 2000 + i)
+            .expect("modified");
+        assert_eq!(rec.version.compare(&prev.version), Causality::After);
+        assert!(rec.version.get(B) > prev.version.get(B));
+        assert!(rec.stamp > prev.stamp);
+        prev = rec;
+    }
+    assert!(prev.version.get(B) <= MAX_CLOCK_VALUE + 1000);
+    assert!(clock_millis(&b, 3000) <= 3000 + DEFAULT_MAX_CLOCK_SKEW_MS);
+}
+
+#[test]
+fn a_clock_jumping_forward_and_back_loses_no_write_and_drags_no_other_clock() {
+    let p = path("x");
+    let (mut a, b, _) = shared_base(&p);
+    // A's wall clock jumps a year ahead (a VM restored with a future date), then comes back.
+    let ahead = a
+        .observe_local(&p, Some(&file(2)), 1000 + YEAR_MS)
+        .expect("modified");
+    let back = a.observe_local(&p, Some(&file(3)), 1001).expect("modified");
+    let last = a.observe_local(&p, Some(&file(4)), 1002).expect("modified");
+    for (x, y) in [(&ahead, &back), (&back, &last)] {
+        assert_eq!(y.version.compare(&x.version), Causality::After);
+        assert!(y.stamp > x.stamp);
+    }
+    // B gets them in any order: it ends with A's last write, and its clock stays its own.
+    let orders = [
+        [&ahead, &back, &last],
+        [&last, &back, &ahead],
+        [&back, &ahead, &last],
+    ];
+    for order in orders {
+        let mut b = b.clone();
+        for r in order {
+            let d = b.receive(r, 1003);
+            carry_out(&mut b, d);
+        }
+        assert_eq!(b.get(&p).and_then(content), Some(4), "order {order:?}");
+        assert!(
+            clock_millis(&b, 1003) <= 1003 + DEFAULT_MAX_CLOCK_SKEW_MS,
+            "A's year ahead did not move B's clock"
+        );
+        // B's next write of the path beats A's year-ahead stamps and wins on A.
+        let later = b.observe_local(&p, Some(&file(5)), 1004).expect("modified");
+        assert_eq!(later.version.compare(&last.version), Causality::After);
+        assert!(later.stamp > last.stamp);
+        let mut a = a.clone();
+        assert_eq!(
+            a.receive(&later, 1005),
+            Decision::Apply {
+                record: later.clone(),
+                conflict_copy: false
+            }
+        );
+    }
+    // After a restart with the clock back, A's next write still goes past its own.
+    let mut a = Replica::from_records(A, a.records().cloned(), 1006);
+    assert!(clock_millis(&a, 1006) <= 1006 + DEFAULT_MAX_CLOCK_SKEW_MS);
+    let next = a.observe_local(&p, Some(&file(6)), 1006).expect("modified");
+    assert_eq!(next.version.compare(&last.version), Causality::After);
+    assert!(next.stamp > last.stamp);
+}
+
+#[test]
+fn a_restart_with_a_stored_far_future_stamp_does_not_pin_the_clock() {
+    let p = path("x");
+    let (_, mut b, base) = shared_base(&p);
+    let hostile = at_the_cap(&base, 2, H);
+    let d = b.receive(&hostile, 2000);
+    carry_out(&mut b, d);
+    // B also writes over it once: its own record now carries a stamp at the cap too.
+    b.observe_local(&path("y"), Some(&file(1)), 2000);
+    let y = at_the_cap(b.get(&path("y")).expect("y"), 1, H);
+    let d = b.receive(&y, 2000);
+    carry_out(&mut b, d);
+    let own = b
+        .observe_local(&path("y"), Some(&file(3)), 2001)
+        .expect("y");
+    assert!(own.stamp.hlc > MAX_CLOCK_VALUE);
+    let mut back = Replica::from_records(B, b.records().cloned(), 5000);
+    assert_eq!(back.seq(), b.seq());
+    assert_eq!(
+        clock_millis(&back, 5000),
+        5000,
+        "the clock is this node's own"
+    );
+    let later = back.observe_local(&p, Some(&file(4)), 5000).expect("x");
+    assert_eq!(later.version.compare(&hostile.version), Causality::After);
+    assert!(later.stamp > hostile.stamp);
+    let later_y = back.observe_local(&path("y"), None, 5000).expect("y");
+    assert_eq!(later_y.version.compare(&own.version), Causality::After);
+    assert!(later_y.stamp > own.stamp);
+}
+
+#[test]
+fn a_stamp_within_the_skew_moves_the_clock_and_one_beyond_does_not() {
+    let mut a = Replica::new(A).with_max_skew(10);
+    let mut near = Replica::new(B)
+        .observe_local(&path("x"), Some(&file(1)), 1008)
+        .expect("new");
+    assert_eq!(a.ahead_of_clock(&near, 1000), None);
+    let d = a.receive(&near, 1000);
+    carry_out(&mut a, d);
+    assert_eq!(clock_millis(&a, 1000), 1008, "a small skew is followed");
+    let far = Replica::new(B)
+        .observe_local(&path("y"), Some(&file(1)), 1050)
+        .expect("new");
+    assert_eq!(a.ahead_of_clock(&far, 1000), Some(50));
+    let d = a.receive(&far, 1000);
+    carry_out(&mut a, d);
+    assert_eq!(clock_millis(&a, 1000), 1008, "a large one is not");
+    // A version counter far ahead is reported as well, by the largest counter.
+    near.version = vv(&[(H, Hlc::bound(1200, 0))]);
+    assert_eq!(a.ahead_of_clock(&near, 1000), Some(200));
+}
+
 // ---- simulation ---------------------------------------------------------------------------
 
 mod sim {
@@ -573,6 +784,11 @@ mod sim {
     /// Node ids deliberately not in index order, so ties do not favour the first node.
     const IDS: [u64; 4] = [0x30, 0x10, 0x40, 0x20];
     const DRAIN_LIMIT: usize = 10_000;
+    /// A small maximum skew, so stamps of nearby wall times fall on both sides of the bound.
+    const SKEW_MS: u64 = 50;
+    const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
+    /// Node ids of the records a foreign (bad or hostile) peer injects: a new one each time.
+    const FOREIGN_IDS: u64 = 0x1000;
 
     #[derive(Debug, Clone)]
     pub enum Op {
@@ -586,15 +802,78 @@ mod sim {
         Delete { node: Index, path: Index },
         /// One in-flight message arrives; with `duplicate`, a copy stays in flight.
         Deliver { msg: Index, duplicate: bool },
+        /// The wall clock of `node` jumps to `offset` ms ahead of the mesh's time (forward or
+        /// back from where it was).
+        Jump { node: Index, offset: u64 },
+        /// A peer outside the mesh sends `to` a record of `path` with any stamp and counters.
+        Foreign(Foreign),
     }
 
-    fn op() -> impl Strategy<Value = Op> {
+    #[derive(Debug, Clone)]
+    pub struct Foreign {
+        to: Index,
+        path: Index,
+        /// `None`: a tombstone.
+        content: Option<u8>,
+        stamp: u64,
+        /// The foreign writer's own counter.
+        counter: u64,
+        /// A counter claimed for the receiver's own id. (Claims for other nodes of the mesh are
+        /// impersonation: a record could then carry the very version one of their writes gets,
+        /// with other content. No clock rule can tell; that is the transport's job.)
+        claim: Option<u64>,
+        /// Built over the receiver's record of the path, so it dominates it (and is stamped
+        /// after it).
+        over_local: bool,
+    }
+
+    /// A stamp or counter from a foreign peer: anywhere up to the cap, at the cap, or near the
+    /// mesh's wall time (on either side of the skew bound).
+    fn clock_value() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0..=MAX_CLOCK_VALUE,
+            Just(MAX_CLOCK_VALUE),
+            (0u64..1_000).prop_map(|ms| Hlc::bound(1_000 + ms, 0)),
+        ]
+    }
+
+    fn foreign() -> impl Strategy<Value = Op> {
+        (
+            (any::<Index>(), any::<Index>(), prop::option::of(1u8..=4)),
+            (clock_value(), 1..=MAX_CLOCK_VALUE),
+            prop::option::of(clock_value()),
+            any::<bool>(),
+        )
+            .prop_map(
+                |((to, path, content), (stamp, counter), claim, over_local)| {
+                    Op::Foreign(Foreign {
+                        to,
+                        path,
+                        content,
+                        stamp,
+                        counter,
+                        claim,
+                        over_local,
+                    })
+                },
+            )
+    }
+
+    fn jump() -> impl Strategy<Value = Op> {
+        let offset = prop_oneof![Just(0u64), 0u64..1_000, Just(YEAR_MS), 0u64..(1 << 40)];
+        (any::<Index>(), offset).prop_map(|(node, offset)| Op::Jump { node, offset })
+    }
+
+    /// A user or network step; with `foreign`, also records from a peer outside the mesh.
+    fn op(foreign_weight: u32) -> impl Strategy<Value = Op> {
         prop_oneof![
             3 => (any::<Index>(), any::<Index>(), 1u8..=4)
                 .prop_map(|(node, path, content)| Op::Write { node, path, content }),
             1 => (any::<Index>(), any::<Index>()).prop_map(|(node, path)| Op::Delete { node, path }),
             6 => (any::<Index>(), prop::bool::weighted(0.2))
                 .prop_map(|(msg, duplicate)| Op::Deliver { msg, duplicate }),
+            1 => jump(),
+            foreign_weight => foreign(),
         ]
     }
 
@@ -606,23 +885,33 @@ mod sim {
         pub ops: Vec<Op>,
         /// Seeds the delivery order of the final drain.
         pub drain_seed: u64,
+        /// Writes made after the network went quiet: (node, path, content or delete).
+        pub later: Vec<(Index, Index, Option<u8>)>,
     }
 
-    pub fn script() -> impl Strategy<Value = Script> {
+    /// A script of honest nodes (whose wall clocks may jump), or with `foreign`, also records
+    /// from outside the mesh with any stamps and counters up to the cap.
+    pub fn script(foreign: bool) -> impl Strategy<Value = Script> {
+        let foreign_weight = if foreign { 2 } else { 0 };
         (2usize..=4, 2usize..=3)
-            .prop_flat_map(|(nodes, paths)| {
+            .prop_flat_map(move |(nodes, paths)| {
                 (
                     prop::collection::vec(0u64..40, nodes),
                     Just(paths),
-                    prop::collection::vec(op(), 0..80),
+                    prop::collection::vec(op(foreign_weight), 0..80),
                     any::<u64>(),
+                    prop::collection::vec(
+                        (any::<Index>(), any::<Index>(), prop::option::of(5u8..=6)),
+                        1..4,
+                    ),
                 )
             })
-            .prop_map(|(skews, paths, ops, drain_seed)| Script {
+            .prop_map(|(skews, paths, ops, drain_seed, later)| Script {
                 skews,
                 paths,
                 ops,
                 drain_seed,
+                later,
             })
     }
 
@@ -646,6 +935,11 @@ mod sim {
     pub struct Sim {
         nodes: Vec<Node>,
         skews: Vec<u64>,
+        /// Per-node clock jump (see [`Op::Jump`]).
+        jumps: Vec<u64>,
+        /// Per-node latest wall time given to the replica so far.
+        max_now: Vec<u64>,
+        foreign_records: u64,
         paths: Vec<RelPath>,
         step: u64,
         in_flight: Vec<(usize, FileRecord)>,
@@ -656,7 +950,7 @@ mod sim {
         pub fn new(script: &Script) -> Self {
             let nodes = (0..script.skews.len())
                 .map(|i| Node {
-                    replica: Replica::new(NodeId(IDS[i])),
+                    replica: Replica::new(NodeId(IDS[i])).with_max_skew(SKEW_MS),
                     disk: BTreeMap::new(),
                     conflicts: Vec::new(),
                 })
@@ -664,6 +958,9 @@ mod sim {
             Self {
                 nodes,
                 skews: script.skews.clone(),
+                jumps: vec![0; script.skews.len()],
+                max_now: vec![0; script.skews.len()],
+                foreign_records: 0,
                 paths: PATHS[..script.paths]
                     .iter()
                     .map(|p| RelPath::new(p).expect("valid"))
@@ -674,8 +971,10 @@ mod sim {
             }
         }
 
-        fn now(&self, node: usize) -> u64 {
-            1_000 + self.step + self.skews[node]
+        fn now(&mut self, node: usize) -> u64 {
+            let now = 1_000 + self.step + self.skews[node] + self.jumps[node];
+            self.max_now[node] = self.max_now[node].max(now);
+            now
         }
 
         /// Relay: every record a node commits goes to every other node.
@@ -714,8 +1013,100 @@ mod sim {
                     };
                     self.deliver(to, &record);
                 }
+                Op::Jump { node, offset } => {
+                    let node = node.index(self.nodes.len());
+                    self.jumps[node] = *offset;
+                }
+                Op::Foreign(f) => self.foreign(f),
             }
             self.check_disks_match_indexes();
+        }
+
+        /// A record from outside the mesh: a new writer each time, so two of them never claim
+        /// the same version for different content.
+        fn foreign(&mut self, f: &Foreign) {
+            let to = f.to.index(self.nodes.len());
+            let p = self.paths[f.path.index(self.paths.len())].clone();
+            self.foreign_records += 1;
+            let writer = NodeId(FOREIGN_IDS + self.foreign_records);
+            let mut version = VersionVector::from_entries([(writer, f.counter)]);
+            if let Some(counter) = f.claim {
+                version.merge(&VersionVector::from_entries([(NodeId(IDS[to]), counter)]));
+            }
+            // A peer's clock may be anything, but a write over a record it holds is stamped
+            // after it (as this model does): a dominating record with a smaller stamp is a
+            // forgery, not a bad clock.
+            let mut stamp = f.stamp;
+            if f.over_local {
+                if let Some(local) = self.nodes[to].replica.get(&p) {
+                    version.merge(&local.version);
+                    stamp = stamp.max(local.stamp.hlc.saturating_add(1));
+                }
+            }
+            let live = f.content.map(file);
+            let record = FileRecord {
+                path: p,
+                kind: Kind::File,
+                deleted: live.is_none(),
+                size: live.as_ref().map_or(0, |o| o.size),
+                mode: live.as_ref().map_or(0, |o| o.mode),
+                hash: live.and_then(|o| o.hash),
+                version,
+                stamp: Stamp {
+                    hlc: stamp,
+                    node: writer,
+                },
+                seq: 0,
+            };
+            self.deliver(to, &record);
+        }
+
+        /// A write made after the network went quiet (every node has seen everything). Returns
+        /// what the writer's disk then holds at the path.
+        pub fn later_write(
+            &mut self,
+            node: &Index,
+            path: &Index,
+            new: Option<u8>,
+        ) -> (RelPath, Option<u8>) {
+            self.step += 1;
+            let node = node.index(self.nodes.len());
+            let path = path.index(self.paths.len());
+            self.user(node, path, new);
+            let p = self.paths[path].clone();
+            (p.clone(), self.nodes[node].disk.get(&p).copied())
+        }
+
+        /// Every node's disk holds `content` at `p`.
+        pub fn check_everyone_holds(&self, p: &RelPath, content: Option<u8>) {
+            for (i, n) in self.nodes.iter().enumerate() {
+                assert_eq!(
+                    n.disk.get(p).copied(),
+                    content,
+                    "node {i} path {p}: a later write did not win"
+                );
+            }
+        }
+
+        /// No node's clock went further ahead than the skew past the latest wall time it was
+        /// given: no record, however stamped, moved it beyond.
+        pub fn check_clocks_bounded(&mut self) {
+            for i in 0..self.nodes.len() {
+                let now = self.now(i);
+                let probe = RelPath::new("probe").expect("valid");
+                let stamp = self.nodes[i]
+                    .replica
+                    .clone()
+                    .observe_local(&probe, Some(&file(1)), now)
+                    .expect("a new path")
+                    .stamp;
+                assert!(
+                    Hlc::millis(stamp.hlc) <= self.max_now[i] + SKEW_MS + 1,
+                    "node {i}: clock at {} ms, latest wall time {} ms",
+                    Hlc::millis(stamp.hlc),
+                    self.max_now[i]
+                );
+            }
         }
 
         fn user(&mut self, node: usize, path: usize, new: Option<u8>) {
@@ -914,7 +1305,7 @@ proptest! {
     /// and duplicates messages converges once drained, keeps each disk in line with its
     /// index, and never loses a write silently.
     #[test]
-    fn mesh_converges_without_losing_writes(script in sim::script()) {
+    fn mesh_converges_without_losing_writes(script in sim::script(false)) {
         let mut s = sim::Sim::new(&script);
         for op in &script.ops {
             s.run(op);
@@ -922,5 +1313,27 @@ proptest! {
         prop_assert!(s.drain(script.drain_seed), "network did not go quiet");
         s.check_converged();
         s.check_no_lost_write();
+        s.check_clocks_bounded();
+    }
+
+    /// Issue 12: records from outside the mesh with any stamps and counters up to the cap,
+    /// and wall clocks that jump forward and back, never stop a later write from winning:
+    /// once the network is quiet, a write made on any node ends up on every node.
+    #[test]
+    fn a_later_write_wins_everywhere_whatever_the_peers_stamps(script in sim::script(true)) {
+        let mut s = sim::Sim::new(&script);
+        for op in &script.ops {
+            s.run(op);
+        }
+        prop_assert!(s.drain(script.drain_seed), "network did not go quiet");
+        s.check_converged();
+        s.check_clocks_bounded();
+        for (i, (node, path, content)) in script.later.iter().enumerate() {
+            let (p, written) = s.later_write(node, path, *content);
+            prop_assert!(s.drain(script.drain_seed ^ i as u64), "network did not go quiet");
+            s.check_everyone_holds(&p, written);
+            s.check_converged();
+            s.check_clocks_bounded();
+        }
     }
 }

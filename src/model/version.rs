@@ -120,6 +120,13 @@ impl fmt::Display for Stamp {
 /// Bits of an HLC value kept for the logical counter under the millisecond wall time.
 const HLC_LOGICAL_BITS: u32 = 16;
 
+/// The largest stamp or version counter accepted from a peer: about the year 4200 in HLC units
+/// (milliseconds shifted left by 16 bits); the network edge refuses records above it. A node
+/// adds one per write to the greatest value it holds, so the 3·2^62 of headroom above this cap
+/// can never be used up: no counter or stamp reaches `u64::MAX`, where it would stop growing and
+/// every later write would look equal to the one before.
+pub const MAX_CLOCK_VALUE: u64 = 1 << 62;
+
 /// Hybrid logical clock: never goes backwards, moves past every stamp it has seen, and tracks
 /// wall time in milliseconds when clocks agree. The wall time is an input, never read here.
 #[derive(Debug, Clone, Copy, Default)]
@@ -130,7 +137,7 @@ pub struct Hlc {
 impl Hlc {
     /// A stamp value for a new local event at wall time `now_ms`.
     pub fn tick(&mut self, now_ms: u64) -> u64 {
-        let physical = now_ms << HLC_LOGICAL_BITS;
+        let physical = now_ms.saturating_mul(1 << HLC_LOGICAL_BITS);
         // Saturates: a peer's stamp at the top of the range must not wrap the clock to zero.
         self.last = physical.max(self.last.saturating_add(1));
         self.last
@@ -144,6 +151,16 @@ impl Hlc {
     /// Wall-clock milliseconds of a stamp value (for display).
     pub fn millis(value: u64) -> u64 {
         value >> HLC_LOGICAL_BITS
+    }
+
+    /// The greatest HLC value of wall time `now_ms + max_skew_ms`: what a clock at `now_ms` may
+    /// adopt from elsewhere. Saturates instead of wrapping.
+    pub fn bound(now_ms: u64, max_skew_ms: u64) -> u64 {
+        let ms = now_ms.saturating_add(max_skew_ms);
+        if ms > u64::MAX >> HLC_LOGICAL_BITS {
+            return u64::MAX;
+        }
+        (ms << HLC_LOGICAL_BITS) | ((1 << HLC_LOGICAL_BITS) - 1)
     }
 }
 
@@ -198,6 +215,31 @@ mod tests {
         v.bump(NodeId(7));
         v.bump_past(NodeId(7), 5);
         assert_eq!(v.get(NodeId(7)), u64::MAX);
+    }
+
+    #[test]
+    fn bound_is_the_last_value_of_the_skewed_millisecond_and_saturates() {
+        assert_eq!(Hlc::millis(Hlc::bound(1000, 500)), 1500);
+        assert_eq!(Hlc::bound(1000, 500) + 1, Hlc::default().tick(1501));
+        assert_eq!(Hlc::bound(u64::MAX >> 16, 1), u64::MAX);
+        assert_eq!(Hlc::bound(u64::MAX, u64::MAX), u64::MAX);
+        assert!(
+            Hlc::bound(1 << 45, 0) < MAX_CLOCK_VALUE,
+            "year 3000 is below the cap"
+        );
+    }
+
+    /// Issue 12: a peer may send our own node a counter at the cap. Each later write still
+    /// counts one more, far from saturation.
+    #[test]
+    fn a_counter_at_the_cap_keeps_growing_write_after_write() {
+        let mut v = vv(&[(1, MAX_CLOCK_VALUE), (2, MAX_CLOCK_VALUE)]);
+        for i in 0..1000u64 {
+            let before = v.clone();
+            v.bump_past(NodeId(1), 5000 + i);
+            assert_eq!(v.compare(&before), Causality::After);
+            assert_eq!(v.get(NodeId(1)), MAX_CLOCK_VALUE + i + 1);
+        }
     }
 
     #[test]

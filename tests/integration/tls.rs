@@ -197,7 +197,10 @@ async fn subscribe_as(
         .subscribe(SubscribeRequest {
             node_id: 0x5eed_0003,
             node_name: claimed.into(),
-            folders: Vec::new(),
+            folders: vec![artisync::pb::sync::FolderCursor {
+                folder: "synapse-configs".into(),
+                ..Default::default()
+            }],
         })
         .await
         .map(drop)
