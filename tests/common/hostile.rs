@@ -139,6 +139,8 @@ struct Script {
     batches: Mutex<Vec<pb::IndexBatch>>,
     /// Open subscriptions to the scripted folder; later batches are pushed to them.
     live: Mutex<Vec<BatchTx>>,
+    /// Open subscriptions to other folders, kept open with nothing more to say.
+    idle: Mutex<Vec<BatchTx>>,
     serve: Mutex<HashMap<String, Serve>>,
     stats: Mutex<HashMap<String, Arc<FetchStats>>>,
     /// Version counter last used per path by the record helpers.
@@ -190,6 +192,7 @@ impl Peer for FakeService {
         script.subscribes.fetch_add(1, Ordering::SeqCst);
         let req = request.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
+        let mut scripted = false;
         for cursor in req.folders {
             if cursor.folder != script.folder {
                 // Other folders: announced empty, so the agent counts the fake as connected.
@@ -212,7 +215,11 @@ impl Peer for FakeService {
                 let _ = tx.send(Ok(b));
             }
             lock(&script.live).push(tx.clone());
+            scripted = true;
             drop(batches);
+        }
+        if !scripted {
+            lock(&script.idle).push(tx);
         }
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
@@ -309,6 +316,7 @@ impl FakePeer {
             epoch: 0x5eed_e41c,
             batches: Mutex::new(Vec::new()),
             live: Mutex::new(Vec::new()),
+            idle: Mutex::new(Vec::new()),
             serve: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
