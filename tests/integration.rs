@@ -14,6 +14,7 @@ mod integration {
     mod conflict;
     mod echo;
     mod gates;
+    mod hostile;
     mod logs;
     mod own_records;
     mod restart;

@@ -259,6 +259,11 @@ impl Node {
         self.child.is_some()
     }
 
+    /// Process id of the running agent (e.g. to read its memory use from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sets an environment variable for the agent's next starts (e.g. systemd's
     /// `NOTIFY_SOCKET` and `WATCHDOG_USEC`).
     pub fn set_env(&mut self, key: &str, value: impl Into<String>) {
@@ -533,6 +538,7 @@ impl std::ops::IndexMut<usize> for Cluster {
 }
 
 pub mod db;
+pub mod hostile;
 pub mod proxy;
 
 /// Extensions for retriever tests: extra config, a start that does not wait for SERVING, and
