@@ -235,7 +235,7 @@ impl Node {
         let out_path = self.config.with_extension("deployed.json");
         let out = fs::File::create(&out_path).expect("create the CLI output file");
         let took = run_cmd(
-            Command::new(BIN)
+            Command::new(bin())
                 .args(["artifact", "deployed", "--json", "--config"])
                 .arg(&self.config)
                 .stdout(out),
@@ -679,7 +679,8 @@ fn main() {
     println!("mariadb:  127.0.0.1:3306 {my}");
     println!("sqlite:   {lite} (file in the bench dir, WAL)");
     println!(
-        "agent:    {BIN} (ARTISYNC_LOG={}; retriever: artifact_retriever = \"db\", labels [\"{LABEL}\"],",
+        "agent:    {} (ARTISYNC_LOG={}; retriever: artifact_retriever = \"db\", labels [\"{LABEL}\"],",
+        bin(),
         log_level()
     );
     println!(

@@ -505,6 +505,83 @@ fn measure_latency(a: &Node, b: &Node, agents: &mut [&mut Agent]) -> Latency {
     out
 }
 
+// ------------------------------------------------------------------ (d)
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// VmRSS once it stops growing: two polls 200 ms apart within 1 %, at most 10 s.
+fn settled_rss(pid: u32) -> u64 {
+    let mut last = rss_kib(pid).unwrap_or(0);
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = rss_kib(pid).unwrap_or(0);
+        if now.abs_diff(last) * 100 <= last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+/// A's VmRSS with no stalled subscriber, then with 1, 10 and 100 (each subscribes to every
+/// folder from the start on its own connection and never reads its stream).
+fn measure_stalled(rt: &tokio::runtime::Runtime, port: u16, pid: Option<u32>) -> Vec<(usize, u64)> {
+    use artisync::pb::sync::{FolderCursor, SubscribeRequest, peer_client::PeerClient};
+    let Some(pid) = pid else { return Vec::new() };
+    let mut out = vec![(0, settled_rss(pid))];
+    let mut held = Vec::new();
+    for target in [1usize, 10, 100] {
+        while held.len() < target {
+            let i = held.len();
+            let stream = rt.block_on(async {
+                let channel =
+                    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                        .ok()?
+                        .connect_timeout(Duration::from_secs(3))
+                        .connect()
+                        .await
+                        .ok()?;
+                let mut client = PeerClient::new(channel);
+                let request = SubscribeRequest {
+                    node_id: 0x57a1_1ed0_u64.wrapping_add(i as u64),
+                    node_name: format!("stalled{i}"),
+                    folders: FOLDERS
+                        .iter()
+                        .map(|f| FolderCursor {
+                            folder: (*f).to_owned(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                };
+                tokio::time::timeout(Duration::from_secs(10), client.subscribe(request))
+                    .await
+                    .ok()?
+                    .ok()
+            });
+            match stream {
+                Some(s) => held.push(s),
+                None => {
+                    println!("  subscriber {i} was refused or timed out");
+                    break;
+                }
+            }
+        }
+        out.push((held.len(), settled_rss(pid)));
+    }
+    drop(held);
+    out
+}
+
 // ------------------------------------------------------------------ main
 
 fn main() {
@@ -537,7 +614,8 @@ fn main() {
             .unwrap_or("?")
     );
     println!(
-        "agent:   {BIN} (ARTISYNC_LOG=warn, default config: quiet_period 25 ms, inline <= 256 KiB)"
+        "agent:   {} (ARTISYNC_LOG=warn, default config: quiet_period 25 ms, inline <= 256 KiB)",
+        bin()
     );
     println!(
         "page cache is never dropped: all runs are warm-cache; `sync` (untimed) runs before each (b) run."
@@ -816,6 +894,20 @@ fn main() {
         "  histogram: <1 ms {}, 1-2 {}, 2-5 {}, 5-10 {}, 10-25 {}, 25-50 {}, >=50 {}\n",
         hist[0], hist[1], hist[2], hist[3], hist[4], hist[5], hist[6]
     );
+
+    // ---------------------------------------------------------------- (d) stalled subscribers
+    println!("(d) memory of a serving agent with subscribers that never read");
+    println!(
+        "  A (holding the tree) gets 1, then 10, then 100 subscriptions to both folders from the start, each"
+    );
+    println!(
+        "  on its own connection, none ever read; A's VmRSS once it stops growing (polled every 200 ms, <= 10 s)."
+    );
+    let stalled = measure_stalled(&rt, a.port, a_agent.pid());
+    for (n, kib) in &stalled {
+        println!("  {n:>3} stalled: VmRSS {:.1} MiB", *kib as f64 / 1024.0);
+    }
+    println!();
 
     // ---------------------------------------------------------------- shut down
     b_agent.stop();

@@ -22,6 +22,12 @@ use tonic_health::pb::health_client::HealthClient;
 /// The agent binary Cargo builds for the bench.
 pub const BIN: &str = env!("CARGO_BIN_EXE_artisync");
 
+/// The agent binary the bench runs: `ARTISYNC_BENCH_BIN` when set (a reference build, for an
+/// A/B comparison such as `benches/ab.sh`), else the one Cargo built for the bench.
+pub fn bin() -> String {
+    std::env::var("ARTISYNC_BENCH_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
+
 /// Bounds for an agent to report SERVING, to exit after SIGTERM, and for helper commands.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -280,7 +286,7 @@ impl Agent {
             .open(log)
             .expect("open agent log");
         let started = Instant::now();
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -298,6 +304,11 @@ impl Agent {
             child: Some(child),
             started,
         }
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_tail(&self) -> String {
