@@ -325,6 +325,23 @@ impl Replica {
         };
         match local.version.compare(&remote.version) {
             Causality::Equal | Causality::After => Decision::Ignore,
+            // A record that dominates ours but is stamped before it breaks the rule the merge
+            // relies on (a write is stamped after what it supersedes): no node stamps so, only
+            // a forged record does. Taken as it is, nodes that had met our record in a merge
+            // would keep other bytes than nodes that had not. Its content is taken as a new
+            // write of this node instead, stamped and counted past both, which every node
+            // then takes the ordinary way; several nodes doing so write identical content,
+            // which merges without a conflict.
+            Causality::Before if remote.stamp < local.stamp => {
+                let mut record = remote.clone();
+                let floor = local.stamp.hlc.max(remote.stamp.hlc);
+                record.stamp = self.stamp_after(floor, now_ms);
+                record.version.bump_past(self.node, record.stamp.hlc);
+                Decision::Apply {
+                    record,
+                    conflict_copy: false,
+                }
+            }
             Causality::Before => Decision::Apply {
                 record: remote.clone(),
                 conflict_copy: false,

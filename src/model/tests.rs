@@ -822,8 +822,8 @@ mod sim {
         /// impersonation: a record could then carry the very version one of their writes gets,
         /// with other content. No clock rule can tell; that is the transport's job.)
         claim: Option<u64>,
-        /// Built over the receiver's record of the path, so it dominates it (and is stamped
-        /// after it).
+        /// Built over the receiver's record of the path, so it dominates it (stamped anyhow,
+        /// also before it: a forgery).
         over_local: bool,
     }
 
@@ -1033,14 +1033,13 @@ mod sim {
             if let Some(counter) = f.claim {
                 version.merge(&VersionVector::from_entries([(NodeId(IDS[to]), counter)]));
             }
-            // A peer's clock may be anything, but a write over a record it holds is stamped
-            // after it (as this model does): a dominating record with a smaller stamp is a
-            // forgery, not a bad clock.
-            let mut stamp = f.stamp;
+            // A peer's clock may be anything, and so may the stamp of a record built over the
+            // receiver's: an honest writer stamps after the record it supersedes, a forged one
+            // may stamp before it (the receiver then takes its content as a write of its own).
+            let stamp = f.stamp;
             if f.over_local {
                 if let Some(local) = self.nodes[to].replica.get(&p) {
                     version.merge(&local.version);
-                    stamp = stamp.max(local.stamp.hlc.saturating_add(1));
                 }
             }
             let live = f.content.map(file);
