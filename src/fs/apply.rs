@@ -884,6 +884,8 @@ impl StagedBatch {
                 .filter(|d| d.exists())
                 .try_for_each(|d| sync_dir(d))
         };
+        #[cfg(test)]
+        let dir_sync = dir_sync.and_then(|()| tests::injected_dir_sync_failure());
         if let Err(e) = dir_sync {
             // The entries are in place but not durable: nothing of the batch may be committed
             // to the index (it would claim what a power loss can take back). Every op fails
@@ -1478,6 +1480,46 @@ mod tests {
         assert_eq!(std::fs::read(&dest).expect("read"), b"bytes");
         assert_eq!(std::fs::read(&second).expect("read"), b"other bytes");
         assert_eq!(keep_copy(&src, &dest).expect("copy"), Kept::Already(second));
+    }
+
+    thread_local! {
+        /// Makes the directory sync of batches finished on this thread fail (EIO).
+        static FAIL_DIR_SYNC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    pub(super) fn injected_dir_sync_failure() -> std::io::Result<()> {
+        if FAIL_DIR_SYNC.with(|f| f.get()) {
+            Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Issue 12, item 7: a batch whose directories could not be synced must not be committed
+    /// (the index would claim entries a power loss can take back): every op that had
+    /// succeeded fails with the node's error, so the engine retries it as a node problem.
+    #[test]
+    fn a_failed_directory_sync_fails_the_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::write(root.join("old.xml"), b"<old/>").expect("write");
+        let ops = vec![
+            write("new.xml", b"<new/>", 0o644, true),
+            Op::RemoveFile {
+                path: p("old.xml"),
+                expect: Some(key_of(&root.join("old.xml"))),
+            },
+        ];
+        FAIL_DIR_SYNC.with(|f| f.set(true));
+        let results = apply_batch(root, ops, None);
+        FAIL_DIR_SYNC.with(|f| f.set(false));
+        assert_eq!(results.len(), 2);
+        for r in &results {
+            let e = r
+                .as_ref()
+                .expect_err("no op of the batch may count as done");
+            assert_eq!(e.raw_os_error(), Some(nix::libc::EIO), "{e}");
+        }
     }
 
     fn key_of(path: &Path) -> StatKey {
