@@ -5,8 +5,8 @@
 #
 #   benches/ab.sh REF [ROUNDS]        e.g. benches/ab.sh 8eae8ee 3
 #
-# The reference is built in a temporary worktree with its own target dir (a cold release
-# build, a few minutes on 2 cores). Bench options pass through (ARTISYNC_BENCH_RUNS,
+# The reference is built in a temporary worktree into target/ab-ref (cold the first time, a
+# few minutes on 2 cores; incremental after). Bench options pass through (ARTISYNC_BENCH_RUNS,
 # ARTISYNC_BENCH_LOOPFS, ...).
 set -euo pipefail
 ref=${1:?usage: benches/ab.sh REF [ROUNDS]}
@@ -20,9 +20,9 @@ trap 'git -C "$root" worktree remove --force "$wt" >/dev/null 2>&1 || true' EXIT
 
 echo "== building this checkout and the reference $ref (release)"
 cargo build --release --quiet
-(cd "$wt" && CARGO_TARGET_DIR="$out/target" cargo build --release --quiet)
+(cd "$wt" && CARGO_TARGET_DIR="$root/target/ab-ref" cargo build --release --quiet)
 new_bin="$root/target/release/artisync"
-ref_bin="$out/target/release/artisync"
+ref_bin="$root/target/ab-ref/release/artisync"
 
 for i in $(seq 1 "$rounds"); do
   for side in ref new; do

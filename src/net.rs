@@ -45,19 +45,21 @@ const MAX_FILE_BYTES: u64 = 1 << 40;
 /// Largest gRPC message accepted (batches carry inline contents).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Records per index batch, and the inline bytes one batch may carry, at first. A stream
-/// that keeps filling its batches (an initial sync, a large copy) doubles both, up to
-/// `BATCH_GROWTH` times, so the receiver pays its per-batch durability (a `syncfs`, the
-/// directory syncs, an index commit) fewer times; one that catches up starts small again,
-/// so a single change still goes out alone.
+/// that keeps filling its batches (an initial sync, a large copy) grows them fourfold per
+/// batch, up to `BATCH_GROWTH` times the inline bytes (16 MiB) and `BATCH_GROWTH / 4` times the
+/// records, so the receiver pays its per-batch durability (a `syncfs`, the directory syncs, an
+/// index commit) fewer times; one that catches up starts small again, so a single change
+/// still goes out alone. Starting small also keeps what a subscriber that never reads pins:
+/// its first batch (on the wire) and its second (queued), 1 + 4 MiB of contents.
 const BATCH_RECORDS: u32 = 1000;
-const BATCH_INLINE_BYTES: u64 = 4 * 1024 * 1024;
-const BATCH_GROWTH: u32 = 4;
+const BATCH_INLINE_BYTES: u64 = 1024 * 1024;
+const BATCH_GROWTH: u32 = 16;
 /// Record metadata one batch may carry, whatever its scale: with the inline budget this keeps
 /// a batch far below [`MAX_MESSAGE_BYTES`] even when every record has the largest path and
 /// version vector a peer may send, so a relayed record can never make a batch unsendable.
 const BATCH_META_BYTES: u64 = 16 * 1024 * 1024;
 /// HTTP/2 receive window of one stream (the client's side of a subscription).
-const STREAM_WINDOW_BYTES: u32 = 2 * BATCH_INLINE_BYTES as u32;
+const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// Batches of one stream handed to the engine and not answered yet: one being finished, one
 /// being staged, one checked and waiting.
 const BATCHES_IN_FLIGHT: usize = 3;
@@ -65,7 +67,7 @@ const BATCHES_IN_FLIGHT: usize = 3;
 /// and all connections together: each stream may pin a few batches in memory while its
 /// subscriber does not read (see the README's "Memory" notes).
 const MAX_SUBSCRIPTIONS_PER_CONNECTION: usize = 8;
-const MAX_SUBSCRIPTIONS: usize = 256;
+const MAX_SUBSCRIPTIONS: usize = 64;
 /// Chunk size of large-file transfers.
 const CHUNK_BYTES: usize = 1024 * 1024;
 /// A fetch that receives nothing for this long is abandoned (a hung peer must not block the
@@ -429,14 +431,20 @@ fn record_meta_bytes(r: &FileRecord) -> u64 {
 }
 
 /// The size of the next batch, in base batches: a full batch (cut by rows or by bytes) means
-/// more is waiting, so the next one may be twice as large, up to `BATCH_GROWTH`; a batch that
-/// took everything there was starts the next one small again.
+/// more is waiting, so the next one may be four times as large, up to `BATCH_GROWTH`; a batch
+/// that took everything there was starts the next one small again.
 fn next_batch_scale(scale: u32, caught_up: bool) -> u32 {
     if caught_up {
         1
     } else {
-        scale.saturating_mul(2).clamp(1, BATCH_GROWTH)
+        scale.saturating_mul(4).clamp(1, BATCH_GROWTH)
     }
+}
+
+/// Records the next batch may carry at `scale`: the base up to 4 MiB of contents, then more
+/// in step with the bytes.
+fn batch_records(scale: u32) -> u32 {
+    BATCH_RECORDS * (scale / 4).max(1)
 }
 
 /// Streams one folder's index to one subscriber: the rows after `since`, then new rows as they
@@ -468,7 +476,7 @@ async fn pump_folder(
             _ => Vec::new(),
         };
         let from = rows.last().map_or(since, |r| r.record.seq);
-        let limit = BATCH_RECORDS * scale;
+        let limit = batch_records(scale);
         let want = limit.saturating_sub(u32::try_from(rows.len()).unwrap_or(limit));
         let more = if want > 0 {
             handle
@@ -495,6 +503,16 @@ async fn pump_folder(
         let max_seq = current;
         let t_rows = std::time::Instant::now();
         if !rows.is_empty() || !announced || (complete && current > since) {
+            // A place in the stream's queue first, the contents after: a subscriber that does
+            // not read pins the batch on the wire and the one queued, never a third one built
+            // and waiting to be queued.
+            let permit = tokio::select! {
+                _ = svc.cancel.cancelled() => return,
+                permit = tx.reserve() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
             let root = handle.root.clone();
             let inline_max = svc.inline_max;
             let budget = BATCH_INLINE_BYTES * u64::from(scale);
@@ -532,9 +550,7 @@ async fn pump_folder(
                     .map(|(row, data)| record_to_pb(&row.record, data))
                     .collect(),
             };
-            if tx.send(Ok(batch)).await.is_err() {
-                return;
-            }
+            permit.send(Ok(batch));
             debug!(folder = %handle.id, peer = %subscriber, records = rows.len(), up_to_seq = up_to, read_us = read.as_micros() as u64, queued_us = t_rows.elapsed().as_micros() as u64, "batch sent to peer");
             announced = true;
             since = up_to;
@@ -1118,7 +1134,12 @@ mod tests {
             scale = next_batch_scale(scale, false);
             seen.push(scale);
         }
-        assert_eq!(seen, [2, 4, 4, 4, 4]);
+        assert_eq!(seen, [4, 16, 16, 16, 16]);
+        assert_eq!(
+            [1, 4, 16].map(batch_records),
+            [1000, 1000, 4000],
+            "records grow with the bytes past 4 MiB"
+        );
         assert_eq!(next_batch_scale(scale, true), 1);
         assert_eq!(next_batch_scale(0, false), 1);
     }
