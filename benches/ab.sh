@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B run of the sync bench: this checkout's agent against a reference commit's, alternating
-# (ref, new, ref, new, ...) in one script, so both see the same machine state. Prints the
+# (ref, new, new, ref, ...) in one script, so both see the same machine state. Prints the
 # medians over the rounds of (a) p50/p99 and (b) initial sync, and the ratios new/ref.
 #
 #   benches/ab.sh REF [ROUNDS]        e.g. benches/ab.sh 8eae8ee 3
@@ -25,7 +25,10 @@ new_bin="$root/target/release/artisync"
 ref_bin="$root/target/ab-ref/release/artisync"
 
 for i in $(seq 1 "$rounds"); do
-  for side in ref new; do
+  # ABBA order (ref first in odd rounds, new first in even ones), so a drift of the machine
+  # during the script does not favour one side.
+  order="ref new"; [ $((i % 2)) -eq 0 ] && order="new ref"
+  for side in $order; do
     bin=$ref_bin; [ "$side" = new ] && bin=$new_bin
     echo "== round $i: $side"
     ARTISYNC_BENCH_BIN="$bin" cargo bench --quiet --bench sync >"$out/$side.$i.txt" 2>&1 \
