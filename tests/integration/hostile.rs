@@ -681,14 +681,7 @@ fn absurd_sizes_do_not_wrap_the_totals() {
     for node in &cluster.nodes {
         wait_content(&node.synapse().join(marker), xml("marker").as_bytes());
     }
-    for node in &mut cluster.nodes {
-        assert_eq!(
-            node.health(),
-            Ok(HealthStatus::Serving),
-            "node {} stays up",
-            node.name
-        );
-    }
+    assert_all_serving(&mut cluster);
     holds_for(QUIET, "the totals to stay sane", || {
         cluster.nodes.iter().try_for_each(sane_totals)
     });
@@ -698,14 +691,7 @@ fn absurd_sizes_do_not_wrap_the_totals() {
     let later = "default/api/later.xml";
     write(&a.synapse().join(later), xml("later"));
     wait_content(&b.synapse().join(later), xml("later").as_bytes());
-    for node in &mut cluster.nodes {
-        assert_eq!(
-            node.health(),
-            Ok(HealthStatus::Serving),
-            "node {} stays up",
-            node.name
-        );
-    }
+    assert_all_serving(&mut cluster);
 }
 
 // ---------------------------------------------------------------- 10. apply race
@@ -772,4 +758,15 @@ fn a_local_write_during_a_peer_fetch_is_not_lost() {
         },
     );
     eprintln!("the local edit was kept {outcome}");
+}
+
+fn assert_all_serving(cluster: &mut Cluster) {
+    for node in &mut cluster.nodes {
+        assert_eq!(
+            node.health(),
+            Ok(HealthStatus::Serving),
+            "node {} stays up",
+            node.name
+        );
+    }
 }
