@@ -1,11 +1,9 @@
 //! Conflict and held copies: the losing side of a conflict is kept outside every synced
 //! folder, durably, never replacing an earlier copy with other bytes.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::sync_dir;
-use super::temp::create_temp;
+use crate::fs::atomic;
 
 /// What [`keep_copy`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,14 +42,7 @@ pub fn keep_copy(src: &Path, dest: &Path) -> std::io::Result<Kept> {
             Err(e) => return Err(e),
         }
     }
-    let (mut f, tmp) = create_temp(dir, 0o600)?;
-    let written = f.write_all(&bytes).and_then(|()| f.sync_all());
-    drop(f);
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &target)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    sync_dir(dir)?;
+    atomic::write(&target, &bytes, 0o600)?;
     Ok(Kept::New(target))
 }
 
