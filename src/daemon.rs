@@ -114,21 +114,12 @@ pub fn node_id(state_dir: &Path) -> Result<NodeId, DaemonError> {
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = NodeId(rand::random::<u64>().max(1));
-            let (mut f, tmp) =
-                crate::fs::apply::create_temp(state_dir, 0o600).map_err(|source| {
-                    DaemonError::StateDir {
-                        path: state_dir.to_owned(),
-                        source,
-                    }
-                })?;
-            use std::io::Write;
-            let io = |source| DaemonError::StateDir {
-                path: path.clone(),
-                source,
-            };
-            f.write_all(format!("{id}\n").as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
+            crate::fs::atomic::write(&path, format!("{id}\n").as_bytes(), 0o600).map_err(
+                |source| DaemonError::StateDir {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
             Ok(id)
         }
         Err(e) => Err(DaemonError::NodeId {
@@ -198,20 +189,10 @@ fn read_running_marker(state_dir: &Path) -> Result<Option<String>, DaemonError> 
 /// Writes the marker durably: it must survive the power loss that the index's last commits
 /// may not.
 fn write_running_marker(state_dir: &Path, boot: Option<&str>) -> Result<(), DaemonError> {
-    use std::io::Write;
     let path = state_dir.join(RUNNING_MARKER);
-    let io = |source| DaemonError::StateDir {
-        path: path.clone(),
-        source,
-    };
-    let (mut f, tmp) = crate::fs::apply::create_temp(state_dir, 0o600).map_err(io)?;
-    f.write_all(format!("{}\n", boot.unwrap_or_default()).as_bytes())
-        .map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
-    std::fs::File::open(state_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io)
+    let text = format!("{}\n", boot.unwrap_or_default());
+    crate::fs::atomic::write(&path, text.as_bytes(), 0o600)
+        .map_err(|source| DaemonError::StateDir { path, source })
 }
 
 /// Removes the marker once every index commit is durable; otherwise leaves it, so a start

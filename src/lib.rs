@@ -4,8 +4,9 @@
 //!
 //! # Layout
 //! - [`model`]: the pure core: paths, version vectors, records, the replica state machine.
-//! - [`store`]: the crash-safe local index (SQLite, WAL).
-//! - [`fs`]: scan + hash, watch, safe batched apply, ignore rules, the XML gate.
+//! - [`store`]: the crash-safe local index (SQLite, WAL), one file per table and one row codec.
+//! - [`fs`]: scan + hash, watch, safe batched apply (one file per step), durable state-file
+//!   writes, ignore rules, the XML gate.
 //! - [`engine`]: one task per folder that owns its replica and wires the edges to the model.
 //! - [`liveness`]: whether each engine is idle, busy or stopped, and whether it is stalled.
 //! - [`net`]: the peer gRPC service and the client sessions to each peer.
