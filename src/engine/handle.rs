@@ -139,9 +139,9 @@ pub struct DeployRequest {
 #[derive(Clone)]
 pub struct FolderHandle {
     pub id: String,
-    pub root: PathBuf,
+    pub(in crate::engine) root: PathBuf,
     pub epoch: u64,
-    pub store: Store,
+    pub(in crate::engine) store: Store,
     pub(in crate::engine) tx: mpsc::Sender<Msg>,
     pub(in crate::engine) seq: watch::Receiver<u64>,
     pub(in crate::engine) status: Arc<Mutex<FolderStatus>>,
@@ -203,6 +203,12 @@ impl FolderHandle {
             Ok(_) => Err(refuse("changed on disk since it was indexed")),
             Err(e) => Err(refuse(&e.to_string())),
         }
+    }
+
+    /// Where `peer`'s stream of this folder stands here: its epoch and the last sequence
+    /// applied from it.
+    pub async fn cursor(&self, peer: &str) -> Result<Cursor, StoreError> {
+        self.store.cursor(peer, &self.id).await
     }
 
     /// Sends local changes (from the watcher or a timer).

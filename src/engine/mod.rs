@@ -18,6 +18,7 @@
 //! - `skip`: the strikes/skip/retry book of peer changes that keep failing.
 //! - `conflict`: conflict copies and copies of held local files.
 //! - `deploy`: artifacts deployed from the database.
+//! - `feed`: what a subscriber is sent ([`Feed`]): the batching policy and the inline reads.
 //! - `status`: [`FolderStatus`] and what is published after every message.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -31,6 +32,7 @@ use tracing::{debug, info, warn};
 
 mod conflict;
 mod deploy;
+mod feed;
 mod handle;
 mod local;
 mod remote;
@@ -39,6 +41,7 @@ mod status;
 #[cfg(test)]
 mod testing;
 
+pub use feed::{Feed, FeedBatch, PendingBatch};
 pub use handle::{
     DeployRequest, EngineError, FetchError, Fetcher, Fetching, FolderHandle, Inbox, Incoming,
     Inline, RemoteBatch, ServeError,
