@@ -15,6 +15,7 @@
 //! - `handle`: [`FolderHandle`], the messages it sends, the engine's errors, what a peer may fetch.
 //! - `local`: local changes (watcher hints, rescans) observed and committed.
 //! - `remote`: peer batches, chained (`chain`), staged (`stage`) and settled (`settle`).
+//! - `plan`: PURE: a decided peer record and the local state give one disk step.
 //! - `skip`: the strikes/skip/retry book of peer changes that keep failing.
 //! - `conflict`: conflict copies and copies of held local files.
 //! - `deploy`: artifacts deployed from the database.
@@ -35,6 +36,7 @@ mod deploy;
 mod feed;
 mod handle;
 mod local;
+mod plan;
 mod remote;
 mod skip;
 mod status;

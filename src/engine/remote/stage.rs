@@ -2,6 +2,7 @@
 //! contents, and stage the disk ops (nothing placed yet).
 
 use super::*;
+use crate::engine::plan::{self, Step};
 
 impl FolderEngine {
     /// [`Self::prepare_remote`], unless the batch's stream failed before. Returns the stream
@@ -151,13 +152,11 @@ impl FolderEngine {
                     continue;
                 }
             }
-            let local_live = local.as_ref().filter(|l| !l.deleted);
             // Local bytes held back by the XML gate were never shipped: when the peer's
             // version changes the file, they are kept as a conflict copy first.
-            let rewrites = record.deleted
-                || (record.kind == Kind::File
-                    && !local_live.is_some_and(|l| l.kind == Kind::File && l.hash == record.hash));
-            let held = !conflict_copy && rewrites && self.held.contains_key(&record.path);
+            let held = !conflict_copy
+                && plan::rewrites(&record, local.as_ref())
+                && self.held.contains_key(&record.path);
             if held {
                 if let Err(e) = self.keep_held_copy(&record, now, &batch.peer).await {
                     fails.note(
@@ -168,61 +167,36 @@ impl FolderEngine {
                     continue;
                 }
             }
-            // What the local file must still be when it is replaced or removed: the file the
-            // index knows (checked at that very moment, see `apply::Op::Write`). A held file
-            // was kept just now and is replaced as it is.
-            let expect = match local_live {
-                Some(l) if l.kind == Kind::File && !held => self.stats.get(&record.path).copied(),
-                _ => None,
-            };
-            let op = if record.deleted {
-                match local_live.map(|l| l.kind) {
-                    Some(Kind::Dir) => Some(Op::RemoveDir {
-                        path: record.path.clone(),
-                    }),
-                    Some(Kind::File) => Some(Op::RemoveFile {
-                        path: record.path.clone(),
-                        expect,
-                    }),
-                    None => None,
-                }
-            } else if record.kind == Kind::Dir {
-                match local_live {
-                    Some(l) if l.kind == Kind::Dir && l.mode == record.mode => None,
-                    _ => Some(Op::Mkdir {
-                        path: record.path.clone(),
-                        mode: record.mode,
-                    }),
-                }
-            } else if local_live.is_some_and(|l| l.kind == Kind::File && l.hash == record.hash) {
-                // Same bytes already here: at most the mode differs.
-                match local_live {
-                    Some(l) if l.mode == record.mode => None,
-                    _ => Some(Op::Chmod {
-                        path: record.path.clone(),
-                        mode: record.mode,
-                    }),
-                }
-            } else {
-                let Some(hash) = record.hash else {
-                    fails.note(&remote, "live file without a hash".into(), false);
-                    continue;
-                };
-                match inline {
-                    // Checked against its hash at the edge; a record for other bytes (a
-                    // newer version of the path) fetches instead.
-                    Some(bytes) if *bytes.hash() == hash => Some(Op::Write {
-                        path: record.path.clone(),
+            let stat = self.stats.get(&record.path).copied();
+            let inline_hash = inline.as_ref().map(Inline::hash);
+            let path = record.path.clone();
+            let op = match plan::step(&record, local.as_ref(), held, stat, inline_hash) {
+                Step::Nothing => None,
+                Step::Mkdir { mode } => Some(Op::Mkdir { path, mode }),
+                Step::Chmod { mode } => Some(Op::Chmod { path, mode }),
+                Step::RemoveDir => Some(Op::RemoveDir { path }),
+                Step::RemoveFile { expect } => Some(Op::RemoveFile { path, expect }),
+                Step::Write { new, expect } => match inline {
+                    Some(bytes) => Some(Op::Write {
+                        path,
                         content: Content::Bytes(bytes.into_bytes()),
                         mode: record.mode,
-                        new: local_live.is_none() && !held,
+                        new,
                         expect,
                     }),
-                    _ => {
-                        let new = local_live.is_none() && !held;
-                        fetches.push((record, remote, hash, new, expect));
+                    // `step` writes only content that travelled inline.
+                    None => {
+                        fails.note(&remote, "inline content missing".into(), false);
                         continue;
                     }
+                },
+                Step::Fetch { hash, new, expect } => {
+                    fetches.push((record, remote, hash, new, expect));
+                    continue;
+                }
+                Step::NoHash => {
+                    fails.note(&remote, "live file without a hash".into(), false);
+                    continue;
                 }
             };
             match op {
