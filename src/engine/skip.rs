@@ -91,15 +91,16 @@ impl FolderEngine {
     /// remains in `fails` stops the stream. Paths of the batch that went through clear their
     /// strikes and their skip; so does another peer's skipped change the index now holds (or
     /// has overtaken). Returns the changes to the skip list, for the batch's index commit.
+    /// `now_ms`: wall time, ms since the epoch (a change's first skip and its next retry).
     pub(in crate::engine) fn skip_failures(
         &mut self,
         peer: &str,
         retry: bool,
         paths: &HashSet<RelPath>,
         fails: &mut Failures,
+        now_ms: u64,
     ) -> SkipChanges {
         let mut changes = SkipChanges::default();
-        let now = crate::now_ms();
         if !self.strikes.is_empty() || !self.skipped.is_empty() {
             let failed: HashSet<RelPath> = fails.0.iter().map(|f| f.record.path.clone()).collect();
             let went_through = |p: &str, path: &RelPath| {
@@ -149,11 +150,11 @@ impl FolderEngine {
                         continue;
                     }
                     self.strikes.remove(&key);
-                    (SKIP_AFTER_FAILURES, now)
+                    (SKIP_AFTER_FAILURES, now_ms)
                 }
             };
-            let retry_ms = skip_retry_at(now, self.opts.skip_retry_ms, attempts);
-            let wait_s = retry_ms.saturating_sub(now) / 1000;
+            let retry_ms = skip_retry_at(now_ms, self.opts.skip_retry_ms, attempts);
+            let wait_s = retry_ms.saturating_sub(now_ms) / 1000;
             if attempts == SKIP_AFTER_FAILURES {
                 warn!(folder = %self.id, path = %f.record.path, peer = %peer, problem = %f.problem, attempts, retry_in_s = wait_s, "skipping a peer change that keeps failing; the peer's other changes go on, and status lists it until it applies");
             } else {

@@ -98,7 +98,7 @@ impl FolderEngine {
                 origin,
             });
         }
-        let skips = self.skip_failures(&peer, retry, &paths, &mut fails);
+        let skips = self.skip_failures(&peer, retry, &paths, &mut fails, crate::now_ms());
         // The peer's cursor stops just before the first failure that was not skipped.
         let first = fails.0.iter().min_by_key(|f| f.record.seq);
         let applied_up_to = match first {
