@@ -277,7 +277,7 @@ impl Drop for Slot {
     }
 }
 
-/// A subscription's stream of batches, holding its [`Slot`] while it lives.
+/// A subscription's stream of batches, holding its `Slot` while it lives.
 pub struct SubscriptionStream {
     inner: ReceiverStream<Result<pb::IndexBatch, Status>>,
     _slot: Slot,
