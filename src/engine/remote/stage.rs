@@ -4,6 +4,26 @@
 use super::*;
 use crate::engine::plan::{self, Step};
 
+/// A record to put on disk: (record decided, record as the peer sent it, conflict copy,
+/// content that travelled inline).
+type Applying = (FileRecord, FileRecord, bool, Option<Inline>);
+
+/// A content to fetch: (record decided, record as the peer sent it, its hash, `new`,
+/// `expect`; see [`Step::Fetch`]).
+type PendingFetch = (FileRecord, FileRecord, Hash, bool, Option<StatKey>);
+
+/// The disk side of a batch, planned (see `plan_applies`).
+struct Planned {
+    /// Ops whose content is here or travelled inline.
+    ops: Vec<Op>,
+    /// (record decided, record as the peer sent it) of each op, in op order.
+    op_meta: Vec<(FileRecord, FileRecord)>,
+    /// Records whose disk already matches, each with whether it is the peer's version as sent.
+    no_op: Vec<(FileRecord, bool)>,
+    fetches: Vec<PendingFetch>,
+    fails: Failures,
+}
+
 impl FolderEngine {
     /// [`Self::prepare_remote`], unless the batch's stream failed before. Returns the stream
     /// with the outcome.
@@ -92,19 +112,61 @@ impl FolderEngine {
             .iter()
             .map(|r| r.record.path.clone())
             .collect();
+        let (stores, applies) = self.decide_records(&batch.peer, batch.records, now).await?;
+        let Planned {
+            ops,
+            mut op_meta,
+            no_op,
+            fetches,
+            mut fails,
+        } = self.plan_applies(applies, &batch.peer, now).await;
+        let t_staging = std::time::Instant::now();
+        let fetched_count = fetches.len();
+        let removes = ops
+            .iter()
+            .any(|o| matches!(o, Op::RemoveFile { .. } | Op::RemoveDir { .. }));
+        let staged = self
+            .fetch_and_stage(ops, fetches, &batch.fetcher, &mut op_meta, &mut fails)
+            .await?;
+        let n_ops = op_meta.len();
+        debug!(folder = %self.id, peer = %batch.peer, ops = n_ops, fetched = fetched_count, decide_us = t_staging.duration_since(t_prepare).as_micros() as u64, fetch_and_stage_us = t_staging.elapsed().as_micros() as u64, "batch staged");
+        Ok(PreparedRemote {
+            peer: batch.peer,
+            stream: batch.stream,
+            epoch: batch.epoch,
+            up_to_seq: batch.up_to_seq,
+            retry: batch.retry,
+            stores,
+            op_meta,
+            no_op,
+            fails,
+            staged,
+            paths,
+            removes,
+        })
+    }
+
+    /// The model's decision on each record of a peer batch: index-only changes (merged
+    /// versions), and records to put on disk. A path whose file changed since the last look
+    /// is observed first, so the peer's version meets the change instead of overwriting it.
+    async fn decide_records(
+        &mut self,
+        peer: &str,
+        records: Vec<Incoming>,
+        now: u64,
+    ) -> Result<(Vec<FileRecord>, Vec<Applying>), EngineError> {
         let mut stores: Vec<FileRecord> = Vec::new();
-        // (record decided, record as the peer sent it, conflict copy, content source)
-        let mut applies: Vec<(FileRecord, FileRecord, bool, Option<Inline>)> = Vec::new();
+        let mut applies: Vec<Applying> = Vec::new();
         for Incoming {
             record: remote,
             inline,
-        } in batch.records
+        } in records
         {
             if self.ignore.is_ignored(&remote.path) {
                 continue;
             }
             if let Some(ahead_ms) = self.replica.ahead_of_clock(&remote, now) {
-                self.note_clock_ahead(&batch.peer, &remote.path, ahead_ms, now);
+                self.note_clock_ahead(peer, &remote.path, ahead_ms, now);
             }
             let mut decision = self.replica.receive(&remote, now);
             // A held file at the path is looked at even for a new file: its bytes must be
@@ -135,9 +197,16 @@ impl FolderEngine {
                 }
             }
         }
+        Ok((stores, applies))
+    }
+
+    /// The disk side of the records to apply (see [`plan::step`]): conflict copies and copies
+    /// of held files kept first, then an op for each record whose content is here or
+    /// travelled inline, and the contents left to fetch.
+    async fn plan_applies(&mut self, applies: Vec<Applying>, peer: &str, now: u64) -> Planned {
         let mut fails = Failures::default();
         // Build the disk operations; what did not travel inline is fetched below.
-        let mut fetches: Vec<(FileRecord, FileRecord, Hash, bool, Option<StatKey>)> = Vec::new();
+        let mut fetches: Vec<PendingFetch> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut op_meta: Vec<(FileRecord, FileRecord)> = Vec::new();
         let mut no_op: Vec<(FileRecord, bool)> = Vec::new();
@@ -145,7 +214,7 @@ impl FolderEngine {
             let local = self.replica.get(&record.path).cloned();
             if conflict_copy {
                 if let Err(e) = self
-                    .keep_conflict_copy(&record, local.as_ref(), now, &batch.peer)
+                    .keep_conflict_copy(&record, local.as_ref(), now, peer)
                     .await
                 {
                     fails.note(&remote, format!("cannot keep conflict copy: {e}"), true);
@@ -158,7 +227,7 @@ impl FolderEngine {
                 && plan::rewrites(&record, local.as_ref())
                 && self.held.contains_key(&record.path);
             if held {
-                if let Err(e) = self.keep_held_copy(&record, now, &batch.peer).await {
+                if let Err(e) = self.keep_held_copy(&record, now, peer).await {
                     fails.note(
                         &remote,
                         format!("cannot keep the held local file: {e}"),
@@ -210,12 +279,28 @@ impl FolderEngine {
                 }
             }
         }
+        Planned {
+            ops,
+            op_meta,
+            no_op,
+            fetches,
+            fails,
+        }
+    }
+
+    /// Stages the ops on a blocking thread while the contents that did not travel inline are
+    /// fetched, then stages the fetched ones after them (as `op_meta` has them). A fetch that
+    /// fails is noted in `fails`.
+    async fn fetch_and_stage(
+        &self,
+        ops: Vec<Op>,
+        fetches: Vec<PendingFetch>,
+        fetcher: &Arc<dyn Fetcher>,
+        op_meta: &mut Vec<(FileRecord, FileRecord)>,
+        fails: &mut Failures,
+    ) -> Result<Option<apply::StagedBatch>, EngineError> {
         // Contents that did not travel inline are fetched, a few at a time, while the inline
         // ones are staged on a blocking thread (the fetches write their own temp files).
-        let t_staging = std::time::Instant::now();
-        let removes = ops
-            .iter()
-            .any(|o| matches!(o, Op::RemoveFile { .. } | Op::RemoveDir { .. }));
         let staging = (!ops.is_empty()).then(|| {
             let (root, own) = (self.root.clone(), self.own.clone());
             tokio::task::spawn_blocking(move || apply::stage_batch(&root, ops, Some(&own)))
@@ -226,7 +311,7 @@ impl FolderEngine {
                 .iter()
                 .map(|(record, _, hash, _, _)| {
                     let (fetcher, id, path) =
-                        (batch.fetcher.clone(), self.id.clone(), record.path.clone());
+                        (fetcher.clone(), self.id.clone(), record.path.clone());
                     let (hash, size, mode) = (*hash, record.size, record.mode);
                     let (root, live) = (self.root.clone(), self.live.clone());
                     async move {
@@ -267,7 +352,6 @@ impl FolderEngine {
             },
             None => None,
         };
-        let fetched_count = fetched.len();
         let mut fetched_ops: Vec<Op> = Vec::new();
         for ((record, remote, _, new, expect), r) in fetches.into_iter().zip(fetched) {
             match r {
@@ -290,10 +374,9 @@ impl FolderEngine {
                 }
             }
         }
-        let n_ops = op_meta.len();
         // The fetched contents join the staged batch after the inline ones, as `op_meta` has
         // them.
-        let staged = if fetched_ops.is_empty() {
+        Ok(if fetched_ops.is_empty() {
             staged
         } else {
             let more = block(|| apply::stage_batch(&self.root, fetched_ops, Some(&self.own)));
@@ -301,21 +384,6 @@ impl FolderEngine {
                 Some(first) => first.merge(more),
                 None => more,
             })
-        };
-        debug!(folder = %self.id, peer = %batch.peer, ops = n_ops, fetched = fetched_count, decide_us = t_staging.duration_since(t_prepare).as_micros() as u64, fetch_and_stage_us = t_staging.elapsed().as_micros() as u64, "batch staged");
-        Ok(PreparedRemote {
-            peer: batch.peer,
-            stream: batch.stream,
-            epoch: batch.epoch,
-            up_to_seq: batch.up_to_seq,
-            retry: batch.retry,
-            stores,
-            op_meta,
-            no_op,
-            fails,
-            staged,
-            paths,
-            removes,
         })
     }
 
