@@ -769,6 +769,9 @@ impl PeerSession {
         }
     }
 
+    /// One session with the peer: connect, subscribe from this node's cursor, and hand each
+    /// batch to the folder's engine (a few in flight) until the stream ends or fails.
+    /// Longer than most: the connection's steps and its in-flight bookkeeping read in order.
     async fn session_once(&self, counted: &mut bool) -> Result<(), NetError> {
         let name = self.peer.name.clone();
         let perr = |message: String| NetError::Peer {

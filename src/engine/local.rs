@@ -145,21 +145,11 @@ impl FolderEngine {
         }
     }
 
-    pub(in crate::engine) async fn observe(
-        &mut self,
-        paths: BTreeSet<RelPath>,
-    ) -> Result<(), EngineError> {
-        let now = crate::now_ms();
-        let mut commits: Vec<StoredRecord> = Vec::new();
-        let mut stat_updates: Vec<(RelPath, StatKey)> = Vec::new();
-        let paths: Vec<RelPath> = paths
-            .into_iter()
-            .filter(|p| !self.ignore.is_ignored(p))
-            .collect();
-        // A look is an lstat (and a hash when the stat key changed): kernel time, which
-        // overlaps on several cores. Each thread takes a run of the sorted paths, so its
-        // parent-directory checks are mostly its own.
-        let looks: Vec<Result<Look, scan::ScanError>> = block(|| {
+    /// A look at each of `paths`, in their order. A look is an lstat (and a hash when the stat
+    /// key changed): kernel time, which overlaps on several cores. Each thread takes a run of
+    /// the sorted paths, so its parent-directory checks are mostly its own.
+    fn look_all(&self, paths: &[RelPath]) -> Vec<Result<Look, scan::ScanError>> {
+        block(|| {
             let threads = par::threads_for(paths.len());
             let runs: Vec<&[RelPath]> =
                 paths.chunks(paths.len().div_ceil(threads).max(1)).collect();
@@ -177,7 +167,24 @@ impl FolderEngine {
             .into_iter()
             .flatten()
             .collect()
-        });
+        })
+    }
+
+    /// Looks at each path (not ignored) on disk and records what changed: the model's
+    /// `observe_local`, the stat keys, and one index commit that wakes the subscribers. XML
+    /// that does not parse is held (not shipped) until it does.
+    pub(in crate::engine) async fn observe(
+        &mut self,
+        paths: BTreeSet<RelPath>,
+    ) -> Result<(), EngineError> {
+        let now = crate::now_ms();
+        let mut commits: Vec<StoredRecord> = Vec::new();
+        let mut stat_updates: Vec<(RelPath, StatKey)> = Vec::new();
+        let paths: Vec<RelPath> = paths
+            .into_iter()
+            .filter(|p| !self.ignore.is_ignored(p))
+            .collect();
+        let looks = self.look_all(&paths);
         for (path, look) in paths.into_iter().zip(looks) {
             let look = match look {
                 Ok(l) => {

@@ -15,6 +15,10 @@ impl FolderEngine {
     /// chain, as if the watcher had been that much slower; whatever it finds on disk is
     /// re-checked against the index then, as always. Returns the messages it took off the
     /// queue and did not handle, in the order they came.
+    ///
+    /// Longer than most on purpose: it is one state machine (the batch queued, the one being
+    /// finished, the one settled, the deferred local change), whose transitions read best
+    /// in one loop.
     pub(in crate::engine) async fn remote_chain(
         &mut self,
         batch: RemoteBatch,

@@ -8,6 +8,10 @@ impl FolderEngine {
     /// task's outcome): commits what landed to the replica and says how far the batch got.
     /// The index commit follows in [`Self::record_remote`]. A batch of a stream that failed
     /// meanwhile records what landed but does not move the peer's cursor.
+    ///
+    /// Longer than most on purpose: it is the batch's bookkeeping in the order the index
+    /// needs (the merges, the ops in op order, the records already on disk, then the skip
+    /// book and the cursor), kept in one place so that order stays visible.
     pub(in crate::engine) fn settle_remote(
         &mut self,
         prepared: PreparedRemote,
