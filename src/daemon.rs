@@ -268,7 +268,7 @@ pub async fn run(
     let marker = read_running_marker(&config.state_dir)?;
     if index_may_have_rolled_back(marker.as_deref(), boot.as_deref()) {
         // Peers' cursors into this index and the records they leave out for this node
-        // (`net::pump_folder`) hold only while an epoch's index never goes back.
+        // (`engine::Feed`) hold only while an epoch's index never goes back.
         let epochs = store.new_epochs().await?;
         warn!(
             folders = epochs,

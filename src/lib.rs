@@ -7,9 +7,13 @@
 //! - [`store`]: the crash-safe local index (SQLite, WAL), one file per table and one row codec.
 //! - [`fs`]: scan + hash, watch, safe batched apply (one file per step), durable state-file
 //!   writes, ignore rules, the XML gate.
-//! - [`engine`]: one task per folder that owns its replica and wires the edges to the model.
+//! - [`engine`]: one task per folder that owns its replica and wires the edges to the model:
+//!   local changes, peer batches (chained, staged, settled), the pure disk plan of a peer
+//!   record, the skip book, conflict copies, deploys, and the feed of what a subscriber is
+//!   sent.
 //! - [`liveness`]: whether each engine is idle, busy or stopped, and whether it is stalled.
-//! - [`net`]: the peer gRPC service and the client sessions to each peer.
+//! - [`net`]: the peer gRPC edge: wire conversions, the `Peer` service streaming the engine's
+//!   feed, and the client sessions to each peer.
 //! - [`artifacts`]: the DB-backed artifact saver and retriever, the hub for agents without
 //!   database credentials, and WSO2 API-M 3.2's own tables as a read-only source.
 //! - [`admin`]: the local admin service on a unix socket (status, conflicts, resume).

@@ -22,14 +22,14 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, PeerConfig, TlsConfig};
-use crate::engine::{FetchError, FolderHandle, Incoming, Inline, RemoteBatch, ServeError};
+use crate::engine::{Feed, FetchError, FolderHandle, Incoming, Inline, RemoteBatch, ServeError};
 use crate::model::{
     FileRecord, Hash, Kind, MAX_CLOCK_VALUE, NodeId, RelPath, Stamp, VersionVector,
 };
 use crate::pb::sync as pb;
 use crate::pb::sync::peer_client::PeerClient;
 use crate::pb::sync::peer_server::Peer;
-use crate::store::{Origin, StoredRecord};
+use crate::store::Origin;
 
 /// Most entries a version vector from a peer may have (one per node that ever wrote the path;
 /// a record with more is refused, so it can never make a batch too large to relay).
@@ -44,20 +44,6 @@ pub const MAX_PEER_CLOCK: u64 = MAX_CLOCK_VALUE;
 const MAX_FILE_BYTES: u64 = 1 << 40;
 /// Largest gRPC message accepted (batches carry inline contents).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-/// Records per index batch, and the inline bytes one batch may carry, at first. A stream
-/// that keeps filling its batches (an initial sync, a large copy) grows them fourfold per
-/// batch, up to `BATCH_GROWTH` times the inline bytes (16 MiB) and `BATCH_GROWTH / 4` times the
-/// records, so the receiver pays its per-batch durability (a `syncfs`, the directory syncs, an
-/// index commit) fewer times; one that catches up starts small again, so a single change
-/// still goes out alone. Starting small also keeps what a subscriber that never reads pins:
-/// its first batch (on the wire) and its second (queued), 1 + 4 MiB of contents.
-const BATCH_RECORDS: u32 = 1000;
-const BATCH_INLINE_BYTES: u64 = 1024 * 1024;
-const BATCH_GROWTH: u32 = 16;
-/// Record metadata one batch may carry, whatever its scale: with the inline budget this keeps
-/// a batch far below [`MAX_MESSAGE_BYTES`] even when every record has the largest path and
-/// version vector a peer may send, so a relayed record can never make a batch unsendable.
-const BATCH_META_BYTES: u64 = 16 * 1024 * 1024;
 /// HTTP/2 receive window of one stream (the client's side of a subscription).
 const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// Batches of one stream handed to the engine and not answered yet: one being finished, one
@@ -291,7 +277,7 @@ impl Drop for Slot {
     }
 }
 
-/// A subscription's stream of batches, holding its [`Slot`] while it lives.
+/// A subscription's stream of batches, holding its `Slot` while it lives.
 pub struct SubscriptionStream {
     inner: ReceiverStream<Result<pb::IndexBatch, Status>>,
     _slot: Slot,
@@ -369,198 +355,61 @@ impl PeerService {
     }
 }
 
-/// Reads the content of small live files for inline transfer, on a few threads.
-/// The batch is cut before the first small file that no longer fits the batch's inline budget,
-/// so it travels inline in the next batch instead of costing a fetch round trip; the rows
-/// cut off are returned with the contents.
-/// A version the subscriber wrote itself travels without content: it has those bytes (and in
-/// the rare case it does not any more, it fetches them).
-///
-/// The bytes are not hashed here: the receiver checks every inline content against the
-/// record's hash anyway, and fetches when they differ (a file changed since it was indexed;
-/// its newer record follows). Only a file of another size is left out.
-fn read_inline(
-    root: &Path,
-    rows: &mut Vec<StoredRecord>,
-    inline_max: u64,
-    subscriber: NodeId,
-    mut budget: u64,
-) -> (Vec<Option<Vec<u8>>>, Vec<StoredRecord>) {
-    let mut rest = Vec::new();
-    let mut wanted = Vec::with_capacity(rows.len());
-    let mut meta_budget = BATCH_META_BYTES;
-    for (i, row) in rows.iter().enumerate() {
-        let r = &row.record;
-        let inline = !r.deleted
-            && r.kind == Kind::File
-            && r.size <= inline_max
-            && r.stamp.node != subscriber;
-        let meta = record_meta_bytes(r);
-        if i > 0 && ((inline && r.size > budget) || meta > meta_budget) {
-            rest = rows.split_off(i);
-            break;
-        }
-        meta_budget = meta_budget.saturating_sub(meta);
-        if inline {
-            budget = budget.saturating_sub(r.size);
-        }
-        wanted.push(inline);
-    }
-    let jobs: Vec<(&StoredRecord, bool)> = rows.iter().zip(wanted).collect();
-    let threads = crate::fs::par::threads_for(jobs.len());
-    // Never through a symlink: a file replaced by a link since it was indexed is fetched
-    // instead (and the fetch is refused).
-    let root = crate::fs::beneath::Root::open(root).ok();
-    let inline = crate::fs::par::map(&jobs, threads, |(row, inline)| {
-        let r = &row.record;
-        if !inline {
-            return None;
-        }
-        let mut file = root.as_ref()?.open_file(&r.path).ok()?;
-        let mut bytes = Vec::with_capacity(usize::try_from(r.size).ok()? + 1);
-        std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
-        (bytes.len() as u64 == r.size).then_some(bytes)
-    });
-    (inline, rest)
-}
-
-/// About what a record's metadata takes on the wire, rounded up (path, version vector,
-/// the fixed fields and their tags).
-fn record_meta_bytes(r: &FileRecord) -> u64 {
-    r.path.as_str().len() as u64 + 24 * r.version.entries().count() as u64 + 128
-}
-
-/// The size of the next batch, in base batches: a full batch (cut by rows or by bytes) means
-/// more is waiting, so the next one may be four times as large, up to `BATCH_GROWTH`; a batch
-/// that took everything there was starts the next one small again.
-fn next_batch_scale(scale: u32, caught_up: bool) -> u32 {
-    if caught_up {
-        1
-    } else {
-        scale.saturating_mul(4).clamp(1, BATCH_GROWTH)
-    }
-}
-
-/// Records the next batch may carry at `scale`: the base up to 4 MiB of contents, then more
-/// in step with the bytes.
-fn batch_records(scale: u32) -> u32 {
-    BATCH_RECORDS * (scale / 4).max(1)
-}
-
-/// Streams one folder's index to one subscriber: the rows after `since`, then new rows as they
-/// are committed. Rows whose origin is `skip` (the subscriber itself, in its current epoch) are
-/// left out; the cursor still moves past them, in a batch without records if need be.
+/// Streams one folder's [`Feed`] to one subscriber, until the subscriber or the node goes.
 async fn pump_folder(
     svc: PeerService,
-    handle: FolderHandle,
-    mut since: u64,
+    mut feed: Feed,
+    folder: String,
+    epoch: u64,
     tx: mpsc::Sender<Result<pb::IndexBatch, Status>>,
     subscriber: String,
-    subscriber_id: NodeId,
-    skip: Option<Origin>,
 ) {
-    let mut seq_rx = handle.subscribe_seq();
-    let mut announced = false;
-    // Rows read but cut off the last batch, with the folder's sequence when they were read:
-    // they make the start of the next batch while nothing has been recorded since (a newer
-    // record would have replaced some of them in the index).
-    let mut ahead: Option<(u64, Vec<StoredRecord>)> = None;
-    // How many times the base batch size the next batch may be (see `BATCH_GROWTH`).
-    let mut scale: u32 = 1;
     loop {
-        seq_rx.borrow_and_update();
-        let current = *seq_rx.borrow();
-        // The rows kept from the last read, topped up to a full batch's rows.
-        let mut rows = match ahead.take() {
-            Some((read_at, rows)) if read_at == current => rows,
-            _ => Vec::new(),
-        };
-        let from = rows.last().map_or(since, |r| r.record.seq);
-        let limit = batch_records(scale);
-        let want = limit.saturating_sub(u32::try_from(rows.len()).unwrap_or(limit));
-        let more = if want > 0 {
-            handle
-                .store
-                .since(&handle.id, from, want, skip.as_ref())
-                .await
-        } else {
-            Ok(Vec::new())
-        };
-        // A read that came back short saw every row committed up to `current` (sequence
-        // numbers reach the index in order, before the folder's seq announces them).
-        let (rows, complete) = match more {
-            Ok(more) => {
-                let complete = more.len() < want as usize;
-                rows.extend(more);
-                (rows, complete)
+        let pending = match feed.next_rows().await {
+            Ok(Some(pending)) => pending,
+            Ok(None) => {
+                tokio::select! {
+                    _ = svc.cancel.cancelled() => return,
+                    _ = tx.closed() => return,
+                    changed = feed.changed() => if !changed { return },
+                }
+                continue;
             }
             Err(e) => {
-                warn!(folder = %handle.id, peer = %subscriber, error = %e, "cannot read index for peer");
+                warn!(folder = %folder, peer = %subscriber, error = %e, "cannot read index for peer");
                 let _ = tx.send(Err(Status::internal(e.to_string()))).await;
                 return;
             }
         };
-        let max_seq = current;
-        let t_rows = std::time::Instant::now();
-        if !rows.is_empty() || !announced || (complete && current > since) {
-            // A place in the stream's queue first, the contents after: a subscriber that does
-            // not read pins the batch on the wire and the one queued, never a third one built
-            // and waiting to be queued.
-            let permit = tokio::select! {
-                _ = svc.cancel.cancelled() => return,
-                permit = tx.reserve() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let root = handle.root.clone();
-            let inline_max = svc.inline_max;
-            let budget = BATCH_INLINE_BYTES * u64::from(scale);
-            let (rows, inline, rest) = match tokio::task::spawn_blocking(move || {
-                let mut rows = rows;
-                let (inline, rest) =
-                    read_inline(&root, &mut rows, inline_max, subscriber_id, budget);
-                (rows, inline, rest)
-            })
-            .await
-            {
-                Ok(x) => x,
-                Err(_) => return,
-            };
-            let read = t_rows.elapsed();
-            let last = rows.last().map_or(since, |r| r.record.seq);
-            // Past the rows left out, too, when nothing read is held back for the next batch.
-            let up_to = if complete && rest.is_empty() {
-                last.max(current)
-            } else {
-                last
-            };
-            scale = next_batch_scale(scale, complete && rest.is_empty());
-            ahead = Some((current, rest));
-            let batch = pb::IndexBatch {
-                node_id: svc.node.0,
-                node_name: svc.node_name.clone(),
-                folder: handle.id.clone(),
-                epoch: handle.epoch,
-                up_to_seq: up_to,
-                max_seq: max_seq.max(up_to),
-                records: rows
-                    .iter()
-                    .zip(inline)
-                    .map(|(row, data)| record_to_pb(&row.record, data))
-                    .collect(),
-            };
-            permit.send(Ok(batch));
-            debug!(folder = %handle.id, peer = %subscriber, records = rows.len(), up_to_seq = up_to, read_us = read.as_micros() as u64, queued_us = t_rows.elapsed().as_micros() as u64, "batch sent to peer");
-            announced = true;
-            since = up_to;
-            continue;
-        }
-        tokio::select! {
+        // A place in the stream's queue first, the contents after: a subscriber that does
+        // not read pins the batch on the wire and the one queued, never a third one built
+        // and waiting to be queued.
+        let permit = tokio::select! {
             _ = svc.cancel.cancelled() => return,
-            _ = tx.closed() => return,
-            changed = seq_rx.changed() => if changed.is_err() { return },
-        }
+            permit = tx.reserve() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let Some(built) = feed.build(pending).await else {
+            return;
+        };
+        let records = built.records.len();
+        let batch = pb::IndexBatch {
+            node_id: svc.node.0,
+            node_name: svc.node_name.clone(),
+            folder: folder.clone(),
+            epoch,
+            up_to_seq: built.up_to_seq,
+            max_seq: built.max_seq,
+            records: built
+                .records
+                .into_iter()
+                .map(|(row, data)| record_to_pb(&row.record, data))
+                .collect(),
+        };
+        permit.send(Ok(batch));
+        debug!(folder = %folder, peer = %subscriber, records, up_to_seq = built.up_to_seq, read_us = built.read.as_micros() as u64, queued_us = built.read_at.elapsed().as_micros() as u64, "batch sent to peer");
     }
 }
 
@@ -609,14 +458,14 @@ impl Peer for PeerService {
                 peer: subscriber.clone(),
                 epoch: cursor.subscriber_epoch,
             });
+            let feed = handle.feed(since, NodeId(req.node_id), skip, self.inline_max);
             tokio::spawn(pump_folder(
                 self.clone(),
-                handle.clone(),
-                since,
+                feed,
+                handle.id.clone(),
+                handle.epoch,
                 tx.clone(),
                 subscriber.clone(),
-                NodeId(req.node_id),
-                skip,
             ));
         }
         Ok(Response::new(SubscriptionStream {
@@ -920,6 +769,9 @@ impl PeerSession {
         }
     }
 
+    /// One session with the peer: connect, subscribe from this node's cursor, and hand each
+    /// batch to the folder's engine (a few in flight) until the stream ends or fails.
+    /// Longer than most: the connection's steps and its in-flight bookkeeping read in order.
     async fn session_once(&self, counted: &mut bool) -> Result<(), NetError> {
         let name = self.peer.name.clone();
         let perr = |message: String| NetError::Peer {
@@ -933,8 +785,7 @@ impl PeerSession {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let handle = &self.folder;
         let c = handle
-            .store
-            .cursor(&name, &handle.id)
+            .cursor(&name)
             .await
             .map_err(|e| perr(e.to_string()))?;
         let cursors = vec![pb::FolderCursor {
@@ -1124,53 +975,6 @@ mod tests {
             },
             seq: 7,
         }
-    }
-
-    #[test]
-    fn batches_grow_while_they_fill_and_start_small_once_caught_up() {
-        let mut scale = 1;
-        let mut seen = Vec::new();
-        for _ in 0..5 {
-            scale = next_batch_scale(scale, false);
-            seen.push(scale);
-        }
-        assert_eq!(seen, [4, 16, 16, 16, 16]);
-        assert_eq!(
-            [1, 4, 16].map(batch_records),
-            [1000, 1000, 4000],
-            "records grow with the bytes past 4 MiB"
-        );
-        assert_eq!(next_batch_scale(scale, true), 1);
-        assert_eq!(next_batch_scale(0, false), 1);
-    }
-
-    #[test]
-    fn a_batch_carries_inline_contents_up_to_its_budget() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut rows = Vec::new();
-        for i in 0..4u64 {
-            let mut r = sample();
-            r.path = RelPath::new(&format!("f{i}.xml")).expect("valid");
-            r.size = 100;
-            r.seq = i + 1;
-            std::fs::write(dir.path().join(r.path.as_str()), [b'x'; 100]).expect("write");
-            rows.push(StoredRecord {
-                record: r,
-                stat: None,
-                origin: None,
-            });
-        }
-        let mut small = rows.clone();
-        let (inline, rest) = read_inline(dir.path(), &mut small, 1000, NodeId(9), 250);
-        assert_eq!((inline.len(), small.len(), rest.len()), (2, 2, 2));
-        assert!(
-            inline
-                .iter()
-                .all(|c| c.as_ref().is_some_and(|b| b.len() == 100))
-        );
-        let mut large = rows;
-        let (inline, rest) = read_inline(dir.path(), &mut large, 1000, NodeId(9), 1000);
-        assert_eq!((inline.len(), rest.len()), (4, 0));
     }
 
     #[test]

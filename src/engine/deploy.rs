@@ -1,0 +1,63 @@
+//! Deploying artifacts from the database into the folder (see [`DeployRequest`]).
+
+use super::*;
+
+impl FolderEngine {
+    pub(in crate::engine) async fn on_deploy(
+        &mut self,
+        request: DeployRequest,
+    ) -> Result<(), EngineError> {
+        if let Some(reason) = &self.paused {
+            return Err(EngineError::Paused {
+                folder: self.id.clone(),
+                reason: reason.clone(),
+            });
+        }
+        // Deployed files get the folder's permissions (without execute bits), never wider.
+        let root_mode = block(|| std::fs::metadata(&self.root))
+            .map(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.permissions().mode()
+            })
+            .unwrap_or(0o750);
+        let file_mode = root_mode & 0o666;
+        let mut paths = BTreeSet::new();
+        let mut ops = Vec::new();
+        for (path, data) in request.writes {
+            if self.ignore.is_ignored(&path) {
+                continue;
+            }
+            paths.insert(path.clone());
+            ops.push(Op::Write {
+                path,
+                content: Content::Bytes(data.into()),
+                mode: file_mode,
+                new: false,
+                // The database is the authority for deployed files: replaced as they are.
+                expect: None,
+            });
+        }
+        for path in request.removes {
+            paths.insert(path.clone());
+            ops.push(Op::RemoveFile { path, expect: None });
+        }
+        let described: Vec<String> = ops.iter().map(|o| o.path().to_string()).collect();
+        let results = block(|| apply::apply_batch(&self.root, ops, Some(&self.own)));
+        let failure = described
+            .into_iter()
+            .zip(&results)
+            .find_map(|(p, r)| r.as_ref().err().map(|e| (p, e.to_string())));
+        let failures = results.iter().filter(|r| r.is_err()).count();
+        // Record whatever did land, as local changes.
+        self.observe(paths).await?;
+        match failure {
+            Some((path, problem)) => Err(EngineError::ApplyFailed {
+                folder: self.id.clone(),
+                failed: failures,
+                path,
+                problem,
+            }),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The folder engine: one task per folder that owns the folder's [`Replica`] and is the only
+//! writer of its index and its files. Everything reaches it as a message (local changes from the
+//! watcher, index batches from peer sessions, status and resume requests), so local scans and
+//! remote applies never race each other.
+//!
+//! Flow: watcher -> `look` (stat + hash) -> model `observe_local` -> index commit -> subscribers
+//! woken. Peer batch -> model `receive` -> re-check the disk -> fetch content -> batched apply
+//! -> index commit with the peer cursor -> subscribers woken (relay).
+//!
+//! Blocking work (hashing, fsync, rename) runs under `block_in_place`: the daemon runs on the
+//! multi-threaded runtime.
+//!
+//! One concern per file, each an `impl FolderEngine` block or the types it owns:
+//! - `mod.rs`: the engine, its opening and initial scan, the run loop and message dispatch.
+//! - `handle`: [`FolderHandle`], the messages it sends, the engine's errors, what a peer may fetch.
+//! - `local`: local changes (watcher hints, rescans) observed and committed.
+//! - `remote`: peer batches, chained (`chain`), staged (`stage`) and settled (`settle`).
+//! - `plan`: PURE: a decided peer record and the local state give one disk step.
+//! - `skip`: the strikes/skip/retry book of peer changes that keep failing.
+//! - `conflict`: conflict copies and copies of held local files.
+//! - `deploy`: artifacts deployed from the database.
+//! - `feed`: what a subscriber is sent ([`Feed`]): the batching policy and the inline reads.
+//! - `status`: [`FolderStatus`] and what is published after every message.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+mod conflict;
+mod deploy;
+mod feed;
+mod handle;
+mod local;
+mod plan;
+mod remote;
+mod skip;
+mod status;
+#[cfg(test)]
+mod testing;
+
+pub use feed::{Feed, FeedBatch, PendingBatch};
+pub use handle::{
+    DeployRequest, EngineError, FetchError, Fetcher, Fetching, FolderHandle, Inbox, Incoming,
+    Inline, RemoteBatch, ServeError,
+};
+pub use skip::SKIP_AFTER_FAILURES;
+pub use status::{ClockAhead, FolderStatus, SkippedStatus};
+
+use handle::Msg;
+use local::{merge_changes, waited_enough};
+use skip::{Failures, node_wide};
+
+use crate::config::{Config, FolderConfig};
+use crate::fs::apply::{self, Content, Op};
+use crate::fs::ignore::Ignore;
+use crate::fs::own::OwnWrites;
+use crate::fs::par;
+use crate::fs::scan::{self, Look};
+use crate::fs::watch::Change;
+use crate::fs::xml;
+use crate::liveness::{self, EngineReport, Liveness, StopOnDrop};
+use crate::model::{
+    Causality, Decision, FileRecord, Hash, Hlc, Kind, NodeId, RelPath, Replica, VersionVector,
+};
+use crate::store::{
+    ConflictEntry, Cursor, Origin, SkipChanges, Skipped, StatKey, Store, StoreError, StoredRecord,
+};
+
+/// Names of the nodes seen so far (from peer batches), for naming conflict copies.
+pub type NodeNames = Arc<Mutex<HashMap<NodeId, String>>>;
+
+/// Knobs of an engine that come from the config.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub node: NodeId,
+    pub names: NodeNames,
+    pub node_name: String,
+    pub conflicts_dir: PathBuf,
+    pub tombstone_ttl_ms: u64,
+    /// First retry of a skipped peer change, ms; it doubles after each failed retry.
+    pub skip_retry_ms: u64,
+    /// Names of the configured peers: skipped changes of any other peer are dropped at start.
+    pub peers: Vec<String>,
+    /// A peer's stamp further ahead of this node's clock than this does not move it, ms.
+    pub max_clock_skew_ms: u64,
+}
+
+pub struct FolderEngine {
+    id: String,
+    epoch: u64,
+    root: PathBuf,
+    root_identity: Option<(u64, u64)>,
+    opts: EngineOptions,
+    ignore: Ignore,
+    xml_gate: bool,
+    store: Store,
+    replica: Replica,
+    stats: HashMap<RelPath, StatKey>,
+    seq_tx: watch::Sender<u64>,
+    status: Arc<Mutex<FolderStatus>>,
+    /// Idle or busy, and progress, for the daemon's watchdog (see [`crate::liveness`]).
+    live: Arc<Liveness>,
+    paused: Option<String>,
+    /// The operator confirmed the folder's current state: the next scan may delete.
+    confirmed: bool,
+    held: BTreeMap<RelPath, String>,
+    unreadable: BTreeMap<RelPath, String>,
+    unstable: BTreeSet<RelPath>,
+    symlinks_logged: BTreeSet<RelPath>,
+    last_error: Option<String>,
+    conflicts: u64,
+    /// Streams whose batches are refused (see [`RemoteBatch::stream`]); the newest few.
+    failed_streams: VecDeque<u64>,
+    /// The files this engine creates, for its watcher (see [`OwnWrites`]).
+    own: Arc<OwnWrites>,
+    /// Peer changes failing in a row: (peer, path) -> (the version that fails, how often).
+    strikes: HashMap<(String, RelPath), (VersionVector, u32)>,
+    /// Skipped peer changes, by (peer, path); kept in the index too.
+    skipped: BTreeMap<(String, RelPath), Skipped>,
+    /// The latest content source of each peer, for retrying its skipped changes.
+    fetchers: HashMap<String, Arc<dyn Fetcher>>,
+    /// The latest peer record ahead of this node's clock (see [`ClockAhead`]).
+    clock_ahead: Option<ClockAhead>,
+}
+
+/// Messages queued to one engine before senders wait.
+const ENGINE_QUEUE: usize = 64;
+
+/// The folder's ignore rules, as its engine and its watcher apply them.
+pub fn folder_ignore(folder: &FolderConfig) -> Result<Ignore, EngineError> {
+    Ignore::new(&folder.ignore).map_err(|e| EngineError::Scan {
+        folder: folder.id.clone(),
+        source: scan::ScanError::Io {
+            path: folder.path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        },
+    })
+}
+
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+impl FolderEngine {
+    /// Loads the folder's index and prepares the engine (no scan yet).
+    pub async fn open(
+        folder: &FolderConfig,
+        store: Store,
+        opts: EngineOptions,
+    ) -> Result<(Self, FolderHandle, Inbox), EngineError> {
+        Self::open_with(folder, store, opts, Arc::new(OwnWrites::default())).await
+    }
+
+    /// [`FolderEngine::open`] with the record of own writes that the folder's watcher was
+    /// started with: the watch can then be set up while the index loads.
+    pub async fn open_with(
+        folder: &FolderConfig,
+        store: Store,
+        opts: EngineOptions,
+        own: Arc<OwnWrites>,
+    ) -> Result<(Self, FolderHandle, Inbox), EngineError> {
+        let epoch = store.epoch(&folder.id, rand::random::<u64>() | 1).await?;
+        let rows = store.load_index(&folder.id).await?;
+        let mut stats = HashMap::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
+        for (record, stat) in rows {
+            if let Some(s) = stat {
+                stats.insert(record.path.clone(), s);
+            }
+            records.push(record);
+        }
+        let replica = Replica::new(opts.node)
+            .with_max_skew(opts.max_clock_skew_ms)
+            .with_records(records, crate::now_ms());
+        let (seq_tx, seq_rx) = watch::channel(replica.seq());
+        let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
+        let status = Arc::new(Mutex::new(FolderStatus::default()));
+        let live = Arc::new(Liveness::default());
+        let ignore = folder_ignore(folder)?;
+        let conflicts = store
+            .conflicts()
+            .await?
+            .iter()
+            .filter(|c| c.folder == folder.id)
+            .count() as u64;
+        // A peer taken out of the config will never send its skipped changes again.
+        let (skipped, gone): (Vec<Skipped>, Vec<Skipped>) = store
+            .skipped(&folder.id)
+            .await?
+            .into_iter()
+            .partition(|s| opts.peers.contains(&s.peer));
+        if !gone.is_empty() {
+            info!(folder = %folder.id, count = gone.len(), "dropping skipped changes of peers no longer configured");
+            let cleared = gone.into_iter().map(|s| (s.peer, s.record.path)).collect();
+            let changes = SkipChanges {
+                set: Vec::new(),
+                cleared,
+            };
+            store.commit(&folder.id, &[], None, &changes).await?;
+        }
+        let skipped = skipped
+            .into_iter()
+            .map(|s| ((s.peer.clone(), s.record.path.clone()), s))
+            .collect();
+        let engine = Self {
+            id: folder.id.clone(),
+            epoch,
+            root: folder.path.clone(),
+            root_identity: scan::root_identity(&folder.path),
+            opts,
+            ignore,
+            xml_gate: folder.xml_gate,
+            store: store.clone(),
+            replica,
+            stats,
+            seq_tx,
+            status: status.clone(),
+            live: live.clone(),
+            paused: None,
+            confirmed: false,
+            held: BTreeMap::new(),
+            unreadable: BTreeMap::new(),
+            unstable: BTreeSet::new(),
+            symlinks_logged: BTreeSet::new(),
+            last_error: None,
+            conflicts,
+            failed_streams: VecDeque::new(),
+            own,
+            strikes: HashMap::new(),
+            skipped,
+            fetchers: HashMap::new(),
+            clock_ahead: None,
+        };
+        engine.publish_status();
+        let handle = FolderHandle {
+            id: folder.id.clone(),
+            root: folder.path.clone(),
+            epoch,
+            store,
+            tx,
+            seq: seq_rx,
+            status,
+            live,
+            ignore: Arc::new(folder_ignore(folder)?),
+        };
+        Ok((engine, handle, Inbox(rx)))
+    }
+
+    /// Removes leftovers of a crash and brings the index up to date with the disk.
+    pub async fn initial_scan(&mut self) -> Result<(), EngineError> {
+        let removed = block(|| apply::remove_stale_temps(&self.root));
+        if removed > 0 {
+            info!(folder = %self.id, count = removed, "removed temp files left by an earlier crash");
+        }
+        let result = self.on_local(Change::Rescan).await;
+        // Status must show the scanned folder at once, not only after the first message.
+        self.publish_status();
+        result
+    }
+
+    /// Runs until cancelled. `rescan_every` is the backstop full scan.
+    pub async fn run(
+        mut self,
+        Inbox(mut rx): Inbox,
+        rescan_every: std::time::Duration,
+        retry_every: std::time::Duration,
+        cancel: CancellationToken,
+    ) {
+        let mut rescan = tokio::time::interval(rescan_every);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescan.tick().await;
+        let mut retry = tokio::time::interval(retry_every);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // However the task ends (return or panic), the daemon sees the engine stopped.
+        let _stopped = StopOnDrop(self.live.clone());
+        // Messages taken off the queue by a batch chain (see `remote_chain`), handled next,
+        // in the order they came.
+        let mut pending: VecDeque<Msg> = VecDeque::new();
+        loop {
+            if let Some(msg) = pending.pop_front() {
+                pending.extend(self.handle(msg, &mut rx).await);
+                self.live.progress();
+                self.publish_status();
+                continue;
+            }
+            let skip_wait = self.next_retry_in(crate::now_ms());
+            self.live.idle();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.live.busy();
+                    pending.extend(self.handle(msg, &mut rx).await);
+                }
+                _ = rescan.tick() => {
+                    self.live.busy();
+                    if let Err(e) = self.on_local(Change::Rescan).await {
+                        warn!(folder = %self.id, error = %e, "periodic rescan failed");
+                    }
+                    self.purge_tombstones().await;
+                }
+                _ = tokio::time::sleep(skip_wait.unwrap_or_default()), if skip_wait.is_some() => {
+                    self.live.busy();
+                    if let Some(batch) = self.due_retry(crate::now_ms()) {
+                        debug!(folder = %self.id, peer = %batch.peer, records = batch.records.len(), "retrying skipped changes");
+                        // Nobody waits for the answer: the outcome lands in the skip list.
+                        let (reply, _) = oneshot::channel();
+                        pending.extend(self.remote_chain(batch, reply, &mut rx).await);
+                    }
+                }
+                _ = retry.tick(), if !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
+                    self.live.busy();
+                    let mut paths: Vec<RelPath> = std::mem::take(&mut self.unstable).into_iter().collect();
+                    paths.extend(self.held.keys().cloned());
+                    let change = if self.paused.is_some() { Change::Rescan } else { Change::Paths(paths) };
+                    if let Err(e) = self.on_local(change).await {
+                        debug!(folder = %self.id, error = %e, "retry look failed");
+                    }
+                }
+            }
+            self.live.progress();
+            self.publish_status();
+        }
+        debug!(folder = %self.id, "engine stopped");
+    }
+
+    /// Handles one message; returns those it took off the queue and left for the next turn.
+    async fn handle(&mut self, msg: Msg, rx: &mut mpsc::Receiver<Msg>) -> Vec<Msg> {
+        match msg {
+            Msg::Local(change) => {
+                if let Err(e) = self.on_local(change).await {
+                    warn!(folder = %self.id, error = %e, "local change not recorded");
+                    self.last_error = Some(e.to_string());
+                }
+            }
+            Msg::Remote(batch, reply) => return self.remote_chain(batch, reply, rx).await,
+            Msg::Deploy(request, reply) => {
+                let r = self.on_deploy(request).await;
+                if let Err(e) = &r {
+                    self.last_error = Some(e.to_string());
+                }
+                let _ = reply.send(r);
+            }
+            Msg::Resume(reply) => {
+                let text = self.resume().await;
+                let _ = reply.send(text);
+            }
+        }
+        Vec::new()
+    }
+
+    async fn resume(&mut self) -> String {
+        match self.paused.take() {
+            Some(reason) => {
+                info!(folder = %self.id, reason = %reason, "operator confirmed the folder's state; resuming");
+                self.confirmed = true;
+                self.root_identity = scan::root_identity(&self.root);
+                if let Err(e) = self.on_local(Change::Rescan).await {
+                    return format!("folder {} resumed, but the rescan failed: {e}", self.id);
+                }
+                format!("folder {} resumed (was paused: {reason})", self.id)
+            }
+            None => format!("folder {} was not paused", self.id),
+        }
+    }
+
+    fn pause(&mut self, reason: String) {
+        if self.paused.as_deref() != Some(reason.as_str()) {
+            warn!(folder = %self.id, reason = %reason, "pausing folder: no deletions are sent until the root is back or an operator runs `artisync resume`");
+        }
+        self.paused = Some(reason);
+    }
+
+    /// True when the root holds nothing that would be synced.
+    fn root_is_empty(&self) -> bool {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return false;
+        };
+        !entries.filter_map(Result::ok).any(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| RelPath::new(n).ok())
+                .is_none_or(|p| !self.ignore.is_ignored(&p))
+        })
+    }
+
+    fn live_count(&self) -> u64 {
+        self.replica.totals().live()
+    }
+
+    fn known(&self, path: &RelPath) -> Option<(StatKey, Hash)> {
+        let rec = self.replica.get(path)?;
+        if rec.deleted {
+            return None;
+        }
+        Some((*self.stats.get(path)?, rec.hash?))
+    }
+
+    async fn purge_tombstones(&mut self) {
+        let cutoff = crate::now_ms().saturating_sub(self.opts.tombstone_ttl_ms);
+        let purged = self.replica.purge_tombstones(cutoff);
+        if !purged.is_empty() {
+            if let Err(e) = self.store.remove(&self.id, &purged).await {
+                warn!(folder = %self.id, error = %e, "cannot purge tombstones");
+            } else {
+                info!(folder = %self.id, count = purged.len(), "purged old tombstones");
+            }
+        }
+    }
+}
+
+/// Everything a running folder needs from the config, bundled for the daemon.
+pub fn engine_options(config: &Config, node: NodeId, names: NodeNames) -> EngineOptions {
+    EngineOptions {
+        node,
+        names,
+        node_name: config.node.clone(),
+        conflicts_dir: config.state_dir.join("conflicts"),
+        tombstone_ttl_ms: config.tombstone_ttl().as_millis() as u64,
+        skip_retry_ms: config.skip_retry_ms,
+        peers: config.peers.iter().map(|p| p.name.clone()).collect(),
+        max_clock_skew_ms: config.max_clock_skew_ms,
+    }
+}
