@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
 # Builds the artisync packages into target/debian/ (and target/generate-rpm/ with --rpm):
-# the release binary, then the completions and man pages it generates from its own CLI
+# the release binary (or --profile's), then the completions and man pages it generates from its own CLI
 # definitions (into target/assets/), then `cargo deb --no-build` and, with --rpm,
 # `cargo generate-rpm`. Needs cargo-deb (`cargo install cargo-deb --locked`) and, for --rpm,
 # cargo-generate-rpm. Prints the path of each package built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# --profile dev packages the binary `cargo test` has already built (CI does, to check the
+# package without a second, optimized build of every dependency); releases use the default.
 rpm=false
-for arg in "$@"; do
-  case "$arg" in
+profile=release
+while [ $# -gt 0 ]; do
+  case "$1" in
     --rpm) rpm=true ;;
-    *) echo "usage: contrib/package.sh [--rpm]" >&2; exit 2 ;;
+    --profile) profile=${2:?--profile needs a name}; shift ;;
+    *) echo "usage: contrib/package.sh [--rpm] [--profile release|dev]" >&2; exit 2 ;;
   esac
+  shift
 done
 
-cargo build --release --locked --bin artisync
-bin=target/release/artisync
+cargo build --profile "$profile" --locked --bin artisync
+case "$profile" in
+  dev) bin=target/debug/artisync ;;
+  *) bin=target/$profile/artisync ;;
+esac
 
 assets=target/assets
 rm -rf "$assets"
