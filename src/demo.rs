@@ -30,6 +30,9 @@ pub struct DemoOptions {
     pub apis: usize,
     /// Keep the cluster's directory (and print where it is) instead of deleting it.
     pub keep: bool,
+    /// Where the agents' log lines go (named in the narration), if the caller sends them
+    /// to a file rather than to the terminal.
+    pub log: Option<PathBuf>,
 }
 
 /// BLAKE3 of every file under `root`, by relative path (artisync's temp files excluded).
@@ -157,6 +160,11 @@ fn same_trees(nodes: &[Node]) -> bool {
         .all(|n| (tree_digest(&n.synapse), tree_digest(&n.plans)) == first)
 }
 
+/// `1 conflict copy`, `2 conflict copies`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn say(line: impl AsRef<str>) {
     println!("{}", line.as_ref());
 }
@@ -213,7 +221,10 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         let task = tokio::spawn(daemon::run(config, cancel.clone(), Some(tx)));
         rx.await.map_err(|_| DemoError::Node {
             node: names[i].clone(),
-            message: "did not start (see log above)".into(),
+            message: match &opts.log {
+                Some(log) => format!("did not start (see {})", log.display()),
+                None => "did not start (see the log)".into(),
+            },
         })?;
         nodes.push(Node {
             name: names[i].clone(),
@@ -234,6 +245,12 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
             node.name
         ));
     }
+    if let Some(log) = &opts.log {
+        say(format!(
+            "  the agents' warnings and errors go to {}",
+            log.display()
+        ));
+    }
 
     let result = narrate(&nodes, opts.apis, &base.join("artifacts.db")).await;
 
@@ -250,6 +267,14 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     if opts.keep {
         let kept = dir.keep();
         say(format!("kept the cluster's files under {}", kept.display()));
+    }
+    if let Some(log) = &opts.log {
+        let lines = std::fs::read_to_string(log).map_or(0, |t| t.lines().count());
+        say(format!(
+            "the agents logged {} to {}",
+            plural(lines as u64, "line", "lines"),
+            log.display()
+        ));
     }
     result
 }
@@ -461,13 +486,13 @@ pub fn render_retriever(r: &crate::artifacts::retriever::RetrieverStatus) -> Str
     );
     for d in &r.deployed {
         out.push_str(&format!(
-            "    deployed {}  {} {}  rev {}  labels {:?}  {} files\n",
+            "    deployed {}  {} {}  rev {}  labels {:?}  {}\n",
             d.id,
             d.name,
             d.version,
             d.revision,
             d.labels,
-            d.paths.len()
+            plural(d.paths.len() as u64, "file", "files")
         ));
     }
     for f in &r.failing {
@@ -509,7 +534,10 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
                 "NOT in sync"
             },
             if f.conflicts > 0 {
-                format!(", {} conflict copies", f.conflicts)
+                format!(
+                    ", {}",
+                    plural(f.conflicts, "conflict copy", "conflict copies")
+                )
             } else {
                 String::new()
             }

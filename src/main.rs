@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use artisync::config::Config;
@@ -72,6 +72,27 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Print a shell completion script to stdout, e.g.
+    /// `artisync completions bash > /etc/bash_completion.d/artisync`.
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the man page (roff) to stdout: `artisync man > artisync.1`; with `--dir`, write
+    /// artisync.1 and one page per subcommand (artisync-run.1, ...) into that directory.
+    #[command(hide = true)]
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The shells `artisync completions` writes scripts for (those the packages install).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// Where artifacts are saved, and the client certificate for an agent reached over https.
@@ -529,8 +550,56 @@ async fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Artifact(cmd) => artifact(*cmd).await?,
         Command::Demo { nodes, apis, keep } => {
-            init_logging("text", "warn")?;
-            artisync::demo::run(artisync::demo::DemoOptions { nodes, apis, keep }).await?;
+            // The agents' log lines would break up the narration on the terminal: they go to
+            // a file the demo names (kept after the demo, like any log).
+            let (log_file, log) = tempfile::Builder::new()
+                .prefix("artisync-demo-")
+                .suffix(".log")
+                .tempfile()
+                .context("cannot create the demo's log file")?
+                .keep()
+                .context("cannot keep the demo's log file")?;
+            let filter = tracing_subscriber::EnvFilter::try_from_env("ARTISYNC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(log_file))
+                .log_internal_errors(false)
+                .init();
+            artisync::demo::run(artisync::demo::DemoOptions {
+                nodes,
+                apis,
+                keep,
+                log: Some(log),
+            })
+            .await?;
+        }
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            // Into a buffer first: `generate` panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "artisync", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .context("cannot write the completion script")?;
+        }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
+        }
+        Command::Man { dir: None } => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .context("cannot render the man page")?;
+            std::io::Write::write_all(&mut std::io::stdout(), &page)
+                .context("cannot write the man page")?;
         }
     }
     Ok(())
