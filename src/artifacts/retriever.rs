@@ -358,7 +358,7 @@ impl Retriever {
 
     fn publish_status(&self) {
         let s = RetrieverStatus {
-            mode: self.config.data_retrieval_mode.clone(),
+            mode: self.config.data_retrieval_mode.as_str().to_owned(),
             source: self.source.describe(),
             folder: self.config.folder.clone(),
             labels: self.config.gateway_labels.clone(),

@@ -259,7 +259,7 @@ impl Source for Wso2Source {
     fn describe(&self) -> String {
         format!(
             "{} {}",
-            crate::config::SCHEMA_WSO2_APIM_32,
+            crate::config::Schema::Wso2Apim32,
             redact(&self.url)
         )
     }
