@@ -5,6 +5,8 @@
 //! - [`retriever`]: deploys a node's labels from a source and follows its events.
 //! - [`hub`]: serves a source to agents without database credentials, and is one.
 //! - [`wso2`]: WSO2 API-M 3.2's own tables as a read-only source, rendered into Synapse files.
+//! - [`source_for`]: the source a retriever reads, by its typed config, and the hub this
+//!   node serves beside it.
 //! - the types below: bundles, metadata, events, and the validation every bundle passes.
 
 pub mod db;
