@@ -27,8 +27,8 @@ mod source;
 pub mod testing;
 
 pub use changelog::{ChangeLog, Fingerprint, Snapshot};
-pub use render::{RenderError, render, synapse_file_name};
-pub use select::{ArtifactRow, RowInstruction, Selected, select};
+pub use render::{ApiNameError, NameError, RenderError, render, synapse_file_name};
+pub use select::{ArtifactRow, RowInstruction, SelectError, Selected, select};
 pub use source::Wso2Source;
 
 /// Where each kind of entry goes, below the retriever's folder (the `synapse-configs` root).

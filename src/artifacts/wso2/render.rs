@@ -28,12 +28,54 @@ pub enum RenderError {
     Name {
         field: &'static str,
         name: String,
-        problem: String,
+        #[source]
+        problem: NameError,
     },
     #[error("{path}: not well-formed XML ({problem})")]
     NotXml { path: String, problem: String },
     #[error("{path} would be written by two entries")]
     Duplicate { path: String },
+}
+
+/// Why an entry's name cannot become a deployed file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("the name is empty")]
+    Empty,
+    #[error("the name is not a file name")]
+    NotAFileName,
+    #[error("the name has control characters")]
+    ControlCharacters,
+    #[error("the file name would be longer than {max} bytes")]
+    TooLong { max: usize },
+    #[error(transparent)]
+    Path(#[from] crate::model::PathError),
+    #[error("the name would leave its directory")]
+    LeavesDirectory,
+    #[error("the file name matches an ignore pattern (editor or temp file)")]
+    Ignored,
+    #[error("has no content")]
+    NoContent,
+    #[error(transparent)]
+    ApiName(#[from] ApiNameError),
+}
+
+/// Why the `name` of an API definition's root `<api>` element cannot be read. quick-xml's
+/// errors are kept as text: they are neither `Clone` nor `Eq`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiNameError {
+    #[error("the root element is <{0}>, not <api>")]
+    NotApi(String),
+    #[error("bad attribute: {0}")]
+    Attribute(String),
+    #[error("bad name attribute: {0}")]
+    NameAttribute(String),
+    #[error("<api> has no name attribute")]
+    NoName,
+    #[error("no root element")]
+    NoRoot,
+    #[error("at byte {position}: {problem}")]
+    Xml { position: u64, problem: String },
 }
 
 /// The part of WSO2's `GatewayAPIDTO` that becomes files. Everything else in the JSON (client
@@ -65,15 +107,15 @@ struct GatewayContentDto {
 /// Synapse's file name for an artifact called `name`: `/?*|:<> ` become `_`, then `.xml`.
 /// Refuses a name that is empty, `.` or `..`, has control characters, is too long for a file
 /// name, or that the sync engine would never write (editor and temp file patterns).
-pub fn synapse_file_name(name: &str) -> Result<String, String> {
+pub fn synapse_file_name(name: &str) -> Result<String, NameError> {
     if name.is_empty() {
-        return Err("the name is empty".into());
+        return Err(NameError::Empty);
     }
     if name == "." || name == ".." {
-        return Err("the name is not a file name".into());
+        return Err(NameError::NotAFileName);
     }
     if name.chars().any(char::is_control) {
-        return Err("the name has control characters".into());
+        return Err(NameError::ControlCharacters);
     }
     let base: String = name
         .chars()
@@ -87,40 +129,44 @@ pub fn synapse_file_name(name: &str) -> Result<String, String> {
         .collect();
     let file = format!("{base}.xml");
     if file.len() > MAX_FILE_NAME_BYTES {
-        return Err(format!(
-            "the file name would be longer than {MAX_FILE_NAME_BYTES} bytes"
-        ));
+        return Err(NameError::TooLong {
+            max: MAX_FILE_NAME_BYTES,
+        });
     }
     Ok(file)
 }
 
 /// The `name` attribute of the root `<api>` element of a Synapse API definition.
-fn api_name(definition: &str) -> Result<String, String> {
+fn api_name(definition: &str) -> Result<String, ApiNameError> {
     use quick_xml::events::Event as Xml;
     let mut reader = quick_xml::Reader::from_str(definition);
     loop {
         match reader.read_event() {
             Ok(Xml::Start(e)) | Ok(Xml::Empty(e)) => {
                 if e.local_name().as_ref() != b"api" {
-                    return Err(format!(
-                        "the root element is <{}>, not <api>",
-                        shown(&String::from_utf8_lossy(e.local_name().as_ref()))
-                    ));
+                    return Err(ApiNameError::NotApi(shown(&String::from_utf8_lossy(
+                        e.local_name().as_ref(),
+                    ))));
                 }
                 for attr in e.attributes() {
-                    let attr = attr.map_err(|e| format!("bad attribute: {e}"))?;
+                    let attr = attr.map_err(|e| ApiNameError::Attribute(e.to_string()))?;
                     if attr.key.local_name().as_ref() == b"name" {
                         return attr
                             .unescape_value()
                             .map(|v| v.into_owned())
-                            .map_err(|e| format!("bad name attribute: {e}"));
+                            .map_err(|e| ApiNameError::NameAttribute(e.to_string()));
                     }
                 }
-                return Err("<api> has no name attribute".into());
+                return Err(ApiNameError::NoName);
             }
-            Ok(Xml::Eof) => return Err("no root element".into()),
+            Ok(Xml::Eof) => return Err(ApiNameError::NoRoot),
             Ok(_) => {}
-            Err(e) => return Err(format!("at byte {}: {e}", reader.error_position())),
+            Err(e) => {
+                return Err(ApiNameError::Xml {
+                    position: reader.error_position(),
+                    problem: e.to_string(),
+                });
+            }
         }
     }
 }
@@ -159,21 +205,19 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
     })?;
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut add = |field: &'static str, dir: &str, name: &str, content: String| {
-        let bad_name = |problem: String| RenderError::Name {
+        let bad_name = |problem: NameError| RenderError::Name {
             field,
             name: shown(name),
             problem,
         };
         let file = synapse_file_name(name).map_err(bad_name)?;
         let path = format!("{dir}/{file}");
-        let rel = RelPath::new(&path).map_err(|e| bad_name(e.to_string()))?;
+        let rel = RelPath::new(&path).map_err(|e| bad_name(e.into()))?;
         if rel.as_str() != path || rel.file_name() != file {
-            return Err(bad_name("the name would leave its directory".into()));
+            return Err(bad_name(NameError::LeavesDirectory));
         }
         if IGNORED.is_ignored(&rel) {
-            return Err(bad_name(
-                "the file name matches an ignore pattern (editor or temp file)".into(),
-            ));
+            return Err(bad_name(NameError::Ignored));
         }
         crate::fs::xml::check_well_formed(content.as_bytes()).map_err(|problem| {
             RenderError::NotXml {
@@ -205,7 +249,7 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
         let name = api_name(&xml).map_err(|problem| RenderError::Name {
             field,
             name: String::new(),
-            problem,
+            problem: problem.into(),
         })?;
         add(field, API_DIR, &name, xml)?;
     }
@@ -219,7 +263,7 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
             let content = entry.content.ok_or_else(|| RenderError::Name {
                 field,
                 name: shown(&name),
-                problem: "has no content".into(),
+                problem: NameError::NoContent,
             })?;
             add(field, dir, &name, content)?;
         }
@@ -236,7 +280,7 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
                 .map_err(|e| RenderError::Name {
                     field: "path",
                     name: shown(&path),
-                    problem: e.to_string(),
+                    problem: e.into(),
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -1,7 +1,7 @@
 //! An API's rows in `AM_GW_API_ARTIFACTS` (one per gateway label) -> what a node with some
 //! labels deploys of it: metadata, revision, digest and bundle. Pure.
 
-use super::{render, shown};
+use super::{RenderError, render, shown};
 use crate::artifacts::{ArtifactMeta, Bundle};
 
 /// What a `GATEWAY_INSTRUCTION` says (WSO2 writes `Publish` and `Remove`; case is ignored).
@@ -55,7 +55,20 @@ impl std::fmt::Debug for ArtifactRow {
 #[derive(Debug, Clone)]
 pub struct Selected {
     pub meta: ArtifactMeta,
-    pub bundle: Result<Bundle, String>,
+    pub bundle: Result<Bundle, SelectError>,
+}
+
+/// Why the row a node would deploy cannot be deployed. Never quotes the artifact.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error("ARTIFACT of label {label:?} is NULL")]
+    NullArtifact { label: String },
+    #[error("GATEWAY_INSTRUCTION {what:?} of label {label:?} is neither Publish nor Remove")]
+    UnknownInstruction { what: String, label: String },
+    #[error("removed")]
+    Removed,
 }
 
 /// Revision of a row's content: the first 63 bits of BLAKE3 over instruction and `ARTIFACT`.
@@ -104,14 +117,16 @@ pub fn select(
     let chosen = *candidates.first()?;
     let bundle = match &chosen.instruction {
         RowInstruction::Publish => match &chosen.artifact {
-            Some(bytes) => render(bytes).map_err(|e| e.to_string()),
-            None => Err(format!("ARTIFACT of label {:?} is NULL", chosen.label)),
+            Some(bytes) => render(bytes).map_err(SelectError::from),
+            None => Err(SelectError::NullArtifact {
+                label: chosen.label.clone(),
+            }),
         },
-        RowInstruction::Unknown(what) => Err(format!(
-            "GATEWAY_INSTRUCTION {what:?} of label {:?} is neither Publish nor Remove",
-            chosen.label
-        )),
-        RowInstruction::Remove => Err("removed".into()),
+        RowInstruction::Unknown(what) => Err(SelectError::UnknownInstruction {
+            what: what.clone(),
+            label: chosen.label.clone(),
+        }),
+        RowInstruction::Remove => Err(SelectError::Removed),
     };
     let (digest, size) = match &bundle {
         Ok(b) => (b.digest(), b.size()),
@@ -226,7 +241,7 @@ mod tests {
             ),
         ] {
             let s = select(API, &rows, &labels(&["A", "B"]), "sc").expect("listed, failing");
-            let e = s.bundle.expect_err("fails");
+            let e = s.bundle.expect_err("fails").to_string();
             assert!(e.contains(problem), "{e}");
             assert_eq!(s.meta.digest, [0; 32]);
         }

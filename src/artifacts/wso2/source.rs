@@ -338,7 +338,7 @@ impl Source for Wso2Source {
                             meta.labels
                         ))
                     })?;
-                let bundle = selected.bundle.map_err(bad)?;
+                let bundle = selected.bundle.map_err(|e| bad(e.to_string()))?;
                 if selected.meta.revision != meta.revision || bundle.digest() != meta.digest {
                     return Err(bad(
                         "ARTIFACT changed while being read; the change is deployed next".into(),
