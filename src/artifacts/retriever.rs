@@ -272,10 +272,27 @@ pub struct RetrieverStatus {
     pub last_error: Option<String>,
 }
 
-/// Local admin actions (this node only).
+/// Local admin actions (this node only). The reply is the text the admin prints.
 pub enum Command {
-    Redeploy(String, oneshot::Sender<Result<String, String>>),
-    Undeploy(String, oneshot::Sender<Result<String, String>>),
+    Redeploy(String, oneshot::Sender<Result<String, CommandError>>),
+    Undeploy(String, oneshot::Sender<Result<String, CommandError>>),
+}
+
+/// Why a local admin action on one artifact did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("artifact {id} failed: {reason}")]
+    Failed { id: String, reason: String },
+    #[error("artifact {id} is not current for this node's labels")]
+    NotCurrent { id: String },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("artifact {id} could not be undeployed (see log)")]
+    NotUndeployed { id: String },
+    #[error("artifact {id} is not deployed on this node")]
+    NotDeployed { id: String },
+    #[error("retriever has stopped")]
+    Stopped,
 }
 
 /// Handle for the admin service.
@@ -292,14 +309,14 @@ impl RetrieverHandle {
 
     pub async fn command(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Command,
-    ) -> Result<String, String> {
+        make: impl FnOnce(oneshot::Sender<Result<String, CommandError>>) -> Command,
+    ) -> Result<String, CommandError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(make(tx))
             .await
-            .map_err(|_| "retriever has stopped".to_owned())?;
-        rx.await.map_err(|_| "retriever has stopped".to_owned())?
+            .map_err(|_| CommandError::Stopped)?;
+        rx.await.map_err(|_| CommandError::Stopped)?
     }
 }
 
@@ -841,15 +858,16 @@ impl Retriever {
                 }
                 let r = match self.sync_one(&id).await {
                     Ok(()) => match (self.deployed.get(&id), self.failures.get(&id)) {
-                        (_, Some(f)) => Err(format!("artifact {id} failed: {}", f.reason)),
+                        (_, Some(f)) => Err(CommandError::Failed {
+                            id: id.clone(),
+                            reason: f.reason.clone(),
+                        }),
                         (Some(d), None) => {
                             Ok(format!("artifact {id} deployed at revision {}", d.revision))
                         }
-                        (None, None) => Err(format!(
-                            "artifact {id} is not current for this node's labels"
-                        )),
+                        (None, None) => Err(CommandError::NotCurrent { id: id.clone() }),
                     },
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e.into()),
                 };
                 let _ = reply.send(r);
             }
@@ -857,7 +875,7 @@ impl Retriever {
                 let r = if self.deployed.contains_key(&id) {
                     self.undeploy(&id).await;
                     if self.deployed.contains_key(&id) {
-                        Err(format!("artifact {id} could not be undeployed (see log)"))
+                        Err(CommandError::NotUndeployed { id: id.clone() })
                     } else {
                         self.held_off.insert(id.clone());
                         Ok(format!(
@@ -865,7 +883,7 @@ impl Retriever {
                         ))
                     }
                 } else {
-                    Err(format!("artifact {id} is not deployed on this node"))
+                    Err(CommandError::NotDeployed { id: id.clone() })
                 };
                 let _ = reply.send(r);
             }
