@@ -592,7 +592,8 @@ impl RetrieverConfig {
 }
 
 impl RetrieverFile {
-    /// Checks `[retriever]` (naming the offending key) and returns its typed form.
+    /// Checks `[retriever]` (naming the offending key) and returns its typed form. Long but
+    /// flat: one check per key, in the order the checks have always run (the first error wins).
     fn resolve(&self, config: &Config) -> Result<RetrieverConfig, ConfigError> {
         let source = match self.artifact_retriever.as_str() {
             "db" => {

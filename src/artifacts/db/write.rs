@@ -57,6 +57,8 @@ impl ArtifactDb {
         }
     }
 
+    // Long: one transaction read top to bottom (revision, files, labels, events, commit), so
+    // that everything the "event after its bundle" rule depends on is in one place.
     async fn publish_once(
         &self,
         meta: &NewArtifact,

@@ -182,6 +182,8 @@ fn api_name(definition: &str) -> Result<String, ApiNameError> {
 /// Every file must be well-formed XML: Synapse's hot deployer would fail on a broken one, so
 /// the whole artifact fails instead and whatever was deployed before stays.
 pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
+    // Long but flat: the per-file checks live in the `add` closure, and the rest is the list
+    // of entry kinds in `GatewayAPIDTO`.
     let size = artifact.len() as u64;
     if size > MAX_BUNDLE_BYTES {
         return Err(RenderError::TooLarge {
