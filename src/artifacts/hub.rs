@@ -67,7 +67,7 @@ fn meta_from_pb(m: pb::Meta) -> Result<ArtifactMeta, SourceError> {
 
 fn status_of(e: SourceError) -> Status {
     match e {
-        SourceError::Unavailable(m) => Status::unavailable(m),
+        SourceError::Unavailable(m) => Status::unavailable(m.to_string()),
         SourceError::Artifact { id, problem } => {
             Status::failed_precondition(format!("artifact {id}: {problem}"))
         }
@@ -381,7 +381,7 @@ fn source_err(s: Status) -> SourceError {
                 problem: s.message().to_owned(),
             }
         }
-        _ => SourceError::Unavailable(format!("hub: {}", s.message())),
+        _ => super::retriever::Unavailable::Hub(s.message().to_owned()).into(),
     }
 }
 

@@ -80,10 +80,30 @@ impl RetryPlan {
 pub enum SourceError {
     /// The database (or hub) cannot be reached: retry everything later.
     #[error("artifact source unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[from] Unavailable),
     /// One artifact cannot be used (corrupt bundle, bad path, ...): skip it, report it.
     #[error("artifact {id}: {problem}")]
     Artifact { id: String, problem: String },
+}
+
+/// Why a source cannot be reached (or trusted) right now. Sources are behind `Arc` so the
+/// error stays `Clone`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    #[error(transparent)]
+    Db(Arc<DbError>),
+    #[error("WSO2 database ({backend}): {source}")]
+    Wso2 {
+        backend: &'static str,
+        source: Arc<sqlx::Error>,
+    },
+    /// The hub's status text: all a gRPC status carries.
+    #[error("hub: {0}")]
+    Hub(String),
+    #[error(
+        "the artifact event log went back from id {from} to {to} (database replaced or restored?); keeping deployed artifacts; restart the agent to accept this database"
+    )]
+    EventLogBackwards { from: i64, to: i64 },
 }
 
 impl From<DbError> for SourceError {
@@ -94,7 +114,7 @@ impl From<DbError> for SourceError {
                 id,
                 problem: "does not exist".into(),
             },
-            other => SourceError::Unavailable(other.to_string()),
+            other => Unavailable::Db(Arc::new(other)).into(),
         }
     }
 }
@@ -610,10 +630,11 @@ impl Retriever {
         // answers: its view would undeploy artifacts the gateway is serving. Keep them.
         let last = self.source.last_event_id().await?;
         if last < self.cursor {
-            return Err(SourceError::Unavailable(format!(
-                "the artifact event log went back from id {} to {last} (database replaced or restored?); keeping deployed artifacts; restart the agent to accept this database",
-                self.cursor
-            )));
+            return Err(Unavailable::EventLogBackwards {
+                from: self.cursor,
+                to: last,
+            }
+            .into());
         }
         let current = self.source.current(&self.config.gateway_labels).await?;
         let wanted: BTreeSet<String> = current.iter().map(|m| m.id.clone()).collect();

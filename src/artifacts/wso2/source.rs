@@ -1,6 +1,7 @@
 //! [`Wso2Source`]: the retriever's [`Source`] over WSO2's tables, on SQLite, PostgreSQL or
 //! MySQL/MariaDB, read only; the queries behind it.
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use super::{
     ArtifactRow, ChangeLog, Fingerprint, RowInstruction, Selected, Snapshot, select, shown,
 };
 use crate::artifacts::db::{Backend, placeholders, redact};
-use crate::artifacts::retriever::{Source, SourceError};
+use crate::artifacts::retriever::{Source, SourceError, Unavailable};
 use crate::artifacts::{ArtifactMeta, Bundle, Event};
 
 /// MySQL/MariaDB: rows whose `TIME_STAMP` is this recent are also compared by an MD5 of their
@@ -56,8 +57,12 @@ impl Wso2Source {
         }
     }
 
-    fn down(&self, backend: Backend, e: impl std::fmt::Display) -> SourceError {
-        SourceError::Unavailable(format!("WSO2 database ({}): {e}", backend.name()))
+    fn down(&self, backend: Backend, e: sqlx::Error) -> SourceError {
+        Unavailable::Wso2 {
+            backend: backend.name(),
+            source: Arc::new(e),
+        }
+        .into()
     }
 
     /// The connection pool (one query is counted per call).
@@ -68,8 +73,8 @@ impl Wso2Source {
             return Ok(p.clone());
         }
         sqlx::any::install_default_drivers();
-        let backend =
-            Backend::of_url(&self.url).map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        let backend = Backend::of_url(&self.url)
+            .map_err(|e| SourceError::Unavailable(Unavailable::Db(Arc::new(e))))?;
         let mut url = self.url.clone();
         // Read only: SQLite opens the file read-only (and never creates it); server sessions
         // run read-only transactions, so even a bug here could not write to WSO2's tables.
