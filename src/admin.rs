@@ -184,7 +184,7 @@ impl AdminService {
         id: String,
         make: fn(
             String,
-            tokio::sync::oneshot::Sender<Result<String, String>>,
+            tokio::sync::oneshot::Sender<Result<String, crate::artifacts::retriever::CommandError>>,
         ) -> crate::artifacts::retriever::Command,
     ) -> Result<Response<pb::Json>, Status> {
         let id =
@@ -192,7 +192,7 @@ impl AdminService {
         let r = self.retriever()?.command(|tx| make(id.clone(), tx)).await;
         match r {
             Ok(text) => json(&serde_json::json!({ "id": id, "result": text })),
-            Err(e) => Err(Status::failed_precondition(e)),
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
         }
     }
 }

@@ -72,7 +72,11 @@ pub struct Config {
     pub folders: Vec<FolderConfig>,
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
-    /// DB-backed artifact retrieval (validated here; served by the retriever).
+    /// `[retriever]` as written in the file; [`Config::parse`] validates it into `retriever`.
+    #[serde(rename = "retriever")]
+    retriever_file: Option<RetrieverFile>,
+    /// DB-backed artifact retrieval, validated and typed (served by the retriever).
+    #[serde(skip)]
     pub retriever: Option<RetrieverConfig>,
 }
 
@@ -111,9 +115,12 @@ pub struct PeerConfig {
     pub address: Option<String>,
 }
 
+/// `[retriever]` as the file spells it (the config contract). Modes are strings here and
+/// fields are optional because each is needed in some modes only; [`RetrieverFile::resolve`]
+/// checks it once and turns it into the typed [`RetrieverConfig`] the rest of the agent uses.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RetrieverConfig {
+pub struct RetrieverFile {
     /// `db` (this node reads the database) or `hub` (it asks an agent that does).
     #[serde(default = "default_retriever_kind")]
     pub artifact_retriever: String,
@@ -209,6 +216,91 @@ fn default_poll_interval() -> u64 {
     200
 }
 
+/// DB-backed artifact retrieval, validated: the typed form of `[retriever]`.
+#[derive(Debug, Clone)]
+pub struct RetrieverConfig {
+    /// Where artifacts come from (`artifact_retriever` with `database_url` and `schema`, or
+    /// `hub`).
+    pub source: RetrieverSource,
+    /// Folder id that artifacts deploy into (a configured `[[folder]]`).
+    pub folder: String,
+    /// Labels this node deploys (none: every label).
+    pub gateway_labels: Vec<String>,
+    /// First retry delay in ms; doubles per failure, capped at one hour.
+    pub deployment_retry_duration: u64,
+    pub max_retry_count: u32,
+    /// When the health service reports SERVING.
+    pub data_retrieval_mode: DataRetrievalMode,
+    /// Wait after an event before fetching, in ms.
+    pub event_waiting_time: u64,
+    /// Full reconcile against the source, in seconds.
+    pub reconcile_interval: u64,
+    /// How often the event table (or the hub) is polled, in ms.
+    pub poll_interval: u64,
+    /// Publisher certificate names whose publish and remove this agent takes (only with
+    /// [`RetrieverSource::Db`] and [`Schema::Artisync`]; empty otherwise).
+    pub publishers: Vec<String>,
+}
+
+/// `artifact_retriever`: where a retriever reads artifacts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetrieverSource {
+    /// `"db"`: this node reads the database at `database_url`, holding `schema`'s tables.
+    Db { url: String, schema: Schema },
+    /// `"hub"`: this node asks the agent at `hub`, which has the database.
+    Hub { address: String },
+}
+
+/// `retriever.schema`: which tables the database holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// artisync's own artifact store, created by migrations.
+    Artisync,
+    /// WSO2 API-M 3.2's `AM_GW_API_ARTIFACTS`, read only; never written or migrated.
+    Wso2Apim32,
+}
+
+impl Schema {
+    /// The value as the config file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Schema::Artisync => SCHEMA_ARTISYNC,
+            Schema::Wso2Apim32 => SCHEMA_WSO2_APIM_32,
+        }
+    }
+}
+
+impl std::fmt::Display for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `retriever.data_retrieval_mode`: whether health waits for the start-up deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataRetrievalMode {
+    /// `"sync"`: NOT_SERVING until the start-up deploy is done.
+    Sync,
+    /// `"async"`: SERVING at once; the start-up deploy runs in the background.
+    Async,
+}
+
+impl DataRetrievalMode {
+    /// The value as the config file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataRetrievalMode::Sync => "sync",
+            DataRetrievalMode::Async => "async",
+        }
+    }
+}
+
+impl std::fmt::Display for DataRetrievalMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `retriever.schema`: artisync's own artifact store.
 pub const SCHEMA_ARTISYNC: &str = "artisync";
 /// `retriever.schema`: WSO2 API-M 3.2's gateway artifact tables, read only.
@@ -231,11 +323,15 @@ impl Config {
 
     /// Parses and validates config text; `origin` is only used in messages.
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string(),
         })?;
         config.validate()?;
+        config.retriever = match &config.retriever_file {
+            Some(r) => Some(r.resolve(&config)?),
+            None => None,
+        };
         Ok(config)
     }
 
@@ -302,14 +398,14 @@ impl Config {
         }
         self.validate_folders()?;
         self.validate_peers()?;
-        if let Some(r) = &self.retriever {
-            r.validate(self)?;
+        if let Some(r) = &self.retriever_file {
+            r.resolve(self)?;
         }
         Ok(())
     }
 
     fn validate_folders(&self) -> Result<(), ConfigError> {
-        if self.folders.is_empty() && self.retriever.is_none() {
+        if self.folders.is_empty() && self.retriever_file.is_none() {
             return Err(invalid("folder", "at least one [[folder]] is required"));
         }
         let mut ids = HashSet::new();
@@ -478,17 +574,28 @@ impl Config {
 }
 
 impl RetrieverConfig {
+    /// `data_retrieval_mode = "sync"`: health waits for the start-up deploy.
     pub fn sync_start(&self) -> bool {
-        self.data_retrieval_mode == "sync"
+        self.data_retrieval_mode == DataRetrievalMode::Sync
     }
 
     /// The database holds WSO2 API-M 3.2's tables (read only) rather than artisync's own.
     pub fn is_wso2(&self) -> bool {
-        self.schema == SCHEMA_WSO2_APIM_32
+        matches!(
+            self.source,
+            RetrieverSource::Db {
+                schema: Schema::Wso2Apim32,
+                ..
+            }
+        )
     }
+}
 
-    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
-        match self.artifact_retriever.as_str() {
+impl RetrieverFile {
+    /// Checks `[retriever]` (naming the offending key) and returns its typed form. Long but
+    /// flat: one check per key, in the order the checks have always run (the first error wins).
+    fn resolve(&self, config: &Config) -> Result<RetrieverConfig, ConfigError> {
+        let source = match self.artifact_retriever.as_str() {
             "db" => {
                 let Some(url) = &self.database_url else {
                     return Err(invalid(
@@ -506,6 +613,10 @@ impl RetrieverConfig {
                         "must start with sqlite:, postgres://, postgresql:// or mysql://",
                     ));
                 }
+                RetrieverSource::Db {
+                    url: url.clone(),
+                    schema: Schema::Artisync,
+                }
             }
             "hub" => {
                 let Some(hub) = &self.hub else {
@@ -515,6 +626,9 @@ impl RetrieverConfig {
                     ));
                 };
                 config.check_address("retriever.hub", hub)?;
+                RetrieverSource::Hub {
+                    address: hub.clone(),
+                }
             }
             other => {
                 return Err(invalid(
@@ -522,11 +636,14 @@ impl RetrieverConfig {
                     format!("{other:?} must be \"db\" or \"hub\""),
                 ));
             }
-        }
-        match self.schema.as_str() {
-            SCHEMA_ARTISYNC => {}
-            SCHEMA_WSO2_APIM_32 if self.artifact_retriever == "db" => {}
-            SCHEMA_WSO2_APIM_32 => {
+        };
+        let source = match (self.schema.as_str(), source) {
+            (SCHEMA_ARTISYNC, source) => source,
+            (SCHEMA_WSO2_APIM_32, RetrieverSource::Db { url, .. }) => RetrieverSource::Db {
+                url,
+                schema: Schema::Wso2Apim32,
+            },
+            (SCHEMA_WSO2_APIM_32, RetrieverSource::Hub { .. }) => {
                 return Err(invalid(
                     "retriever.schema",
                     format!(
@@ -536,26 +653,30 @@ impl RetrieverConfig {
                     ),
                 ));
             }
-            other => {
+            (other, _) => {
                 return Err(invalid(
                     "retriever.schema",
                     format!("{other:?} must be {SCHEMA_ARTISYNC:?} or {SCHEMA_WSO2_APIM_32:?}"),
                 ));
             }
-        }
-        self.validate_publishers(config)?;
+        };
+        self.validate_publishers(config, &source)?;
         if config.folder(&self.folder).is_none() {
             return Err(invalid(
                 "retriever.folder",
                 format!("no [[folder]] has id {:?}", self.folder),
             ));
         }
-        if !matches!(self.data_retrieval_mode.as_str(), "sync" | "async") {
-            return Err(invalid(
-                "retriever.data_retrieval_mode",
-                "must be \"sync\" or \"async\"",
-            ));
-        }
+        let data_retrieval_mode = match self.data_retrieval_mode.as_str() {
+            "sync" => DataRetrievalMode::Sync,
+            "async" => DataRetrievalMode::Async,
+            _ => {
+                return Err(invalid(
+                    "retriever.data_retrieval_mode",
+                    "must be \"sync\" or \"async\"",
+                ));
+            }
+        };
         if self.gateway_labels.iter().any(|l| l.trim().is_empty()) {
             return Err(invalid(
                 "retriever.gateway_labels",
@@ -580,15 +701,37 @@ impl RetrieverConfig {
                 "must be at least 1 ms",
             ));
         }
-        Ok(())
+        Ok(RetrieverConfig {
+            source,
+            folder: self.folder.clone(),
+            gateway_labels: self.gateway_labels.clone(),
+            deployment_retry_duration: self.deployment_retry_duration,
+            max_retry_count: self.max_retry_count,
+            data_retrieval_mode,
+            event_waiting_time: self.event_waiting_time,
+            reconcile_interval: self.reconcile_interval,
+            poll_interval: self.poll_interval,
+            publishers: self.publishers.clone(),
+        })
     }
 
-    fn validate_publishers(&self, config: &Config) -> Result<(), ConfigError> {
+    fn validate_publishers(
+        &self,
+        config: &Config,
+        source: &RetrieverSource,
+    ) -> Result<(), ConfigError> {
         if self.publishers.is_empty() {
             return Ok(());
         }
         let key = "retriever.publishers";
-        if self.artifact_retriever != "db" || self.is_wso2() {
+        let own_store = matches!(
+            source,
+            RetrieverSource::Db {
+                schema: Schema::Artisync,
+                ..
+            }
+        );
+        if !own_store {
             return Err(invalid(
                 key,
                 "only an agent with artifact_retriever = \"db\" and artisync's own schema takes \
@@ -864,13 +1007,51 @@ mod tests {
     }
 
     #[test]
+    fn retriever_modes_become_types() {
+        let dir = setup();
+        let b = base(dir.path());
+        let c = Config::parse(
+            &format!(
+                "{b}\n[retriever]\nartifact_retriever = \"hub\"\nhub = \"http://127.0.0.1:7702\"\n\
+                 data_retrieval_mode = \"sync\"\n"
+            ),
+            Path::new("t"),
+        )
+        .expect("valid");
+        let r = c.retriever.expect("retriever");
+        assert_eq!(
+            r.source,
+            RetrieverSource::Hub {
+                address: "http://127.0.0.1:7702".into()
+            }
+        );
+        assert!(r.sync_start());
+        let e = err_of(&format!(
+            "{b}\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\ndata_retrieval_mode = \"later\"\n"
+        ));
+        assert!(e.contains("retriever.data_retrieval_mode"), "{e}");
+        let e = err_of(&format!(
+            "{b}\n[retriever]\nartifact_retriever = \"file\"\n"
+        ));
+        assert!(e.contains("retriever.artifact_retriever"), "{e}");
+    }
+
+    #[test]
     fn retriever_schema_is_validated() {
         let dir = setup();
         let b = base(dir.path());
         let db = "\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\n";
         let c = Config::parse(&format!("{b}{db}"), Path::new("t")).expect("valid");
         let r = c.retriever.expect("retriever");
-        assert_eq!(r.schema, "artisync", "the default is artisync's own store");
+        assert_eq!(
+            r.source,
+            RetrieverSource::Db {
+                url: "sqlite:///tmp/a.db".into(),
+                schema: Schema::Artisync
+            },
+            "the default is artisync's own store"
+        );
+        assert_eq!(r.data_retrieval_mode, DataRetrievalMode::Async);
         assert!(!r.is_wso2());
         let c = Config::parse(
             &format!("{b}{db}schema = \"wso2-apim-3.2\"\n"),

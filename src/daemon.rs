@@ -25,9 +25,7 @@ use tonic_health::server::HealthReporter;
 use tracing::{debug, error, info, warn};
 
 use crate::admin::AdminService;
-use crate::artifacts::hub::{HubService, HubSource};
-use crate::artifacts::retriever::{DbSource, Retriever, Source};
-use crate::artifacts::wso2::Wso2Source;
+use crate::artifacts::retriever::Retriever;
 use crate::config::Config;
 use crate::engine::{self, FolderEngine, FolderHandle};
 use crate::fs::own::OwnWrites;
@@ -398,40 +396,12 @@ pub async fn run(
     // (with WSO2's tables: the hub only).
     let mut retriever_parts = None;
     if let Some(rc) = &config.retriever {
-        let poll = Duration::from_millis(rc.poll_interval);
-        let source: Arc<dyn Source> = if rc.artifact_retriever == "hub" {
-            Arc::new(
-                HubSource::new(
-                    rc.hub.as_deref().unwrap_or_default(),
-                    config.tls.as_ref(),
-                    poll,
-                )
-                .await?,
-            )
-        } else if rc.is_wso2() {
-            // WSO2's own tables, read only: hub subscribers get the rendered bundles, and
-            // publish/remove are refused (WSO2 API-M writes those tables).
-            let wso2 = Arc::new(Wso2Source::new(
-                rc.database_url.as_deref().unwrap_or_default(),
-                &rc.folder,
-                poll,
-            ));
-            let hub = HubService::read_only(wso2.clone());
+        let (source, hub) = crate::artifacts::source_for(rc, config.tls.as_ref()).await?;
+        if let Some(hub) = hub {
             router = router
                 .add_service(hub.clone().hub_server())
                 .add_service(hub.saver_server());
-            wso2
-        } else {
-            let db = Arc::new(DbSource::new(
-                rc.database_url.as_deref().unwrap_or_default(),
-                poll,
-            ));
-            let hub = HubService::new(db.clone()).with_publishers(&rc.publishers);
-            router = router
-                .add_service(hub.clone().hub_server())
-                .add_service(hub.saver_server());
-            db
-        };
+        }
         let folder = folders.get(&rc.folder).cloned().ok_or_else(|| {
             DaemonError::Retriever(format!(
                 "retriever.folder {:?} is not a configured folder",

@@ -15,7 +15,10 @@
 //! - [`net`]: the peer gRPC edge: wire conversions, the `Peer` service streaming the engine's
 //!   feed, and the client sessions to each peer.
 //! - [`artifacts`]: the DB-backed artifact saver and retriever, the hub for agents without
-//!   database credentials, and WSO2 API-M 3.2's own tables as a read-only source.
+//!   database credentials, and WSO2 API-M 3.2's own tables as a read-only source;
+//!   [`artifacts::source_for`] picks one from the typed [`config::RetrieverConfig`]. Test
+//!   fixtures (`artifacts::db::testing`, `artifacts::wso2::testing`) exist only with the
+//!   `testing` feature, which the integration tests and benches turn on.
 //! - [`admin`]: the local admin service on a unix socket (status, conflicts, resume).
 //! - [`daemon`]: starts everything, health service, systemd notify, graceful shutdown.
 //! - [`demo`]: a three-node cluster on loopback.

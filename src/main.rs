@@ -203,25 +203,31 @@ enum Saver {
 
 async fn saver(target: &Target) -> Result<Saver> {
     use artisync::artifacts::db::ArtifactDb;
+    use artisync::config::{RetrieverSource, Schema};
     if let Some(url) = &target.to.db {
         return Ok(Saver::Db(ArtifactDb::connect(url).await?));
     }
     if let Some(path) = &target.to.config {
         let config = load(path)?;
-        if let Some(r) = config.retriever.as_ref().filter(|r| r.is_wso2()) {
-            anyhow::bail!(
+        let url = match config.retriever.map(|r| r.source) {
+            Some(RetrieverSource::Db {
+                url,
+                schema: Schema::Artisync,
+            }) => url,
+            Some(RetrieverSource::Db {
+                schema: schema @ Schema::Wso2Apim32,
+                ..
+            }) => anyhow::bail!(
                 "{}: [retriever] schema = {:?} reads WSO2's own tables, which artisync never \
                  writes (nor creates its tables beside them): publish and remove through WSO2 \
                  API-M; `artisync artifact deployed --config` shows what this node deployed",
                 path.display(),
-                r.schema
-            );
-        }
-        let url = config
-            .retriever
-            .as_ref()
-            .and_then(|r| r.database_url.clone())
-            .with_context(|| format!("{}: no [retriever] database_url", path.display()))?;
+                schema.as_str()
+            ),
+            Some(RetrieverSource::Hub { .. }) | None => {
+                anyhow::bail!("{}: no [retriever] database_url", path.display())
+            }
+        };
         return Ok(Saver::Db(ArtifactDb::connect(&url).await?));
     }
     let hub = target

@@ -67,7 +67,7 @@ fn meta_from_pb(m: pb::Meta) -> Result<ArtifactMeta, SourceError> {
 
 fn status_of(e: SourceError) -> Status {
     match e {
-        SourceError::Unavailable(m) => Status::unavailable(m),
+        SourceError::Unavailable(m) => Status::unavailable(m.to_string()),
         SourceError::Artifact { id, problem } => {
             Status::failed_precondition(format!("artifact {id}: {problem}"))
         }
@@ -250,28 +250,43 @@ impl pb::artifact_hub_server::ArtifactHub for HubService {
     }
 }
 
+/// Why a publish request is refused (sent to the publisher as `INVALID_ARGUMENT`).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Field(#[from] super::ArtifactError),
+    #[error("at least one label is required")]
+    NoLabel,
+    #[error("bundle path: {0}")]
+    Path(#[source] crate::model::PathError),
+    #[error("{path}: mode {mode:o} out of range")]
+    Mode { path: RelPath, mode: u32 },
+    #[error("a bundle needs at least one file")]
+    NoFile,
+}
+
 /// Validates a publish request into what the store takes.
-pub fn check_publish(req: pb::PublishRequest) -> Result<(NewArtifact, Bundle), String> {
-    let id = super::parse_id(&req.id).map_err(|e| e.to_string())?;
+pub fn check_publish(req: pb::PublishRequest) -> Result<(NewArtifact, Bundle), PublishError> {
+    let id = super::parse_id(&req.id)?;
     for (field, value) in [
         ("name", &req.name),
         ("version", &req.version),
         ("tenant", &req.tenant),
         ("folder", &req.folder),
     ] {
-        super::check_field(field, value).map_err(|e| e.to_string())?;
+        super::check_field(field, value)?;
     }
     if req.labels.is_empty() {
-        return Err("at least one label is required".into());
+        return Err(PublishError::NoLabel);
     }
     for l in &req.labels {
-        super::check_field("label", l).map_err(|e| e.to_string())?;
+        super::check_field("label", l)?;
     }
     let mut files = Vec::with_capacity(req.files.len());
     for f in req.files {
-        let path = RelPath::new(&f.path).map_err(|e| format!("bundle path: {e}"))?;
+        let path = RelPath::new(&f.path).map_err(PublishError::Path)?;
         if f.mode > 0o7777 {
-            return Err(format!("{path}: mode {:o} out of range", f.mode));
+            return Err(PublishError::Mode { path, mode: f.mode });
         }
         files.push(BundleFile {
             path,
@@ -280,7 +295,7 @@ pub fn check_publish(req: pb::PublishRequest) -> Result<(NewArtifact, Bundle), S
         });
     }
     if files.is_empty() {
-        return Err("a bundle needs at least one file".into());
+        return Err(PublishError::NoFile);
     }
     let mut labels = req.labels;
     labels.sort();
@@ -306,8 +321,8 @@ impl pb::artifact_saver_server::ArtifactSaver for HubService {
     ) -> Result<Response<pb::PublishReply>, Status> {
         authorize_publisher(&request, &self.publishers)?;
         let saver = self.saver()?;
-        let (meta, bundle) =
-            check_publish(request.into_inner()).map_err(Status::invalid_argument)?;
+        let (meta, bundle) = check_publish(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let db = saver.db().await.map_err(status_of)?;
         let revision = db
             .publish(&meta, &bundle, crate::now_ms())
@@ -366,7 +381,7 @@ fn source_err(s: Status) -> SourceError {
                 problem: s.message().to_owned(),
             }
         }
-        _ => SourceError::Unavailable(format!("hub: {}", s.message())),
+        _ => super::retriever::Unavailable::Hub(s.message().to_owned()).into(),
     }
 }
 

@@ -5,6 +5,8 @@
 //! - [`retriever`]: deploys a node's labels from a source and follows its events.
 //! - [`hub`]: serves a source to agents without database credentials, and is one.
 //! - [`wso2`]: WSO2 API-M 3.2's own tables as a read-only source, rendered into Synapse files.
+//! - [`source_for`]: the source a retriever reads, by its typed config, and the hub this
+//!   node serves beside it.
 //! - the types below: bundles, metadata, events, and the validation every bundle passes.
 
 pub mod db;
@@ -12,7 +14,44 @@ pub mod hub;
 pub mod retriever;
 pub mod wso2;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{RetrieverConfig, RetrieverSource, Schema, TlsConfig};
 use crate::model::RelPath;
+
+/// The source a retriever with `config` reads, and the hub service this node serves beside
+/// it to agents without database credentials: artisync's own store (hub and saver), WSO2's
+/// tables (hub only, read only), or another agent's hub (nothing served).
+pub async fn source_for(
+    config: &RetrieverConfig,
+    tls: Option<&TlsConfig>,
+) -> Result<(Arc<dyn retriever::Source>, Option<hub::HubService>), crate::net::NetError> {
+    let poll = Duration::from_millis(config.poll_interval);
+    Ok(match &config.source {
+        RetrieverSource::Hub { address } => (
+            Arc::new(hub::HubSource::new(address, tls, poll).await?),
+            None,
+        ),
+        RetrieverSource::Db {
+            url,
+            schema: Schema::Wso2Apim32,
+        } => {
+            // WSO2's own tables, read only: hub subscribers get the rendered bundles, and
+            // publish/remove are refused (WSO2 API-M writes those tables).
+            let wso2 = Arc::new(wso2::Wso2Source::new(url, &config.folder, poll));
+            (wso2.clone(), Some(hub::HubService::read_only(wso2)))
+        }
+        RetrieverSource::Db {
+            url,
+            schema: Schema::Artisync,
+        } => {
+            let db = Arc::new(retriever::DbSource::new(url, poll));
+            let hub = hub::HubService::new(db.clone()).with_publishers(&config.publishers);
+            (db, Some(hub))
+        }
+    })
+}
 
 /// Longest name, version, tenant or label accepted.
 const MAX_FIELD: usize = 255;

@@ -80,10 +80,30 @@ impl RetryPlan {
 pub enum SourceError {
     /// The database (or hub) cannot be reached: retry everything later.
     #[error("artifact source unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[from] Unavailable),
     /// One artifact cannot be used (corrupt bundle, bad path, ...): skip it, report it.
     #[error("artifact {id}: {problem}")]
     Artifact { id: String, problem: String },
+}
+
+/// Why a source cannot be reached (or trusted) right now. Sources are behind `Arc` so the
+/// error stays `Clone`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    #[error(transparent)]
+    Db(Arc<DbError>),
+    #[error("WSO2 database ({backend}): {source}")]
+    Wso2 {
+        backend: &'static str,
+        source: Arc<sqlx::Error>,
+    },
+    /// The hub's status text: all a gRPC status carries.
+    #[error("hub: {0}")]
+    Hub(String),
+    #[error(
+        "the artifact event log went back from id {from} to {to} (database replaced or restored?); keeping deployed artifacts; restart the agent to accept this database"
+    )]
+    EventLogBackwards { from: i64, to: i64 },
 }
 
 impl From<DbError> for SourceError {
@@ -94,7 +114,7 @@ impl From<DbError> for SourceError {
                 id,
                 problem: "does not exist".into(),
             },
-            other => SourceError::Unavailable(other.to_string()),
+            other => Unavailable::Db(Arc::new(other)).into(),
         }
     }
 }
@@ -272,10 +292,27 @@ pub struct RetrieverStatus {
     pub last_error: Option<String>,
 }
 
-/// Local admin actions (this node only).
+/// Local admin actions (this node only). The reply is the text the admin prints.
 pub enum Command {
-    Redeploy(String, oneshot::Sender<Result<String, String>>),
-    Undeploy(String, oneshot::Sender<Result<String, String>>),
+    Redeploy(String, oneshot::Sender<Result<String, CommandError>>),
+    Undeploy(String, oneshot::Sender<Result<String, CommandError>>),
+}
+
+/// Why a local admin action on one artifact did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("artifact {id} failed: {reason}")]
+    Failed { id: String, reason: String },
+    #[error("artifact {id} is not current for this node's labels")]
+    NotCurrent { id: String },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("artifact {id} could not be undeployed (see log)")]
+    NotUndeployed { id: String },
+    #[error("artifact {id} is not deployed on this node")]
+    NotDeployed { id: String },
+    #[error("retriever has stopped")]
+    Stopped,
 }
 
 /// Handle for the admin service.
@@ -292,14 +329,14 @@ impl RetrieverHandle {
 
     pub async fn command(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> Command,
-    ) -> Result<String, String> {
+        make: impl FnOnce(oneshot::Sender<Result<String, CommandError>>) -> Command,
+    ) -> Result<String, CommandError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(make(tx))
             .await
-            .map_err(|_| "retriever has stopped".to_owned())?;
-        rx.await.map_err(|_| "retriever has stopped".to_owned())?
+            .map_err(|_| CommandError::Stopped)?;
+        rx.await.map_err(|_| CommandError::Stopped)?
     }
 }
 
@@ -358,7 +395,7 @@ impl Retriever {
 
     fn publish_status(&self) {
         let s = RetrieverStatus {
-            mode: self.config.data_retrieval_mode.clone(),
+            mode: self.config.data_retrieval_mode.as_str().to_owned(),
             source: self.source.describe(),
             folder: self.config.folder.clone(),
             labels: self.config.gateway_labels.clone(),
@@ -593,10 +630,11 @@ impl Retriever {
         // answers: its view would undeploy artifacts the gateway is serving. Keep them.
         let last = self.source.last_event_id().await?;
         if last < self.cursor {
-            return Err(SourceError::Unavailable(format!(
-                "the artifact event log went back from id {} to {last} (database replaced or restored?); keeping deployed artifacts; restart the agent to accept this database",
-                self.cursor
-            )));
+            return Err(Unavailable::EventLogBackwards {
+                from: self.cursor,
+                to: last,
+            }
+            .into());
         }
         let current = self.source.current(&self.config.gateway_labels).await?;
         let wanted: BTreeSet<String> = current.iter().map(|m| m.id.clone()).collect();
@@ -841,15 +879,16 @@ impl Retriever {
                 }
                 let r = match self.sync_one(&id).await {
                     Ok(()) => match (self.deployed.get(&id), self.failures.get(&id)) {
-                        (_, Some(f)) => Err(format!("artifact {id} failed: {}", f.reason)),
+                        (_, Some(f)) => Err(CommandError::Failed {
+                            id: id.clone(),
+                            reason: f.reason.clone(),
+                        }),
                         (Some(d), None) => {
                             Ok(format!("artifact {id} deployed at revision {}", d.revision))
                         }
-                        (None, None) => Err(format!(
-                            "artifact {id} is not current for this node's labels"
-                        )),
+                        (None, None) => Err(CommandError::NotCurrent { id: id.clone() }),
                     },
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e.into()),
                 };
                 let _ = reply.send(r);
             }
@@ -857,7 +896,7 @@ impl Retriever {
                 let r = if self.deployed.contains_key(&id) {
                     self.undeploy(&id).await;
                     if self.deployed.contains_key(&id) {
-                        Err(format!("artifact {id} could not be undeployed (see log)"))
+                        Err(CommandError::NotUndeployed { id: id.clone() })
                     } else {
                         self.held_off.insert(id.clone());
                         Ok(format!(
@@ -865,7 +904,7 @@ impl Retriever {
                         ))
                     }
                 } else {
-                    Err(format!("artifact {id} is not deployed on this node"))
+                    Err(CommandError::NotDeployed { id: id.clone() })
                 };
                 let _ = reply.send(r);
             }

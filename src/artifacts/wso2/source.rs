@@ -1,0 +1,603 @@
+//! [`Wso2Source`]: the retriever's [`Source`] over WSO2's tables, on SQLite, PostgreSQL or
+//! MySQL/MariaDB, read only; the queries behind it.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::{
+    ArtifactRow, ChangeLog, Fingerprint, RowInstruction, Selected, Snapshot, select, shown,
+};
+use crate::artifacts::db::{Backend, placeholders, redact};
+use crate::artifacts::retriever::{Source, SourceError, Unavailable};
+use crate::artifacts::{ArtifactMeta, Bundle, Event};
+
+/// MySQL/MariaDB: rows whose `TIME_STAMP` is this recent are also compared by an MD5 of their
+/// `ARTIFACT`, because `TIME_STAMP` has one-second resolution (a second write within the same
+/// second leaves it unchanged). Generous, for a WSO2 node whose clock is a little off.
+const HOT_ROW_SECS: u32 = 10;
+/// The change log and when the tables were last scanned.
+struct Scanned {
+    log: ChangeLog,
+    at: Option<Instant>,
+}
+
+/// WSO2 API-M 3.2's tables as a retriever source (read only). Connects lazily, so a database
+/// that is down at start-up is retried like any other failure.
+pub struct Wso2Source {
+    url: String,
+    folder: String,
+    poll: Duration,
+    queries: AtomicU64,
+    pool: tokio::sync::Mutex<Option<(AnyPool, Backend)>>,
+    scanned: tokio::sync::Mutex<Scanned>,
+}
+
+impl Wso2Source {
+    /// `folder`: the folder id rendered files deploy into (the retriever's `folder`).
+    pub fn new(url: &str, folder: &str, poll: Duration) -> Self {
+        let first_id = i64::try_from(crate::now_ms())
+            .unwrap_or(0)
+            .saturating_mul(1000);
+        Self {
+            url: url.to_owned(),
+            folder: folder.to_owned(),
+            poll,
+            queries: AtomicU64::new(0),
+            pool: tokio::sync::Mutex::new(None),
+            scanned: tokio::sync::Mutex::new(Scanned {
+                log: ChangeLog::new(first_id),
+                at: None,
+            }),
+        }
+    }
+
+    fn down(&self, backend: Backend, e: sqlx::Error) -> SourceError {
+        Unavailable::Wso2 {
+            backend: backend.name(),
+            source: Arc::new(e),
+        }
+        .into()
+    }
+
+    /// The connection pool (one query is counted per call).
+    async fn pool(&self) -> Result<(AnyPool, Backend), SourceError> {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        let mut guard = self.pool.lock().await;
+        if let Some(p) = guard.as_ref() {
+            return Ok(p.clone());
+        }
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(&self.url)
+            .map_err(|e| SourceError::Unavailable(Unavailable::Db(Arc::new(e))))?;
+        let mut url = self.url.clone();
+        // Read only: SQLite opens the file read-only (and never creates it); server sessions
+        // run read-only transactions, so even a bug here could not write to WSO2's tables.
+        if backend == Backend::Sqlite && !url.contains("mode=") {
+            url.push_str(if url.contains('?') {
+                "&mode=ro"
+            } else {
+                "?mode=ro"
+            });
+        }
+        let read_only = match backend {
+            Backend::Postgres => Some("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+            Backend::MySql => Some("SET SESSION TRANSACTION READ ONLY"),
+            Backend::Sqlite => None,
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(3))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if let Some(q) = read_only {
+                        sqlx::query(q).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| self.down(backend, e))?;
+        *guard = Some((pool.clone(), backend));
+        Ok((pool, backend))
+    }
+
+    /// Rows (with details) of the given labels, or of the given API ids; never both empty.
+    async fn rows(
+        &self,
+        by_label: &[String],
+        by_id: &[String],
+    ) -> Result<Vec<ArtifactRow>, SourceError> {
+        let (pool, backend) = self.pool().await?;
+        let artifact = if backend == Backend::Sqlite {
+            "CAST(a.ARTIFACT AS BLOB)"
+        } else {
+            "a.ARTIFACT"
+        };
+        let (column, values) = if by_id.is_empty() {
+            ("a.GATEWAY_LABEL", by_label)
+        } else {
+            ("LOWER(a.API_ID)", by_id)
+        };
+        if values.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; values.len()].join(", ");
+        let q = format!(
+            "SELECT a.API_ID, a.GATEWAY_LABEL, a.GATEWAY_INSTRUCTION, \
+             CASE WHEN UPPER(a.GATEWAY_INSTRUCTION) = 'REMOVE' THEN NULL ELSE {artifact} END, \
+             d.API_NAME, d.API_VERSION, d.TENANT_DOMAIN \
+             FROM AM_GW_API_ARTIFACTS a LEFT JOIN AM_GW_PUBLISHED_API_DETAILS d ON d.API_ID = a.API_ID \
+             WHERE {column} IN ({marks})"
+        );
+        let mut query = sqlx::query(AssertSqlSafe(placeholders(backend, &q)));
+        for v in values {
+            query = query.bind(v.as_str());
+        }
+        let rows = query
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| self.down(backend, e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unusable: Vec<String> = Vec::new();
+        for r in rows {
+            let text = |i: usize| -> Result<Option<String>, SourceError> {
+                r.try_get::<Option<String>, _>(i)
+                    .map_err(|e| self.down(backend, e))
+            };
+            let (Some(id), Some(label)) = (text(0)?, text(1)?) else {
+                continue;
+            };
+            let Ok(api_id) = crate::artifacts::parse_id(id.trim()) else {
+                unusable.push(id);
+                continue;
+            };
+            out.push(ArtifactRow {
+                api_id,
+                label,
+                instruction: RowInstruction::parse(text(2)?.as_deref()),
+                artifact: r
+                    .try_get::<Option<Vec<u8>>, _>(3)
+                    .map_err(|e| self.down(backend, e))?,
+                name: text(4)?,
+                version: text(5)?,
+                tenant: text(6)?,
+            });
+        }
+        if let Some(first) = unusable.first() {
+            // Ids travel to hub subscribers and into the index as UUIDs (WSO2's are).
+            warn!(count = unusable.len(), first = %shown(first), "skipping WSO2 artifact rows whose API_ID is not a UUID");
+        }
+        Ok(out)
+    }
+
+    /// Reads every row's fingerprint (no `ARTIFACT` on PostgreSQL, and on MySQL/MariaDB only
+    /// for rows written in the last seconds) and feeds the change log, unless that was done
+    /// less than half a poll interval ago (a hub's subscribers all poll: one scan serves them).
+    async fn refresh(&self, scanned: &mut Scanned) -> Result<(), SourceError> {
+        if scanned
+            .at
+            .is_some_and(|at| at.elapsed() < self.poll / 2 && scanned.log.known.is_some())
+        {
+            return Ok(());
+        }
+        let (pool, backend) = self.pool().await?;
+        let q = match backend {
+            Backend::Postgres => {
+                "SELECT API_ID, GATEWAY_LABEL, GATEWAY_INSTRUCTION, CAST(xmin AS TEXT) \
+                 FROM AM_GW_API_ARTIFACTS"
+                    .to_owned()
+            }
+            Backend::MySql => format!(
+                "SELECT API_ID, GATEWAY_LABEL, GATEWAY_INSTRUCTION, CAST(TIME_STAMP AS CHAR), \
+                 CASE WHEN TIME_STAMP >= NOW() - INTERVAL {HOT_ROW_SECS} SECOND THEN MD5(ARTIFACT) END \
+                 FROM AM_GW_API_ARTIFACTS"
+            ),
+            Backend::Sqlite => "SELECT API_ID, GATEWAY_LABEL, GATEWAY_INSTRUCTION, \
+                 CAST(TIME_STAMP AS TEXT), CAST(ARTIFACT AS BLOB) FROM AM_GW_API_ARTIFACTS"
+                .to_owned(),
+        };
+        let rows = sqlx::query(AssertSqlSafe(q))
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| self.down(backend, e))?;
+        let snapshot = snapshot_of(&rows, backend).map_err(|e| self.down(backend, e))?;
+        for e in scanned.log.observe(snapshot) {
+            debug!(api = %e.artifact_id, label = %e.label, instruction = e.instruction.as_str(), event = e.id, "WSO2 artifact row changed");
+        }
+        scanned.at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// What a node with `labels` deploys of each API in `rows`.
+    fn select_all(&self, rows: &[ArtifactRow], labels: &[String]) -> Vec<Selected> {
+        let mut by_api: BTreeMap<&str, Vec<ArtifactRow>> = BTreeMap::new();
+        for r in rows {
+            by_api.entry(&r.api_id).or_default().push(r.clone());
+        }
+        by_api
+            .into_iter()
+            .filter_map(|(id, rows)| select(id, &rows, labels, &self.folder))
+            .collect()
+    }
+}
+
+fn snapshot_of(rows: &[AnyRow], backend: Backend) -> Result<Snapshot, sqlx::Error> {
+    let mut snapshot = Snapshot::new();
+    for r in rows {
+        let (Some(id), Some(label)) = (
+            r.try_get::<Option<String>, _>(0)?,
+            r.try_get::<Option<String>, _>(1)?,
+        ) else {
+            continue;
+        };
+        let Ok(api_id) = crate::artifacts::parse_id(id.trim()) else {
+            continue;
+        };
+        let hash = match backend {
+            Backend::Postgres => None,
+            Backend::MySql => r.try_get::<Option<String>, _>(4)?,
+            Backend::Sqlite => r
+                .try_get::<Option<Vec<u8>>, _>(4)?
+                .map(|a| blake3::hash(&a).to_hex().to_string()),
+        };
+        snapshot.insert(
+            (api_id, label),
+            Fingerprint {
+                instruction: r.try_get::<Option<String>, _>(2)?,
+                stamp: r.try_get::<Option<String>, _>(3)?,
+                hash,
+            },
+        );
+    }
+    Ok(snapshot)
+}
+
+#[tonic::async_trait]
+impl Source for Wso2Source {
+    fn describe(&self) -> String {
+        format!(
+            "{} {}",
+            crate::config::Schema::Wso2Apim32,
+            redact(&self.url)
+        )
+    }
+
+    fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError> {
+        let rows = self.rows(labels, &[]).await?;
+        Ok(self
+            .select_all(&rows, labels)
+            .into_iter()
+            .map(|s| s.meta)
+            .collect())
+    }
+
+    async fn get(&self, id: &str, labels: &[String]) -> Result<Option<ArtifactMeta>, SourceError> {
+        let Ok(id) = crate::artifacts::parse_id(id) else {
+            return Ok(None);
+        };
+        let rows = self.rows(&[], std::slice::from_ref(&id)).await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        if let Some(s) = self.select_all(&rows, labels).pop() {
+            return Ok(Some(s.meta));
+        }
+        // Every row of those labels says Remove.
+        Ok(Some(ArtifactMeta {
+            id: id.clone(),
+            name: first.name.clone().unwrap_or_default(),
+            version: first.version.clone().unwrap_or_default(),
+            tenant: first.tenant.clone().unwrap_or_default(),
+            folder: self.folder.clone(),
+            revision: 0,
+            removed: true,
+            labels: Vec::new(),
+            digest: [0; 32],
+            size: 0,
+        }))
+    }
+
+    async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, SourceError> {
+        self.bundles(std::slice::from_ref(meta))
+            .await?
+            .pop()
+            .unwrap_or_else(|| {
+                Err(SourceError::Artifact {
+                    id: meta.id.clone(),
+                    problem: "no bundle".into(),
+                })
+            })
+    }
+
+    async fn bundles(
+        &self,
+        metas: &[ArtifactMeta],
+    ) -> Result<Vec<Result<Bundle, SourceError>>, SourceError> {
+        let ids: Vec<String> = metas.iter().map(|m| m.id.clone()).collect();
+        let rows = self.rows(&[], &ids).await?;
+        Ok(metas
+            .iter()
+            .map(|meta| {
+                let bad = |problem: String| SourceError::Artifact {
+                    id: meta.id.clone(),
+                    problem,
+                };
+                if meta.labels.is_empty() {
+                    return Err(bad("has none of this node's labels".into()));
+                }
+                let selected =
+                    select(&meta.id, &rows, &meta.labels, &self.folder).ok_or_else(|| {
+                        bad(format!(
+                            "is no longer published for labels {:?}",
+                            meta.labels
+                        ))
+                    })?;
+                let bundle = selected.bundle.map_err(|e| bad(e.to_string()))?;
+                if selected.meta.revision != meta.revision || bundle.digest() != meta.digest {
+                    return Err(bad(
+                        "ARTIFACT changed while being read; the change is deployed next".into(),
+                    ));
+                }
+                Ok(bundle)
+            })
+            .collect())
+    }
+
+    async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, SourceError> {
+        let mut scanned = self.scanned.lock().await;
+        self.refresh(&mut scanned).await?;
+        Ok(scanned.log.after(after, limit))
+    }
+
+    async fn last_event_id(&self) -> Result<i64, SourceError> {
+        let mut scanned = self.scanned.lock().await;
+        self.refresh(&mut scanned).await?;
+        Ok(scanned.log.last_id())
+    }
+
+    async fn wait(&self, max: Duration) {
+        tokio::time::sleep(self.poll.min(max)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::render;
+    use super::super::testing::*;
+    use super::*;
+
+    const API: &str = "6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c";
+    const API2: &str = "0b6f7d4e-1c2a-4f3b-8e9d-5a6b7c8d9e0f";
+    const PIZZA: &str = "admin--PizzaShackAPI:v1.0.0";
+
+    fn labels(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn summary(events: &[Event]) -> Vec<(i64, &str, &str, &str)> {
+        events
+            .iter()
+            .map(|e| {
+                (
+                    e.id,
+                    e.artifact_id.as_str(),
+                    e.label.as_str(),
+                    e.instruction.as_str(),
+                )
+            })
+            .collect()
+    }
+
+    /// The source against real tables written as WSO2 writes them, on every backend.
+    async fn source_suite(backend: Backend) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some(url) = crate::artifacts::db::testing::fresh_url(backend, dir.path()).await else {
+            return;
+        };
+        let name = backend.name();
+        let wso2 = Wso2Tables::create(&url)
+            .await
+            .expect("create WSO2's tables");
+        let before = wso2.tables().await.expect("tables");
+        wso2.publish(API, "L1", &gateway_api_json(API, PIZZA, "v1"))
+            .await
+            .expect("publish");
+        wso2.publish(API2, "L2", &gateway_api_json(API2, "other", "v1"))
+            .await
+            .expect("publish");
+
+        let source = Wso2Source::new(&url, "synapse-configs", Duration::from_millis(1));
+        let start = source.last_event_id().await.expect("primes");
+        let current = source.current(&labels(&["L1"])).await.expect("current");
+        assert_eq!(current.len(), 1, "{name}: {current:?}");
+        let meta = &current[0];
+        assert_eq!(
+            (meta.id.as_str(), meta.labels.clone()),
+            (API, labels(&["L1"]))
+        );
+        assert_eq!(
+            meta.name,
+            format!("API-{}", &API[..8]),
+            "{name}: details row"
+        );
+        let bundle = source.bundle(meta).await.expect("bundle");
+        assert_eq!(
+            bundle,
+            render(&gateway_api_json(API, PIZZA, "v1")).expect("renders")
+        );
+        assert_eq!(
+            source
+                .get(API, &labels(&["L1"]))
+                .await
+                .expect("get")
+                .as_ref(),
+            Some(meta),
+            "{name}"
+        );
+        assert_eq!(
+            source
+                .get(API, &labels(&["L2"]))
+                .await
+                .expect("get")
+                .map(|m| m.removed),
+            Some(true)
+        );
+        assert_eq!(
+            source
+                .get("00000000-0000-4000-8000-000000000000", &[])
+                .await
+                .expect("get"),
+            None
+        );
+        assert!(
+            source
+                .events_after(start, 100)
+                .await
+                .expect("events")
+                .is_empty()
+        );
+
+        // A new revision (in the same second as the first, on purpose), a Remove, a new row.
+        wso2.publish(API, "L1", &gateway_api_json(API, PIZZA, "v2"))
+            .await
+            .expect("republish");
+        let events = source.events_after(start, 100).await.expect("events");
+        assert_eq!(
+            summary(&events)
+                .iter()
+                .map(|e| (e.1, e.2, e.3))
+                .collect::<Vec<_>>(),
+            vec![(API, "L1", "publish")],
+            "{name}: {events:?}"
+        );
+        let v2 = source
+            .get(API, &labels(&["L1"]))
+            .await
+            .expect("get")
+            .expect("exists");
+        assert_ne!(v2.revision, meta.revision, "{name}");
+        assert!(
+            source.bundle(meta).await.is_err(),
+            "{name}: the old revision is gone"
+        );
+        wso2.remove(API, "L1", b"{\"apiId\":\"x\"}")
+            .await
+            .expect("remove");
+        wso2.publish(API, "L3", &gateway_api_json(API, PIZZA, "v3"))
+            .await
+            .expect("publish L3");
+        let newer = source
+            .events_after(events[0].id, 100)
+            .await
+            .expect("events");
+        let mut got: Vec<(&str, &str)> = newer
+            .iter()
+            .map(|e| (e.label.as_str(), e.instruction.as_str()))
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![("L1", "remove"), ("L3", "publish")], "{name}");
+        assert!(
+            source
+                .current(&labels(&["L1"]))
+                .await
+                .expect("current")
+                .is_empty()
+        );
+        assert_eq!(
+            source
+                .get(API, &labels(&["L1", "L3"]))
+                .await
+                .expect("get")
+                .map(|m| m.labels),
+            Some(labels(&["L3"]))
+        );
+        assert!(source.last_event_id().await.expect("last") > start);
+
+        // Bad rows: reported per artifact, never a panic; the other artifacts still deploy.
+        wso2.put(API2, "L1", Some("Publish"), None)
+            .await
+            .expect("NULL blob");
+        let listed = source
+            .current(&labels(&["L1", "L2"]))
+            .await
+            .expect("current");
+        let bundles = source.bundles(&listed).await.expect("bundles");
+        assert_eq!(listed.len(), 1, "{name}");
+        let e = bundles[0].as_ref().expect_err("NULL blob fails");
+        assert!(
+            e.to_string().contains("NULL") && e.to_string().contains(API2),
+            "{e}"
+        );
+
+        let (pool, _) = source.pool().await.expect("connected");
+        let write = sqlx::query("DELETE FROM AM_GW_API_ARTIFACTS")
+            .execute(&pool)
+            .await;
+        assert!(
+            write.is_err(),
+            "{name}: the source's sessions are read-only"
+        );
+        assert_eq!(
+            wso2.tables().await.expect("tables"),
+            before,
+            "{name}: nothing created"
+        );
+        wso2.close().await;
+        crate::artifacts::db::testing::drop_db(&url).await;
+    }
+
+    #[tokio::test]
+    async fn source_suite_sqlite() {
+        source_suite(Backend::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn source_suite_postgres() {
+        source_suite(Backend::Postgres).await;
+    }
+
+    #[tokio::test]
+    async fn source_suite_mysql() {
+        source_suite(Backend::MySql).await;
+    }
+
+    #[tokio::test]
+    async fn the_source_never_creates_or_writes_a_database() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wso2.db");
+        let url = format!("sqlite://{}", path.display());
+        let source = Wso2Source::new(&url, "synapse-configs", Duration::from_millis(1));
+        let e = source
+            .current(&labels(&["L1"]))
+            .await
+            .expect_err("no database");
+        assert!(matches!(e, SourceError::Unavailable(_)), "{e}");
+        assert!(!path.exists(), "the SQLite file was created");
+        // A database without WSO2's tables is unavailable, and gets none of artisync's.
+        let empty = dir.path().join("empty.db");
+        std::fs::File::create(&empty).expect("an empty SQLite file");
+        let source = Wso2Source::new(
+            &format!("sqlite://{}", empty.display()),
+            "synapse-configs",
+            Duration::from_millis(1),
+        );
+        let e = source.last_event_id().await.expect_err("no tables");
+        assert!(e.to_string().contains("AM_GW_API_ARTIFACTS"), "{e}");
+        assert_eq!(
+            std::fs::metadata(&empty).expect("stat").len(),
+            0,
+            "written to"
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! WSO2's side of the tables, for tests: creates them as WSO2 API-M 3.2's DDL does and writes
+//! rows as its `DBSaver` does (insert, or update `ARTIFACT` and `GATEWAY_INSTRUCTION` in place).
+//! Compiled for unit tests and with the `testing` feature only, never into the release binary.
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, AssertSqlSafe};
+
+use super::*;
+use crate::artifacts::db::{Backend, placeholders};
+
+const SQLITE_DDL: &[&str] = &[
+    "CREATE TABLE AM_GW_PUBLISHED_API_DETAILS (API_ID varchar(255) NOT NULL, \
+     TENANT_DOMAIN varchar(255), API_PROVIDER varchar(255), API_NAME varchar(255), \
+     API_VERSION varchar(255), PRIMARY KEY (API_ID))",
+    "CREATE TABLE AM_GW_API_ARTIFACTS (API_ID varchar(255) NOT NULL, ARTIFACT blob, \
+     GATEWAY_INSTRUCTION varchar(20), GATEWAY_LABEL varchar(255), \
+     TIME_STAMP TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
+     PRIMARY KEY (GATEWAY_LABEL, API_ID), \
+     FOREIGN KEY (API_ID) REFERENCES AM_GW_PUBLISHED_API_DETAILS(API_ID))",
+];
+const POSTGRES_DDL: &[&str] = &[
+    "CREATE TABLE AM_GW_PUBLISHED_API_DETAILS (API_ID varchar(255) NOT NULL, \
+     TENANT_DOMAIN varchar(255), API_PROVIDER varchar(255), API_NAME varchar(255), \
+     API_VERSION varchar(255), PRIMARY KEY (API_ID))",
+    "CREATE TABLE AM_GW_API_ARTIFACTS (API_ID varchar(255) NOT NULL, ARTIFACT bytea, \
+     GATEWAY_INSTRUCTION varchar(20), GATEWAY_LABEL varchar(255), \
+     TIME_STAMP TIMESTAMP(0) NOT NULL DEFAULT CURRENT_TIMESTAMP, \
+     PRIMARY KEY (GATEWAY_LABEL, API_ID), \
+     FOREIGN KEY (API_ID) REFERENCES AM_GW_PUBLISHED_API_DETAILS(API_ID) \
+     ON UPDATE CASCADE ON DELETE NO ACTION)",
+];
+const MYSQL_DDL: &[&str] = &[
+    "CREATE TABLE AM_GW_PUBLISHED_API_DETAILS (API_ID varchar(255) NOT NULL, \
+     TENANT_DOMAIN varchar(255), API_PROVIDER varchar(255), API_NAME varchar(255), \
+     API_VERSION varchar(255), PRIMARY KEY (API_ID)) ENGINE=InnoDB",
+    "CREATE TABLE AM_GW_API_ARTIFACTS (API_ID varchar(255) NOT NULL, ARTIFACT LONGBLOB, \
+     GATEWAY_INSTRUCTION varchar(20), GATEWAY_LABEL varchar(255), \
+     TIME_STAMP TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP, \
+     PRIMARY KEY (GATEWAY_LABEL, API_ID), \
+     FOREIGN KEY (API_ID) REFERENCES AM_GW_PUBLISHED_API_DETAILS(API_ID) \
+     ON UPDATE CASCADE ON DELETE NO ACTION) ENGINE=InnoDB",
+];
+
+/// A connection to the database WSO2 API-M would write.
+pub struct Wso2Tables {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Wso2Tables {
+    /// Connects (creating an SQLite file) and creates WSO2's two tables.
+    pub async fn create(url: &str) -> Result<Self, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let backend =
+            Backend::of_url(url).map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+        let url = if backend == Backend::Sqlite {
+            format!("{url}?mode=rwc")
+        } else {
+            url.to_owned()
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await?;
+        let ddl = match backend {
+            Backend::Sqlite => SQLITE_DDL,
+            Backend::Postgres => POSTGRES_DDL,
+            Backend::MySql => MYSQL_DDL,
+        };
+        for statement in ddl {
+            sqlx::query(*statement).execute(&pool).await?;
+        }
+        Ok(Self { pool, backend })
+    }
+
+    /// Writes the row of (`api_id`, `label`) as WSO2's `DBSaver` does, with the API's
+    /// details row first if it is missing.
+    pub async fn put(
+        &self,
+        api_id: &str,
+        label: &str,
+        instruction: Option<&str>,
+        artifact: Option<&[u8]>,
+    ) -> Result<(), sqlx::Error> {
+        let sql = |q: &str| AssertSqlSafe(placeholders(self.backend, q));
+        let details: i64 = sqlx::query_scalar(sql(
+            "SELECT COUNT(*) FROM AM_GW_PUBLISHED_API_DETAILS WHERE API_ID = ?",
+        ))
+        .bind(api_id)
+        .fetch_one(&self.pool)
+        .await?;
+        if details == 0 {
+            sqlx::query(sql(
+                "INSERT INTO AM_GW_PUBLISHED_API_DETAILS (API_ID, API_NAME, API_VERSION, \
+                 TENANT_DOMAIN, API_PROVIDER) VALUES (?, ?, ?, ?, ?)",
+            ))
+            .bind(api_id)
+            .bind(format!("API-{}", &api_id[..8.min(api_id.len())]))
+            .bind("1.0.0")
+            .bind("carbon.super")
+            .bind("admin")
+            .execute(&self.pool)
+            .await?;
+        }
+        let exists: i64 = sqlx::query_scalar(sql(
+            "SELECT COUNT(*) FROM AM_GW_API_ARTIFACTS WHERE API_ID = ? AND GATEWAY_LABEL = ?",
+        ))
+        .bind(api_id)
+        .bind(label)
+        .fetch_one(&self.pool)
+        .await?;
+        let q = if exists == 0 {
+            "INSERT INTO AM_GW_API_ARTIFACTS (ARTIFACT, GATEWAY_INSTRUCTION, API_ID, \
+             GATEWAY_LABEL) VALUES (?, ?, ?, ?)"
+        } else {
+            "UPDATE AM_GW_API_ARTIFACTS SET ARTIFACT = ?, GATEWAY_INSTRUCTION = ? \
+             WHERE API_ID = ? AND GATEWAY_LABEL = ?"
+        };
+        sqlx::query(sql(q))
+            .bind(artifact.map(<[u8]>::to_vec))
+            .bind(instruction)
+            .bind(api_id)
+            .bind(label)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// `Publish` of `artifact` for `label`.
+    pub async fn publish(
+        &self,
+        api_id: &str,
+        label: &str,
+        artifact: &[u8],
+    ) -> Result<(), sqlx::Error> {
+        self.put(api_id, label, Some("Publish"), Some(artifact))
+            .await
+    }
+
+    /// `Remove` for `label` (WSO2 writes the removal's DTO as the artifact).
+    pub async fn remove(
+        &self,
+        api_id: &str,
+        label: &str,
+        artifact: &[u8],
+    ) -> Result<(), sqlx::Error> {
+        self.put(api_id, label, Some("Remove"), Some(artifact))
+            .await
+    }
+
+    /// Every table name in the database (lower case), to show nothing else was created.
+    pub async fn tables(&self) -> Result<Vec<String>, sqlx::Error> {
+        let q = match self.backend {
+            Backend::Sqlite => "SELECT name FROM sqlite_master WHERE type = 'table'",
+            Backend::Postgres => {
+                "SELECT CAST(table_name AS TEXT) FROM information_schema.tables \
+                 WHERE table_schema = 'public'"
+            }
+            Backend::MySql => {
+                "SELECT CAST(table_name AS CHAR) FROM information_schema.tables \
+                 WHERE table_schema = DATABASE()"
+            }
+        };
+        let mut names: Vec<String> = sqlx::query_scalar::<_, String>(q)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|n| n.to_lowercase())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+/// A `GatewayAPIDTO` JSON as WSO2 API-M 3.2 writes it, for API `name` (the Synapse API
+/// name, e.g. `admin--PizzaShackAPI:v1.0.0`) with one in-sequence, one endpoint and one
+/// local entry whose bodies carry `tag`, plus endpoint credentials that are never deployed.
+pub fn gateway_api_json(api_id: &str, name: &str, tag: &str) -> Vec<u8> {
+    serde_json::json!({
+        "name": "PizzaShackAPI",
+        "version": "1.0.0",
+        "provider": "admin",
+        "apiId": api_id,
+        "tenantDomain": "carbon.super",
+        "override": true,
+        "apiDefinition": api_xml(name, tag),
+        "sequenceToBeAdd": [{
+            "name": format!("{name}--In"),
+            "content": format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{name}--In\"><log level=\"custom\"><property name=\"tag\" value=\"{tag}\"/></log></sequence>"),
+        }],
+        "endpointEntriesToBeAdd": [{
+            "name": format!("{name}_APIproductionEndpoint"),
+            "content": format!("<endpoint xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{name}_APIproductionEndpoint\"><http uri-template=\"https://backend.example/{tag}\"/></endpoint>"),
+        }],
+        "localEntriesToBeAdd": [{
+            "name": api_id,
+            "content": format!("<localEntry xmlns=\"http://ws.apache.org/ns/synapse\" key=\"{api_id}\">{tag}</localEntry>"),
+        }],
+        "sequencesToBeRemove": [format!("{name}--In")],
+        "endpointEntriesToBeRemove": [format!("{name}_APIproductionEndpoint")],
+        "localEntriesToBeRemove": [api_id],
+        "clientCertificatesToBeAdd": [],
+        "credentialsToBeAdd": [{"alias": "PizzaShackAPI--v1.0.0", "password": "s3cret-endpoint-password"}],
+        "credentialsToBeRemove": [],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The Synapse API definition [`gateway_api_json`] carries.
+pub fn api_xml(name: &str, tag: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<api xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{name}\" context=\"/pizzashack/1.0.0\" version=\"1.0.0\" version-type=\"context\"><resource methods=\"GET\" uri-template=\"/menu\"><inSequence><property name=\"tag\" value=\"{tag}\"/></inSequence></resource></api>\n"
+    )
+}
+
+/// The files [`gateway_api_json`] renders to: (path below `synapse-configs`, content).
+pub fn rendered_files(api_id: &str, name: &str, tag: &str) -> Vec<(String, String)> {
+    let file = |n: &str| synapse_file_name(n).unwrap_or_default();
+    let mut files = vec![
+        (format!("{API_DIR}/{}", file(name)), api_xml(name, tag)),
+        (
+            format!("{SEQUENCES_DIR}/{}", file(&format!("{name}--In"))),
+            format!(
+                "<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{name}--In\"><log level=\"custom\"><property name=\"tag\" value=\"{tag}\"/></log></sequence>"
+            ),
+        ),
+        (
+            format!(
+                "{ENDPOINTS_DIR}/{}",
+                file(&format!("{name}_APIproductionEndpoint"))
+            ),
+            format!(
+                "<endpoint xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{name}_APIproductionEndpoint\"><http uri-template=\"https://backend.example/{tag}\"/></endpoint>"
+            ),
+        ),
+        (
+            format!("{LOCAL_ENTRIES_DIR}/{}", file(api_id)),
+            format!(
+                "<localEntry xmlns=\"http://ws.apache.org/ns/synapse\" key=\"{api_id}\">{tag}</localEntry>"
+            ),
+        ),
+    ];
+    files.sort();
+    files
+}
