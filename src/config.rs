@@ -116,7 +116,7 @@ pub struct PeerConfig {
 }
 
 /// `[retriever]` as the file spells it (the config contract). Modes are strings here and
-/// fields are optional because each is needed in some modes only; [`RetrieverFile::resolve`]
+/// fields are optional because each is needed in some modes only; `RetrieverFile::resolve`
 /// checks it once and turns it into the typed [`RetrieverConfig`] the rest of the agent uses.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -519,12 +519,19 @@ async fn real_main(cli: Cli) -> Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = load(&config)?;
+            let count = |n: usize, one: &str| {
+                if n == 1 {
+                    format!("1 {one}")
+                } else {
+                    format!("{n} {one}s")
+                }
+            };
             println!(
-                "{}: ok (node {}, {} folders, {} peers)",
+                "{}: ok (node {}, {}, {})",
                 config.display(),
                 c.node,
-                c.folders.len(),
-                c.peers.len()
+                count(c.folders.len(), "folder"),
+                count(c.peers.len(), "peer")
             );
         }
         Command::Cert(CertCommand::Ca { out }) => {

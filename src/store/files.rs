@@ -108,7 +108,7 @@ impl Store {
     /// Every stored record of a folder with its stat key: what a folder engine starts from
     /// (no origins; see [`Store::load_folder`] for those).
     ///
-    /// Read as a few JSON values, one per [`INDEX_PAGE_ROWS`] rows, not row by row: sqlx
+    /// Read as a few JSON values, one per `INDEX_PAGE_ROWS` rows, not row by row: sqlx
     /// copies every value of every row (`sqlite3_value_dup`) and hands each row over from its
     /// worker thread, which costs more than the rest of a restart (measured on 6,300 rows:
     /// 30 to 70 ms row by row, under 10 ms as JSON pages).

@@ -15,7 +15,7 @@
 //!   deploys: metadata, revision, digest and bundle.
 //! - [`ChangeLog`] (pure): WSO2 has no event table. Successive snapshots of every row's cheap
 //!   version ([`Fingerprint`]) become the event log the retriever follows.
-//! - [`Wso2Source`]: the retriever [`Source`] over them, on SQLite, PostgreSQL or
+//! - [`Wso2Source`]: the retriever [`Source`](crate::artifacts::retriever::Source) over them, on SQLite, PostgreSQL or
 //!   MySQL/MariaDB. It never writes: SQLite is opened read-only, server sessions are set to
 //!   read-only transactions, and nothing is migrated.
 
