@@ -3,11 +3,12 @@
 //! stat key the index last saw) give the one disk [`Step`] that makes the path match. No disk,
 //! no clock: `remote::stage` acts on the step (keeps copies, fetches, stages the ops).
 
+use crate::fs::apply::Expected;
 use crate::model::{FileRecord, Hash, Kind};
 use crate::store::StatKey;
 
-/// What the disk must undergo for a decided record. `expect` is the stat key the local file
-/// must still have when it is replaced or removed (checked at that very moment, see
+/// What the disk must undergo for a decided record. `expect` is the file (stat key and
+/// content hash) the local file must still be when it is replaced or removed (checked at that very moment, see
 /// `apply::Op::Write`); `new` says no file is expected at the path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(in crate::engine) enum Step {
@@ -22,18 +23,18 @@ pub(in crate::engine) enum Step {
     },
     RemoveDir,
     RemoveFile {
-        expect: Option<StatKey>,
+        expect: Option<Expected>,
     },
     /// Write the content that travelled inline.
     Write {
         new: bool,
-        expect: Option<StatKey>,
+        expect: Option<Expected>,
     },
     /// Fetch the content from the peer, then write it.
     Fetch {
         hash: Hash,
         new: bool,
-        expect: Option<StatKey>,
+        expect: Option<Expected>,
     },
     /// A live file record without a hash: nothing can be written for it.
     NoHash,
@@ -63,7 +64,9 @@ pub(in crate::engine) fn step(
     // What the local file must still be when it is replaced or removed: the file the index
     // knows. A held file was kept just now and is replaced as it is.
     let expect = match local_live {
-        Some(l) if l.kind == Kind::File && !held => stat,
+        Some(l) if l.kind == Kind::File && !held => {
+            stat.zip(l.hash).map(|(key, hash)| Expected { key, hash })
+        }
         _ => None,
     };
     if record.deleted {
@@ -133,6 +136,14 @@ mod tests {
         FileRecord { deleted: true, ..r }
     }
 
+    /// What a replacement of `local` expects: the index's stat key and the local content.
+    fn indexed(local: &FileRecord) -> Expected {
+        Expected {
+            key: STAT,
+            hash: local.hash.expect("a file"),
+        }
+    }
+
     const STAT: StatKey = StatKey {
         size: 3,
         mtime_ns: 42,
@@ -176,7 +187,7 @@ mod tests {
             step(&r, Some(&local), false, Some(STAT), Some(&hash)),
             Step::Write {
                 new: false,
-                expect: Some(STAT)
+                expect: Some(indexed(&local))
             }
         );
         // A held file was kept as a copy just now: replaced as it is, and not as new.
@@ -213,9 +224,12 @@ mod tests {
     #[test]
     fn a_delete_removes_what_is_there() {
         let gone = deleted(file(b"x", 0o644));
+        let local = file(b"x", 0o644);
         assert_eq!(
-            step(&gone, Some(&file(b"x", 0o644)), false, Some(STAT), None),
-            Step::RemoveFile { expect: Some(STAT) }
+            step(&gone, Some(&local), false, Some(STAT), None),
+            Step::RemoveFile {
+                expect: Some(indexed(&local))
+            }
         );
         assert_eq!(
             step(&gone, Some(&dir(0o755)), false, None, None),

@@ -10,7 +10,13 @@ type Applying = (FileRecord, FileRecord, bool, Option<Inline>);
 
 /// A content to fetch: (record decided, record as the peer sent it, its hash, `new`,
 /// `expect`; see [`Step::Fetch`]).
-type PendingFetch = (FileRecord, FileRecord, Hash, bool, Option<StatKey>);
+type PendingFetch = (
+    FileRecord,
+    FileRecord,
+    Hash,
+    bool,
+    Option<crate::fs::apply::Expected>,
+);
 
 /// The disk side of a batch, planned (see `plan_applies`).
 struct Planned {

@@ -373,7 +373,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::fs::apply::testing::{key_of, p, write};
+    use crate::fs::apply::testing::{expected, p, write};
     use crate::fs::apply::{apply_batch, create_temp, remove_stale_temps};
     use crate::fs::scan::stat_key;
 
@@ -664,7 +664,7 @@ mod tests {
             write("new.xml", b"<new/>", 0o644, true),
             Op::RemoveFile {
                 path: p("old.xml"),
-                expect: Some(key_of(&root.join("old.xml"))),
+                expect: Some(expected(&root.join("old.xml"))),
             },
         ];
         FAIL_DIR_SYNC.with(|f| f.set(true));

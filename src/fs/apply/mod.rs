@@ -30,6 +30,7 @@ mod temp;
 pub use batch::{StagedBatch, stage_batch};
 pub use keep::{Kept, keep_copy};
 pub use place::changed_meanwhile;
+
 pub use temp::{create_temp, remove_stale_temps};
 
 /// Where the new bytes of a file come from.
@@ -38,6 +39,15 @@ pub enum Content {
     Bytes(bytes::Bytes),
     /// A temp file already written (and verified) in the target's directory.
     Temp(PathBuf),
+}
+
+/// The local file a replacement or removal may drop: the one the index knows, by its stat key
+/// and, since a stat key can repeat (an inode number reused within one tick of the file
+/// system's clock, at the same size), by its content hash when the stat key matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    pub key: StatKey,
+    pub hash: crate::model::Hash,
 }
 
 /// One change to make on disk.
@@ -50,10 +60,10 @@ pub enum Op {
         /// Nothing is expected at the path (a new file): the write fails instead of replacing
         /// whatever appeared there meanwhile (a local file the index does not know yet).
         new: bool,
-        /// The stat key the file being replaced must still have at the moment it is replaced
-        /// (the one the index holds): a file written meanwhile is never lost, the write fails
-        /// with [`changed_meanwhile`] and the file stays. `None`: replace whatever is there.
-        expect: Option<StatKey>,
+        /// The file being replaced must still be this one at the moment it is replaced (the
+        /// one the index holds): a file written meanwhile is never lost, the write fails with
+        /// [`changed_meanwhile`] and the file stays. `None`: replace whatever is there.
+        expect: Option<Expected>,
     },
     Chmod {
         path: RelPath,
@@ -66,7 +76,7 @@ pub enum Op {
     RemoveFile {
         path: RelPath,
         /// As for [`Op::Write`]: the file removed must still be the one the index knows.
-        expect: Option<StatKey>,
+        expect: Option<Expected>,
     },
     RemoveDir {
         path: RelPath,
@@ -132,7 +142,7 @@ pub fn apply_batch(root: &Path, ops: Vec<Op>, own: Option<&OwnWrites>) -> Vec<Op
 mod testing {
     use std::path::Path;
 
-    use super::{Content, Op};
+    use super::{Content, Expected, Op};
     use crate::fs::scan::stat_key;
     use crate::model::RelPath;
     use crate::store::StatKey;
@@ -155,7 +165,15 @@ mod testing {
         stat_key(&std::fs::symlink_metadata(path).expect("meta"))
     }
 
-    pub(super) fn replace(path: &str, bytes: &[u8], expect: StatKey) -> Op {
+    /// What the index would expect of the file at `path` now.
+    pub(super) fn expected(path: &Path) -> Expected {
+        Expected {
+            key: key_of(path),
+            hash: crate::fs::scan::hash_file(path).expect("hash"),
+        }
+    }
+
+    pub(super) fn replace(path: &str, bytes: &[u8], expect: Expected) -> Op {
         Op::Write {
             path: p(path),
             content: Content::Bytes(bytes.to_vec().into()),

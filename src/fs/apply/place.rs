@@ -8,9 +8,9 @@ use crate::fs::own::OwnWrites;
 use crate::fs::scan::stat_key;
 use crate::store::StatKey;
 
-use super::OpResult;
 use super::guard::is_symlink;
 use super::temp::{Staged, link_unnamed, temp_beside};
+use super::{Expected, OpResult};
 
 fn appeared_meanwhile(target: &Path) -> std::io::Error {
     std::io::Error::new(
@@ -35,10 +35,14 @@ pub fn changed_meanwhile(target: &Path) -> std::io::Error {
     )
 }
 
-/// True when `meta` is what a replacement or removal may drop: the file the index knows
-/// (`expect`), or a symlink (never synced; a peer's file takes its place).
-fn is_expected(meta: &std::fs::Metadata, expect: &StatKey) -> bool {
-    meta.file_type().is_symlink() || (meta.is_file() && stat_key(meta) == *expect)
+/// True when the file at `path` (with `meta`) is what a replacement or removal may drop: the
+/// file the index knows (`expect`: its stat key, then its content, since a stat key can
+/// repeat), or a symlink (never synced; a peer's file takes its place).
+fn is_expected(path: &Path, meta: &std::fs::Metadata, expect: &Expected) -> bool {
+    meta.file_type().is_symlink()
+        || (meta.is_file()
+            && stat_key(meta) == expect.key
+            && crate::fs::scan::hash_file(path).is_ok_and(|h| h == expect.hash))
 }
 
 /// Renames `from` to `to` with `flags`.
@@ -60,7 +64,7 @@ fn replace_checked(
     tmp: &Path,
     staged_ino: u64,
     target: &Path,
-    expect: &StatKey,
+    expect: &Expected,
 ) -> std::io::Result<()> {
     use nix::errno::Errno;
     use nix::fcntl::RenameFlags;
@@ -79,7 +83,7 @@ fn replace_checked(
         // the two is replaced; there is no atomic way here).
         Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
             let r = match std::fs::symlink_metadata(target) {
-                Ok(m) if is_expected(&m, expect) => std::fs::rename(tmp, target),
+                Ok(m) if is_expected(target, &m, expect) => std::fs::rename(tmp, target),
                 Ok(_) => Err(changed_meanwhile(target)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     Err(changed_meanwhile(target))
@@ -98,7 +102,7 @@ fn replace_checked(
     }
     // `tmp` now names what `target` was a moment ago.
     match std::fs::symlink_metadata(tmp) {
-        Ok(m) if is_expected(&m, expect) => {
+        Ok(m) if is_expected(tmp, &m, expect) => {
             if let Err(e) = std::fs::remove_file(tmp) {
                 // Our version is in place; the old file lingers under a temp name until the
                 // next start removes it.
@@ -140,7 +144,7 @@ fn replace_checked(
 /// Removes the file at `target` only if it still is the file with stat key `expect`,
 /// race-free: it is first renamed aside, then checked; anything else goes back in place and
 /// the removal fails with [`changed_meanwhile`]. A target already gone is fine.
-pub(super) fn remove_checked(target: &Path, expect: &StatKey) -> OpResult {
+pub(super) fn remove_checked(target: &Path, expect: &Expected) -> OpResult {
     use nix::errno::Errno;
     use nix::fcntl::RenameFlags;
     match std::fs::symlink_metadata(target) {
@@ -167,7 +171,7 @@ pub(super) fn remove_checked(target: &Path, expect: &StatKey) -> OpResult {
         Err(e) => return Err(e.into()),
     }
     match std::fs::symlink_metadata(&aside) {
-        Ok(m) if is_expected(&m, expect) => {
+        Ok(m) if is_expected(&aside, &m, expect) => {
             std::fs::remove_file(&aside)?;
             return Ok(None);
         }
@@ -196,7 +200,7 @@ pub(super) fn place(
     key: &StatKey,
     target: &Path,
     new: bool,
-    expect: Option<&StatKey>,
+    expect: Option<&Expected>,
     own: Option<&OwnWrites>,
 ) -> std::io::Result<()> {
     use nix::errno::Errno;
@@ -263,7 +267,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::fs::apply::testing::{key_of, p, replace, temps_in, write};
+    use crate::fs::apply::testing::{expected, key_of, p, replace, temps_in, write};
     use crate::fs::apply::{Op, apply_batch, create_temp, remove_stale_temps, stage_batch};
 
     /// A new file never replaces something that appeared at its path after the engine
@@ -369,7 +373,7 @@ mod tests {
             let root = dir.path();
             let target = root.join("a.xml");
             std::fs::write(&target, b"<indexed/>").expect("write");
-            let indexed = key_of(&target);
+            let indexed = expected(&target);
             let staged = stage_batch(root, vec![replace("a.xml", b"<peer/>", indexed)], None);
             if by_rename {
                 std::fs::write(root.join("edit.new"), b"<local edit/>").expect("write");
@@ -393,7 +397,7 @@ mod tests {
         std::fs::write(&target, b"<indexed/>").expect("write");
         let r = apply_batch(
             root,
-            vec![replace("a.xml", b"<peer/>", key_of(&target))],
+            vec![replace("a.xml", b"<peer/>", expected(&target))],
             None,
         );
         let key = r[0].as_ref().expect("replaced").expect("stat key");
@@ -401,11 +405,36 @@ mod tests {
         assert_eq!(key, key_of(&target), "the stat key is the new file's");
         assert_eq!(temps_in(root), 0);
         // A file removed meanwhile is not brought back by the peer's replacement.
-        let gone = key_of(&target);
+        let gone = expected(&target);
         std::fs::remove_file(&target).expect("rm");
         let r = apply_batch(root, vec![replace("a.xml", b"<peer2/>", gone)], None);
         assert!(r[0].is_err(), "a locally removed file is a change too");
         assert!(!target.exists());
+        assert_eq!(temps_in(root), 0);
+    }
+
+    /// A stat key can repeat: an inode number freed by a rename and reused for a file of the
+    /// same size within one tick of the file system's clock looks like the file the index
+    /// knows. The content decides then.
+    #[test]
+    fn a_file_with_the_indexed_stat_key_but_other_content_is_not_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let target = root.join("a.xml");
+        std::fs::write(&target, b"<local/>").expect("write");
+        let lookalike = Expected {
+            key: key_of(&target),
+            hash: *blake3::hash(b"<other/>").as_bytes(),
+        };
+        let r = apply_batch(root, vec![replace("a.xml", b"<peer/>", lookalike)], None);
+        assert!(r[0].is_err(), "replaced a file the index never held");
+        assert_eq!(std::fs::read(&target).expect("read"), b"<local/>");
+        let op = Op::RemoveFile {
+            path: p("a.xml"),
+            expect: Some(lookalike),
+        };
+        assert!(apply_batch(root, vec![op], None)[0].is_err());
+        assert_eq!(std::fs::read(&target).expect("read"), b"<local/>");
         assert_eq!(temps_in(root), 0);
     }
 
@@ -415,7 +444,7 @@ mod tests {
         let root = dir.path();
         let target = root.join("d.xml");
         std::fs::write(&target, b"<indexed/>").expect("write");
-        let indexed = key_of(&target);
+        let indexed = expected(&target);
         std::fs::write(&target, b"<edited since/>").expect("write");
         let op = Op::RemoveFile {
             path: p("d.xml"),
@@ -428,7 +457,7 @@ mod tests {
         assert_eq!(temps_in(root), 0);
         let op = Op::RemoveFile {
             path: p("d.xml"),
-            expect: Some(key_of(&target)),
+            expect: Some(expected(&target)),
         };
         assert!(apply_batch(root, vec![op], None)[0].is_ok());
         assert!(!target.exists());
@@ -457,9 +486,14 @@ mod tests {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
+                    // A peer version may replace another peer version (decided on it): the
+                    // local version under the whole chain is the one that must be our last.
                     let replaced_unseen = |now: &[u8]| {
-                        now.strip_prefix(b"peer-decided-on:")
-                            .is_some_and(|seen| seen != last.as_slice())
+                        let mut base = now;
+                        while let Some(under) = base.strip_prefix(b"peer-decided-on:") {
+                            base = under;
+                        }
+                        base.len() != now.len() && base != last.as_slice()
                     };
                     if replaced_unseen(&std::fs::read(&target).unwrap_or_default()) {
                         // A peer version may stand there for an instant before it is swapped
@@ -499,7 +533,14 @@ mod tests {
             bytes.extend_from_slice(&seen);
             let r = apply_batch(
                 &root,
-                vec![replace("hot.xml", &bytes, stat_key(&meta))],
+                vec![replace(
+                    "hot.xml",
+                    &bytes,
+                    Expected {
+                        key: stat_key(&meta),
+                        hash: *blake3::hash(&seen).as_bytes(),
+                    },
+                )],
                 None,
             );
             replaced += usize::from(r[0].is_ok());
