@@ -34,12 +34,6 @@ use crate::store::Origin;
 /// Most entries a version vector from a peer may have (one per node that ever wrote the path;
 /// a record with more is refused, so it can never make a batch too large to relay).
 pub const MAX_VERSION_ENTRIES: usize = 1024;
-/// Largest stamp or version counter accepted from a peer (see [`MAX_CLOCK_VALUE`]). One gap
-/// remains, by construction: a record crafted at just under the cap makes this node's next
-/// write of that path (stamped one past it) go over the cap, and peers refuse that write. No
-/// wrong clock gets there (the cap is about the year 4200); only a peer that forges records
-/// does, and with `[tls]` such a peer holds a cluster certificate.
-pub const MAX_PEER_CLOCK: u64 = MAX_CLOCK_VALUE;
 /// Largest file a peer may announce (1 TiB).
 const MAX_FILE_BYTES: u64 = 1 << 40;
 /// Largest gRPC message accepted (batches carry inline contents).
@@ -151,7 +145,12 @@ pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
             p.version.len()
         ));
     }
-    if p.stamp_hlc > MAX_PEER_CLOCK || p.version.iter().any(|e| e.counter > MAX_PEER_CLOCK) {
+    // The largest stamp or counter taken from a peer. One gap remains, by construction: a
+    // record crafted just under the cap makes this node's next write of that path (stamped
+    // one past it) go over it, and peers refuse that write. No wrong clock gets there (the cap
+    // is about the year 4200); only a peer that forges records does, and with `[tls]` such a
+    // peer holds a cluster certificate.
+    if p.stamp_hlc > MAX_CLOCK_VALUE || p.version.iter().any(|e| e.counter > MAX_CLOCK_VALUE) {
         return Err(format!(
             "{path}: stamp or version counter beyond the clock's range (a hostile or broken peer)"
         ));
@@ -1146,9 +1145,9 @@ mod tests {
                     Ok(Incoming { record: r, inline }) => {
                         prop_assert_eq!(r.path.as_str(), sent.path.as_str());
                         prop_assert!(RelPath::new(r.path.as_str()).is_ok());
-                        prop_assert!(r.stamp.hlc <= MAX_PEER_CLOCK);
+                        prop_assert!(r.stamp.hlc <= MAX_CLOCK_VALUE);
                         prop_assert!(r.version.entries().count() <= MAX_VERSION_ENTRIES);
-                        prop_assert!(r.version.entries().all(|(_, c)| c <= MAX_PEER_CLOCK));
+                        prop_assert!(r.version.entries().all(|(_, c)| c <= MAX_CLOCK_VALUE));
                         prop_assert!(r.version.entries().count() > 0, "a version to compare");
                         prop_assert_eq!(r.mode & !0o777, 0, "only permission bits");
                         if !r.deleted {
