@@ -55,9 +55,19 @@ const CHUNK_BYTES: usize = 1024 * 1024;
 const FETCH_STALL: Duration = Duration::from_secs(30);
 /// Longest wait between subscription attempts for a folder that is paused here.
 const PAUSED_RETRY: Duration = Duration::from_secs(2);
-/// Reconnect backoff bounds.
+/// Reconnect backoff bounds (see [`Backoff`]).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Backoff cap for a peer this node had a session with lately: a partition that heals, or a
+/// peer that restarts, is reconnected within about this long.
+const BACKOFF_RECENT_MAX: Duration = Duration::from_secs(1);
+/// How long after its last session a peer counts as lately healthy.
+const RECENTLY_CONNECTED: Duration = Duration::from_secs(300);
+/// A session that lasted this long starts the backoff over.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// Longest wait for a peer to answer a subscription (a connection that was accepted but
+/// stalls must not hold the session until HTTP/2 keepalive notices).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -634,6 +644,49 @@ fn set_status(statuses: &PeerStatuses, name: &str, f: impl FnOnce(&mut PeerStatu
     }
 }
 
+/// When a peer session tries again after it ended: exponential from [`BACKOFF_MIN`], capped
+/// at [`BACKOFF_RECENT_MAX`] while the peer had a session within [`RECENTLY_CONNECTED`] (a
+/// healed partition or a restarted peer is back within a second) and at [`BACKOFF_MAX`]
+/// otherwise, jittered so the nodes of a cluster do not retry in step. A session that lasted
+/// [`STABLE_SESSION`] starts over from the minimum.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// The next wait before jitter; zero until the first failure.
+    next: Duration,
+    last_connected: Option<Instant>,
+}
+
+impl Backoff {
+    /// The wait after a session that ended at `now`; `connected_for` is how long it was
+    /// subscribed (`None`: it never got that far). `jitter` in [0, 1) takes up to half off.
+    fn next(
+        &mut self,
+        now: Instant,
+        connected_for: Option<Duration>,
+        paused: bool,
+        jitter: f64,
+    ) -> Duration {
+        if let Some(lasted) = connected_for {
+            self.last_connected = Some(now);
+            if lasted >= STABLE_SESSION {
+                self.next = Duration::ZERO;
+            }
+        }
+        let recent = self
+            .last_connected
+            .is_some_and(|t| now.duration_since(t) < RECENTLY_CONNECTED);
+        let cap = if paused {
+            PAUSED_RETRY
+        } else if recent {
+            BACKOFF_RECENT_MAX
+        } else {
+            BACKOFF_MAX
+        };
+        self.next = (self.next * 2).clamp(BACKOFF_MIN, cap);
+        self.next.mul_f64(1.0 - jitter.clamp(0.0, 1.0) / 2.0)
+    }
+}
+
 /// Fetches contents from one peer into verified temp files.
 struct PeerFetcher {
     client: PeerClient<Channel>,
@@ -731,7 +784,7 @@ pub struct PeerSession {
 
 impl PeerSession {
     pub async fn run(self, cancel: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         loop {
             let started = Instant::now();
             let mut counted = false;
@@ -747,24 +800,27 @@ impl PeerSession {
             }
             // A paused folder is retried often, so it resumes promptly once confirmed.
             let paused = matches!(&result, Err(NetError::Paused { .. }));
+            let ended = Instant::now();
+            let wait = backoff.next(
+                ended,
+                counted.then(|| ended.duration_since(started)),
+                paused,
+                rand::random::<f64>(),
+            );
             if let Err(e) = &result {
                 set_status(&self.statuses, &self.peer.name, |s| {
                     s.last_error = Some(e.to_string())
                 });
-                if backoff >= Duration::from_secs(1) {
-                    warn!(peer = %self.peer.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "peer session failed");
+                if wait >= Duration::from_secs(1) {
+                    warn!(peer = %self.peer.name, folder = %self.folder.id, error = %e, retry_in_ms = wait.as_millis() as u64, "peer session failed");
                 } else {
-                    debug!(peer = %self.peer.name, error = %e, "peer session failed");
+                    debug!(peer = %self.peer.name, folder = %self.folder.id, error = %e, retry_in_ms = wait.as_millis() as u64, "peer session failed");
                 }
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = BACKOFF_MIN;
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(if paused { PAUSED_RETRY } else { BACKOFF_MAX });
         }
     }
 
@@ -794,13 +850,19 @@ impl PeerSession {
             // The peer leaves out what it took unchanged from this index, in this epoch.
             subscriber_epoch: handle.epoch,
         }];
-        let mut stream = client
-            .subscribe(pb::SubscribeRequest {
-                node_id: self.node.0,
-                node_name: self.node_name.clone(),
-                folders: cursors,
-            })
+        let subscribe = client.subscribe(pb::SubscribeRequest {
+            node_id: self.node.0,
+            node_name: self.node_name.clone(),
+            folders: cursors,
+        });
+        let mut stream = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe)
             .await
+            .map_err(|_| {
+                perr(format!(
+                    "subscribe: no answer within {} s",
+                    SUBSCRIBE_TIMEOUT.as_secs()
+                ))
+            })?
             .map_err(|s| perr(format!("subscribe: {}", s.message())))?
             .into_inner();
         info!(peer = %name, folder = %handle.id, address = %address, "connected to peer");
@@ -956,6 +1018,77 @@ pub fn peer_sessions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Repeated partitions must not push the reconnect of a peer that was healthy a moment
+    /// ago to tens of seconds: while it had a session lately, the wait stays at or under
+    /// [`BACKOFF_RECENT_MAX`], however often its sessions fail.
+    #[test]
+    fn a_lately_connected_peer_is_retried_within_a_second_however_often_it_fails() {
+        let t0 = Instant::now();
+        let mut b = Backoff::default();
+        // Connected for 3 s (not a stable session), then 40 failures in a row.
+        let first = b.next(t0, Some(Duration::from_secs(3)), false, 0.0);
+        assert_eq!(first, BACKOFF_MIN);
+        let mut at = t0;
+        let mut waits = Vec::new();
+        for _ in 0..40 {
+            let w = b.next(at, None, false, 0.0);
+            waits.push(w);
+            at += w;
+        }
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "grows: {waits:?}");
+        assert_eq!(waits.last(), Some(&BACKOFF_RECENT_MAX));
+        // The same sequence with every session connecting briefly (the peer accepts, then
+        // the partition cuts it): still capped at the recent maximum.
+        let mut b = Backoff::default();
+        let mut at = t0;
+        for _ in 0..40 {
+            let w = b.next(at, Some(Duration::from_millis(50)), false, 0.0);
+            assert!(w <= BACKOFF_RECENT_MAX, "{w:?}");
+            at += w + Duration::from_millis(50);
+        }
+    }
+
+    /// A peer not seen for [`RECENTLY_CONNECTED`] (or never) backs off to [`BACKOFF_MAX`];
+    /// a stable session starts over from the minimum; a paused folder retries within
+    /// [`PAUSED_RETRY`]; jitter only ever shortens the wait, by at most half.
+    #[test]
+    fn backoff_caps_restarts_and_jitters() {
+        let t0 = Instant::now();
+        let mut never = Backoff::default();
+        let waits: Vec<Duration> = (0..20).map(|_| never.next(t0, None, false, 0.0)).collect();
+        assert_eq!(waits[0], BACKOFF_MIN);
+        assert_eq!(waits.last(), Some(&BACKOFF_MAX));
+
+        let mut long_ago = Backoff::default();
+        long_ago.next(t0, Some(Duration::from_secs(1)), false, 0.0);
+        let later = t0 + RECENTLY_CONNECTED + Duration::from_secs(1);
+        let waits: Vec<Duration> = (0..20)
+            .map(|_| long_ago.next(later, None, false, 0.0))
+            .collect();
+        assert_eq!(waits.last(), Some(&BACKOFF_MAX));
+        assert_eq!(
+            long_ago.next(later, Some(STABLE_SESSION), false, 0.0),
+            BACKOFF_MIN,
+            "a stable session starts over"
+        );
+
+        let mut paused = Backoff::default();
+        let waits: Vec<Duration> = (0..20).map(|_| paused.next(t0, None, true, 0.0)).collect();
+        assert_eq!(waits.last(), Some(&PAUSED_RETRY));
+
+        let mut j = Backoff::default();
+        for _ in 0..20 {
+            j.next(t0, None, false, 0.0);
+        }
+        let full = j.next(t0, None, false, 0.0);
+        let halved = j.next(t0, None, false, 0.999_999);
+        assert_eq!(full, BACKOFF_MAX);
+        assert!(
+            halved >= BACKOFF_MAX / 2 && halved < BACKOFF_MAX,
+            "{halved:?}"
+        );
+    }
 
     fn sample() -> FileRecord {
         let mut version = VersionVector::new();
