@@ -5,14 +5,16 @@ use super::*;
 
 impl FolderEngine {
     /// Keeps the local bytes that lose a conflict under `state_dir/conflicts/<folder>/<path>.<node>.<stamp>`.
+    /// False when the file on disk no longer holds the losing version (written since the
+    /// last look): nothing is kept, the caller looks at the file first.
     pub(in crate::engine) async fn keep_conflict_copy(
         &mut self,
         winner: &FileRecord,
         local: Option<&FileRecord>,
         now: u64,
         peer: &str,
-    ) -> Result<(), std::io::Error> {
-        let Some(local) = local else { return Ok(()) };
+    ) -> Result<bool, std::io::Error> {
+        let Some(local) = local else { return Ok(true) };
         let writer = self.name_of(local.stamp.node);
         let winner_name = self.name_of(winner.stamp.node);
         let warning =
@@ -20,6 +22,7 @@ impl FolderEngine {
         let stamp_ms = Hlc::millis(local.stamp.hlc);
         self.keep_copy_of(
             &local.path,
+            local.hash.as_ref(),
             &writer,
             stamp_ms,
             winner_name,
@@ -49,8 +52,11 @@ impl FolderEngine {
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(now, |d| d.as_millis() as u64);
+        // Held bytes were never indexed: whatever is there is what the peer's version
+        // replaces.
         self.keep_copy_of(
             &winner.path,
+            None,
             &writer,
             mtime_ms,
             winner_name,
@@ -59,6 +65,7 @@ impl FolderEngine {
             warning,
         )
         .await
+        .map(|_| ())
     }
 
     /// The human name of a node, as far as this node knows it.
@@ -77,30 +84,36 @@ impl FolderEngine {
     /// Copies the file at `path` to `conflicts/<folder>/<path>.<writer>.<stamp_ms>` and logs
     /// the copy; nothing when the file is gone, or when the same bytes were kept under that
     /// name before (a batch prepared, abandoned and retried meets its conflict twice).
+    /// With `expect`, the bytes must have that hash: false (nothing kept) when they do not.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::engine) async fn keep_copy_of(
         &mut self,
         path: &RelPath,
+        expect: Option<&Hash>,
         writer: &str,
         stamp_ms: u64,
         winner_name: String,
         now: u64,
         peer: &str,
         warning: &str,
-    ) -> Result<(), std::io::Error> {
+    ) -> Result<bool, std::io::Error> {
         let dest = self
             .opts
             .conflicts_dir
             .join(&self.id)
             .join(format!("{path}.{writer}.{stamp_ms}"));
         let src = self.root.join(path.as_str());
-        let dest = match block(|| apply::keep_copy(&src, &dest))? {
+        let dest = match block(|| apply::keep_copy(&src, &dest, expect))? {
             apply::Kept::New(dest) => dest,
             apply::Kept::Already(dest) => {
                 debug!(folder = %self.id, path = %path, copy = %dest.display(), "conflict copy kept before");
-                return Ok(());
+                return Ok(true);
             }
-            apply::Kept::Gone => return Ok(()),
+            apply::Kept::Gone => return Ok(true),
+            apply::Kept::Changed => {
+                debug!(folder = %self.id, path = %path, peer = %peer, "the local file changed since the last look; no conflict copy of it yet");
+                return Ok(false);
+            }
         };
         warn!(folder = %self.id, path = %path, peer = %peer, copy = %dest.display(), "{warning}");
         self.conflicts += 1;
@@ -114,7 +127,7 @@ impl FolderEngine {
         if let Err(e) = self.store.add_conflict(&entry).await {
             warn!(folder = %self.id, error = %e, "cannot log conflict in the index");
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -170,6 +183,66 @@ mod tests {
             crate::model::Causality::Concurrent,
             "the local record must not dominate the peer's write it does not hold"
         );
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    /// A peer's version never meets a file a local program is writing: it waits in the
+    /// stream (no look at the half-written file, no conflict copy of it, nothing replaced),
+    /// and after the writer's close the conflict copy holds the complete local version.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conflict_copy_waits_for_the_local_writers_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        let target = root.join("x.xml");
+        std::fs::write(&target, b"<local v1/>").expect("write");
+        let (handle, store, cancel, task, own) = engine_watched(dir.path()).await;
+        // A local program opens the file with O_TRUNC, as the watcher sees it.
+        std::fs::write(&target, b"").expect("truncate");
+        own.note_writing(&target);
+        // The peer's concurrent version, stamped after the local one: it wins.
+        let peer = || {
+            let mut inc = remote_file("x.xml", b"<peer/>", 1, true);
+            inc.record.stamp.hlc = Hlc::default().tick(crate::now_ms() + 1_000);
+            inc
+        };
+        match handle.remote(batch(1, 1, vec![peer()])).await {
+            Err(EngineError::ApplyFailed { path, problem, .. }) => {
+                assert_eq!(path, "x.xml");
+                assert!(problem.contains("writing"), "{problem}");
+            }
+            other => panic!("the peer's version must wait for the writer, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&target).expect("x.xml"), b"", "untouched");
+        assert!(
+            !dir.path().join("conflicts").exists(),
+            "no copy of a half-written file"
+        );
+        assert_eq!(
+            row_of(&store, "x.xml").await.record.hash,
+            Some(*blake3::hash(b"<local v1/>").as_bytes()),
+            "the half-written file is not recorded"
+        );
+        // The writer finishes and closes; the watcher hands the path over.
+        std::fs::write(&target, b"<local v2, complete/>").expect("write");
+        own.end_writing(&target);
+        handle
+            .local(Change::Paths(vec![RelPath::new("x.xml").expect("valid")]))
+            .await
+            .expect("local");
+        handle
+            .remote(batch(2, 1, vec![peer()]))
+            .await
+            .expect("decided after the close");
+        assert_eq!(std::fs::read(&target).expect("x.xml"), b"<peer/>");
+        let copies: Vec<Vec<u8>> = walkdir::WalkDir::new(dir.path().join("conflicts"))
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .collect();
+        assert_eq!(copies, vec![b"<local v2, complete/>".to_vec()]);
         cancel.cancel();
         task.await.expect("engine task");
     }

@@ -180,9 +180,11 @@ impl FolderEngine {
         let now = crate::now_ms();
         let mut commits: Vec<StoredRecord> = Vec::new();
         let mut stat_updates: Vec<(RelPath, StatKey)> = Vec::new();
+        // A file a local program is writing is looked at when the watcher hands it over
+        // (at its close), never half-written.
         let paths: Vec<RelPath> = paths
             .into_iter()
-            .filter(|p| !self.ignore.is_ignored(p))
+            .filter(|p| !self.ignore.is_ignored(p) && !self.being_written(p))
             .collect();
         let looks = self.look_all(&paths);
         for (path, look) in paths.into_iter().zip(looks) {

@@ -107,6 +107,36 @@ pub(crate) async fn engine_with(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
+    engine_told_by(dir, skip_retry_ms, peers, Arc::new(OwnWrites::default())).await
+}
+
+/// [`engine_on`], with the record the folder's watcher would share (to play a local writer
+/// the watcher has seen).
+pub(crate) async fn engine_watched(
+    dir: &Path,
+) -> (
+    FolderHandle,
+    Store,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+    Arc<OwnWrites>,
+) {
+    let own = Arc::new(OwnWrites::default());
+    let (handle, store, cancel, task) = engine_told_by(dir, 60_000, &["gw2"], own.clone()).await;
+    (handle, store, cancel, task, own)
+}
+
+async fn engine_told_by(
+    dir: &Path,
+    skip_retry_ms: u64,
+    peers: &[&str],
+    own: Arc<OwnWrites>,
+) -> (
+    FolderHandle,
+    Store,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let root = dir.join("root");
     std::fs::create_dir_all(&root).expect("mkdir");
     let store = Store::open(dir).await.expect("store");
@@ -126,7 +156,7 @@ pub(crate) async fn engine_with(
         peers: peers.iter().map(|p| p.to_string()).collect(),
         max_clock_skew_ms: crate::model::DEFAULT_MAX_CLOCK_SKEW_MS,
     };
-    let (mut engine, handle, inbox) = FolderEngine::open(&folder, store.clone(), opts)
+    let (mut engine, handle, inbox) = FolderEngine::open_with(&folder, store.clone(), opts, own)
         .await
         .expect("open");
     engine.initial_scan().await.expect("scan");

@@ -10,6 +10,12 @@
 //! (Renames of named temp files are recognised by the watcher alone: notify pairs their two
 //! halves.) Both lists are bounded; an entry whose event never comes (a lost event, which
 //! triggers a rescan anyway) ages out, and a rescan clears them.
+//!
+//! The other way round, the watcher tells the engine which paths a local program is writing
+//! (written to, not closed yet): the engine neither looks at such a file nor replaces it, and
+//! a peer's version of it waits for the writer's close, so no half-written local version is
+//! recorded, shipped or kept as a conflict copy. A mark ends at the close, when the watcher
+//! hands the path over anyway (`open_write_hold`), or at a rescan.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
@@ -57,6 +63,8 @@ struct Inner {
     created: Recent<PathBuf>,
     /// Inode numbers of our unnamed temp files.
     temps: Recent<u64>,
+    /// Absolute paths a local program has written to and not closed yet.
+    writing: Recent<PathBuf>,
 }
 
 /// Shared between one folder's engine (which writes) and its watcher (which reads).
@@ -71,6 +79,7 @@ impl Default for OwnWrites {
             inner: Mutex::new(Inner {
                 created: Recent::new(),
                 temps: Recent::new(),
+                writing: Recent::new(),
             }),
         }
     }
@@ -111,12 +120,34 @@ impl OwnWrites {
         self.with(|i| i.temps.set.contains(&ino)).unwrap_or(false)
     }
 
+    /// A local program wrote to `path` and has not closed it yet.
+    pub fn note_writing(&self, path: &Path) {
+        self.with(|i| i.writing.insert(path.to_owned()));
+    }
+
+    /// The writer of `path` closed it, or the watcher hands it over anyway.
+    pub fn end_writing(&self, path: &Path) {
+        self.with(|i| i.writing.set.remove(path));
+    }
+
+    /// True while a local program is writing `path` (see [`OwnWrites::note_writing`]).
+    pub fn is_writing(&self, path: &Path) -> bool {
+        self.with(|i| i.writing.set.contains(path)).unwrap_or(false)
+    }
+
+    /// The watcher rescans (its pending paths are dropped): no mark may outlive the look
+    /// that would end it.
+    pub fn end_all_writing(&self) {
+        self.with(|i| i.writing.clear());
+    }
+
     /// Events were lost (the watcher rescans): forget everything, so no stale entry can hide
     /// a later change.
     pub fn clear(&self) {
         self.with(|i| {
             i.created.clear();
             i.temps.clear();
+            i.writing.clear();
         });
     }
 }
@@ -124,6 +155,22 @@ impl OwnWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writing_marks_end_at_the_close_and_at_a_rescan() {
+        let own = OwnWrites::default();
+        own.note_writing(Path::new("/r/a.xml"));
+        own.note_writing(Path::new("/r/b.xml"));
+        assert!(own.is_writing(Path::new("/r/a.xml")));
+        own.end_writing(Path::new("/r/a.xml"));
+        assert!(!own.is_writing(Path::new("/r/a.xml")));
+        assert!(own.is_writing(Path::new("/r/b.xml")));
+        own.end_all_writing();
+        assert!(!own.is_writing(Path::new("/r/b.xml")));
+        own.note_writing(Path::new("/r/c.xml"));
+        own.clear();
+        assert!(!own.is_writing(Path::new("/r/c.xml")));
+    }
 
     #[test]
     fn creates_are_taken_once_and_temps_recognised_by_inode() {

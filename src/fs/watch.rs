@@ -147,6 +147,7 @@ impl FolderWatcher {
         let overflow = Arc::new(AtomicBool::new(false));
         let flag = overflow.clone();
         let mut burst = Burst::default();
+        let marks = own.clone();
         let handler = move |res: notify::Result<notify::Event>| {
             burst.pace();
             let items = match res {
@@ -157,6 +158,21 @@ impl FolderWatcher {
                 }
             };
             for item in items {
+                // Marked here, as the event is read, not when the debouncer gets to it: the
+                // engine must know of a writer as early as this node can.
+                if let Raw::Path {
+                    path,
+                    written,
+                    closed,
+                    ..
+                } = &item
+                {
+                    if *closed {
+                        own.end_writing(path);
+                    } else if *written {
+                        own.note_writing(path);
+                    }
+                }
                 if tx.try_send(item).is_err() {
                     // Lost: the debouncer rescans; nothing we remember may hide a change.
                     own.clear();
@@ -178,6 +194,7 @@ impl FolderWatcher {
             open_write_hold,
             pending: HashMap::new(),
             overflow,
+            own: marks,
         };
         let task = tokio::spawn(debouncer.run(rx, out, cancel));
         Ok(Self {
@@ -267,6 +284,8 @@ struct Debouncer {
     open_write_hold: Duration,
     pending: HashMap<RelPath, Pending>,
     overflow: Arc<AtomicBool>,
+    /// Where the writing marks end (see [`OwnWrites::note_writing`]).
+    own: Arc<OwnWrites>,
 }
 
 impl Debouncer {
@@ -301,6 +320,7 @@ impl Debouncer {
                     }
                     if rescan {
                         self.pending.clear();
+                        self.own.end_all_writing();
                         if out.send(Change::Rescan).await.is_err() { return; }
                     }
                 }
@@ -316,6 +336,8 @@ impl Debouncer {
             if !ready.is_empty() {
                 for k in &ready {
                     self.pending.remove(k);
+                    // Handed over: a writer that never closed has had its hold.
+                    self.own.end_writing(&self.root.join(k.as_str()));
                 }
                 ready.sort();
                 if out.send(Change::Paths(ready)).await.is_err() {
@@ -397,6 +419,46 @@ impl Debouncer {
 
 #[cfg(test)]
 mod tests {
+    /// Through inotify: a file written and not closed yet is marked as being written as
+    /// soon as its event is read; the close ends the mark.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_open_for_writing_is_marked_until_its_close() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        let own = Arc::new(OwnWrites::default());
+        let (tx, _rx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let watcher = super::FolderWatcher::start(
+            &root,
+            Ignore::new(&[]).expect("ignore"),
+            own.clone(),
+            Duration::from_millis(25),
+            Duration::from_secs(60),
+            tx,
+            cancel.clone(),
+        )
+        .expect("watch");
+        let path = root.join("x.xml");
+        let mut f = std::fs::File::create(&path).expect("create");
+        f.write_all(b"<half").expect("write");
+        let until = |want: bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while own.is_writing(&path) != want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "is_writing never became {want}"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        until(true);
+        drop(f);
+        until(false);
+        cancel.cancel();
+        watcher.join().await;
+    }
+
     #[test]
     fn only_a_long_burst_of_events_pauses_the_notify_thread() {
         use std::time::{Duration, Instant};
@@ -602,6 +664,7 @@ mod tests {
             open_write_hold: Duration::from_secs(10),
             pending: HashMap::new(),
             overflow: Arc::new(AtomicBool::new(false)),
+            own: Arc::new(OwnWrites::default()),
         }
     }
 
@@ -652,6 +715,40 @@ mod tests {
             Some(Change::Rescan),
             "an event on the root itself rescans"
         );
+        cancel.cancel();
+        task.await.expect("join");
+    }
+
+    /// A writer that never closes keeps its mark only until the watcher hands the path over
+    /// at the end of the open-write hold; a rescan ends every mark.
+    #[tokio::test(start_paused = true)]
+    async fn writing_marks_end_when_the_path_is_handed_over_or_at_a_rescan() {
+        let (tx, rx) = mpsc::channel(16);
+        let (out_tx, mut out) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let d = debouncer("/r");
+        let own = d.own.clone();
+        let task = tokio::spawn(d.run(rx, out_tx, cancel.clone()));
+        own.note_writing(Path::new("/r/open.xml"));
+        tx.send(Raw::Path {
+            path: PathBuf::from("/r/open.xml"),
+            written: true,
+            closed: false,
+            renamed_to: false,
+        })
+        .await
+        .expect("send");
+        assert_eq!(
+            out.recv().await,
+            Some(Change::Paths(vec![
+                RelPath::new("open.xml").expect("valid")
+            ]))
+        );
+        assert!(!own.is_writing(Path::new("/r/open.xml")), "handed over");
+        own.note_writing(Path::new("/r/other.xml"));
+        tx.send(Raw::Rescan).await.expect("send");
+        assert_eq!(out.recv().await, Some(Change::Rescan));
+        assert!(!own.is_writing(Path::new("/r/other.xml")), "rescanned");
         cancel.cancel();
         task.await.expect("join");
     }

@@ -74,6 +74,11 @@ impl FolderEngine {
     }
 
     /// True when the disk at `path` still shows what the index says (so it may be replaced).
+    /// True while a local program has `path` open for writing (as the watcher saw it).
+    pub(in crate::engine) fn being_written(&self, path: &RelPath) -> bool {
+        self.own.is_writing(&self.root.join(path.as_str()))
+    }
+
     pub(in crate::engine) fn disk_matches_index(&self, path: &RelPath) -> bool {
         let meta = std::fs::symlink_metadata(self.root.join(path.as_str()));
         match (self.replica.get(path), meta) {
@@ -118,7 +123,8 @@ impl FolderEngine {
             .iter()
             .map(|r| r.record.path.clone())
             .collect();
-        let (stores, applies) = self.decide_records(&batch.peer, batch.records, now).await?;
+        let (stores, applies, waiting) =
+            self.decide_records(&batch.peer, batch.records, now).await?;
         let Planned {
             ops,
             mut op_meta,
@@ -126,6 +132,7 @@ impl FolderEngine {
             fetches,
             mut fails,
         } = self.plan_applies(applies, &batch.peer, now).await;
+        fails.0.extend(waiting.0);
         let t_staging = std::time::Instant::now();
         let fetched_count = fetches.len();
         let removes = ops
@@ -153,16 +160,20 @@ impl FolderEngine {
     }
 
     /// The model's decision on each record of a peer batch: index-only changes (merged
-    /// versions), and records to put on disk. A path whose file changed since the last look
-    /// is observed first, so the peer's version meets the change instead of overwriting it.
+    /// versions), records to put on disk, and records that wait for a local writer. A path
+    /// whose file changed since the last look is observed first, so the peer's version meets
+    /// the change instead of overwriting it; a path a local program is writing is neither
+    /// looked at nor replaced: the peer's version waits in the stream for the writer's close
+    /// (at most `open_write_hold`), never skipped for it.
     async fn decide_records(
         &mut self,
         peer: &str,
         records: Vec<Incoming>,
         now: u64,
-    ) -> Result<(Vec<FileRecord>, Vec<Applying>), EngineError> {
+    ) -> Result<(Vec<FileRecord>, Vec<Applying>, Failures), EngineError> {
         let mut stores: Vec<FileRecord> = Vec::new();
         let mut applies: Vec<Applying> = Vec::new();
+        let mut waiting = Failures::default();
         for Incoming {
             record: remote,
             inline,
@@ -175,6 +186,16 @@ impl FolderEngine {
                 self.note_clock_ahead(peer, &remote.path, ahead_ms, now);
             }
             let mut decision = self.replica.receive(&remote, now);
+            if matches!(decision, Decision::Apply { .. }) && self.being_written(&remote.path) {
+                debug!(folder = %self.id, path = %remote.path, peer = %peer, "a local program is writing the file; the peer's version waits for its close");
+                waiting.note(
+                    &remote,
+                    "a local program is writing the file; the peer's version waits for its close"
+                        .into(),
+                    true,
+                );
+                continue;
+            }
             // A held file at the path is looked at even for a new file: its bytes must be
             // kept before anything replaces them.
             let look_first =
@@ -203,7 +224,7 @@ impl FolderEngine {
                 }
             }
         }
-        Ok((stores, applies))
+        Ok((stores, applies, waiting))
     }
 
     /// The disk side of the records to apply (see [`plan::step`]): conflict copies and copies
@@ -219,12 +240,27 @@ impl FolderEngine {
         for (record, remote, conflict_copy, inline) in applies {
             let local = self.replica.get(&record.path).cloned();
             if conflict_copy {
-                if let Err(e) = self
+                match self
                     .keep_conflict_copy(&record, local.as_ref(), now, peer)
                     .await
                 {
-                    fails.note(&remote, format!("cannot keep conflict copy: {e}"), true);
-                    continue;
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // The bytes on disk are not the version that lost (a local write
+                        // since the last look): look at them, and meet the peer's version
+                        // again on the next attempt.
+                        self.unstable.insert(record.path.clone());
+                        fails.note(
+                            &remote,
+                            "the local file changed since it was last looked at; looked at again before the peer's version applies".into(),
+                            false,
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        fails.note(&remote, format!("cannot keep conflict copy: {e}"), true);
+                        continue;
+                    }
                 }
             }
             // Local bytes held back by the XML gate were never shipped: when the peer's

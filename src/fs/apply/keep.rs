@@ -14,12 +14,16 @@ pub enum Kept {
     Already(PathBuf),
     /// The source no longer exists.
     Gone,
+    /// The source does not hold the expected bytes (written since it was last looked at).
+    Changed,
 }
 
 /// Keeps the losing side of a conflict: copies `src` to `dest` (outside every synced folder),
 /// durably. When `dest` is taken by other bytes, the copy goes to `dest.1`, `dest.2`, ...;
-/// when it holds the same bytes, nothing is copied again.
-pub fn keep_copy(src: &Path, dest: &Path) -> std::io::Result<Kept> {
+/// when it holds the same bytes, nothing is copied again. With `expect`, nothing is copied
+/// unless the bytes read have that BLAKE3 hash: a conflict copy is always of a complete
+/// version this node recorded, never of a file a local writer has half rewritten.
+pub fn keep_copy(src: &Path, dest: &Path, expect: Option<&[u8; 32]>) -> std::io::Result<Kept> {
     let dir = dest
         .parent()
         .ok_or_else(|| std::io::Error::other("conflict copy has no directory"))?;
@@ -29,6 +33,9 @@ pub fn keep_copy(src: &Path, dest: &Path) -> std::io::Result<Kept> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Kept::Gone),
         Err(e) => return Err(e),
     };
+    if expect.is_some_and(|h| blake3::hash(&bytes).as_bytes() != h) {
+        return Ok(Kept::Changed);
+    }
     let mut target = dest.to_owned();
     for n in 1u32.. {
         match std::fs::read(&target) {
@@ -57,28 +64,53 @@ mod tests {
         let src = dir.path().join("src");
         let dest = dir.path().join("c/x/y.node.1");
         assert_eq!(
-            keep_copy(&src, &dest).expect("copy"),
+            keep_copy(&src, &dest, None).expect("copy"),
             Kept::New(dest.clone())
         );
         assert_eq!(std::fs::read(&dest).expect("read"), b"bytes");
         assert_eq!(
-            keep_copy(&dir.path().join("gone"), &dest).expect("copy"),
+            keep_copy(&dir.path().join("gone"), &dest, None).expect("copy"),
             Kept::Gone
         );
         // The same conflict met again (a batch retried) is not copied twice...
         assert_eq!(
-            keep_copy(&src, &dest).expect("copy"),
+            keep_copy(&src, &dest, None).expect("copy"),
             Kept::Already(dest.clone())
         );
         // ...but other bytes under the same name never replace a kept copy.
         std::fs::write(&src, b"other bytes").expect("write");
         let second = dir.path().join("c/x/y.node.1.1");
         assert_eq!(
-            keep_copy(&src, &dest).expect("copy"),
+            keep_copy(&src, &dest, None).expect("copy"),
             Kept::New(second.clone())
         );
         assert_eq!(std::fs::read(&dest).expect("read"), b"bytes");
         assert_eq!(std::fs::read(&second).expect("read"), b"other bytes");
-        assert_eq!(keep_copy(&src, &dest).expect("copy"), Kept::Already(second));
+        assert_eq!(
+            keep_copy(&src, &dest, None).expect("copy"),
+            Kept::Already(second)
+        );
+    }
+
+    /// A local writer truncated the file the index knows: no copy of the empty (or half
+    /// written) file is kept in place of the version that lost.
+    #[test]
+    fn a_copy_is_kept_only_of_the_expected_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"").expect("truncate");
+        let dest = dir.path().join("c/y.node.1");
+        let indexed = *blake3::hash(b"<complete/>").as_bytes();
+        assert_eq!(
+            keep_copy(&src, &dest, Some(&indexed)).expect("copy"),
+            Kept::Changed
+        );
+        assert!(!dest.exists(), "nothing kept");
+        std::fs::write(&src, b"<complete/>").expect("write");
+        assert_eq!(
+            keep_copy(&src, &dest, Some(&indexed)).expect("copy"),
+            Kept::New(dest.clone())
+        );
+        assert_eq!(std::fs::read(&dest).expect("read"), b"<complete/>");
     }
 }
