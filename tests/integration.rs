@@ -10,6 +10,7 @@ mod common;
 mod integration {
     mod artifacts;
     mod bulk;
+    mod chaos;
     mod cli;
     mod config;
     mod conflict;

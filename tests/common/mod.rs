@@ -538,6 +538,7 @@ impl std::ops::IndexMut<usize> for Cluster {
 }
 
 pub mod db;
+pub mod faults;
 pub mod hostile;
 pub mod proxy;
 
