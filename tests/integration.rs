@@ -14,6 +14,7 @@ mod integration {
     mod cli;
     mod config;
     mod conflict;
+    mod crash;
     mod echo;
     mod gates;
     mod hostile;

@@ -16,6 +16,7 @@
 //! - `local`: local changes (watcher hints, rescans) observed and committed.
 //! - `remote`: peer batches, chained (`chain`), staged (`stage`) and settled (`settle`).
 //! - `plan`: PURE: a decided peer record and the local state give one disk step.
+//! - `recover`: peer changes placed before a crash, adopted from the batch journal.
 //! - `skip`: the strikes/skip/retry book of peer changes that keep failing.
 //! - `conflict`: conflict copies and copies of held local files.
 //! - `deploy`: artifacts deployed from the database.
@@ -37,6 +38,7 @@ mod feed;
 mod handle;
 mod local;
 mod plan;
+mod recover;
 mod remote;
 mod skip;
 mod status;
@@ -68,7 +70,8 @@ use crate::model::{
     Causality, Decision, FileRecord, Hash, Hlc, Kind, NodeId, RelPath, Replica, VersionVector,
 };
 use crate::store::{
-    ConflictEntry, Cursor, Origin, SkipChanges, Skipped, StatKey, Store, StoreError, StoredRecord,
+    ConflictEntry, Cursor, Journal, Origin, SkipChanges, Skipped, StatKey, Store, StoreError,
+    StoredRecord,
 };
 
 /// Names of the nodes seen so far (from peer batches), for naming conflict copies.
@@ -257,6 +260,7 @@ impl FolderEngine {
         if removed > 0 {
             info!(folder = %self.id, count = removed, "removed temp files left by an earlier crash");
         }
+        self.adopt_placed_before_crash().await?;
         let result = self.on_local(Change::Rescan).await;
         // Status must show the scanned folder at once, not only after the first message.
         self.publish_status();

@@ -7,7 +7,7 @@ use sqlx::Row;
 use crate::model::{FileRecord, RelPath};
 
 use super::codec::{JsonRow, bind_record, stored_at, stored_from_json, to_db};
-use super::{Cursor, Origin, SkipChanges, StatKey, Store, StoreError, StoredRecord};
+use super::{Cursor, Journal, Origin, SkipChanges, StatKey, Store, StoreError, StoredRecord};
 
 macro_rules! columns {
     () => {
@@ -230,6 +230,20 @@ impl Store {
         cursor: Option<(&str, Cursor)>,
         skips: &SkipChanges,
     ) -> Result<(), StoreError> {
+        self.commit_journaled(folder, records, cursor, skips, Journal::Keep)
+            .await
+    }
+
+    /// [`Store::commit`], clearing the journaled records of `journal` in the same
+    /// transaction.
+    pub async fn commit_journaled(
+        &self,
+        folder: &str,
+        records: &[StoredRecord],
+        cursor: Option<(&str, Cursor)>,
+        skips: &SkipChanges,
+        journal: Journal,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
         // Many rows per statement: one round trip to SQLite's worker thread per chunk, not
         // per record. Chunk sizes are powers of two, so a handful of statements is prepared
@@ -259,6 +273,11 @@ impl Store {
             self.put_cursor(&mut tx, peer, folder, c).await?;
         }
         self.change_skipped(&mut tx, folder, skips).await?;
+        match journal {
+            Journal::Keep => {}
+            Journal::Batch(b) => self.clear_applying(&mut tx, folder, Some(b)).await?,
+            Journal::Folder => self.clear_applying(&mut tx, folder, None).await?,
+        }
         tx.commit().await.map_err(|e| self.db_err(e))
     }
 

@@ -22,6 +22,7 @@ use tracing::info;
 
 use crate::model::FileRecord;
 
+mod applying;
 mod codec;
 mod conflicts;
 mod cursors;
@@ -72,6 +73,17 @@ pub struct StoredRecord {
 pub struct Origin {
     pub peer: String,
     pub epoch: u64,
+}
+
+/// Which journaled records (see `applying`) a commit clears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journal {
+    /// None: the commit is not of a placed batch.
+    Keep,
+    /// Those of one batch, placed and now committed.
+    Batch(u64),
+    /// All of the folder's, looked at after a crash.
+    Folder,
 }
 
 #[derive(Clone)]
@@ -127,6 +139,21 @@ CREATE TABLE IF NOT EXISTS skipped (
     first_ms INTEGER NOT NULL,
     retry_ms INTEGER NOT NULL,
     PRIMARY KEY (folder, peer, path)
+);
+CREATE TABLE IF NOT EXISTS applying (
+    folder TEXT NOT NULL,
+    batch INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    hash BLOB,
+    version BLOB NOT NULL,
+    stamp_hlc INTEGER NOT NULL,
+    stamp_node INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (folder, path)
 );
 CREATE TABLE IF NOT EXISTS deployed (
     artifact_id TEXT PRIMARY KEY,

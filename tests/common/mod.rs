@@ -324,6 +324,16 @@ impl Node {
         }
     }
 
+    /// `kill -9`: the agent gets no chance to finish anything; returns once it is reaped.
+    pub fn crash(&mut self) {
+        let mut child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("node {} is not running", self.name));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// SIGTERM, bounded wait, SIGKILL as a last resort. `None` when not running.
     fn terminate(&mut self) -> Option<Result<ExitStatus, String>> {
         let mut child = self.child.take()?;

@@ -28,6 +28,9 @@ pub(in crate::engine) struct PreparedRemote {
     paths: HashSet<RelPath>,
     /// Some disk op removes a file or directory.
     removes: bool,
+    /// The batch's records are journaled under this id (see `Store::journal_applying`)
+    /// until its commit.
+    journal: Option<u64>,
 }
 
 /// How a batch's session is answered: the peer sequence applied up to.
@@ -45,6 +48,7 @@ pub(in crate::engine) struct Settled {
     appeared: BTreeSet<RelPath>,
     skips: SkipChanges,
     outcome: Result<u64, EngineError>,
+    journal: Option<u64>,
 }
 
 /// A prepared batch being finished on a blocking thread.

@@ -28,6 +28,7 @@ impl FolderEngine {
             no_op,
             mut fails,
             paths,
+            journal,
             ..
         } = prepared;
         // Only the exact version the peer sent has come from it (see `Origin`): a new path or
@@ -136,6 +137,7 @@ impl FolderEngine {
             appeared,
             skips,
             outcome,
+            journal,
         }
     }
 
@@ -185,14 +187,16 @@ impl FolderEngine {
             appeared,
             skips,
             outcome,
+            journal,
             ..
         } = done;
         self.store
-            .commit(
+            .commit_journaled(
                 &self.id,
                 &commits,
                 cursor.map(|c| (peer.as_str(), c)),
                 &skips,
+                journal.map_or(Journal::Keep, Journal::Batch),
             )
             .await?;
         if !commits.is_empty() {

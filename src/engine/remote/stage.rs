@@ -141,6 +141,17 @@ impl FolderEngine {
         let staged = self
             .fetch_and_stage(ops, fetches, &batch.fetcher, &mut op_meta, &mut fails)
             .await?;
+        // Before anything is placed: a crash between placing and committing leaves files the
+        // index does not know, which the next start adopts from this journal instead of
+        // taking them for local writes.
+        let journal = if op_meta.is_empty() {
+            None
+        } else {
+            let id = rand::random::<u64>();
+            let records: Vec<&FileRecord> = op_meta.iter().map(|(r, _)| r).collect();
+            self.store.journal_applying(&self.id, id, &records).await?;
+            Some(id)
+        };
         let n_ops = op_meta.len();
         debug!(folder = %self.id, peer = %batch.peer, ops = n_ops, fetched = fetched_count, decide_us = t_staging.duration_since(t_prepare).as_micros() as u64, fetch_and_stage_us = t_staging.elapsed().as_micros() as u64, "batch staged");
         Ok(PreparedRemote {
@@ -156,6 +167,7 @@ impl FolderEngine {
             staged,
             paths,
             removes,
+            journal,
         })
     }
 
