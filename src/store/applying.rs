@@ -111,7 +111,7 @@ mod tests {
         store
             .commit_journaled(
                 "f",
-                &[a.clone()],
+                std::slice::from_ref(&a),
                 None,
                 &SkipChanges::default(),
                 Journal::Batch(7),
