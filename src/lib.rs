@@ -37,6 +37,7 @@ pub mod engine;
 pub mod fs;
 pub mod identity;
 pub mod liveness;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod store;

@@ -17,6 +17,7 @@ mod integration {
     mod gates;
     mod hostile;
     mod logs;
+    mod metrics;
     mod own_records;
     mod restart;
     mod skip;

@@ -32,6 +32,7 @@ use tracing::{error, info, warn};
 use crate::admin::AdminService;
 use crate::config::Config;
 use crate::engine::{self, FolderHandle};
+use crate::metrics::{self, Metrics};
 use crate::model::NodeId;
 use crate::net;
 use crate::store::Store;
@@ -79,6 +80,8 @@ pub enum DaemonError {
     },
     #[error("retriever: {0}")]
     Retriever(String),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error("admin socket {path}: {source}")]
     Admin {
         path: PathBuf,
@@ -122,7 +125,8 @@ pub async fn run(
     let store = Store::open(&config.state_dir).await?;
     let marker = RunMarker::begin(&config.state_dir, &store).await?;
     let names: engine::NodeNames = Arc::new(Mutex::new(HashMap::new()));
-    let opts = engine::engine_options(&config, node, names.clone());
+    let metrics = Metrics::default();
+    let opts = engine::engine_options(&config, node, names.clone(), metrics.clone());
     info!(node = %config.node, node_id = %node, folders = config.folders.len(), peers = config.peers.len(), "starting");
 
     let health = HealthReporter::new();
@@ -142,7 +146,7 @@ pub async fn run(
     marker.written().await?;
 
     let (listener, listen) = servers::bind(config.listen).await?;
-    let grpc = GrpcServer::build(&config, node, &handles, &health, &tasks).await?;
+    let grpc = GrpcServer::build(&config, node, &handles, &health, &metrics, &tasks).await?;
     let (grpc, retriever) = RetrieverStart::prepare(&config, &handles, &store, grpc).await?;
     grpc.spawn(listener, &tasks);
     let retriever: Option<RetrieverRunning> = retriever.map(|r| r.start(&tasks));
@@ -160,8 +164,16 @@ pub async fn run(
     };
     let socket = config.admin_socket();
     servers::start_admin(admin, &socket, &tasks)?;
+    let sources = metrics::Sources {
+        folders: handles.clone(),
+        peers: statuses.clone(),
+        retriever: retriever.as_ref().map(|r| r.handle.clone()),
+        retriever_events: Default::default(),
+    };
+    servers::start_metrics(&config, &metrics, sources, &tasks).await?;
 
-    for session in net::peer_sessions(&config, node, handles.clone(), statuses, names) {
+    let sessions = net::peer_sessions(&config, node, handles.clone(), statuses, names, &metrics);
+    for session in sessions {
         tasks.tracker.spawn(session.run(cancel.clone()));
     }
 

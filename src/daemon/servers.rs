@@ -19,6 +19,7 @@ use crate::admin::AdminService;
 use crate::artifacts::hub::HubService;
 use crate::config::Config;
 use crate::engine::FolderHandle;
+use crate::metrics::{Metrics, MetricsServer, Sources};
 use crate::model::NodeId;
 use crate::net::{self, PeerService};
 
@@ -53,6 +54,7 @@ impl GrpcServer {
         node: NodeId,
         folders: &Arc<HashMap<String, FolderHandle>>,
         health: &HealthReporter,
+        metrics: &Metrics,
         tasks: &Tasks,
     ) -> Result<Self, DaemonError> {
         let peer_service = PeerService::new(
@@ -61,7 +63,8 @@ impl GrpcServer {
             folders.clone(),
             config.inline_max_bytes,
             tasks.cancel.clone(),
-        );
+        )
+        .with_metrics(metrics.clone());
         let mut builder = Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)));
@@ -137,4 +140,28 @@ pub(super) fn start_admin(
         }
     });
     Ok(())
+}
+
+/// With `[metrics]`: binds the endpoint and serves every series (see [`crate::metrics`])
+/// until the agent is cancelled. Returns the address it got.
+pub(super) async fn start_metrics(
+    config: &Config,
+    metrics: &Metrics,
+    sources: Sources,
+    tasks: &Tasks,
+) -> Result<Option<SocketAddr>, DaemonError> {
+    let Some(m) = &config.metrics else {
+        return Ok(None);
+    };
+    let server = MetricsServer::bind(m.listen).await?;
+    let local = server.local_addr();
+    let retriever = sources
+        .retriever
+        .clone()
+        .map(|h| (h, sources.retriever_events.clone()));
+    let registry = metrics.registry(sources);
+    tasks
+        .tracker
+        .spawn(server.run(registry, retriever, tasks.cancel.clone()));
+    Ok(Some(local))
 }

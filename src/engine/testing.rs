@@ -125,6 +125,7 @@ pub(crate) async fn engine_with(
         skip_retry_ms,
         peers: peers.iter().map(|p| p.to_string()).collect(),
         max_clock_skew_ms: crate::model::DEFAULT_MAX_CLOCK_SKEW_MS,
+        metrics: Default::default(),
     };
     let (mut engine, handle, inbox) = FolderEngine::open(&folder, store.clone(), opts)
         .await

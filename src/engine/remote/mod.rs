@@ -28,6 +28,8 @@ pub(in crate::engine) struct PreparedRemote {
     paths: HashSet<RelPath>,
     /// Some disk op removes a file or directory.
     removes: bool,
+    /// When its decisions began (the apply batch duration metric).
+    started: std::time::Instant,
 }
 
 /// How a batch's session is answered: the peer sequence applied up to.
@@ -45,6 +47,8 @@ pub(in crate::engine) struct Settled {
     appeared: BTreeSet<RelPath>,
     skips: SkipChanges,
     outcome: Result<u64, EngineError>,
+    /// When its decisions began (see [`PreparedRemote`]).
+    started: std::time::Instant,
 }
 
 /// A prepared batch being finished on a blocking thread.

@@ -149,6 +149,7 @@ impl FolderEngine {
             staged,
             paths,
             removes,
+            started: t_prepare,
         })
     }
 
