@@ -97,7 +97,7 @@ impl AdminService {
 }
 
 /// See [`FolderReport::in_sync`].
-fn in_sync(f: &FolderStatus, engine: &EngineReport, peers: &[PeerStatus]) -> bool {
+pub(crate) fn in_sync(f: &FolderStatus, engine: &EngineReport, peers: &[PeerStatus]) -> bool {
     let peers_done = peers
         .iter()
         .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));

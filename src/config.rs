@@ -78,6 +78,22 @@ pub struct Config {
     /// DB-backed artifact retrieval, validated and typed (served by the retriever).
     #[serde(skip)]
     pub retriever: Option<RetrieverConfig>,
+    /// The Prometheus endpoint; absent: no metrics are served.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: Prometheus text at `GET /metrics` on its own address. The endpoint is plaintext
+/// HTTP without authentication, so a non-loopback address needs `insecure = true` here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address the endpoint listens on, e.g. `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+    /// Serve the plaintext endpoint on a non-loopback address (a trusted network, or a
+    /// firewall that lets only the Prometheus server in). The top-level `insecure` does not
+    /// cover it: that one is about the peers.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -398,8 +414,31 @@ impl Config {
         }
         self.validate_folders()?;
         self.validate_peers()?;
+        self.validate_metrics()?;
         if let Some(r) = &self.retriever_file {
             r.resolve(self)?;
+        }
+        Ok(())
+    }
+
+    fn validate_metrics(&self) -> Result<(), ConfigError> {
+        let Some(m) = &self.metrics else {
+            return Ok(());
+        };
+        if !m.insecure && !m.listen.ip().is_loopback() {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "{} is not a loopback address, and the metrics endpoint is plaintext HTTP without authentication: keep it on loopback, or set insecure = true in [metrics]",
+                    m.listen
+                ),
+            ));
+        }
+        if m.listen.port() != 0 && m.listen == self.listen {
+            return Err(invalid(
+                "metrics.listen",
+                format!("{} is the gRPC `listen` address too", m.listen),
+            ));
         }
         Ok(())
     }
@@ -965,6 +1004,40 @@ mod tests {
             "{b}\n[[peer]]\nname = \"gw1\"\naddress = \"http://127.0.0.1:1\"\n"
         ));
         assert!(e.contains("own peer"), "{e}");
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_a_non_loopback_endpoint_needs_its_own_insecure() {
+        let dir = setup();
+        let b = base(dir.path());
+        let c = Config::parse(&b, Path::new("t")).expect("no [metrics]");
+        assert!(c.metrics.is_none());
+        let c = Config::parse(
+            &format!("{b}\n[metrics]\nlisten = \"127.0.0.1:9464\"\n"),
+            Path::new("t"),
+        )
+        .expect("loopback");
+        assert_eq!(
+            c.metrics.map(|m| m.listen.to_string()).as_deref(),
+            Some("127.0.0.1:9464")
+        );
+        let open = format!("{b}\n[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+        let e = err_of(&open);
+        assert!(
+            e.contains("`metrics.listen`") && e.contains("plaintext") && e.contains("insecure"),
+            "{e}"
+        );
+        // The peers' insecure does not cover the metrics endpoint.
+        let e = err_of(&open.replace("node = \"gw1\"", "node = \"gw1\"\ninsecure = true"));
+        assert!(e.contains("`metrics.listen`"), "{e}");
+        Config::parse(&format!("{open}insecure = true\n"), Path::new("t"))
+            .expect("metrics.insecure allows it");
+        let e = err_of(&format!("{b}\n[metrics]\nlisten = \"127.0.0.1:7701\"\n"));
+        assert!(e.contains("gRPC `listen`"), "{e}");
+        let e = err_of(&format!(
+            "{b}\n[metrics]\nlisten = \"127.0.0.1:9464\"\npath = \"/m\"\n"
+        ));
+        assert!(e.contains("unknown field") && e.contains("path"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //!   fixtures (`artifacts::db::testing`, `artifacts::wso2::testing`) exist only with the
 //!   `testing` feature, which the integration tests and benches turn on.
 //! - [`admin`]: the local admin service on a unix socket (status, conflicts, resume).
+//! - [`metrics`]: Prometheus at `GET /metrics` (`[metrics]`): event counters and histograms
+//!   handed to the engines and the net edge, status snapshots read at scrape time, `process_*`.
 //! - [`daemon`]: starts everything, health service, systemd notify, graceful shutdown.
 //! - [`demo`]: a three-node cluster on loopback.
 //! - [`config`]: the TOML configuration and its validation.
@@ -37,6 +39,7 @@ pub mod engine;
 pub mod fs;
 pub mod identity;
 pub mod liveness;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod store;

@@ -526,8 +526,12 @@ async fn real_main(cli: Cli) -> Result<()> {
                     format!("{n} {one}s")
                 }
             };
+            let metrics = match &c.metrics {
+                Some(m) => format!(", metrics at http://{}/metrics", m.listen),
+                None => String::new(),
+            };
             println!(
-                "{}: ok (node {}, {}, {})",
+                "{}: ok (node {}, {}, {}{metrics})",
                 config.display(),
                 c.node,
                 count(c.folders.len(), "folder"),

@@ -227,6 +227,7 @@ pub struct PeerService {
     inline_max: u64,
     cancel: CancellationToken,
     slots: Arc<Mutex<Slots>>,
+    metrics: crate::metrics::Metrics,
 }
 
 /// Subscription streams open now, per connection and in total (see
@@ -354,7 +355,14 @@ impl PeerService {
             inline_max,
             cancel,
             slots: Arc::default(),
+            metrics: crate::metrics::Metrics::default(),
         }
+    }
+
+    /// Counts what is sent to subscribers into `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn into_server(self) -> pb::peer_server::PeerServer<Self> {
@@ -373,6 +381,7 @@ async fn pump_folder(
     tx: mpsc::Sender<Result<pb::IndexBatch, Status>>,
     subscriber: String,
 ) {
+    let link = svc.metrics.link(&subscriber, &folder);
     loop {
         let pending = match feed.next_rows().await {
             Ok(Some(pending)) => pending,
@@ -404,6 +413,11 @@ async fn pump_folder(
             return;
         };
         let records = built.records.len();
+        let inline_bytes: usize = built
+            .records
+            .iter()
+            .filter_map(|(_, data)| data.as_ref().map(|d| d.len()))
+            .sum();
         let batch = pb::IndexBatch {
             node_id: svc.node.0,
             node_name: svc.node_name.clone(),
@@ -418,6 +432,7 @@ async fn pump_folder(
                 .collect(),
         };
         permit.send(Ok(batch));
+        link.sent(records as u64, inline_bytes as u64);
         debug!(folder = %folder, peer = %subscriber, records, up_to_seq = built.up_to_seq, read_us = built.read.as_micros() as u64, queued_us = built.read_at.elapsed().as_micros() as u64, "batch sent to peer");
     }
 }
@@ -488,6 +503,11 @@ impl Peer for PeerService {
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
         crate::identity::authorize_cluster_read(&request, "Peer.Fetch")?;
+        // Only a certificate names the fetching node.
+        let fetcher = match crate::identity::caller_identity(&request) {
+            Ok(crate::identity::Caller::Node(name)) => name,
+            _ => "unknown".to_owned(),
+        };
         let req = request.into_inner();
         let handle = self
             .folders
@@ -508,6 +528,7 @@ impl Peer for PeerService {
                 ServeError::Store(e) => Status::internal(e.to_string()),
             })?;
         let file = tokio::fs::File::from_std(file);
+        let link = self.metrics.link(&fetcher, &handle.id);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
@@ -521,6 +542,7 @@ impl Peer for PeerService {
                         if tx.send(Ok(pb::Chunk { data: buf })).await.is_err() {
                             return;
                         }
+                        link.served(n as u64);
                     }
                     Err(e) => {
                         let _ = tx.send(Err(Status::internal(e.to_string()))).await;
@@ -621,9 +643,29 @@ pub struct PeerStatus {
     /// Per folder: what came from the peer since this agent started.
     #[serde(default)]
     pub received: HashMap<String, Received>,
+    /// Per folder, while `behind` is above 0: when this node first knew of a change of the
+    /// peer's that it has not applied (ms since the epoch). A change the peer made while
+    /// disconnected is not known here until it reconnects.
+    #[serde(default)]
+    pub behind_since_ms: HashMap<String, u64>,
     /// Folder streams currently up.
     #[serde(skip)]
     pub streams: usize,
+}
+
+impl PeerStatus {
+    /// Notes that `behind` of the peer's sequence numbers of `folder` are not applied here,
+    /// at `now_ms`; the lag runs from when that went above 0.
+    fn note_behind(&mut self, folder: &str, behind: u64, now_ms: u64) {
+        self.behind.insert(folder.to_owned(), behind);
+        if behind == 0 {
+            self.behind_since_ms.remove(folder);
+        } else {
+            self.behind_since_ms
+                .entry(folder.to_owned())
+                .or_insert(now_ms);
+        }
+    }
 }
 
 /// Index batches and records received from a peer for one folder.
@@ -690,6 +732,7 @@ impl Backoff {
 /// Fetches contents from one peer into verified temp files.
 struct PeerFetcher {
     client: PeerClient<Channel>,
+    link: crate::metrics::LinkMetrics,
 }
 
 impl crate::engine::Fetcher for PeerFetcher {
@@ -760,6 +803,7 @@ impl crate::engine::Fetcher for PeerFetcher {
                 let _ = tokio::fs::remove_file(&tmp).await;
                 return Err(e);
             }
+            self.link.fetched(received);
             Ok(tmp)
         })
     }
@@ -780,6 +824,7 @@ pub struct PeerSession {
     pub folder: FolderHandle,
     pub statuses: PeerStatuses,
     pub names: crate::engine::NodeNames,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl PeerSession {
@@ -873,8 +918,10 @@ impl PeerSession {
             s.last_error = None;
             s.last_seen_ms = Some(crate::now_ms());
         });
+        let link = self.metrics.link(&name, &handle.id);
         let fetcher: Arc<dyn crate::engine::Fetcher> = Arc::new(PeerFetcher {
             client: client.clone(),
+            link: link.clone(),
         });
         let stream_id = rand::random::<u64>();
         let engine_err = |e: crate::engine::EngineError| match e {
@@ -888,6 +935,11 @@ impl PeerSession {
         // Batches queued to the engine, oldest first, with the peer's max_seq at the time.
         let mut in_flight: std::collections::VecDeque<(EngineAnswer, u64)> =
             std::collections::VecDeque::new();
+        // How far this node has applied the peer's index (the cursor it subscribed from, in
+        // the same epoch), and the peer's largest sequence number known: what lies between
+        // is behind, counted from when a batch arrives, not only once it is applied.
+        let mut applied_here: Option<u64> = None;
+        let mut known_max: u64 = 0;
         loop {
             let next = tokio::select! {
                 biased;
@@ -900,9 +952,11 @@ impl PeerSession {
                 } => {
                     let max_seq = in_flight.pop_front().map_or(0, |(_, m)| m);
                     let applied = applied.map_err(engine_err)?;
+                    applied_here = Some(applied);
+                    let now = crate::now_ms();
                     set_status(&self.statuses, &name, |s| {
-                        s.last_seen_ms = Some(crate::now_ms());
-                        s.behind.insert(handle.id.clone(), max_seq.saturating_sub(applied));
+                        s.last_seen_ms = Some(now);
+                        s.note_behind(&handle.id, known_max.max(max_seq).saturating_sub(applied), now);
                         s.applied_seq.insert(handle.id.clone(), applied);
                     });
                     continue;
@@ -928,10 +982,19 @@ impl PeerSession {
             if batch.folder != handle.id {
                 continue;
             }
+            let inline_bytes: usize = batch
+                .records
+                .iter()
+                .map(|r| r.inline_data.as_ref().map_or(0, |d| d.len()))
+                .sum();
+            link.received(batch.records.len() as u64, inline_bytes as u64);
+            let base = applied_here.unwrap_or(if batch.epoch == c.epoch { c.seq } else { 0 });
+            known_max = known_max.max(batch.max_seq);
             set_status(&self.statuses, &name, |s| {
                 let r = s.received.entry(handle.id.clone()).or_default();
                 r.batches += 1;
                 r.records += batch.records.len() as u64;
+                s.note_behind(&handle.id, known_max.saturating_sub(base), crate::now_ms());
             });
             let pb::IndexBatch {
                 epoch,
@@ -983,6 +1046,7 @@ pub fn peer_sessions(
     folders: Arc<HashMap<String, FolderHandle>>,
     statuses: PeerStatuses,
     names: crate::engine::NodeNames,
+    metrics: &crate::metrics::Metrics,
 ) -> Vec<PeerSession> {
     if let Ok(mut map) = statuses.lock() {
         for p in &config.peers {
@@ -1010,6 +1074,7 @@ pub fn peer_sessions(
                 folder: (*h).clone(),
                 statuses: statuses.clone(),
                 names: names.clone(),
+                metrics: metrics.clone(),
             })
         })
         .collect()

@@ -19,6 +19,7 @@ mod integration {
     mod gates;
     mod hostile;
     mod logs;
+    mod metrics;
     mod own_records;
     mod restart;
     mod skip;

@@ -91,6 +91,8 @@ pub struct EngineOptions {
     pub peers: Vec<String>,
     /// A peer's stamp further ahead of this node's clock than this does not move it, ms.
     pub max_clock_skew_ms: u64,
+    /// Where the engines count applied batches and propagation latency.
+    pub metrics: crate::metrics::Metrics,
 }
 
 pub struct FolderEngine {
@@ -129,6 +131,8 @@ pub struct FolderEngine {
     fetchers: HashMap<String, Arc<dyn Fetcher>>,
     /// The latest peer record ahead of this node's clock (see [`ClockAhead`]).
     clock_ahead: Option<ClockAhead>,
+    /// This folder's metrics (see [`crate::metrics`]).
+    metrics: crate::metrics::FolderMetrics,
 }
 
 /// Messages queued to one engine before senders wait.
@@ -210,6 +214,7 @@ impl FolderEngine {
             .into_iter()
             .map(|s| ((s.peer.clone(), s.record.path.clone()), s))
             .collect();
+        let metrics = opts.metrics.folder(&folder.id);
         let engine = Self {
             id: folder.id.clone(),
             epoch,
@@ -237,6 +242,7 @@ impl FolderEngine {
             strikes: HashMap::new(),
             skipped,
             fetchers: HashMap::new(),
+            metrics,
             clock_ahead: None,
         };
         engine.publish_status();
@@ -420,7 +426,12 @@ impl FolderEngine {
 }
 
 /// Everything a running folder needs from the config, bundled for the daemon.
-pub fn engine_options(config: &Config, node: NodeId, names: NodeNames) -> EngineOptions {
+pub fn engine_options(
+    config: &Config,
+    node: NodeId,
+    names: NodeNames,
+    metrics: crate::metrics::Metrics,
+) -> EngineOptions {
     EngineOptions {
         node,
         names,
@@ -430,5 +441,6 @@ pub fn engine_options(config: &Config, node: NodeId, names: NodeNames) -> Engine
         skip_retry_ms: config.skip_retry_ms,
         peers: config.peers.iter().map(|p| p.name.clone()).collect(),
         max_clock_skew_ms: config.max_clock_skew_ms,
+        metrics,
     }
 }

@@ -155,6 +155,7 @@ async fn engine_told_by(
         skip_retry_ms,
         peers: peers.iter().map(|p| p.to_string()).collect(),
         max_clock_skew_ms: crate::model::DEFAULT_MAX_CLOCK_SKEW_MS,
+        metrics: Default::default(),
     };
     let (mut engine, handle, inbox) = FolderEngine::open_with(&folder, store.clone(), opts, own)
         .await

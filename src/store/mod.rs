@@ -190,7 +190,7 @@ impl Store {
             // WAL + NORMAL: a commit survives a process crash; after a power loss the last
             // commits may roll back, which the start-up rescan repairs (disk wins, as a local
             // change whose content then merges with the peers' identical one), and the daemon
-            // then gives the folders new epochs (see `daemon::index_may_have_rolled_back`).
+            // then gives the folders new epochs (see `daemon::state::index_may_have_rolled_back`).
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()

@@ -31,6 +31,8 @@ pub(in crate::engine) struct PreparedRemote {
     /// The batch's records are journaled under this id (see `Store::journal_applying`)
     /// until its commit.
     journal: Option<u64>,
+    /// When its decisions began (the apply batch duration metric).
+    started: std::time::Instant,
 }
 
 /// How a batch's session is answered: the peer sequence applied up to.
@@ -49,6 +51,8 @@ pub(in crate::engine) struct Settled {
     skips: SkipChanges,
     outcome: Result<u64, EngineError>,
     journal: Option<u64>,
+    /// When its decisions began (see [`PreparedRemote`]).
+    started: std::time::Instant,
 }
 
 /// A prepared batch being finished on a blocking thread.

@@ -29,6 +29,7 @@ impl FolderEngine {
             mut fails,
             paths,
             journal,
+            started,
             ..
         } = prepared;
         // Only the exact version the peer sent has come from it (see `Origin`): a new path or
@@ -49,6 +50,7 @@ impl FolderEngine {
         };
         let mut commits = self.commit_stores(stores);
         let mut applied = 0usize;
+        let now = crate::now_ms();
         let mut appeared: BTreeSet<RelPath> = BTreeSet::new();
         for ((record, remote), result) in op_meta.into_iter().zip(results) {
             match result {
@@ -66,6 +68,8 @@ impl FolderEngine {
                         }
                     }
                     let origin = origin(record.version == remote.version);
+                    self.metrics
+                        .applied_remote(crate::model::Hlc::millis(remote.stamp.hlc), now);
                     let record = self.replica.commit(record);
                     commits.push(StoredRecord {
                         record,
@@ -138,6 +142,7 @@ impl FolderEngine {
             skips,
             outcome,
             journal,
+            started,
         }
     }
 
@@ -145,8 +150,12 @@ impl FolderEngine {
     pub(in crate::engine) async fn record_settled(&mut self, settled: Option<(Settled, Reply)>) {
         let Some((done, reply)) = settled else { return };
         let stream = done.stream;
+        let started = done.started;
         let t = std::time::Instant::now();
         let r = self.record_remote(done).await;
+        if r.is_ok() {
+            self.metrics.applied_batch(started.elapsed());
+        }
         self.live.progress();
         debug!(folder = %self.id, commit_us = t.elapsed().as_micros() as u64, "batch recorded");
         self.note_outcome(stream, &r);

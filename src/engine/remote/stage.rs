@@ -168,6 +168,7 @@ impl FolderEngine {
             paths,
             removes,
             journal,
+            started: t_prepare,
         })
     }
 
