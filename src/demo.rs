@@ -509,6 +509,15 @@ pub fn render_retriever(r: &crate::artifacts::retriever::RetrieverStatus) -> Str
             f["reason"].as_str().unwrap_or("?")
         ));
     }
+    for c in &r.conflicts {
+        out.push_str(&format!(
+            "    CONFLICT {}: holds artifact {}'s content, not {} ({})\n",
+            c.path,
+            c.winner,
+            c.losers.join(", "),
+            c.rule
+        ));
+    }
     if let Some(e) = &r.last_error {
         out.push_str(&format!("    last error: {e}\n"));
     }

@@ -36,7 +36,32 @@ fn meta_to_pb(m: &ArtifactMeta) -> pb::Meta {
         labels: m.labels.clone(),
         digest: m.digest.to_vec(),
         size: m.size,
+        keep: m.keep.clone(),
     }
+}
+
+/// Most keep paths taken from a hub for one artifact.
+const MAX_KEEP_PATHS: usize = 10_000;
+
+/// A hub's keep paths, checked: bounded in number, each a valid relative path.
+fn keep_from_pb(id: &str, keep: Vec<String>) -> Result<Vec<String>, SourceError> {
+    let bad = |problem: String| SourceError::Artifact {
+        id: id.chars().take(80).collect(),
+        problem,
+    };
+    if keep.len() > MAX_KEEP_PATHS {
+        return Err(bad(format!(
+            "hub sent {} keep paths, more than {MAX_KEEP_PATHS}",
+            keep.len()
+        )));
+    }
+    keep.into_iter()
+        .map(|p| {
+            RelPath::new(&p)
+                .map(|r| r.to_string())
+                .map_err(|e| bad(format!("hub sent a bad keep path: {e}")))
+        })
+        .collect()
 }
 
 fn meta_from_pb(m: pb::Meta) -> Result<ArtifactMeta, SourceError> {
@@ -62,6 +87,7 @@ fn meta_from_pb(m: pb::Meta) -> Result<ArtifactMeta, SourceError> {
         labels: m.labels,
         digest,
         size: m.size,
+        keep: keep_from_pb(&m.id, m.keep)?,
     })
 }
 

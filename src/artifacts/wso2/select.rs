@@ -146,6 +146,7 @@ pub fn select(
         labels: candidates.iter().map(|r| r.label.clone()).collect(),
         digest,
         size,
+        keep: Vec::new(),
     };
     Some(Selected { meta, bundle })
 }
