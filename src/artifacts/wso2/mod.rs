@@ -27,7 +27,10 @@ mod source;
 pub mod testing;
 
 pub use changelog::{ChangeLog, Fingerprint, Snapshot};
-pub use render::{ApiNameError, NameError, RenderError, render, synapse_file_name};
+pub use render::{
+    ApiNameError, GA_CONFIG_KEY, NameError, RenderError, Rendered, render, render_dto,
+    synapse_file_name,
+};
 pub use select::{ArtifactRow, RowInstruction, SelectError, Selected, select};
 pub use source::Wso2Source;
 

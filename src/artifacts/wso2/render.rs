@@ -78,11 +78,15 @@ pub enum ApiNameError {
     Xml { position: u64, problem: String },
 }
 
-/// The part of WSO2's `GatewayAPIDTO` that becomes files. Everything else in the JSON (client
-/// certificates, endpoint credentials, the `*ToBeRemove` lists, `override`, ...) is not even
-/// read.
+/// The part of WSO2's `GatewayAPIDTO` that becomes files, and `override`. Everything else in
+/// the JSON (client certificates, endpoint credentials, the `*ToBeRemove` lists, ...) is not
+/// even read.
 #[derive(Debug, Deserialize)]
 struct GatewayApiDto {
+    /// `false` (Java's default when absent): existing sequences, endpoints and local entries
+    /// are not replaced.
+    #[serde(rename = "override", default)]
+    override_existing: bool,
     #[serde(rename = "apiDefinition", default)]
     api_definition: Option<String>,
     #[serde(rename = "defaultAPIDefinition", default)]
@@ -171,6 +175,24 @@ fn api_name(definition: &str) -> Result<String, ApiNameError> {
     }
 }
 
+/// The local entry WSO2's gateway never replaces once deployed (`APIConstants.GA_CONF_KEY`),
+/// which every HTTP API's `GatewayAPIDTO` carries.
+pub const GA_CONFIG_KEY: &str = "ga-config-key";
+
+/// One `ARTIFACT` rendered: its files, and the paths among them that never replace a file
+/// another artifact put there (see [`crate::artifacts::owners`]): the `ga-config-key` local
+/// entry always, and every sequence, endpoint and local entry when `override` is `false`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub bundle: Bundle,
+    pub keep: Vec<String>,
+}
+
+/// [`render_dto`]'s files only.
+pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
+    render_dto(artifact).map(|r| r.bundle)
+}
+
 /// Renders one `ARTIFACT` (WSO2's `GatewayAPIDTO` JSON) into the files Synapse deploys, paths
 /// relative to the `synapse-configs` folder, sorted:
 ///
@@ -181,7 +203,7 @@ fn api_name(definition: &str) -> Result<String, ApiNameError> {
 ///
 /// Every file must be well-formed XML: Synapse's hot deployer would fail on a broken one, so
 /// the whole artifact fails instead and whatever was deployed before stays.
-pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
+pub fn render_dto(artifact: &[u8]) -> Result<Rendered, RenderError> {
     // Long but flat: the per-file checks live in the `add` closure, and the rest is the list
     // of entry kinds in `GatewayAPIDTO`.
     let size = artifact.len() as u64;
@@ -206,6 +228,7 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
         ))
     })?;
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut keep: Vec<String> = Vec::new();
     let mut add = |field: &'static str, dir: &str, name: &str, content: String| {
         let bad_name = |problem: NameError| RenderError::Name {
             field,
@@ -268,6 +291,12 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
                 problem: NameError::NoContent,
             })?;
             add(field, dir, &name, content)?;
+            if !dto.override_existing || (dir == LOCAL_ENTRIES_DIR && name == GA_CONFIG_KEY) {
+                keep.push(format!(
+                    "{dir}/{}",
+                    synapse_file_name(&name).unwrap_or_default()
+                ));
+            }
         }
     }
     let files = files
@@ -286,7 +315,12 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Bundle { files })
+    keep.sort();
+    keep.dedup();
+    Ok(Rendered {
+        bundle: Bundle { files },
+        keep,
+    })
 }
 
 static IGNORED: std::sync::LazyLock<crate::fs::ignore::Ignore> = std::sync::LazyLock::new(|| {
@@ -337,8 +371,13 @@ mod tests {
                 "default/api/admin--PizzaShackAPI_v1.0.0.xml",
                 "default/endpoints/admin--PizzaShackAPI_v1.0.0_APIproductionEndpoint.xml",
                 "default/local-entries/6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c.xml",
+                "default/local-entries/ga-config-key.xml",
                 "default/sequences/admin--PizzaShackAPI_v1.0.0--In.xml",
             ]
+        );
+        assert!(
+            String::from_utf8_lossy(&gateway_api_json(API, PIZZA, "t1")).contains("\\u003capi"),
+            "the fixture is Gson-escaped, as WSO2 writes it"
         );
         assert!(b.files.iter().all(|f| f.mode == 0o640));
         let all: Vec<u8> = b.files.iter().flat_map(|f| f.data.clone()).collect();
@@ -355,6 +394,36 @@ mod tests {
                 .expect("renders")
                 .digest()
         );
+    }
+
+    #[test]
+    fn ga_config_key_always_and_every_entry_without_override_never_replace_a_file() {
+        let r = render_dto(&gateway_api_json(API, PIZZA, "t1")).expect("renders");
+        assert_eq!(r.keep, vec!["default/local-entries/ga-config-key.xml"]);
+        let entries = |over: Option<bool>| {
+            let mut v = serde_json::json!({
+                "apiDefinition": api_xml(PIZZA, "x"),
+                "sequenceToBeAdd": [{"name": "s", "content": "<sequence/>"}],
+                "endpointEntriesToBeAdd": [{"name": "e", "content": "<endpoint/>"}],
+                "localEntriesToBeAdd": [{"name": "l", "content": "<localEntry/>"}],
+            });
+            if let Some(o) = over {
+                v["override"] = serde_json::json!(o);
+            }
+            render_dto(&dto(v)).expect("renders").keep
+        };
+        let all = vec![
+            "default/endpoints/e.xml",
+            "default/local-entries/l.xml",
+            "default/sequences/s.xml",
+        ];
+        assert_eq!(
+            entries(Some(false)),
+            all,
+            "the API definition always replaces"
+        );
+        assert_eq!(entries(None), all, "absent is Java's false");
+        assert!(entries(Some(true)).is_empty());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! An API's rows in `AM_GW_API_ARTIFACTS` (one per gateway label) -> what a node with some
 //! labels deploys of it: metadata, revision, digest and bundle. Pure.
 
-use super::{RenderError, render, shown};
+use super::{RenderError, render_dto, shown};
 use crate::artifacts::{ArtifactMeta, Bundle};
 
 /// What a `GATEWAY_INSTRUCTION` says (WSO2 writes `Publish` and `Remove`; case is ignored).
@@ -115,9 +115,9 @@ pub fn select(
     candidates.sort_by(|a, b| a.label.cmp(&b.label));
     candidates.dedup_by(|a, b| a.label == b.label);
     let chosen = *candidates.first()?;
-    let bundle = match &chosen.instruction {
+    let rendered = match &chosen.instruction {
         RowInstruction::Publish => match &chosen.artifact {
-            Some(bytes) => render(bytes).map_err(SelectError::from),
+            Some(bytes) => render_dto(bytes).map_err(SelectError::from),
             None => Err(SelectError::NullArtifact {
                 label: chosen.label.clone(),
             }),
@@ -127,6 +127,10 @@ pub fn select(
             label: chosen.label.clone(),
         }),
         RowInstruction::Remove => Err(SelectError::Removed),
+    };
+    let (bundle, keep) = match rendered {
+        Ok(r) => (Ok(r.bundle), r.keep),
+        Err(e) => (Err(e), Vec::new()),
     };
     let (digest, size) = match &bundle {
         Ok(b) => (b.digest(), b.size()),
@@ -146,13 +150,14 @@ pub fn select(
         labels: candidates.iter().map(|r| r.label.clone()).collect(),
         digest,
         size,
-        keep: Vec::new(),
+        keep,
     };
     Some(Selected { meta, bundle })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::render;
     use super::super::testing::*;
     use super::*;
 
