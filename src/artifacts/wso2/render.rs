@@ -22,8 +22,10 @@ pub enum RenderError {
     TooLarge { size: u64, max: u64 },
     #[error("ARTIFACT is not GatewayAPIDTO JSON: {0}")]
     Json(String),
-    #[error("ARTIFACT has no {0}")]
-    Missing(&'static str),
+    #[error(
+        "ARTIFACT has nothing to deploy: no apiDefinition, sequenceToBeAdd, endpointEntriesToBeAdd or localEntriesToBeAdd"
+    )]
+    Empty,
     #[error("{field} entry {name:?}: {problem}")]
     Name {
         field: &'static str,
@@ -196,8 +198,10 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
 /// Renders one `ARTIFACT` (WSO2's `GatewayAPIDTO` JSON) into the files Synapse deploys, paths
 /// relative to the `synapse-configs` folder, sorted:
 ///
-/// - `apiDefinition` (required) and `defaultAPIDefinition` (optional) go to
-///   `default/api/<name>.xml`, named by the `name` attribute of their `<api>` element;
+/// - `apiDefinition` and `defaultAPIDefinition` go to `default/api/<name>.xml`, named by the
+///   `name` attribute of their `<api>` element. Both are optional: WSO2 saves a WebSocket API
+///   with sequences and no `apiDefinition`, and its gateway deploys just the sequences;
+///   so does this (an artifact with no file at all fails);
 /// - each entry of `sequenceToBeAdd`, `endpointEntriesToBeAdd` and `localEntriesToBeAdd` goes
 ///   to `default/{sequences,endpoints,local-entries}/<name>.xml`.
 ///
@@ -255,15 +259,12 @@ pub fn render_dto(artifact: &[u8]) -> Result<Rendered, RenderError> {
         }
         Ok(())
     };
-    let definition = dto
-        .api_definition
-        .filter(|d| !d.trim().is_empty())
-        .ok_or(RenderError::Missing("apiDefinition"))?;
-    let definitions = std::iter::once(("apiDefinition", definition)).chain(
-        dto.default_api_definition
-            .filter(|d| !d.trim().is_empty())
-            .map(|d| ("defaultAPIDefinition", d)),
-    );
+    let definitions = [
+        ("apiDefinition", dto.api_definition),
+        ("defaultAPIDefinition", dto.default_api_definition),
+    ]
+    .into_iter()
+    .filter_map(|(field, d)| d.filter(|d| !d.trim().is_empty()).map(|d| (field, d)));
     for (field, xml) in definitions {
         crate::fs::xml::check_well_formed(xml.as_bytes()).map_err(|problem| {
             RenderError::NotXml {
@@ -315,6 +316,9 @@ pub fn render_dto(artifact: &[u8]) -> Result<Rendered, RenderError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if files.is_empty() {
+        return Err(RenderError::Empty);
+    }
     keep.sort();
     keep.dedup();
     Ok(Rendered {
@@ -518,7 +522,32 @@ mod tests {
     }
 
     #[test]
-    fn only_the_api_definition_is_required() {
+    fn a_websocket_api_without_api_definition_deploys_its_sequences() {
+        // As WSO2 3.2 saves a WebSocket API: sequences, no apiDefinition.
+        let ws = "admin--ChatWS:v1.0.0";
+        let b = render(&gson(&serde_json::json!({
+            "name": "ChatWS",
+            "version": "1.0.0",
+            "apiId": API,
+            "override": true,
+            "sequenceToBeAdd": [
+                {"name": format!("{ws}--WS_In"), "content": format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{ws}--WS_In\"><send><endpoint><http uri-template=\"ws://chat.example:8080\"/></endpoint></send></sequence>")},
+                {"name": format!("{ws}--WS_Out"), "content": format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{ws}--WS_Out\"><send/></sequence>")},
+            ],
+            "localEntriesToBeAdd": [],
+        })))
+        .expect("renders without apiDefinition");
+        assert_eq!(
+            paths(&b),
+            vec![
+                "default/sequences/admin--ChatWS_v1.0.0--WS_In.xml",
+                "default/sequences/admin--ChatWS_v1.0.0--WS_Out.xml"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_entry_kind_is_optional_but_one_file_is_needed() {
         let b = render(&dto(
             serde_json::json!({ "apiDefinition": api_xml(PIZZA, "x") }),
         ))
@@ -535,13 +564,13 @@ mod tests {
         })))
         .expect("nulls and empty lists are nothing");
         assert_eq!(b.files.len(), 1);
-        for missing in [
+        for nothing in [
             serde_json::json!({}),
             serde_json::json!({ "apiDefinition": null }),
             serde_json::json!({ "apiDefinition": "  " }),
             serde_json::json!({ "name": "PizzaShackAPI", "sequenceToBeAdd": [] }),
         ] {
-            assert_eq!(render_err(missing), RenderError::Missing("apiDefinition"));
+            assert_eq!(render_err(nothing), RenderError::Empty);
         }
         let e = render_err(serde_json::json!({
             "apiDefinition": api_xml(PIZZA, "x"),
