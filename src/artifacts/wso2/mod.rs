@@ -39,8 +39,11 @@ pub const API_DIR: &str = "default/api";
 pub const SEQUENCES_DIR: &str = "default/sequences";
 pub const ENDPOINTS_DIR: &str = "default/endpoints";
 pub const LOCAL_ENTRIES_DIR: &str = "default/local-entries";
-/// Characters Synapse replaces with `_` in a file name (its `MultiXMLConfigurationSerializer`).
-pub const SYNAPSE_NAME_REPLACED: &[char] = &['/', '?', '*', '|', ':', '<', '>', ' '];
+/// Characters replaced with `_` in a file name: WSO2's `[\\/?*|:<> ]`
+/// (`ServiceBusUtils.generateFileName`, as Synapse's `MultiXMLConfigurationSerializer`).
+/// Two names that differ only there (`a:b`, `a_b`) map to one file: within one artifact that
+/// fails it; across artifacts the ownership rules decide (see [`crate::artifacts::owners`]).
+pub const SYNAPSE_NAME_REPLACED: &[char] = &['\\', '/', '?', '*', '|', ':', '<', '>', ' '];
 /// Longest text taken from a database value into a message.
 const MAX_SHOWN: usize = 80;
 

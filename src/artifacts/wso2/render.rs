@@ -110,7 +110,7 @@ struct GatewayContentDto {
     content: Option<String>,
 }
 
-/// Synapse's file name for an artifact called `name`: `/?*|:<> ` become `_`, then `.xml`.
+/// Synapse's file name for an artifact called `name`: `\\/?*|:<> ` become `_`, then `.xml`.
 /// Refuses a name that is empty, `.` or `..`, has control characters, is too long for a file
 /// name, or that the sync engine would never write (editor and temp file patterns).
 pub fn synapse_file_name(name: &str) -> Result<String, NameError> {
@@ -457,8 +457,21 @@ mod tests {
             Ok("a_b_c_d_e_f_g_h_i.xml")
         );
         assert_eq!(
-            synapse_file_name("keep-these_.@#&%+=,;'\"()[]{}\\é").as_deref(),
-            Ok("keep-these_.@#&%+=,;'\"()[]{}\\é.xml")
+            synapse_file_name("keep-these_.@#&%+=,;'\"()[]{}é").as_deref(),
+            Ok("keep-these_.@#&%+=,;'\"()[]{}é.xml")
+        );
+        // The backslash is in WSO2's set too (issue 14): `a\b`, `a:b` and `a_b` are one file.
+        for name in ["a\\b", "a:b", "a_b", "a b"] {
+            assert_eq!(
+                synapse_file_name(name).as_deref(),
+                Ok("a_b.xml"),
+                "{name:?}"
+            );
+        }
+        assert_eq!(
+            synapse_file_name("..\\..\\x").as_deref(),
+            Ok(".._.._x.xml"),
+            "backslashes never make a path either"
         );
         assert_eq!(
             synapse_file_name("../../etc/passwd").as_deref(),
