@@ -26,6 +26,9 @@ use crate::store::{DeployedArtifact, DeployedFile, Store};
 
 /// Longest delay between two retries of a failed deployment.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// Sync start-up: the wait before the second try of the failing artifacts, doubling after
+/// (with the default 3 `startup_attempts`: 0.5 s, then 1 s).
+pub const STARTUP_RETRY_BASE: Duration = Duration::from_millis(500);
 /// Events re-read below the cursor, so an event whose id committed late is still seen.
 const EVENT_LOOKBACK: i64 = 64;
 const EVENT_BATCH: i64 = 500;
@@ -486,17 +489,31 @@ impl Retriever {
     }
 
     /// Start-up deploy, then follow events until cancelled. `ready` turns true when the
-    /// start-up deploy finished (or its retries ran out).
+    /// start-up deploy finished: every artifact that can deploy has, and (sync mode) each
+    /// failing one has had its `startup_attempts` (0.5 s, doubling, between passes; about
+    /// 1.5 s with the default 3), or the source stayed unreachable through the normal retries.
+    /// Failing artifacts stay listed and keep retrying in the background with the normal
+    /// backoff, as WSO2's gateway skips a failing API at start-up.
     pub async fn run(mut self, ready: watch::Sender<bool>, cancel: CancellationToken) {
         info!(source = %self.source.describe(), labels = ?self.config.gateway_labels, mode = %self.config.data_retrieval_mode, "artifact retriever starting");
         let mut plan = RetryPlan::new(self.retry_base(), self.config.max_retry_count);
+        let mut passes_with_failures: u32 = 0;
         loop {
             let outcome = self.startup_pass().await;
             self.publish_status();
-            match outcome {
+            let delay = match outcome {
                 Ok(0) => break,
                 Ok(failed) => {
                     self.last_error = Some(format!("{failed} artifacts failed to deploy"));
+                    passes_with_failures += 1;
+                    if passes_with_failures >= self.config.startup_attempts {
+                        warn!(
+                            failed,
+                            attempts = passes_with_failures,
+                            "start-up attempts used; serving without the failing artifacts, which keep retrying"
+                        );
+                        break;
+                    }
                     if !self.config.sync_start() {
                         // Async: nothing waits for the start-up deploy. Each failed artifact
                         // keeps its own retry plan (retried by `follow`); retrying the whole
@@ -507,24 +524,26 @@ impl Retriever {
                         );
                         break;
                     }
+                    retry_delay(STARTUP_RETRY_BASE, passes_with_failures)
                 }
                 Err(e) => {
                     warn!(error = %e, "start-up retrieval failed");
                     self.last_error = Some(e.to_string());
+                    let Some(delay) = plan.next_delay() else {
+                        warn!(
+                            retries = plan.retries(),
+                            "start-up retrieval retries ran out; running with what is deployed"
+                        );
+                        for f in self.failures.values_mut() {
+                            f.gave_up = true;
+                        }
+                        break;
+                    };
+                    delay
                 }
-            }
-            let Some(delay) = plan.next_delay() else {
-                warn!(
-                    retries = plan.retries(),
-                    "start-up retrieval retries ran out; running with what is deployed"
-                );
-                for f in self.failures.values_mut() {
-                    f.gave_up = true;
-                }
-                break;
             };
             info!(
-                retry = plan.retries(),
+                retry = plan.retries() + passes_with_failures,
                 delay_ms = delay.as_millis() as u64,
                 "retrying start-up retrieval"
             );

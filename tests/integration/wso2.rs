@@ -480,3 +480,64 @@ fn wso2_shared_files(backend: Backend) {
         },
     );
 }
+
+/// Sync mode with one broken row: WSO2's gateway skips a failing API at start-up, and so does
+/// the node: SERVING once the good API is deployed and the broken one has had its start-up
+/// attempts (3, 0.5 s then 1 s apart), not after its normal retries (here a minute apart).
+#[test]
+fn sync_start_serves_once_the_failing_api_used_its_startup_attempts() {
+    let Some(db) = Wso2Db::new(Backend::Sqlite) else {
+        return;
+    };
+    db.publish(PIZZA, PIZZA_API, LABEL, "v1");
+    db.put(
+        BROKEN,
+        LABEL,
+        "Publish",
+        b"{\"apiDefinition\": \"<api name=",
+    );
+    let mut gw = lone_node(
+        "gw",
+        &format!(
+            "\n[retriever]\ngateway_labels = [\"{LABEL}\"]\npoll_interval = 50\n\
+             deployment_retry_duration = 60000\nmax_retry_count = 5\n\
+             artifact_retriever = \"db\"\nschema = \"wso2-apim-3.2\"\n\
+             database_url = \"{}\"\ndata_retrieval_mode = \"sync\"\n",
+            db.url
+        ),
+    );
+    let started = std::time::Instant::now();
+    gw.start_no_wait();
+    wait_for(
+        std::time::Duration::from_secs(20),
+        "SERVING within the start-up bound despite the broken API",
+        || match gw.health() {
+            Ok(HealthStatus::Serving) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let took = started.elapsed();
+    tree_is(&gw.synapse(), &files(PIZZA, PIZZA_API, "v1"))
+        .unwrap_or_else(|e| panic!("SERVING before the good API was deployed: {e}"));
+    let r = retriever_status(&gw);
+    assert_eq!(r["startup_done"], true, "{r}");
+    let failing = r["failing"].as_array().cloned().unwrap_or_default();
+    assert!(
+        matches!(failing.as_slice(), [f] if f["id"] == BROKEN && f["attempts"] == 3 && f["gave_up"] == false),
+        "the broken API is listed after its 3 start-up attempts, still retrying: {r} (took {took:?})"
+    );
+    let text = gw.cli(&["artifact", "deployed"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("FAILING") && text.contains(BROKEN), "{text}");
+
+    // Fixed in WSO2: the next event deploys it, without waiting for its minute-long retry.
+    db.publish(BROKEN, STORE_API, LABEL, "fixed");
+    wait_tree(
+        &gw,
+        "the fixed API deployed",
+        &union(&[
+            files(PIZZA, PIZZA_API, "v1"),
+            files(BROKEN, STORE_API, "fixed"),
+        ]),
+    );
+}
