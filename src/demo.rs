@@ -494,6 +494,9 @@ pub fn render_retriever(r: &crate::artifacts::retriever::RetrieverStatus) -> Str
             d.labels,
             plural(d.paths.len() as u64, "file", "files")
         ));
+        for w in &d.warnings {
+            out.push_str(&format!("      WARNING {}: {w}\n", d.id));
+        }
     }
     for f in &r.failing {
         out.push_str(&format!(

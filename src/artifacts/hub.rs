@@ -37,7 +37,26 @@ fn meta_to_pb(m: &ArtifactMeta) -> pb::Meta {
         digest: m.digest.to_vec(),
         size: m.size,
         keep: m.keep.clone(),
+        warnings: m.warnings.clone(),
     }
+}
+
+/// Most warnings, and longest warning, taken from a hub for one artifact.
+const MAX_WARNINGS: usize = 8;
+const MAX_WARNING_CHARS: usize = 1024;
+
+/// A hub's warnings, bounded and without control characters (they reach a terminal).
+fn warnings_from_pb(warnings: Vec<String>) -> Vec<String> {
+    warnings
+        .into_iter()
+        .take(MAX_WARNINGS)
+        .map(|w| {
+            w.chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_WARNING_CHARS)
+                .collect()
+        })
+        .collect()
 }
 
 /// Most keep paths taken from a hub for one artifact.
@@ -88,6 +107,7 @@ fn meta_from_pb(m: pb::Meta) -> Result<ArtifactMeta, SourceError> {
         digest,
         size: m.size,
         keep: keep_from_pb(&m.id, m.keep)?,
+        warnings: warnings_from_pb(m.warnings),
     })
 }
 

@@ -168,6 +168,10 @@ pub struct ArtifactMeta {
     /// [`owners`].
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub keep: Vec<String>,
+    /// What the operator must provision by hand for this artifact (WSO2: endpoint credentials,
+    /// client certificates); shown in status.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One file of a bundle: where it goes below the folder root, its mode and bytes.

@@ -295,6 +295,7 @@ mod tests {
             paths: vec!["p".into()],
             deployed_ms: 0,
             files: vec![],
+            warnings: vec![],
         };
         let owners = Owners::of([&old]);
         assert_eq!(owners.claims("p"), &[claim("a", "", false)]);

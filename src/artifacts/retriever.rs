@@ -297,6 +297,7 @@ impl Staged {
             paths: bytes.keys().cloned().collect(),
             deployed_ms: crate::now_ms(),
             files,
+            warnings: meta.warnings.clone(),
         };
         Self {
             meta,
@@ -882,6 +883,9 @@ impl Retriever {
         }
         for record in records {
             info!(artifact = %record.id, name = %record.name, revision = record.revision, files = record.paths.len(), "artifact deployed");
+            for warning in &record.warnings {
+                warn!(artifact = %record.id, name = %record.name, warning = %warning, "deployed; the operator must provision this");
+            }
             self.failures.remove(&record.id);
         }
         Ok(())

@@ -25,6 +25,10 @@ pub struct DeployedArtifact {
     /// record written before claims were kept.
     #[serde(default)]
     pub files: Vec<DeployedFile>,
+    /// What the operator must provision by hand for it (WSO2: endpoint credentials, client
+    /// certificates).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One path an artifact claims: the bytes it wants there, and whether it replaces a file that

@@ -205,6 +205,19 @@ fn wso2_schema(backend: Backend) {
         "{r}"
     );
     assert_eq!(r["failing"], serde_json::json!([]), "{r}");
+    // Endpoint credentials are not installed: the operator is told which, never the secret.
+    let warnings = r["deployed"][0]["warnings"].to_string();
+    assert!(
+        warnings.contains("secure vault") && warnings.contains("PizzaShackAPI--v1.0.0"),
+        "{r}"
+    );
+    assert!(!r.to_string().contains("s3cret"), "{r}");
+    let text = gw.cli(&["artifact", "deployed"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("WARNING") && text.contains("secure vault"),
+        "{text}"
+    );
     assert!(
         r["source"]
             .as_str()

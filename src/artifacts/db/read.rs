@@ -32,6 +32,7 @@ impl ArtifactDb {
                         size: r.try_get::<i64, _>(8).map_err(|e| self.err(e))?.max(0) as u64,
                         labels: Vec::new(),
                         keep: Vec::new(),
+                        warnings: Vec::new(),
                     })
                 }
             };

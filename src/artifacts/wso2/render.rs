@@ -99,6 +99,54 @@ struct GatewayApiDto {
     endpoints: Option<Vec<GatewayContentDto>>,
     #[serde(rename = "localEntriesToBeAdd", default)]
     local_entries: Option<Vec<GatewayContentDto>>,
+    /// Only the aliases are read: the passwords are skipped by the parser, never held.
+    #[serde(rename = "credentialsToBeAdd", default)]
+    credentials: Option<Vec<Alias>>,
+    /// Only the names (aliases) are read.
+    #[serde(rename = "clientCertificatesToBeAdd", default)]
+    client_certificates: Option<Vec<Named>>,
+}
+
+/// A `CredentialDto`'s alias (its `password` is not a field here, so it is skipped).
+#[derive(Debug, Deserialize)]
+struct Alias {
+    #[serde(default)]
+    alias: Option<String>,
+}
+
+/// A `GatewayContentDTO`'s name only.
+#[derive(Debug, Deserialize)]
+struct Named {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// Most aliases named in one warning.
+const MAX_ALIASES_SHOWN: usize = 10;
+
+/// "a", "b", "c" and 3 more: at most [`MAX_ALIASES_SHOWN`] names, each cut to a few dozen
+/// printable characters (they come from the database).
+fn alias_list(names: impl Iterator<Item = Option<String>>) -> String {
+    let names: Vec<String> = names
+        .map(|n| {
+            let n: String = n
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect();
+            format!("{:?}", shown(&n))
+        })
+        .collect();
+    let mut text = names
+        .iter()
+        .take(MAX_ALIASES_SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > MAX_ALIASES_SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - MAX_ALIASES_SHOWN));
+    }
+    text
 }
 
 /// WSO2's `GatewayContentDTO`: a named Synapse configuration.
@@ -188,6 +236,9 @@ pub const GA_CONFIG_KEY: &str = "ga-config-key";
 pub struct Rendered {
     pub bundle: Bundle,
     pub keep: Vec<String>,
+    /// What the operator must provision by hand: endpoint credentials (WSO2's secure vault)
+    /// and client certificates (its trust store), which artisync never installs.
+    pub warnings: Vec<String>,
 }
 
 /// [`render_dto`]'s files only.
@@ -321,9 +372,23 @@ pub fn render_dto(artifact: &[u8]) -> Result<Rendered, RenderError> {
     }
     keep.sort();
     keep.dedup();
+    let mut warnings = Vec::new();
+    if let Some(c) = dto.credentials.filter(|c| !c.is_empty()) {
+        warnings.push(format!(
+            "endpoint credentials not installed (aliases {}): add them to each gateway's secure vault as WSO2 would, or the endpoints fail authentication",
+            alias_list(c.into_iter().map(|a| a.alias))
+        ));
+    }
+    if let Some(c) = dto.client_certificates.filter(|c| !c.is_empty()) {
+        warnings.push(format!(
+            "client certificates not installed (aliases {}): import them into each gateway's client trust store, or mutual-TLS clients are refused",
+            alias_list(c.into_iter().map(|n| n.name))
+        ));
+    }
     Ok(Rendered {
         bundle: Bundle { files },
         keep,
+        warnings,
     })
 }
 
@@ -428,6 +493,43 @@ mod tests {
         );
         assert_eq!(entries(None), all, "absent is Java's false");
         assert!(entries(Some(true)).is_empty());
+    }
+
+    #[test]
+    fn credentials_and_client_certificates_become_warnings_without_their_secrets() {
+        let r = render_dto(&gateway_api_json(API, PIZZA, "t1")).expect("renders");
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(
+            r.warnings[0].contains("secure vault")
+                && r.warnings[0].contains("PizzaShackAPI--v1.0.0"),
+            "{:?}",
+            r.warnings
+        );
+        assert!(!format!("{:?}", r.warnings).contains("s3cret"));
+        // Hostile aliases: control characters dropped, each cut short, the list bounded.
+        let many: Vec<serde_json::Value> = (0..25)
+            .map(|i| serde_json::json!({"name": format!("cert{i}\u{1b}[31m{}", "x".repeat(500)), "content": "PEM"}))
+            .collect();
+        let r = render_dto(&dto(serde_json::json!({
+            "apiDefinition": api_xml(PIZZA, "x"),
+            "clientCertificatesToBeAdd": many,
+            "credentialsToBeAdd": [],
+        })))
+        .expect("renders");
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        let w = &r.warnings[0];
+        assert!(
+            w.contains("trust store") && w.contains("and 15 more"),
+            "{w}"
+        );
+        assert!(!w.contains('\u{1b}') && w.len() < 2000, "{w}");
+        assert!(!w.contains("PEM"));
+        // A list of the wrong shape is a bad artifact, not a panic.
+        let e = render_err(serde_json::json!({
+            "apiDefinition": api_xml(PIZZA, "x"),
+            "credentialsToBeAdd": "s3cret",
+        }));
+        assert!(matches!(e, RenderError::Json(_)), "{e}");
     }
 
     #[test]

@@ -128,9 +128,9 @@ pub fn select(
         }),
         RowInstruction::Remove => Err(SelectError::Removed),
     };
-    let (bundle, keep) = match rendered {
-        Ok(r) => (Ok(r.bundle), r.keep),
-        Err(e) => (Err(e), Vec::new()),
+    let (bundle, keep, warnings) = match rendered {
+        Ok(r) => (Ok(r.bundle), r.keep, r.warnings),
+        Err(e) => (Err(e), Vec::new(), Vec::new()),
     };
     let (digest, size) = match &bundle {
         Ok(b) => (b.digest(), b.size()),
@@ -151,6 +151,7 @@ pub fn select(
         digest,
         size,
         keep,
+        warnings,
     };
     Some(Selected { meta, bundle })
 }

@@ -306,6 +306,7 @@ impl Source for Wso2Source {
             digest: [0; 32],
             size: 0,
             keep: Vec::new(),
+            warnings: Vec::new(),
         }))
     }
 
