@@ -89,6 +89,8 @@ struct GatewayApiDto {
     /// are not replaced.
     #[serde(rename = "override", default)]
     override_existing: bool,
+    #[serde(rename = "tenantDomain", default)]
+    tenant_domain: Option<String>,
     #[serde(rename = "apiDefinition", default)]
     api_definition: Option<String>,
     #[serde(rename = "defaultAPIDefinition", default)]
@@ -239,6 +241,8 @@ pub struct Rendered {
     /// What the operator must provision by hand: endpoint credentials (WSO2's secure vault)
     /// and client certificates (its trust store), which artisync never installs.
     pub warnings: Vec<String>,
+    /// `tenantDomain`, when the DTO names one.
+    pub tenant: Option<String>,
 }
 
 /// [`render_dto`]'s files only.
@@ -389,6 +393,7 @@ pub fn render_dto(artifact: &[u8]) -> Result<Rendered, RenderError> {
         bundle: Bundle { files },
         keep,
         warnings,
+        tenant: dto.tenant_domain.filter(|t| !t.trim().is_empty()),
     })
 }
 
