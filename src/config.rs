@@ -163,6 +163,10 @@ pub struct RetrieverFile {
     /// `sync` (health NOT_SERVING until the start-up deploy is done) or `async`.
     #[serde(default = "default_retrieval_mode")]
     pub data_retrieval_mode: String,
+    /// Sync mode: tries a failing artifact gets before the node serves without it (it keeps
+    /// retrying in the background); 0.5 s, then doubling, between tries.
+    #[serde(default = "default_startup_attempts")]
+    pub startup_attempts: u32,
     /// Wait after an event before fetching, in ms.
     #[serde(default = "default_event_waiting_time")]
     pub event_waiting_time: u64,
@@ -222,6 +226,9 @@ fn default_max_retry_count() -> u32 {
 fn default_retrieval_mode() -> String {
     "async".into()
 }
+fn default_startup_attempts() -> u32 {
+    3
+}
 fn default_event_waiting_time() -> u64 {
     1
 }
@@ -247,6 +254,8 @@ pub struct RetrieverConfig {
     pub max_retry_count: u32,
     /// When the health service reports SERVING.
     pub data_retrieval_mode: DataRetrievalMode,
+    /// Sync mode: tries each failing artifact gets before the node serves without it.
+    pub startup_attempts: u32,
     /// Wait after an event before fetching, in ms.
     pub event_waiting_time: u64,
     /// Full reconcile against the source, in seconds.
@@ -740,6 +749,12 @@ impl RetrieverFile {
                 "must be at least 1 ms",
             ));
         }
+        if !(1..=10).contains(&self.startup_attempts) {
+            return Err(invalid(
+                "retriever.startup_attempts",
+                "must be between 1 and 10",
+            ));
+        }
         Ok(RetrieverConfig {
             source,
             folder: self.folder.clone(),
@@ -747,6 +762,7 @@ impl RetrieverFile {
             deployment_retry_duration: self.deployment_retry_duration,
             max_retry_count: self.max_retry_count,
             data_retrieval_mode,
+            startup_attempts: self.startup_attempts,
             event_waiting_time: self.event_waiting_time,
             reconcile_interval: self.reconcile_interval,
             poll_interval: self.poll_interval,

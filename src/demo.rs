@@ -494,6 +494,9 @@ pub fn render_retriever(r: &crate::artifacts::retriever::RetrieverStatus) -> Str
             d.labels,
             plural(d.paths.len() as u64, "file", "files")
         ));
+        for w in &d.warnings {
+            out.push_str(&format!("      WARNING {}: {w}\n", d.id));
+        }
     }
     for f in &r.failing {
         out.push_str(&format!(
@@ -507,6 +510,15 @@ pub fn render_retriever(r: &crate::artifacts::retriever::RetrieverStatus) -> Str
                 ""
             },
             f["reason"].as_str().unwrap_or("?")
+        ));
+    }
+    for c in &r.conflicts {
+        out.push_str(&format!(
+            "    CONFLICT {}: holds artifact {}'s content, not {} ({})\n",
+            c.path,
+            c.winner,
+            c.losers.join(", "),
+            c.rule
         ));
     }
     if let Some(e) = &r.last_error {

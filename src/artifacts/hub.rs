@@ -36,7 +36,51 @@ fn meta_to_pb(m: &ArtifactMeta) -> pb::Meta {
         labels: m.labels.clone(),
         digest: m.digest.to_vec(),
         size: m.size,
+        keep: m.keep.clone(),
+        warnings: m.warnings.clone(),
     }
+}
+
+/// Most warnings, and longest warning, taken from a hub for one artifact.
+const MAX_WARNINGS: usize = 8;
+const MAX_WARNING_CHARS: usize = 1024;
+
+/// A hub's warnings, bounded and without control characters (they reach a terminal).
+fn warnings_from_pb(warnings: Vec<String>) -> Vec<String> {
+    warnings
+        .into_iter()
+        .take(MAX_WARNINGS)
+        .map(|w| {
+            w.chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_WARNING_CHARS)
+                .collect()
+        })
+        .collect()
+}
+
+/// Most keep paths taken from a hub for one artifact.
+const MAX_KEEP_PATHS: usize = 10_000;
+
+/// A hub's keep paths, checked: bounded in number, each a valid relative path.
+fn keep_from_pb(id: &str, keep: Vec<String>) -> Result<Vec<String>, SourceError> {
+    let bad = |problem: String| SourceError::Artifact {
+        id: id.chars().take(80).collect(),
+        problem,
+    };
+    if keep.len() > MAX_KEEP_PATHS {
+        return Err(bad(format!(
+            "hub sent {} keep paths, more than {MAX_KEEP_PATHS}",
+            keep.len()
+        )));
+    }
+    keep.into_iter()
+        .map(|p| {
+            RelPath::new(&p)
+                .map(|r| r.to_string())
+                .map_err(|e| bad(format!("hub sent a bad keep path: {e}")))
+        })
+        .collect()
 }
 
 fn meta_from_pb(m: pb::Meta) -> Result<ArtifactMeta, SourceError> {
@@ -62,6 +106,8 @@ fn meta_from_pb(m: pb::Meta) -> Result<ArtifactMeta, SourceError> {
         labels: m.labels,
         digest,
         size: m.size,
+        keep: keep_from_pb(&m.id, m.keep)?,
+        warnings: warnings_from_pb(m.warnings),
     })
 }
 

@@ -11,6 +11,7 @@
 
 pub mod db;
 pub mod hub;
+pub mod owners;
 pub mod retriever;
 pub mod wso2;
 
@@ -162,6 +163,15 @@ pub struct ArtifactMeta {
     #[serde(skip)]
     pub digest: [u8; 32],
     pub size: u64,
+    /// Paths of the bundle that never replace a file another artifact put there (WSO2's
+    /// `ga-config-key`, and entries of a `GatewayAPIDTO` with `override: false`); see
+    /// [`owners`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<String>,
+    /// What the operator must provision by hand for this artifact (WSO2: endpoint credentials,
+    /// client certificates); shown in status.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One file of a bundle: where it goes below the folder root, its mode and bytes.

@@ -17,14 +17,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::db::{ArtifactDb, DbError};
+use super::owners::{Owners, PathConflict, Resolution, resolve};
 use super::{ArtifactMeta, Bundle, Event};
 use crate::config::RetrieverConfig;
 use crate::engine::{DeployRequest, FolderHandle};
 use crate::model::RelPath;
-use crate::store::{DeployedArtifact, Store};
+use crate::store::{DeployedArtifact, DeployedFile, Store};
 
 /// Longest delay between two retries of a failed deployment.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+/// Sync start-up: the wait before the second try of the failing artifacts, doubling after
+/// (with the default 3 `startup_attempts`: 0.5 s, then 1 s).
+pub const STARTUP_RETRY_BASE: Duration = Duration::from_millis(500);
 /// Events re-read below the cursor, so an event whose id committed late is still seen.
 const EVENT_LOOKBACK: i64 = 64;
 const EVENT_BATCH: i64 = 500;
@@ -262,6 +266,58 @@ impl Source for DbSource {
     }
 }
 
+/// An artifact's new revision, ready to deploy: its record (with what it claims) and the
+/// bytes it brought, by path.
+struct Staged {
+    meta: ArtifactMeta,
+    record: DeployedArtifact,
+    bytes: BTreeMap<String, Vec<u8>>,
+}
+
+impl Staged {
+    fn new(meta: ArtifactMeta, bundle: Bundle) -> Self {
+        let mut files = Vec::with_capacity(bundle.files.len());
+        let mut bytes = BTreeMap::new();
+        for f in bundle.files {
+            let path = f.path.to_string();
+            files.push(DeployedFile {
+                hash: blake3::hash(&f.data).to_hex().to_string(),
+                keep: meta.keep.contains(&path),
+                path: path.clone(),
+            });
+            bytes.insert(path, f.data);
+        }
+        let record = DeployedArtifact {
+            id: meta.id.clone(),
+            name: meta.name.clone(),
+            version: meta.version.clone(),
+            revision: meta.revision,
+            labels: meta.labels.clone(),
+            folder: meta.folder.clone(),
+            paths: bytes.keys().cloned().collect(),
+            deployed_ms: crate::now_ms(),
+            files,
+            warnings: meta.warnings.clone(),
+        };
+        Self {
+            meta,
+            record,
+            bytes,
+        }
+    }
+}
+
+/// Why deployed files could not be brought to what the deployed artifacts want.
+#[derive(Debug, thiserror::Error)]
+enum SettleError {
+    /// The source could not give the bytes of a file to restore.
+    #[error(transparent)]
+    Source(SourceError),
+    /// The folder did not take the writes.
+    #[error(transparent)]
+    Engine(crate::engine::EngineError),
+}
+
 /// A deployment that failed, and when it is tried again.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failure {
@@ -290,6 +346,9 @@ pub struct RetrieverStatus {
     pub deployed: Vec<DeployedArtifact>,
     pub failing: Vec<serde_json::Value>,
     pub last_error: Option<String>,
+    /// Paths where deployed artifacts want different content, and which one the file holds.
+    #[serde(default)]
+    pub conflicts: Vec<PathConflict>,
 }
 
 /// Local admin actions (this node only). The reply is the text the admin prints.
@@ -349,6 +408,8 @@ pub struct Retriever {
     failures: BTreeMap<String, Failure>,
     /// Undeployed by an operator: not brought back by reconcile until redeploy or a new event.
     held_off: BTreeSet<String>,
+    /// Paths where deployed artifacts disagree, as last settled.
+    conflicts: BTreeMap<String, PathConflict>,
     status: Arc<Mutex<RetrieverStatus>>,
     commands: mpsc::Receiver<Command>,
     cursor: i64,
@@ -369,7 +430,13 @@ impl Retriever {
             .deployed()
             .await?
             .into_iter()
-            .map(|d| (d.id.clone(), d))
+            .map(|mut d| {
+                if d.files.is_empty() && !d.paths.is_empty() {
+                    // Written before claims had hashes: redeployed once to learn them.
+                    d.revision = -1;
+                }
+                (d.id.clone(), d)
+            })
             .collect();
         let (tx, rx) = mpsc::channel(8);
         let status = Arc::new(Mutex::new(RetrieverStatus::default()));
@@ -381,6 +448,7 @@ impl Retriever {
             deployed,
             failures: BTreeMap::new(),
             held_off: BTreeSet::new(),
+            conflicts: BTreeMap::new(),
             status: status.clone(),
             commands: rx,
             cursor: 0,
@@ -410,6 +478,7 @@ impl Retriever {
                 .filter_map(|f| serde_json::to_value(f).ok())
                 .collect(),
             last_error: self.last_error.clone(),
+            conflicts: self.conflicts.values().cloned().collect(),
         };
         if let Ok(mut g) = self.status.lock() {
             *g = s;
@@ -421,17 +490,31 @@ impl Retriever {
     }
 
     /// Start-up deploy, then follow events until cancelled. `ready` turns true when the
-    /// start-up deploy finished (or its retries ran out).
+    /// start-up deploy finished: every artifact that can deploy has, and (sync mode) each
+    /// failing one has had its `startup_attempts` (0.5 s, doubling, between passes; about
+    /// 1.5 s with the default 3), or the source stayed unreachable through the normal retries.
+    /// Failing artifacts stay listed and keep retrying in the background with the normal
+    /// backoff, as WSO2's gateway skips a failing API at start-up.
     pub async fn run(mut self, ready: watch::Sender<bool>, cancel: CancellationToken) {
         info!(source = %self.source.describe(), labels = ?self.config.gateway_labels, mode = %self.config.data_retrieval_mode, "artifact retriever starting");
         let mut plan = RetryPlan::new(self.retry_base(), self.config.max_retry_count);
+        let mut passes_with_failures: u32 = 0;
         loop {
             let outcome = self.startup_pass().await;
             self.publish_status();
-            match outcome {
+            let delay = match outcome {
                 Ok(0) => break,
                 Ok(failed) => {
                     self.last_error = Some(format!("{failed} artifacts failed to deploy"));
+                    passes_with_failures += 1;
+                    if passes_with_failures >= self.config.startup_attempts {
+                        warn!(
+                            failed,
+                            attempts = passes_with_failures,
+                            "start-up attempts used; serving without the failing artifacts, which keep retrying"
+                        );
+                        break;
+                    }
                     if !self.config.sync_start() {
                         // Async: nothing waits for the start-up deploy. Each failed artifact
                         // keeps its own retry plan (retried by `follow`); retrying the whole
@@ -442,24 +525,26 @@ impl Retriever {
                         );
                         break;
                     }
+                    retry_delay(STARTUP_RETRY_BASE, passes_with_failures)
                 }
                 Err(e) => {
                     warn!(error = %e, "start-up retrieval failed");
                     self.last_error = Some(e.to_string());
+                    let Some(delay) = plan.next_delay() else {
+                        warn!(
+                            retries = plan.retries(),
+                            "start-up retrieval retries ran out; running with what is deployed"
+                        );
+                        for f in self.failures.values_mut() {
+                            f.gave_up = true;
+                        }
+                        break;
+                    };
+                    delay
                 }
-            }
-            let Some(delay) = plan.next_delay() else {
-                warn!(
-                    retries = plan.retries(),
-                    "start-up retrieval retries ran out; running with what is deployed"
-                );
-                for f in self.failures.values_mut() {
-                    f.gave_up = true;
-                }
-                break;
             };
             info!(
-                retry = plan.retries(),
+                retry = plan.retries() + passes_with_failures,
                 delay_ms = delay.as_millis() as u64,
                 "retrying start-up retrieval"
             );
@@ -654,6 +739,7 @@ impl Retriever {
         for id in stale {
             self.undeploy(&id).await;
         }
+        self.check_files().await?;
         Ok(self.failures.values().filter(|f| !f.gave_up).count())
     }
 
@@ -717,33 +803,26 @@ impl Retriever {
             ours.push(meta);
         }
         let bundles = self.source.bundles(&ours).await?;
-        let mut request = DeployRequest::default();
-        let mut staged: Vec<(ArtifactMeta, BTreeSet<String>)> = Vec::new();
+        let mut staged: Vec<Staged> = Vec::new();
         for (meta, bundle) in ours.into_iter().zip(bundles) {
-            let bundle = match bundle {
-                Ok(b) => b,
+            match bundle {
+                Ok(b) => staged.push(Staged::new(meta, b)),
                 Err(SourceError::Unavailable(e)) => return Err(SourceError::Unavailable(e)),
                 Err(SourceError::Artifact { problem, .. }) => {
                     self.fail(&meta.id, meta.revision, problem);
-                    continue;
                 }
-            };
-            let (planned, paths) = self.plan(&meta, bundle);
-            request.writes.extend(planned.writes);
-            request.removes.extend(planned.removes);
-            staged.push((meta, paths));
+            }
         }
         if staged.is_empty() {
             return Ok(());
         }
-        match self.folder.deploy(request).await {
-            Ok(()) => {
-                self.record(staged).await;
-                Ok(())
-            }
-            Err(e) => {
-                warn!(error = %e, count = staged.len(), "batched deploy failed; deploying one by one");
-                for (meta, _) in staged {
+        let metas: Vec<ArtifactMeta> = staged.iter().map(|s| s.meta.clone()).collect();
+        match self.apply(staged).await {
+            Ok(()) => Ok(()),
+            Err(SettleError::Source(e)) => Err(e),
+            Err(SettleError::Engine(e)) => {
+                warn!(error = %e, count = metas.len(), "batched deploy failed; deploying one by one");
+                for meta in metas {
                     self.deploy(meta).await?;
                 }
                 Ok(())
@@ -770,48 +849,162 @@ impl Retriever {
         true
     }
 
-    /// The files to write and remove for a new revision, and its path list.
-    fn plan(&self, meta: &ArtifactMeta, bundle: Bundle) -> (DeployRequest, BTreeSet<String>) {
-        let new_paths: BTreeSet<String> = bundle.files.iter().map(|f| f.path.to_string()).collect();
-        let removes: Vec<RelPath> = self
-            .deployed
-            .get(&meta.id)
-            .map(|d| {
-                d.paths
-                    .iter()
-                    .filter(|p| !new_paths.contains(*p))
-                    .filter_map(|p| RelPath::new(p).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let writes = bundle.files.into_iter().map(|f| (f.path, f.data)).collect();
-        (DeployRequest { writes, removes }, new_paths)
-    }
-
-    /// Remembers deployed artifacts, in one index transaction.
-    async fn record(&mut self, deployed: Vec<(ArtifactMeta, BTreeSet<String>)>) {
-        let now = crate::now_ms();
-        let records: Vec<DeployedArtifact> = deployed
-            .into_iter()
-            .map(|(meta, paths)| DeployedArtifact {
-                id: meta.id,
-                name: meta.name,
-                version: meta.version,
-                revision: meta.revision,
-                labels: meta.labels,
-                folder: meta.folder,
-                paths: paths.into_iter().collect(),
-                deployed_ms: now,
-            })
-            .collect();
+    /// Takes the staged artifacts' new claims and brings the paths they had and have to what
+    /// the deployed set wants; the claims are recorded once the disk has them, and dropped
+    /// again if it cannot.
+    async fn apply(&mut self, staged: Vec<Staged>) -> Result<(), SettleError> {
+        let mut paths: BTreeSet<String> = BTreeSet::new();
+        let mut in_hand: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
+        let mut before: Vec<(String, Option<DeployedArtifact>)> = Vec::new();
+        let mut records = Vec::with_capacity(staged.len());
+        for s in staged {
+            let old = self.deployed.insert(s.record.id.clone(), s.record.clone());
+            if let Some(old) = &old {
+                paths.extend(old.paths.iter().cloned());
+            }
+            paths.extend(s.record.paths.iter().cloned());
+            for (path, data) in s.bytes {
+                in_hand.insert((s.record.id.clone(), path), data);
+            }
+            before.push((s.record.id.clone(), old));
+            records.push(s.record);
+        }
+        if let Err(e) = self.settle(paths, &in_hand).await {
+            for (id, old) in before {
+                match old {
+                    Some(old) => self.deployed.insert(id, old),
+                    None => self.deployed.remove(&id),
+                };
+            }
+            return Err(e);
+        }
         if let Err(e) = self.store.set_deployed(&records).await {
             warn!(count = records.len(), error = %e, "deployed, but cannot record it in the index");
         }
         for record in records {
             info!(artifact = %record.id, name = %record.name, revision = record.revision, files = record.paths.len(), "artifact deployed");
+            for warning in &record.warnings {
+                warn!(artifact = %record.id, name = %record.name, warning = %warning, "deployed; the operator must provision this");
+            }
             self.failures.remove(&record.id);
-            self.deployed.insert(record.id.clone(), record);
         }
+        Ok(())
+    }
+
+    /// Brings each of `paths` to what the deployed artifacts want (see [`super::owners`]):
+    /// removed when none claims it, left alone when the disk already holds the winning bytes,
+    /// written otherwise, with bytes `in_hand` (by artifact and path) or fetched again from
+    /// the winner's current bundle. Conflicts found are kept for status.
+    async fn settle(
+        &mut self,
+        paths: BTreeSet<String>,
+        in_hand: &BTreeMap<(String, String), Vec<u8>>,
+    ) -> Result<(), SettleError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let rel: Vec<RelPath> = paths.iter().filter_map(|p| RelPath::new(p).ok()).collect();
+        let hashes = self.folder.disk_hashes(rel.clone()).await;
+        let disk: BTreeMap<String, String> = rel
+            .iter()
+            .zip(hashes)
+            .filter_map(|(p, h)| Some((p.to_string(), blake3::Hash::from(h?).to_hex().to_string())))
+            .collect();
+        let mut request = DeployRequest::default();
+        // Paths whose winning bytes are not in hand: by artifact, (path, hash).
+        let mut refetch: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        {
+            let owners = Owners::of(self.deployed.values());
+            for path in &rel {
+                let on_disk = disk.get(path.as_str()).map(String::as_str);
+                let resolution = resolve(owners.claims(path.as_str()), on_disk);
+                match PathConflict::of(path.as_str(), &resolution) {
+                    Some(c) => {
+                        if self.conflicts.get(path.as_str()) != Some(&c) {
+                            warn!(path = %path, winner = %c.winner, losers = ?c.losers, rule = %c.rule, "deployed artifacts want different content at one path");
+                        }
+                        self.conflicts.insert(path.to_string(), c);
+                    }
+                    None => {
+                        self.conflicts.remove(path.as_str());
+                    }
+                }
+                match resolution {
+                    Resolution::Remove => {
+                        if on_disk.is_some() {
+                            request.removes.push(path.clone());
+                        }
+                    }
+                    Resolution::Leave => {}
+                    Resolution::Hold { winner, .. } => {
+                        if on_disk == Some(winner.hash) {
+                            continue;
+                        }
+                        let key = (winner.artifact.to_owned(), path.to_string());
+                        match in_hand.get(&key) {
+                            Some(data) => request.writes.push((path.clone(), data.clone())),
+                            None => refetch
+                                .entry(key.0)
+                                .or_default()
+                                .push((key.1, winner.hash.to_owned())),
+                        }
+                    }
+                }
+            }
+        }
+        for (id, wanted) in refetch {
+            request.writes.extend(self.refetch(&id, wanted).await?);
+        }
+        if request.writes.is_empty() && request.removes.is_empty() {
+            return Ok(());
+        }
+        let (written, removed) = (request.writes.len(), request.removes.len());
+        self.folder
+            .deploy(request)
+            .await
+            .map_err(SettleError::Engine)?;
+        tracing::debug!(written, removed, "deployed files settled");
+        Ok(())
+    }
+
+    /// The bytes `wanted` (path, hash) of deployed artifact `id`, from its current bundle.
+    /// An artifact that changed meanwhile gives nothing: its own redeploy settles its paths.
+    async fn refetch(
+        &mut self,
+        id: &str,
+        wanted: Vec<(String, String)>,
+    ) -> Result<Vec<(RelPath, Vec<u8>)>, SettleError> {
+        let revision = self.deployed.get(id).map(|d| d.revision);
+        let meta = match self.source.get(id, &self.config.gateway_labels).await {
+            Ok(Some(mut m)) if !m.removed && Some(m.revision) == revision => {
+                m.labels.retain(|l| self.config.gateway_labels.contains(l));
+                m
+            }
+            Ok(_) | Err(SourceError::Artifact { .. }) => {
+                warn!(artifact = %id, "cannot restore its deployed files: it changed at the source; its redeploy follows");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(SettleError::Source(e)),
+        };
+        let bundle = match self.source.bundle(&meta).await {
+            Ok(b) => b,
+            Err(SourceError::Artifact { problem, .. }) => {
+                warn!(artifact = %id, problem = %problem, "cannot restore its deployed files");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(SettleError::Source(e)),
+        };
+        let mut out = Vec::new();
+        for f in bundle.files {
+            let hash = blake3::hash(&f.data).to_hex().to_string();
+            if wanted
+                .iter()
+                .any(|(p, h)| p == f.path.as_str() && *h == hash)
+            {
+                out.push((f.path, f.data));
+            }
+        }
+        Ok(out)
     }
 
     /// Fetches and writes one artifact; failures specific to it are recorded, a source outage
@@ -828,43 +1021,54 @@ impl Retriever {
             }
             Err(e) => return Err(e),
         };
-        let (request, paths) = self.plan(&meta, bundle);
-        if let Err(e) = self.folder.deploy(request).await {
-            self.fail(&meta.id, meta.revision, e.to_string());
-            return Ok(());
+        let (id, revision) = (meta.id.clone(), meta.revision);
+        match self.apply(vec![Staged::new(meta, bundle)]).await {
+            Ok(()) => Ok(()),
+            Err(SettleError::Source(e)) => Err(e),
+            Err(SettleError::Engine(e)) => {
+                self.fail(&id, revision, e.to_string());
+                Ok(())
+            }
         }
-        self.record(vec![(meta, paths)]).await;
-        Ok(())
     }
 
+    /// Drops the artifact's claims; its files go unless another deployed artifact claims
+    /// them (then they hold what that one wants).
     async fn undeploy(&mut self, id: &str) {
-        let Some(d) = self.deployed.get(id).cloned() else {
+        let Some(d) = self.deployed.remove(id) else {
             return;
         };
-        let removes: Vec<RelPath> = d
-            .paths
-            .iter()
-            .filter_map(|p| RelPath::new(p).ok())
-            .collect();
-        match self
-            .folder
-            .deploy(DeployRequest {
-                writes: Vec::new(),
-                removes,
-            })
-            .await
-        {
+        let paths: BTreeSet<String> = d.paths.iter().cloned().collect();
+        match self.settle(paths, &BTreeMap::new()).await {
             Ok(()) => {
                 if let Err(e) = self.store.remove_deployed(id).await {
                     warn!(artifact = %id, error = %e, "undeployed, but cannot record it in the index");
                 }
-                self.deployed.remove(id);
                 self.failures.remove(id);
                 info!(artifact = %id, name = %d.name, "artifact undeployed");
             }
             Err(e) => {
                 warn!(artifact = %id, error = %e, "cannot undeploy artifact");
                 self.last_error = Some(e.to_string());
+                self.deployed.insert(id.to_owned(), d);
+            }
+        }
+    }
+
+    /// Checks every deployed file on disk against what the deployed artifacts want, and
+    /// restores what differs (a shared file deleted by hand, or by a peer that undeployed).
+    async fn check_files(&mut self) -> Result<(), SourceError> {
+        let paths: BTreeSet<String> = Owners::of(self.deployed.values())
+            .paths()
+            .map(str::to_owned)
+            .collect();
+        match self.settle(paths, &BTreeMap::new()).await {
+            Ok(()) => Ok(()),
+            Err(SettleError::Source(e)) => Err(e),
+            Err(SettleError::Engine(e)) => {
+                warn!(error = %e, "cannot restore deployed files");
+                self.last_error = Some(e.to_string());
+                Ok(())
             }
         }
     }
@@ -875,7 +1079,7 @@ impl Retriever {
                 self.held_off.remove(&id);
                 self.failures.remove(&id);
                 if let Some(d) = self.deployed.get_mut(&id) {
-                    d.revision = -1; // force a rewrite
+                    d.revision = -1; // fetched again, and its files checked
                 }
                 let r = match self.sync_one(&id).await {
                     Ok(()) => match (self.deployed.get(&id), self.failures.get(&id)) {

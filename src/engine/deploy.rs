@@ -61,3 +61,29 @@ impl FolderEngine {
         }
     }
 }
+
+impl FolderHandle {
+    /// The BLAKE3 hash of each file below the root as it is on disk now (`None`: missing, not
+    /// a regular file, or behind a symlink), for the retriever's check of deployed files.
+    /// Read outside the engine: a file that changes meanwhile is caught by the next check.
+    pub async fn disk_hashes(&self, paths: Vec<RelPath>) -> Vec<Option<Hash>> {
+        let root = self.root.clone();
+        let count = paths.len();
+        tokio::task::spawn_blocking(move || {
+            let Ok(root) = crate::fs::beneath::Root::open(&root) else {
+                return vec![None; paths.len()];
+            };
+            paths
+                .iter()
+                .map(|p| {
+                    let mut file = root.open_file(p).ok()?;
+                    let mut hasher = blake3::Hasher::new();
+                    std::io::copy(&mut file, &mut hasher).ok()?;
+                    Some(*hasher.finalize().as_bytes())
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; count])
+    }
+}

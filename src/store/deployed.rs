@@ -1,5 +1,10 @@
 //! The `deployed` table: the artifacts the retriever has deployed on this node, one JSON
 //! document each.
+//!
+//! Versioning: the document is JSON, so fields are added with `#[serde(default)]` and a
+//! document written by an older artisync still reads. `files` (each path's hash, what the
+//! artifact claims) came after `paths`: a record without it is redeployed once by the
+//! retriever at start-up, which fills it in.
 
 use sqlx::Row;
 
@@ -16,6 +21,26 @@ pub struct DeployedArtifact {
     pub folder: String,
     pub paths: Vec<String>,
     pub deployed_ms: u64,
+    /// What the artifact claims at each of its paths (see `artifacts::owners`). Empty in a
+    /// record written before claims were kept.
+    #[serde(default)]
+    pub files: Vec<DeployedFile>,
+    /// What the operator must provision by hand for it (WSO2: endpoint credentials, client
+    /// certificates).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// One path an artifact claims: the bytes it wants there, and whether it replaces a file that
+/// another artifact put there (see `artifacts::owners`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeployedFile {
+    pub path: String,
+    /// BLAKE3 of the content, hex.
+    pub hash: String,
+    /// Never replaces an existing file (WSO2's `ga-config-key`, `override: false`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
 }
 
 impl Store {
@@ -64,5 +89,18 @@ impl Store {
             .await
             .map_err(|e| self.db_err(e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_written_before_file_claims_still_reads() {
+        let old = r#"{"id":"a","name":"n","version":"1","revision":3,"labels":["L"],"folder":"f","paths":["default/api/a.xml"],"deployed_ms":5}"#;
+        let d: DeployedArtifact = serde_json::from_str(old).expect("reads");
+        assert_eq!(d.paths, vec!["default/api/a.xml".to_owned()]);
+        assert!(d.files.is_empty());
     }
 }

@@ -33,7 +33,7 @@ mod skipped;
 
 pub use conflicts::ConflictEntry;
 pub use cursors::Cursor;
-pub use deployed::DeployedArtifact;
+pub use deployed::{DeployedArtifact, DeployedFile};
 pub use skipped::{SkipChanges, Skipped};
 
 #[derive(Debug, thiserror::Error)]

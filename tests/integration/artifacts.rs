@@ -85,6 +85,7 @@ per_backend!(
     hub_mode_serves_nodes_without_database_credentials,
     mesh_peers_retrieving_the_same_label_do_not_conflict,
     bad_publish_input_is_refused,
+    shared_paths_are_reference_counted_and_conflicts_reported,
 );
 
 /// The database of one test.
@@ -837,4 +838,122 @@ fn corrupt_bundle_is_skipped_and_reported() {
         !log.contains("tampered"),
         "artifact contents must never be logged"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Deployed paths are owned with reference counts: a file two artifacts want stays until
+//    neither does; different content at one path is a reported conflict that the lowest
+//    artifact id wins; a shared file deleted on disk is restored by the reconcile.
+
+const SHARED: &str = "default/sequences/fault.xml";
+const SHARED_X: &str = "<sequence name=\"fault\"><log level=\"full\"/></sequence>\n";
+const SHARED_Y: &str = "<sequence name=\"fault\"><drop/></sequence>\n";
+const A_SHARED: Files = &[
+    ("default/api/A.xml", "<api name=\"A\"/>\n"),
+    (SHARED, SHARED_X),
+];
+const B_SHARED: Files = &[
+    ("default/api/B.xml", "<api name=\"B\"/>\n"),
+    (SHARED, SHARED_X),
+];
+/// C wants other bytes at the shared path; C's id sorts after B's.
+const C_SHARED: Files = &[
+    ("default/api/C.xml", "<api name=\"C\"/>\n"),
+    (SHARED, SHARED_Y),
+];
+
+fn conflicts(v: &Value) -> Vec<(String, String, Vec<String>)> {
+    v["conflicts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no conflicts list in {v}"))
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap_or_default().to_owned(),
+                c["winner"].as_str().unwrap_or_default().to_owned(),
+                c["losers"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn shared_paths_are_reference_counted_and_conflicts_reported(backend: Backend) {
+    let Some(db) = TestDb::new(backend) else {
+        return;
+    };
+    assert!(B < A && A < C, "the ids' order this test relies on");
+    publish(&db.target(), A, &["L1"], A_SHARED);
+    publish(&db.target(), B, &["L1"], B_SHARED);
+    let mut node = lone_node(
+        "x",
+        &db_retriever(&db.url, &["L1"], "reconcile_interval = 1\n"),
+    );
+    node.start();
+    wait_tree(&node, "A and B, sharing one file", &[A_SHARED, B_SHARED]);
+    wait_deployed(&node, &[(A, 1), (B, 1)]);
+
+    // Undeploying A keeps the file B still wants.
+    remove(&db.target(), A);
+    wait_tree(&node, "A removed, the shared file kept for B", &[B_SHARED]);
+
+    // Deleted by hand: the reconcile puts it back (revisions alone would not notice).
+    std::fs::remove_file(node.synapse().join(SHARED)).expect("delete the shared file");
+    wait_tree(&node, "the shared file restored", &[B_SHARED]);
+
+    // C wants other bytes there: a conflict, reported; the lowest id (B) keeps the file.
+    publish(&db.target(), C, &["L1"], C_SHARED);
+    let want = expected(&[B_SHARED, &C_SHARED[..1]]);
+    wait_for(
+        RETRIEVE_TIMEOUT,
+        "C deployed beside B, B's shared file kept",
+        || {
+            tree_is(&node.synapse(), &want)?;
+            let v = deployed_json(&node);
+            match conflicts(&v).as_slice() {
+                [(path, winner, losers)] if path == SHARED && winner == B && losers == &[C] => {
+                    Ok(())
+                }
+                other => Err(format!("conflicts {other:?}")),
+            }
+        },
+    );
+    let text = node.cli(&["artifact", "deployed"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("CONFLICT") && text.contains(SHARED) && text.contains(C),
+        "artifact deployed shows the conflict: {text}"
+    );
+    let status = node.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("CONFLICT"),
+        "status shows the conflict"
+    );
+    holds_for(HOLD, "B's bytes stay (never a silent overwrite)", || {
+        tree_is(&node.synapse(), &want)
+    });
+
+    // B goes: the file now holds what C wants, and the conflict is over.
+    remove(&db.target(), B);
+    wait_tree(
+        &node,
+        "B removed, C's content at the shared path",
+        &[C_SHARED],
+    );
+    wait_for(RETRIEVE_TIMEOUT, "no conflict left", || {
+        let c = conflicts(&deployed_json(&node));
+        if c.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{c:?}"))
+        }
+    });
+    remove(&db.target(), C);
+    wait_tree(&node, "nothing claims the shared file any more", &[]);
 }

@@ -12,7 +12,9 @@ use std::process::{Command, Stdio};
 
 use artisync::artifacts::db::Backend;
 use artisync::artifacts::db::testing::{drop_db, fresh_url};
-use artisync::artifacts::wso2::testing::{Wso2Tables, gateway_api_json, rendered_files};
+use artisync::artifacts::wso2::testing::{
+    Wso2Tables, api_xml, ga_config_xml, gateway_api_json, gson, rendered_files,
+};
 use serde_json::Value;
 
 use crate::common::db::{RETRIEVE_TIMEOUT, retriever_status, tree_is, wait_failing};
@@ -31,6 +33,22 @@ const OTHER_LABEL: &str = "Internal";
 /// Bound for an agent to deploy or undeploy what WSO2 wrote.
 /// In a broken row: must never reach a log.
 const SECRET: &str = "s3cret-in-a-broken-row";
+
+mod wso2_shared_files {
+    use super::Backend;
+    #[test]
+    fn sqlite() {
+        super::wso2_shared_files(Backend::Sqlite);
+    }
+    #[test]
+    fn postgres() {
+        super::wso2_shared_files(Backend::Postgres);
+    }
+    #[test]
+    fn mysql() {
+        super::wso2_shared_files(Backend::MySql);
+    }
+}
 
 mod wso2_schema {
     use super::Backend;
@@ -187,6 +205,19 @@ fn wso2_schema(backend: Backend) {
         "{r}"
     );
     assert_eq!(r["failing"], serde_json::json!([]), "{r}");
+    // Endpoint credentials are not installed: the operator is told which, never the secret.
+    let warnings = r["deployed"][0]["warnings"].to_string();
+    assert!(
+        warnings.contains("secure vault") && warnings.contains("PizzaShackAPI--v1.0.0"),
+        "{r}"
+    );
+    assert!(!r.to_string().contains("s3cret"), "{r}");
+    let text = gw.cli(&["artifact", "deployed"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("WARNING") && text.contains("secure vault"),
+        "{text}"
+    );
     assert!(
         r["source"]
             .as_str()
@@ -350,4 +381,176 @@ fn wso2_schema_config_mistakes_are_named_and_the_cli_does_not_write_there() {
         "the CLI must not open WSO2's database as an artisync store: {stderr}"
     );
     assert!(!db.exists(), "a database file was created");
+}
+
+/// An API Product (id sorts before PizzaShackAPI's) as WSO2 3.2 writes it: `override: false`,
+/// its own API definition, PizzaShackAPI's production endpoint under the same name with other
+/// content, and the shared `ga-config-key`.
+const PRODUCT: &str = "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d";
+const PRODUCT_API: &str = "admin--PizzaProduct:v1.0.0";
+
+fn product_json() -> Vec<u8> {
+    gson(&serde_json::json!({
+        "name": "PizzaProduct",
+        "version": "1.0.0",
+        "provider": "admin",
+        "apiId": PRODUCT,
+        "tenantDomain": "carbon.super",
+        "override": false,
+        "apiDefinition": api_xml(PRODUCT_API, "product"),
+        "endpointEntriesToBeAdd": [{
+            "name": format!("{PIZZA_API}_APIproductionEndpoint"),
+            "content": format!("<endpoint xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{PIZZA_API}_APIproductionEndpoint\"><http uri-template=\"https://product.example\"/></endpoint>"),
+        }],
+        "localEntriesToBeAdd": [{"name": "ga-config-key", "content": ga_config_xml()}],
+    }))
+}
+
+/// Shared files on a two-node mesh: undeploying one of two APIs that share `ga-config-key`
+/// leaves it on both nodes; an API Product with `override: false` never replaces the
+/// endpoint its API deployed (a reported conflict), and gets the path once the API goes.
+fn wso2_shared_files(backend: Backend) {
+    let Some(db) = Wso2Db::new(backend) else {
+        return;
+    };
+    db.publish(PIZZA, PIZZA_API, LABEL, "v1");
+    db.publish(STORE, STORE_API, LABEL, "v1");
+    let mut cluster = Cluster::new(&[&[1], &[0]]);
+    for node in &cluster.nodes {
+        node.append_config(&retriever(&format!(
+            "artifact_retriever = \"db\"\nschema = \"wso2-apim-3.2\"\n\
+             database_url = \"{}\"\nreconcile_interval = 1\n",
+            db.url
+        )));
+    }
+    cluster.start_all();
+    let both = union(&[files(PIZZA, PIZZA_API, "v1"), files(STORE, STORE_API, "v1")]);
+    for node in &cluster.nodes {
+        wait_tree(node, "two APIs sharing ga-config-key", &both);
+    }
+
+    // The product: its API file lands; PizzaShackAPI's endpoint stays (override=false).
+    db.put(PRODUCT, LABEL, "Publish", &product_json());
+    let product_api = format!("default/api/{}", PRODUCT_API.replace(':', "_") + ".xml");
+    let endpoint = format!(
+        "default/endpoints/{}_APIproductionEndpoint.xml",
+        PIZZA_API.replace(':', "_")
+    );
+    let mut with_product = both.clone();
+    with_product.insert(
+        product_api.clone(),
+        api_xml(PRODUCT_API, "product").into_bytes(),
+    );
+    for node in &cluster.nodes {
+        wait_tree(node, "the product beside its API", &with_product);
+        wait_for(
+            RETRIEVE_TIMEOUT,
+            "the endpoint conflict is reported",
+            || {
+                let r = retriever_status(node);
+                let c = &r["conflicts"];
+                let listed = c.as_array().is_some_and(|l| {
+                    l.iter().any(|c| {
+                        c["path"] == serde_json::json!(endpoint)
+                            && c["winner"] == serde_json::json!(PIZZA)
+                            && c["losers"] == serde_json::json!([PRODUCT])
+                    })
+                });
+                if listed {
+                    Ok(())
+                } else {
+                    Err(format!("conflicts {c}"))
+                }
+            },
+        );
+    }
+
+    // PizzaShackAPI removed: ga-config-key stays for StoreAPI and the product, on both nodes;
+    // the endpoint now holds what the product wants.
+    db.put(
+        PIZZA,
+        LABEL,
+        "Remove",
+        b"{\"apiId\":\"6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c\"}",
+    );
+    let mut after = files(STORE, STORE_API, "v1");
+    after.insert(product_api, api_xml(PRODUCT_API, "product").into_bytes());
+    after.insert(
+        endpoint,
+        format!("<endpoint xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{PIZZA_API}_APIproductionEndpoint\"><http uri-template=\"https://product.example\"/></endpoint>").into_bytes(),
+    );
+    for node in &cluster.nodes {
+        wait_tree(node, "PizzaShackAPI removed, shared files kept", &after);
+    }
+    holds_for(
+        std::time::Duration::from_millis(500),
+        "the shared files stay on every node",
+        || {
+            for node in &cluster.nodes {
+                tree_is(&node.synapse(), &after)?;
+            }
+            Ok(())
+        },
+    );
+}
+
+/// Sync mode with one broken row: WSO2's gateway skips a failing API at start-up, and so does
+/// the node: SERVING once the good API is deployed and the broken one has had its start-up
+/// attempts (3, 0.5 s then 1 s apart), not after its normal retries (here a minute apart).
+#[test]
+fn sync_start_serves_once_the_failing_api_used_its_startup_attempts() {
+    let Some(db) = Wso2Db::new(Backend::Sqlite) else {
+        return;
+    };
+    db.publish(PIZZA, PIZZA_API, LABEL, "v1");
+    db.put(
+        BROKEN,
+        LABEL,
+        "Publish",
+        b"{\"apiDefinition\": \"<api name=",
+    );
+    let mut gw = lone_node(
+        "gw",
+        &format!(
+            "\n[retriever]\ngateway_labels = [\"{LABEL}\"]\npoll_interval = 50\n\
+             deployment_retry_duration = 60000\nmax_retry_count = 5\n\
+             artifact_retriever = \"db\"\nschema = \"wso2-apim-3.2\"\n\
+             database_url = \"{}\"\ndata_retrieval_mode = \"sync\"\n",
+            db.url
+        ),
+    );
+    let started = std::time::Instant::now();
+    gw.start_no_wait();
+    wait_for(
+        std::time::Duration::from_secs(20),
+        "SERVING within the start-up bound despite the broken API",
+        || match gw.health() {
+            Ok(HealthStatus::Serving) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let took = started.elapsed();
+    tree_is(&gw.synapse(), &files(PIZZA, PIZZA_API, "v1"))
+        .unwrap_or_else(|e| panic!("SERVING before the good API was deployed: {e}"));
+    let r = retriever_status(&gw);
+    assert_eq!(r["startup_done"], true, "{r}");
+    let failing = r["failing"].as_array().cloned().unwrap_or_default();
+    assert!(
+        matches!(failing.as_slice(), [f] if f["id"] == BROKEN && f["attempts"] == 3 && f["gave_up"] == false),
+        "the broken API is listed after its 3 start-up attempts, still retrying: {r} (took {took:?})"
+    );
+    let text = gw.cli(&["artifact", "deployed"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("FAILING") && text.contains(BROKEN), "{text}");
+
+    // Fixed in WSO2: the next event deploys it, without waiting for its minute-long retry.
+    db.publish(BROKEN, STORE_API, LABEL, "fixed");
+    wait_tree(
+        &gw,
+        "the fixed API deployed",
+        &union(&[
+            files(PIZZA, PIZZA_API, "v1"),
+            files(BROKEN, STORE_API, "fixed"),
+        ]),
+    );
 }

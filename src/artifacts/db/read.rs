@@ -31,6 +31,8 @@ impl ArtifactDb {
                         digest: digest.try_into().unwrap_or([0; 32]),
                         size: r.try_get::<i64, _>(8).map_err(|e| self.err(e))?.max(0) as u64,
                         labels: Vec::new(),
+                        keep: Vec::new(),
+                        warnings: Vec::new(),
                     })
                 }
             };

@@ -27,7 +27,10 @@ mod source;
 pub mod testing;
 
 pub use changelog::{ChangeLog, Fingerprint, Snapshot};
-pub use render::{ApiNameError, NameError, RenderError, render, synapse_file_name};
+pub use render::{
+    ApiNameError, GA_CONFIG_KEY, NameError, RenderError, Rendered, render, render_dto,
+    synapse_file_name,
+};
 pub use select::{ArtifactRow, RowInstruction, SelectError, Selected, select};
 pub use source::Wso2Source;
 
@@ -36,8 +39,11 @@ pub const API_DIR: &str = "default/api";
 pub const SEQUENCES_DIR: &str = "default/sequences";
 pub const ENDPOINTS_DIR: &str = "default/endpoints";
 pub const LOCAL_ENTRIES_DIR: &str = "default/local-entries";
-/// Characters Synapse replaces with `_` in a file name (its `MultiXMLConfigurationSerializer`).
-pub const SYNAPSE_NAME_REPLACED: &[char] = &['/', '?', '*', '|', ':', '<', '>', ' '];
+/// Characters replaced with `_` in a file name: WSO2's `[\\/?*|:<> ]`
+/// (`ServiceBusUtils.generateFileName`, as Synapse's `MultiXMLConfigurationSerializer`).
+/// Two names that differ only there (`a:b`, `a_b`) map to one file: within one artifact that
+/// fails it; across artifacts the ownership rules decide (see [`crate::artifacts::owners`]).
+pub const SYNAPSE_NAME_REPLACED: &[char] = &['\\', '/', '?', '*', '|', ':', '<', '>', ' '];
 /// Longest text taken from a database value into a message.
 const MAX_SHOWN: usize = 80;
 

@@ -22,8 +22,10 @@ pub enum RenderError {
     TooLarge { size: u64, max: u64 },
     #[error("ARTIFACT is not GatewayAPIDTO JSON: {0}")]
     Json(String),
-    #[error("ARTIFACT has no {0}")]
-    Missing(&'static str),
+    #[error(
+        "ARTIFACT has nothing to deploy: no apiDefinition, sequenceToBeAdd, endpointEntriesToBeAdd or localEntriesToBeAdd"
+    )]
+    Empty,
     #[error("{field} entry {name:?}: {problem}")]
     Name {
         field: &'static str,
@@ -78,11 +80,17 @@ pub enum ApiNameError {
     Xml { position: u64, problem: String },
 }
 
-/// The part of WSO2's `GatewayAPIDTO` that becomes files. Everything else in the JSON (client
-/// certificates, endpoint credentials, the `*ToBeRemove` lists, `override`, ...) is not even
-/// read.
+/// The part of WSO2's `GatewayAPIDTO` that becomes files, and `override`. Everything else in
+/// the JSON (client certificates, endpoint credentials, the `*ToBeRemove` lists, ...) is not
+/// even read.
 #[derive(Debug, Deserialize)]
 struct GatewayApiDto {
+    /// `false` (Java's default when absent): existing sequences, endpoints and local entries
+    /// are not replaced.
+    #[serde(rename = "override", default)]
+    override_existing: bool,
+    #[serde(rename = "tenantDomain", default)]
+    tenant_domain: Option<String>,
     #[serde(rename = "apiDefinition", default)]
     api_definition: Option<String>,
     #[serde(rename = "defaultAPIDefinition", default)]
@@ -93,6 +101,54 @@ struct GatewayApiDto {
     endpoints: Option<Vec<GatewayContentDto>>,
     #[serde(rename = "localEntriesToBeAdd", default)]
     local_entries: Option<Vec<GatewayContentDto>>,
+    /// Only the aliases are read: the passwords are skipped by the parser, never held.
+    #[serde(rename = "credentialsToBeAdd", default)]
+    credentials: Option<Vec<Alias>>,
+    /// Only the names (aliases) are read.
+    #[serde(rename = "clientCertificatesToBeAdd", default)]
+    client_certificates: Option<Vec<Named>>,
+}
+
+/// A `CredentialDto`'s alias (its `password` is not a field here, so it is skipped).
+#[derive(Debug, Deserialize)]
+struct Alias {
+    #[serde(default)]
+    alias: Option<String>,
+}
+
+/// A `GatewayContentDTO`'s name only.
+#[derive(Debug, Deserialize)]
+struct Named {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// Most aliases named in one warning.
+const MAX_ALIASES_SHOWN: usize = 10;
+
+/// "a", "b", "c" and 3 more: at most [`MAX_ALIASES_SHOWN`] names, each cut to a few dozen
+/// printable characters (they come from the database).
+fn alias_list(names: impl Iterator<Item = Option<String>>) -> String {
+    let names: Vec<String> = names
+        .map(|n| {
+            let n: String = n
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect();
+            format!("{:?}", shown(&n))
+        })
+        .collect();
+    let mut text = names
+        .iter()
+        .take(MAX_ALIASES_SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > MAX_ALIASES_SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - MAX_ALIASES_SHOWN));
+    }
+    text
 }
 
 /// WSO2's `GatewayContentDTO`: a named Synapse configuration.
@@ -104,7 +160,7 @@ struct GatewayContentDto {
     content: Option<String>,
 }
 
-/// Synapse's file name for an artifact called `name`: `/?*|:<> ` become `_`, then `.xml`.
+/// Synapse's file name for an artifact called `name`: `\\/?*|:<> ` become `_`, then `.xml`.
 /// Refuses a name that is empty, `.` or `..`, has control characters, is too long for a file
 /// name, or that the sync engine would never write (editor and temp file patterns).
 pub fn synapse_file_name(name: &str) -> Result<String, NameError> {
@@ -171,17 +227,42 @@ fn api_name(definition: &str) -> Result<String, ApiNameError> {
     }
 }
 
+/// The local entry WSO2's gateway never replaces once deployed (`APIConstants.GA_CONF_KEY`),
+/// which every HTTP API's `GatewayAPIDTO` carries.
+pub const GA_CONFIG_KEY: &str = "ga-config-key";
+
+/// One `ARTIFACT` rendered: its files, and the paths among them that never replace a file
+/// another artifact put there (see [`crate::artifacts::owners`]): the `ga-config-key` local
+/// entry always, and every sequence, endpoint and local entry when `override` is `false`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub bundle: Bundle,
+    pub keep: Vec<String>,
+    /// What the operator must provision by hand: endpoint credentials (WSO2's secure vault)
+    /// and client certificates (its trust store), which artisync never installs.
+    pub warnings: Vec<String>,
+    /// `tenantDomain`, when the DTO names one.
+    pub tenant: Option<String>,
+}
+
+/// [`render_dto`]'s files only.
+pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
+    render_dto(artifact).map(|r| r.bundle)
+}
+
 /// Renders one `ARTIFACT` (WSO2's `GatewayAPIDTO` JSON) into the files Synapse deploys, paths
 /// relative to the `synapse-configs` folder, sorted:
 ///
-/// - `apiDefinition` (required) and `defaultAPIDefinition` (optional) go to
-///   `default/api/<name>.xml`, named by the `name` attribute of their `<api>` element;
+/// - `apiDefinition` and `defaultAPIDefinition` go to `default/api/<name>.xml`, named by the
+///   `name` attribute of their `<api>` element. Both are optional: WSO2 saves a WebSocket API
+///   with sequences and no `apiDefinition`, and its gateway deploys just the sequences;
+///   so does this (an artifact with no file at all fails);
 /// - each entry of `sequenceToBeAdd`, `endpointEntriesToBeAdd` and `localEntriesToBeAdd` goes
 ///   to `default/{sequences,endpoints,local-entries}/<name>.xml`.
 ///
 /// Every file must be well-formed XML: Synapse's hot deployer would fail on a broken one, so
 /// the whole artifact fails instead and whatever was deployed before stays.
-pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
+pub fn render_dto(artifact: &[u8]) -> Result<Rendered, RenderError> {
     // Long but flat: the per-file checks live in the `add` closure, and the rest is the list
     // of entry kinds in `GatewayAPIDTO`.
     let size = artifact.len() as u64;
@@ -206,6 +287,7 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
         ))
     })?;
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut keep: Vec<String> = Vec::new();
     let mut add = |field: &'static str, dir: &str, name: &str, content: String| {
         let bad_name = |problem: NameError| RenderError::Name {
             field,
@@ -232,15 +314,12 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
         }
         Ok(())
     };
-    let definition = dto
-        .api_definition
-        .filter(|d| !d.trim().is_empty())
-        .ok_or(RenderError::Missing("apiDefinition"))?;
-    let definitions = std::iter::once(("apiDefinition", definition)).chain(
-        dto.default_api_definition
-            .filter(|d| !d.trim().is_empty())
-            .map(|d| ("defaultAPIDefinition", d)),
-    );
+    let definitions = [
+        ("apiDefinition", dto.api_definition),
+        ("defaultAPIDefinition", dto.default_api_definition),
+    ]
+    .into_iter()
+    .filter_map(|(field, d)| d.filter(|d| !d.trim().is_empty()).map(|d| (field, d)));
     for (field, xml) in definitions {
         crate::fs::xml::check_well_formed(xml.as_bytes()).map_err(|problem| {
             RenderError::NotXml {
@@ -268,6 +347,12 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
                 problem: NameError::NoContent,
             })?;
             add(field, dir, &name, content)?;
+            if !dto.override_existing || (dir == LOCAL_ENTRIES_DIR && name == GA_CONFIG_KEY) {
+                keep.push(format!(
+                    "{dir}/{}",
+                    synapse_file_name(&name).unwrap_or_default()
+                ));
+            }
         }
     }
     let files = files
@@ -286,7 +371,30 @@ pub fn render(artifact: &[u8]) -> Result<Bundle, RenderError> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Bundle { files })
+    if files.is_empty() {
+        return Err(RenderError::Empty);
+    }
+    keep.sort();
+    keep.dedup();
+    let mut warnings = Vec::new();
+    if let Some(c) = dto.credentials.filter(|c| !c.is_empty()) {
+        warnings.push(format!(
+            "endpoint credentials not installed (aliases {}): add them to each gateway's secure vault as WSO2 would, or the endpoints fail authentication",
+            alias_list(c.into_iter().map(|a| a.alias))
+        ));
+    }
+    if let Some(c) = dto.client_certificates.filter(|c| !c.is_empty()) {
+        warnings.push(format!(
+            "client certificates not installed (aliases {}): import them into each gateway's client trust store, or mutual-TLS clients are refused",
+            alias_list(c.into_iter().map(|n| n.name))
+        ));
+    }
+    Ok(Rendered {
+        bundle: Bundle { files },
+        keep,
+        warnings,
+        tenant: dto.tenant_domain.filter(|t| !t.trim().is_empty()),
+    })
 }
 
 static IGNORED: std::sync::LazyLock<crate::fs::ignore::Ignore> = std::sync::LazyLock::new(|| {
@@ -337,8 +445,13 @@ mod tests {
                 "default/api/admin--PizzaShackAPI_v1.0.0.xml",
                 "default/endpoints/admin--PizzaShackAPI_v1.0.0_APIproductionEndpoint.xml",
                 "default/local-entries/6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c.xml",
+                "default/local-entries/ga-config-key.xml",
                 "default/sequences/admin--PizzaShackAPI_v1.0.0--In.xml",
             ]
+        );
+        assert!(
+            String::from_utf8_lossy(&gateway_api_json(API, PIZZA, "t1")).contains("\\u003capi"),
+            "the fixture is Gson-escaped, as WSO2 writes it"
         );
         assert!(b.files.iter().all(|f| f.mode == 0o640));
         let all: Vec<u8> = b.files.iter().flat_map(|f| f.data.clone()).collect();
@@ -355,6 +468,73 @@ mod tests {
                 .expect("renders")
                 .digest()
         );
+    }
+
+    #[test]
+    fn ga_config_key_always_and_every_entry_without_override_never_replace_a_file() {
+        let r = render_dto(&gateway_api_json(API, PIZZA, "t1")).expect("renders");
+        assert_eq!(r.keep, vec!["default/local-entries/ga-config-key.xml"]);
+        let entries = |over: Option<bool>| {
+            let mut v = serde_json::json!({
+                "apiDefinition": api_xml(PIZZA, "x"),
+                "sequenceToBeAdd": [{"name": "s", "content": "<sequence/>"}],
+                "endpointEntriesToBeAdd": [{"name": "e", "content": "<endpoint/>"}],
+                "localEntriesToBeAdd": [{"name": "l", "content": "<localEntry/>"}],
+            });
+            if let Some(o) = over {
+                v["override"] = serde_json::json!(o);
+            }
+            render_dto(&dto(v)).expect("renders").keep
+        };
+        let all = vec![
+            "default/endpoints/e.xml",
+            "default/local-entries/l.xml",
+            "default/sequences/s.xml",
+        ];
+        assert_eq!(
+            entries(Some(false)),
+            all,
+            "the API definition always replaces"
+        );
+        assert_eq!(entries(None), all, "absent is Java's false");
+        assert!(entries(Some(true)).is_empty());
+    }
+
+    #[test]
+    fn credentials_and_client_certificates_become_warnings_without_their_secrets() {
+        let r = render_dto(&gateway_api_json(API, PIZZA, "t1")).expect("renders");
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(
+            r.warnings[0].contains("secure vault")
+                && r.warnings[0].contains("PizzaShackAPI--v1.0.0"),
+            "{:?}",
+            r.warnings
+        );
+        assert!(!format!("{:?}", r.warnings).contains("s3cret"));
+        // Hostile aliases: control characters dropped, each cut short, the list bounded.
+        let many: Vec<serde_json::Value> = (0..25)
+            .map(|i| serde_json::json!({"name": format!("cert{i}\u{1b}[31m{}", "x".repeat(500)), "content": "PEM"}))
+            .collect();
+        let r = render_dto(&dto(serde_json::json!({
+            "apiDefinition": api_xml(PIZZA, "x"),
+            "clientCertificatesToBeAdd": many,
+            "credentialsToBeAdd": [],
+        })))
+        .expect("renders");
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        let w = &r.warnings[0];
+        assert!(
+            w.contains("trust store") && w.contains("and 15 more"),
+            "{w}"
+        );
+        assert!(!w.contains('\u{1b}') && w.len() < 2000, "{w}");
+        assert!(!w.contains("PEM"));
+        // A list of the wrong shape is a bad artifact, not a panic.
+        let e = render_err(serde_json::json!({
+            "apiDefinition": api_xml(PIZZA, "x"),
+            "credentialsToBeAdd": "s3cret",
+        }));
+        assert!(matches!(e, RenderError::Json(_)), "{e}");
     }
 
     #[test]
@@ -384,8 +564,21 @@ mod tests {
             Ok("a_b_c_d_e_f_g_h_i.xml")
         );
         assert_eq!(
-            synapse_file_name("keep-these_.@#&%+=,;'\"()[]{}\\é").as_deref(),
-            Ok("keep-these_.@#&%+=,;'\"()[]{}\\é.xml")
+            synapse_file_name("keep-these_.@#&%+=,;'\"()[]{}é").as_deref(),
+            Ok("keep-these_.@#&%+=,;'\"()[]{}é.xml")
+        );
+        // The backslash is in WSO2's set too (issue 14): `a\b`, `a:b` and `a_b` are one file.
+        for name in ["a\\b", "a:b", "a_b", "a b"] {
+            assert_eq!(
+                synapse_file_name(name).as_deref(),
+                Ok("a_b.xml"),
+                "{name:?}"
+            );
+        }
+        assert_eq!(
+            synapse_file_name("..\\..\\x").as_deref(),
+            Ok(".._.._x.xml"),
+            "backslashes never make a path either"
         );
         assert_eq!(
             synapse_file_name("../../etc/passwd").as_deref(),
@@ -449,7 +642,32 @@ mod tests {
     }
 
     #[test]
-    fn only_the_api_definition_is_required() {
+    fn a_websocket_api_without_api_definition_deploys_its_sequences() {
+        // As WSO2 3.2 saves a WebSocket API: sequences, no apiDefinition.
+        let ws = "admin--ChatWS:v1.0.0";
+        let b = render(&gson(&serde_json::json!({
+            "name": "ChatWS",
+            "version": "1.0.0",
+            "apiId": API,
+            "override": true,
+            "sequenceToBeAdd": [
+                {"name": format!("{ws}--WS_In"), "content": format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{ws}--WS_In\"><send><endpoint><http uri-template=\"ws://chat.example:8080\"/></endpoint></send></sequence>")},
+                {"name": format!("{ws}--WS_Out"), "content": format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{ws}--WS_Out\"><send/></sequence>")},
+            ],
+            "localEntriesToBeAdd": [],
+        })))
+        .expect("renders without apiDefinition");
+        assert_eq!(
+            paths(&b),
+            vec![
+                "default/sequences/admin--ChatWS_v1.0.0--WS_In.xml",
+                "default/sequences/admin--ChatWS_v1.0.0--WS_Out.xml"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_entry_kind_is_optional_but_one_file_is_needed() {
         let b = render(&dto(
             serde_json::json!({ "apiDefinition": api_xml(PIZZA, "x") }),
         ))
@@ -466,13 +684,13 @@ mod tests {
         })))
         .expect("nulls and empty lists are nothing");
         assert_eq!(b.files.len(), 1);
-        for missing in [
+        for nothing in [
             serde_json::json!({}),
             serde_json::json!({ "apiDefinition": null }),
             serde_json::json!({ "apiDefinition": "  " }),
             serde_json::json!({ "name": "PizzaShackAPI", "sequenceToBeAdd": [] }),
         ] {
-            assert_eq!(render_err(missing), RenderError::Missing("apiDefinition"));
+            assert_eq!(render_err(nothing), RenderError::Empty);
         }
         let e = render_err(serde_json::json!({
             "apiDefinition": api_xml(PIZZA, "x"),

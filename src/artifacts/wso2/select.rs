@@ -1,7 +1,7 @@
 //! An API's rows in `AM_GW_API_ARTIFACTS` (one per gateway label) -> what a node with some
 //! labels deploys of it: metadata, revision, digest and bundle. Pure.
 
-use super::{RenderError, render, shown};
+use super::{RenderError, render_dto, shown};
 use crate::artifacts::{ArtifactMeta, Bundle};
 
 /// What a `GATEWAY_INSTRUCTION` says (WSO2 writes `Publish` and `Remove`; case is ignored).
@@ -69,6 +69,23 @@ pub enum SelectError {
     UnknownInstruction { what: String, label: String },
     #[error("removed")]
     Removed,
+    #[error(
+        "belongs to tenant {tenant:?}: tenant APIs are not deployed yet (only {SUPER_TENANT}'s go to this folder; a tenant's would land in the super tenant's default/)"
+    )]
+    Tenant { tenant: String },
+}
+
+/// WSO2's super tenant, whose APIs go to `synapse-configs/default/`.
+pub const SUPER_TENANT: &str = "carbon.super";
+
+/// The tenant of an API that is not the super tenant, from its details row or its DTO.
+fn other_tenant(row: Option<&str>, dto: Option<&str>) -> Option<String> {
+    [row, dto]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .find(|t| !t.is_empty() && !t.eq_ignore_ascii_case(SUPER_TENANT))
+        .map(shown)
 }
 
 /// Revision of a row's content: the first 63 bits of BLAKE3 over instruction and `ARTIFACT`.
@@ -115,9 +132,9 @@ pub fn select(
     candidates.sort_by(|a, b| a.label.cmp(&b.label));
     candidates.dedup_by(|a, b| a.label == b.label);
     let chosen = *candidates.first()?;
-    let bundle = match &chosen.instruction {
+    let rendered = match &chosen.instruction {
         RowInstruction::Publish => match &chosen.artifact {
-            Some(bytes) => render(bytes).map_err(SelectError::from),
+            Some(bytes) => render_dto(bytes).map_err(SelectError::from),
             None => Err(SelectError::NullArtifact {
                 label: chosen.label.clone(),
             }),
@@ -127,6 +144,13 @@ pub fn select(
             label: chosen.label.clone(),
         }),
         RowInstruction::Remove => Err(SelectError::Removed),
+    };
+    let (bundle, keep, warnings) = match rendered {
+        Ok(r) => match other_tenant(chosen.tenant.as_deref(), r.tenant.as_deref()) {
+            Some(tenant) => (Err(SelectError::Tenant { tenant }), Vec::new(), Vec::new()),
+            None => (Ok(r.bundle), r.keep, r.warnings),
+        },
+        Err(e) => (Err(e), Vec::new(), Vec::new()),
     };
     let (digest, size) = match &bundle {
         Ok(b) => (b.digest(), b.size()),
@@ -146,12 +170,15 @@ pub fn select(
         labels: candidates.iter().map(|r| r.label.clone()).collect(),
         digest,
         size,
+        keep,
+        warnings,
     };
     Some(Selected { meta, bundle })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::render;
     use super::super::testing::*;
     use super::*;
 
@@ -245,6 +272,36 @@ mod tests {
             assert!(e.contains(problem), "{e}");
             assert_eq!(s.meta.digest, [0; 32]);
         }
+        // A tenant's API (details row or DTO) fails, naming the tenant, rather than land in
+        // the super tenant's default/.
+        let mut tenant_row = row(API, "A", "Publish", Some(good.clone()));
+        tenant_row.tenant = Some("wso2.com".into());
+        let e = select(API, &[tenant_row], &labels(&["A"]), "sc")
+            .expect("listed")
+            .bundle
+            .expect_err("fails");
+        assert!(e.to_string().contains("\"wso2.com\""), "{e}");
+        let dto_tenant = String::from_utf8(good.clone())
+            .expect("utf-8")
+            .replace("carbon.super", "wso2.com");
+        let e = select(
+            API,
+            &[row(API, "A", "Publish", Some(dto_tenant.into_bytes()))],
+            &labels(&["A"]),
+            "sc",
+        )
+        .expect("listed")
+        .bundle
+        .expect_err("fails");
+        assert_eq!(
+            e,
+            SelectError::Tenant {
+                tenant: "wso2.com".into()
+            }
+        );
+        let mut upper = row(API, "A", "Publish", Some(good.clone()));
+        upper.tenant = Some("CARBON.SUPER".into());
+        assert!(select(API, &[upper], &labels(&["A"]), "sc").is_some_and(|s| s.bundle.is_ok()));
         // Case is not significant in GATEWAY_INSTRUCTION; NULL is unknown.
         assert_eq!(
             RowInstruction::parse(Some("PUBLISH")),

@@ -305,6 +305,8 @@ impl Source for Wso2Source {
             labels: Vec::new(),
             digest: [0; 32],
             size: 0,
+            keep: Vec::new(),
+            warnings: Vec::new(),
         }))
     }
 

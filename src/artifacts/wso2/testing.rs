@@ -176,11 +176,31 @@ impl Wso2Tables {
     }
 }
 
-/// A `GatewayAPIDTO` JSON as WSO2 API-M 3.2 writes it, for API `name` (the Synapse API
-/// name, e.g. `admin--PizzaShackAPI:v1.0.0`) with one in-sequence, one endpoint and one
-/// local entry whose bodies carry `tag`, plus endpoint credentials that are never deployed.
+/// The `ga-config-key` local entry every HTTP API of WSO2 API-M 3.2 carries (the same in
+/// every API of a tenant).
+pub fn ga_config_xml() -> String {
+    "<localEntry xmlns=\"http://ws.apache.org/ns/synapse\" key=\"ga-config-key\"><GoogleAnalyticsTracking xmlns=\"http://wso2.org/ns/apimgt/ga\"><Enabled>false</Enabled><TrackingID>UA-XXXXXXXX-X</TrackingID></GoogleAnalyticsTracking></localEntry>".to_owned()
+}
+
+/// JSON as Gson writes it: `<`, `>`, `=`, `&` and `'` inside strings as `\u003c` etc. (only
+/// strings hold them in these documents).
+pub fn gson(value: &serde_json::Value) -> Vec<u8> {
+    value
+        .to_string()
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('=', "\\u003d")
+        .replace('&', "\\u0026")
+        .replace('\'', "\\u0027")
+        .into_bytes()
+}
+
+/// A `GatewayAPIDTO` JSON as WSO2 API-M 3.2 writes it (Gson-escaped), for API `name` (the
+/// Synapse API name, e.g. `admin--PizzaShackAPI:v1.0.0`) with one in-sequence, one endpoint
+/// and one local entry whose bodies carry `tag`, the shared `ga-config-key` local entry, plus
+/// endpoint credentials that are never deployed.
 pub fn gateway_api_json(api_id: &str, name: &str, tag: &str) -> Vec<u8> {
-    serde_json::json!({
+    gson(&serde_json::json!({
         "name": "PizzaShackAPI",
         "version": "1.0.0",
         "provider": "admin",
@@ -199,6 +219,9 @@ pub fn gateway_api_json(api_id: &str, name: &str, tag: &str) -> Vec<u8> {
         "localEntriesToBeAdd": [{
             "name": api_id,
             "content": format!("<localEntry xmlns=\"http://ws.apache.org/ns/synapse\" key=\"{api_id}\">{tag}</localEntry>"),
+        }, {
+            "name": "ga-config-key",
+            "content": ga_config_xml(),
         }],
         "sequencesToBeRemove": [format!("{name}--In")],
         "endpointEntriesToBeRemove": [format!("{name}_APIproductionEndpoint")],
@@ -206,9 +229,7 @@ pub fn gateway_api_json(api_id: &str, name: &str, tag: &str) -> Vec<u8> {
         "clientCertificatesToBeAdd": [],
         "credentialsToBeAdd": [{"alias": "PizzaShackAPI--v1.0.0", "password": "s3cret-endpoint-password"}],
         "credentialsToBeRemove": [],
-    })
-    .to_string()
-    .into_bytes()
+    }))
 }
 
 /// The Synapse API definition [`gateway_api_json`] carries.
@@ -243,6 +264,10 @@ pub fn rendered_files(api_id: &str, name: &str, tag: &str) -> Vec<(String, Strin
             format!(
                 "<localEntry xmlns=\"http://ws.apache.org/ns/synapse\" key=\"{api_id}\">{tag}</localEntry>"
             ),
+        ),
+        (
+            format!("{LOCAL_ENTRIES_DIR}/ga-config-key.xml"),
+            ga_config_xml(),
         ),
     ];
     files.sort();
