@@ -1,0 +1,575 @@
+//! The session this node runs to each peer: subscribe, hand batches to the folder engines,
+//! fetch contents, reconnect with backoff; and what `status` shows of it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use super::{MAX_MESSAGE_BYTES, NetError, channel, record_from_pb};
+use crate::config::{Config, PeerConfig, TlsConfig};
+use crate::engine::{FetchError, FolderHandle, Incoming, RemoteBatch};
+use crate::model::{Hash, NodeId, RelPath};
+use crate::pb::sync as pb;
+use crate::pb::sync::peer_client::PeerClient;
+
+/// Batches of one stream handed to the engine and not answered yet: one being finished, one
+/// being staged, one checked and waiting.
+const BATCHES_IN_FLIGHT: usize = 3;
+/// A fetch that receives nothing for this long is abandoned (a hung peer must not block the
+/// folder's engine).
+const FETCH_STALL: Duration = Duration::from_secs(30);
+/// Longest wait between subscription attempts for a folder that is paused here.
+const PAUSED_RETRY: Duration = Duration::from_secs(2);
+/// Reconnect backoff bounds (see [`Backoff`]).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Backoff cap for a peer this node had a session with lately: a partition that heals, or a
+/// peer that restarts, is reconnected within about this long.
+const BACKOFF_RECENT_MAX: Duration = Duration::from_secs(1);
+/// How long after its last session a peer counts as lately healthy.
+const RECENTLY_CONNECTED: Duration = Duration::from_secs(300);
+/// A session that lasted this long starts the backoff over.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// Longest wait for a peer to answer a subscription (a connection that was accepted but
+/// stalls must not hold the session until HTTP/2 keepalive notices).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------- client sessions
+
+/// What `artisync status` shows about one peer.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub address: String,
+    pub connected: bool,
+    /// Milliseconds since the Unix epoch of the last message from the peer.
+    pub last_seen_ms: Option<u64>,
+    pub last_error: Option<String>,
+    /// Per folder: how many of the peer's index sequence numbers are not applied here yet.
+    pub behind: HashMap<String, u64>,
+    /// Per folder: the peer's index sequence applied here up to (this node's cursor into it).
+    #[serde(default)]
+    pub applied_seq: HashMap<String, u64>,
+    /// Per folder: what came from the peer since this agent started.
+    #[serde(default)]
+    pub received: HashMap<String, Received>,
+    /// Per folder, while `behind` is above 0: when this node first knew of a change of the
+    /// peer's that it has not applied (ms since the epoch). A change the peer made while
+    /// disconnected is not known here until it reconnects.
+    #[serde(default)]
+    pub behind_since_ms: HashMap<String, u64>,
+    /// Folder streams currently up.
+    #[serde(skip)]
+    pub streams: usize,
+}
+
+impl PeerStatus {
+    /// Notes that `behind` of the peer's sequence numbers of `folder` are not applied here,
+    /// at `now_ms`; the lag runs from when that went above 0.
+    fn note_behind(&mut self, folder: &str, behind: u64, now_ms: u64) {
+        self.behind.insert(folder.to_owned(), behind);
+        if behind == 0 {
+            self.behind_since_ms.remove(folder);
+        } else {
+            self.behind_since_ms
+                .entry(folder.to_owned())
+                .or_insert(now_ms);
+        }
+    }
+}
+
+/// Index batches and records received from a peer for one folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Received {
+    pub batches: u64,
+    pub records: u64,
+}
+
+/// Shared status of all peer sessions.
+pub type PeerStatuses = Arc<Mutex<HashMap<String, PeerStatus>>>;
+
+fn set_status(statuses: &PeerStatuses, name: &str, f: impl FnOnce(&mut PeerStatus)) {
+    if let Ok(mut map) = statuses.lock() {
+        if let Some(s) = map.get_mut(name) {
+            f(s);
+        }
+    }
+}
+
+/// When a peer session tries again after it ended: exponential from [`BACKOFF_MIN`], capped
+/// at [`BACKOFF_RECENT_MAX`] while the peer had a session within [`RECENTLY_CONNECTED`] (a
+/// healed partition or a restarted peer is back within a second) and at [`BACKOFF_MAX`]
+/// otherwise, jittered so the nodes of a cluster do not retry in step. A session that lasted
+/// [`STABLE_SESSION`] starts over from the minimum.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// The next wait before jitter; zero until the first failure.
+    next: Duration,
+    last_connected: Option<Instant>,
+}
+
+impl Backoff {
+    /// The wait after a session that ended at `now`; `connected_for` is how long it was
+    /// subscribed (`None`: it never got that far). `jitter` in [0, 1) takes up to half off.
+    fn next(
+        &mut self,
+        now: Instant,
+        connected_for: Option<Duration>,
+        paused: bool,
+        jitter: f64,
+    ) -> Duration {
+        if let Some(lasted) = connected_for {
+            self.last_connected = Some(now);
+            if lasted >= STABLE_SESSION {
+                self.next = Duration::ZERO;
+            }
+        }
+        let recent = self
+            .last_connected
+            .is_some_and(|t| now.duration_since(t) < RECENTLY_CONNECTED);
+        let cap = if paused {
+            PAUSED_RETRY
+        } else if recent {
+            BACKOFF_RECENT_MAX
+        } else {
+            BACKOFF_MAX
+        };
+        self.next = (self.next * 2).clamp(BACKOFF_MIN, cap);
+        self.next.mul_f64(1.0 - jitter.clamp(0.0, 1.0) / 2.0)
+    }
+}
+
+/// Fetches contents from one peer into verified temp files.
+struct PeerFetcher {
+    client: PeerClient<Channel>,
+    link: crate::metrics::LinkMetrics,
+}
+
+impl crate::engine::Fetcher for PeerFetcher {
+    fn fetch<'a>(
+        &'a self,
+        folder: &'a str,
+        path: &'a RelPath,
+        hash: Hash,
+        size: u64,
+        dir: &'a Path,
+        mode: u32,
+    ) -> crate::engine::Fetching<'a> {
+        let peer = |m: String| FetchError::Peer(m);
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let mut stream = client
+                .fetch(pb::FetchRequest {
+                    folder: folder.to_owned(),
+                    path: path.to_string(),
+                    hash: hash.to_vec(),
+                })
+                .await
+                .map_err(|s| peer(s.message().to_owned()))?
+                .into_inner();
+            let dir_owned = dir.to_owned();
+            let (file, tmp) = tokio::task::spawn_blocking(move || {
+                crate::fs::apply::create_temp(&dir_owned, mode)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            let mut file = tokio::fs::File::from_std(file);
+            let mut hasher = blake3::Hasher::new();
+            let mut received: u64 = 0;
+            let result: Result<(), FetchError> = async {
+                loop {
+                    let next = tokio::time::timeout(FETCH_STALL, stream.message())
+                        .await
+                        .map_err(|_| peer(format!("no data for {} s", FETCH_STALL.as_secs())))?;
+                    let Some(chunk) = next.map_err(|s| peer(s.message().to_owned()))? else {
+                        break;
+                    };
+                    // Never more than the record says: a peer streaming on is cut off before
+                    // the extra bytes reach the disk.
+                    received = received.saturating_add(chunk.data.len() as u64);
+                    if received > size {
+                        return Err(peer(format!(
+                            "sent more than the {size} bytes its record declares"
+                        )));
+                    }
+                    hasher.update(&chunk.data);
+                    file.write_all(&chunk.data).await?;
+                }
+                if received != size {
+                    return Err(peer(format!(
+                        "sent {received} bytes, its record declares {size}"
+                    )));
+                }
+                file.flush().await?;
+                if *hasher.finalize().as_bytes() != hash {
+                    return Err(peer(
+                        "content does not match its hash (changed on the peer meanwhile?)".into(),
+                    ));
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+            self.link.fetched(received);
+            Ok(tmp)
+        })
+    }
+}
+
+/// The engine's answer to one queued batch: the peer sequence applied up to.
+type EngineAnswer =
+    Pin<Box<dyn std::future::Future<Output = Result<u64, crate::engine::EngineError>> + Send>>;
+
+/// Keeps the subscription to one folder of one peer alive until cancelled. Each folder has its
+/// own stream, so a paused folder (or one whose batch cannot be applied yet) never holds up
+/// the others.
+pub struct PeerSession {
+    pub node: NodeId,
+    pub node_name: String,
+    pub peer: PeerConfig,
+    pub tls: Option<TlsConfig>,
+    pub folder: FolderHandle,
+    pub statuses: PeerStatuses,
+    pub names: crate::engine::NodeNames,
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl PeerSession {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Backoff::default();
+        loop {
+            let started = Instant::now();
+            let mut counted = false;
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.session_once(&mut counted) => r,
+            };
+            if counted {
+                set_status(&self.statuses, &self.peer.name, |s| {
+                    s.streams = s.streams.saturating_sub(1);
+                    s.connected = s.streams > 0;
+                });
+            }
+            // A paused folder is retried often, so it resumes promptly once confirmed.
+            let paused = matches!(&result, Err(NetError::Paused { .. }));
+            let ended = Instant::now();
+            let wait = backoff.next(
+                ended,
+                counted.then(|| ended.duration_since(started)),
+                paused,
+                rand::random::<f64>(),
+            );
+            if let Err(e) = &result {
+                set_status(&self.statuses, &self.peer.name, |s| {
+                    s.last_error = Some(e.to_string())
+                });
+                if wait >= Duration::from_secs(1) {
+                    warn!(peer = %self.peer.name, folder = %self.folder.id, error = %e, retry_in_ms = wait.as_millis() as u64, "peer session failed");
+                } else {
+                    debug!(peer = %self.peer.name, folder = %self.folder.id, error = %e, retry_in_ms = wait.as_millis() as u64, "peer session failed");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One session with the peer: connect, subscribe from this node's cursor, and hand each
+    /// batch to the folder's engine (a few in flight) until the stream ends or fails.
+    /// Longer than most: the connection's steps and its in-flight bookkeeping read in order.
+    async fn session_once(&self, counted: &mut bool) -> Result<(), NetError> {
+        let name = self.peer.name.clone();
+        let perr = |message: String| NetError::Peer {
+            peer: name.clone(),
+            message,
+        };
+        let address = self.peer.address.clone().unwrap_or_default();
+        let channel = channel(&address, self.tls.as_ref(), &name).await?;
+        let mut client = PeerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let handle = &self.folder;
+        let c = handle
+            .cursor(&name)
+            .await
+            .map_err(|e| perr(e.to_string()))?;
+        let cursors = vec![pb::FolderCursor {
+            folder: handle.id.clone(),
+            epoch: c.epoch,
+            since_seq: c.seq,
+            // The peer leaves out what it took unchanged from this index, in this epoch.
+            subscriber_epoch: handle.epoch,
+        }];
+        let subscribe = client.subscribe(pb::SubscribeRequest {
+            node_id: self.node.0,
+            node_name: self.node_name.clone(),
+            folders: cursors,
+        });
+        let mut stream = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe)
+            .await
+            .map_err(|_| {
+                perr(format!(
+                    "subscribe: no answer within {} s",
+                    SUBSCRIBE_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|s| perr(format!("subscribe: {}", s.message())))?
+            .into_inner();
+        info!(peer = %name, folder = %handle.id, address = %address, "connected to peer");
+        *counted = true;
+        set_status(&self.statuses, &name, |s| {
+            s.streams += 1;
+            s.connected = true;
+            s.last_error = None;
+            s.last_seen_ms = Some(crate::now_ms());
+        });
+        let link = self.metrics.link(&name, &handle.id);
+        let fetcher: Arc<dyn crate::engine::Fetcher> = Arc::new(PeerFetcher {
+            client: client.clone(),
+            link: link.clone(),
+        });
+        let stream_id = rand::random::<u64>();
+        let engine_err = |e: crate::engine::EngineError| match e {
+            crate::engine::EngineError::Paused { folder, reason } => NetError::Paused {
+                peer: name.clone(),
+                folder,
+                reason,
+            },
+            other => perr(other.to_string()),
+        };
+        // Batches queued to the engine, oldest first, with the peer's max_seq at the time.
+        let mut in_flight: std::collections::VecDeque<(EngineAnswer, u64)> =
+            std::collections::VecDeque::new();
+        // How far this node has applied the peer's index (the cursor it subscribed from, in
+        // the same epoch), and the peer's largest sequence number known: what lies between
+        // is behind, counted from when a batch arrives, not only once it is applied.
+        let mut applied_here: Option<u64> = None;
+        let mut known_max: u64 = 0;
+        loop {
+            let next = tokio::select! {
+                biased;
+                // Answers first: a failure must stop the stream before more is queued.
+                applied = async {
+                    match in_flight.front_mut() {
+                        Some((answer, _)) => Pin::as_mut(answer).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let max_seq = in_flight.pop_front().map_or(0, |(_, m)| m);
+                    let applied = applied.map_err(engine_err)?;
+                    applied_here = Some(applied);
+                    let now = crate::now_ms();
+                    set_status(&self.statuses, &name, |s| {
+                        s.last_seen_ms = Some(now);
+                        s.note_behind(&handle.id, known_max.max(max_seq).saturating_sub(applied), now);
+                        s.applied_seq.insert(handle.id.clone(), applied);
+                    });
+                    continue;
+                }
+                msg = stream.message(), if in_flight.len() < BATCHES_IN_FLIGHT => msg,
+            };
+            let Some(batch) = next.map_err(|s| perr(format!("stream: {}", s.message())))? else {
+                return Err(perr("peer closed the stream".into()));
+            };
+            // This check also makes origins line up: this node records the peer's records with
+            // origin `name`, and the peer knows this node's records by its node_name.
+            if batch.node_name != name {
+                return Err(perr(format!(
+                    "address {address} answers as node {:?}, not {name:?}; fix the peer's address",
+                    batch.node_name
+                )));
+            }
+            if let Ok(mut names) = self.names.lock() {
+                names
+                    .entry(NodeId(batch.node_id))
+                    .or_insert_with(|| batch.node_name.clone());
+            }
+            if batch.folder != handle.id {
+                continue;
+            }
+            let inline_bytes: usize = batch
+                .records
+                .iter()
+                .map(|r| r.inline_data.as_ref().map_or(0, |d| d.len()))
+                .sum();
+            link.received(batch.records.len() as u64, inline_bytes as u64);
+            let base = applied_here.unwrap_or(if batch.epoch == c.epoch { c.seq } else { 0 });
+            known_max = known_max.max(batch.max_seq);
+            set_status(&self.statuses, &name, |s| {
+                let r = s.received.entry(handle.id.clone()).or_default();
+                r.batches += 1;
+                r.records += batch.records.len() as u64;
+                s.note_behind(&handle.id, known_max.saturating_sub(base), crate::now_ms());
+            });
+            let pb::IndexBatch {
+                epoch,
+                up_to_seq,
+                max_seq,
+                records,
+                folder,
+                ..
+            } = batch;
+            // Validation and the hash check of inline contents run here, beside the engine.
+            let checked = tokio::task::spawn_blocking(move || {
+                records
+                    .into_iter()
+                    .map(record_from_pb)
+                    .collect::<Vec<Result<Incoming, String>>>()
+            })
+            .await
+            .map_err(|e| perr(format!("checking a batch: {e}")))?;
+            let mut records = Vec::with_capacity(checked.len());
+            for r in checked {
+                match r {
+                    Ok(inc) => records.push(inc),
+                    Err(problem) => {
+                        warn!(peer = %name, folder = %folder, problem = %problem, "refusing a record from peer");
+                    }
+                }
+            }
+            let answer = handle
+                .queue_remote(RemoteBatch {
+                    peer: name.clone(),
+                    stream: stream_id,
+                    epoch,
+                    up_to_seq,
+                    records,
+                    fetcher: fetcher.clone(),
+                    retry: false,
+                })
+                .await
+                .map_err(engine_err)?;
+            in_flight.push_back((Box::pin(answer), max_seq));
+        }
+    }
+}
+
+/// Starts one session per configured peer and folder.
+pub fn peer_sessions(
+    config: &Config,
+    node: NodeId,
+    folders: Arc<HashMap<String, FolderHandle>>,
+    statuses: PeerStatuses,
+    names: crate::engine::NodeNames,
+    metrics: &crate::metrics::Metrics,
+) -> Vec<PeerSession> {
+    if let Ok(mut map) = statuses.lock() {
+        for p in &config.peers {
+            map.insert(
+                p.name.clone(),
+                PeerStatus {
+                    name: p.name.clone(),
+                    address: p.address.clone().unwrap_or_default(),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    let mut handles: Vec<&FolderHandle> = folders.values().collect();
+    handles.sort_by(|a, b| a.id.cmp(&b.id));
+    config
+        .peers
+        .iter()
+        .flat_map(|p| {
+            handles.iter().map(|h| PeerSession {
+                node,
+                node_name: config.node.clone(),
+                peer: p.clone(),
+                tls: config.tls.clone(),
+                folder: (*h).clone(),
+                statuses: statuses.clone(),
+                names: names.clone(),
+                metrics: metrics.clone(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Repeated partitions must not push the reconnect of a peer that was healthy a moment
+    /// ago to tens of seconds: while it had a session lately, the wait stays at or under
+    /// [`BACKOFF_RECENT_MAX`], however often its sessions fail.
+    #[test]
+    fn a_lately_connected_peer_is_retried_within_a_second_however_often_it_fails() {
+        let t0 = Instant::now();
+        let mut b = Backoff::default();
+        // Connected for 3 s (not a stable session), then 40 failures in a row.
+        let first = b.next(t0, Some(Duration::from_secs(3)), false, 0.0);
+        assert_eq!(first, BACKOFF_MIN);
+        let mut at = t0;
+        let mut waits = Vec::new();
+        for _ in 0..40 {
+            let w = b.next(at, None, false, 0.0);
+            waits.push(w);
+            at += w;
+        }
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "grows: {waits:?}");
+        assert_eq!(waits.last(), Some(&BACKOFF_RECENT_MAX));
+        // The same sequence with every session connecting briefly (the peer accepts, then
+        // the partition cuts it): still capped at the recent maximum.
+        let mut b = Backoff::default();
+        let mut at = t0;
+        for _ in 0..40 {
+            let w = b.next(at, Some(Duration::from_millis(50)), false, 0.0);
+            assert!(w <= BACKOFF_RECENT_MAX, "{w:?}");
+            at += w + Duration::from_millis(50);
+        }
+    }
+
+    /// A peer not seen for [`RECENTLY_CONNECTED`] (or never) backs off to [`BACKOFF_MAX`];
+    /// a stable session starts over from the minimum; a paused folder retries within
+    /// [`PAUSED_RETRY`]; jitter only ever shortens the wait, by at most half.
+    #[test]
+    fn backoff_caps_restarts_and_jitters() {
+        let t0 = Instant::now();
+        let mut never = Backoff::default();
+        let waits: Vec<Duration> = (0..20).map(|_| never.next(t0, None, false, 0.0)).collect();
+        assert_eq!(waits[0], BACKOFF_MIN);
+        assert_eq!(waits.last(), Some(&BACKOFF_MAX));
+
+        let mut long_ago = Backoff::default();
+        long_ago.next(t0, Some(Duration::from_secs(1)), false, 0.0);
+        let later = t0 + RECENTLY_CONNECTED + Duration::from_secs(1);
+        let waits: Vec<Duration> = (0..20)
+            .map(|_| long_ago.next(later, None, false, 0.0))
+            .collect();
+        assert_eq!(waits.last(), Some(&BACKOFF_MAX));
+        assert_eq!(
+            long_ago.next(later, Some(STABLE_SESSION), false, 0.0),
+            BACKOFF_MIN,
+            "a stable session starts over"
+        );
+
+        let mut paused = Backoff::default();
+        let waits: Vec<Duration> = (0..20).map(|_| paused.next(t0, None, true, 0.0)).collect();
+        assert_eq!(waits.last(), Some(&PAUSED_RETRY));
+
+        let mut j = Backoff::default();
+        for _ in 0..20 {
+            j.next(t0, None, false, 0.0);
+        }
+        let full = j.next(t0, None, false, 0.0);
+        let halved = j.next(t0, None, false, 0.999_999);
+        assert_eq!(full, BACKOFF_MAX);
+        assert!(
+            halved >= BACKOFF_MAX / 2 && halved < BACKOFF_MAX,
+            "{halved:?}"
+        );
+    }
+}
