@@ -261,26 +261,9 @@ fn batch_records(scale: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{RelPath, Stamp, VersionVector};
+    use crate::model::RelPath;
 
-    fn sample() -> FileRecord {
-        let mut version = VersionVector::new();
-        version.bump(NodeId(3));
-        FileRecord {
-            path: RelPath::new("default/api/a.xml").expect("valid"),
-            kind: Kind::File,
-            deleted: false,
-            size: 4,
-            mode: 0o644,
-            hash: Some(*blake3::hash(b"<a/>").as_bytes()),
-            version,
-            stamp: Stamp {
-                hlc: 99,
-                node: NodeId(3),
-            },
-            seq: 7,
-        }
-    }
+    use crate::model::sample_record as sample;
 
     #[test]
     fn batches_grow_while_they_fill_and_start_small_once_caught_up() {

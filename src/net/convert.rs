@@ -141,24 +141,7 @@ pub fn record_from_pb(p: pb::Record) -> Result<Incoming, String> {
 mod tests {
     use super::*;
 
-    fn sample() -> FileRecord {
-        let mut version = VersionVector::new();
-        version.bump(NodeId(3));
-        FileRecord {
-            path: RelPath::new("default/api/a.xml").expect("valid"),
-            kind: Kind::File,
-            deleted: false,
-            size: 4,
-            mode: 0o644,
-            hash: Some(*blake3::hash(b"<a/>").as_bytes()),
-            version,
-            stamp: Stamp {
-                hlc: 99,
-                node: NodeId(3),
-            },
-            seq: 7,
-        }
-    }
+    use crate::model::sample_record as sample;
 
     #[test]
     fn records_round_trip_through_the_wire() {
