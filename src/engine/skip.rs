@@ -10,8 +10,7 @@ pub(in crate::engine) struct Failure {
     pub(in crate::engine) record: FileRecord,
     pub(in crate::engine) problem: String,
     /// The trouble is this node's, not the path's (a full or read-only disk, a conflict
-    /// copy that cannot be kept, a local program writing the file): the change waits in the
-    /// stream, it is never skipped.
+    /// copy that cannot be kept): the change waits in the stream, it is never skipped.
     pub(in crate::engine) node_wide: bool,
 }
 

@@ -176,8 +176,9 @@ impl FolderEngine {
     /// versions), records to put on disk, and records that wait for a local writer. A path
     /// whose file changed since the last look is observed first, so the peer's version meets
     /// the change instead of overwriting it; a path a local program is writing is neither
-    /// looked at nor replaced: the peer's version waits in the stream for the writer's close
-    /// (at most `open_write_hold`), never skipped for it.
+    /// looked at nor replaced: the peer's version fails for now and meets the complete local
+    /// version on a retry (a writer that stays longer than the quick retries has it skipped
+    /// and retried later, like any change that keeps failing).
     async fn decide_records(
         &mut self,
         peer: &str,
@@ -201,11 +202,13 @@ impl FolderEngine {
             let mut decision = self.replica.receive(&remote, now);
             if matches!(decision, Decision::Apply { .. }) && self.being_written(&remote.path) {
                 debug!(folder = %self.id, path = %remote.path, peer = %peer, "a local program is writing the file; the peer's version waits for its close");
+                // A path failure like any other: retried at once, and skipped after a few
+                // tries, so a file a program keeps open never holds up the rest of the stream.
                 waiting.note(
                     &remote,
                     "a local program is writing the file; the peer's version waits for its close"
                         .into(),
-                    true,
+                    false,
                 );
                 continue;
             }
