@@ -250,3 +250,15 @@ pub(crate) async fn liveness_until(
     }
     panic!("liveness never got there; last: {:?}", handle.liveness());
 }
+
+/// Writes `bytes` at `path` as a local program did a while ago (its mtime a second back), so a
+/// peer's version meeting it does not wait for a writer that may still be at it.
+pub(crate) fn write_settled(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).expect("write");
+    let back = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(back))
+        .expect("set mtime");
+}

@@ -101,6 +101,10 @@ fn convert(event: &notify::Event, own: &OwnWrites) -> Vec<Raw> {
         EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any) => {
             (true, false, false)
         }
+        // A file just created by `open(O_CREAT)` is empty until its writer writes: it counts
+        // as being written until its close (which always follows an open for writing). A
+        // file created without an open (a hard link) waits for the open-write hold instead.
+        EventKind::Create(CreateKind::File) => (true, false, false),
         // notify sends a rename as `From` and `To`, then `Both` when it could pair the two
         // halves. The halves name the paths; `Both` only tells whose temp file it was.
         EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
@@ -440,8 +444,8 @@ mod tests {
         )
         .expect("watch");
         let path = root.join("x.xml");
+        // Created and still empty: already being written.
         let mut f = std::fs::File::create(&path).expect("create");
-        f.write_all(b"<half").expect("write");
         let until = |want: bool| {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while own.is_writing(&path) != want {
@@ -453,6 +457,7 @@ mod tests {
             }
         };
         until(true);
+        f.write_all(b"<half").expect("write");
         drop(f);
         until(false);
         cancel.cancel();
@@ -548,9 +553,19 @@ mod tests {
                 ..
             }]
         ));
+        // A new file is empty until its writer writes: it is being written until its close.
         let create = convert_fresh(&ev(EventKind::Create(CreateKind::File), "/r/a"));
         assert!(matches!(
             &create[..],
+            [Raw::Path {
+                closed: false,
+                written: true,
+                ..
+            }]
+        ));
+        let mkdir = convert_fresh(&ev(EventKind::Create(CreateKind::Folder), "/r/d"));
+        assert!(matches!(
+            &mkdir[..],
             [Raw::Path {
                 closed: false,
                 written: false,

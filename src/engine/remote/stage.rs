@@ -8,6 +8,9 @@ use crate::engine::plan::{self, Step};
 /// content that travelled inline).
 type Applying = (FileRecord, FileRecord, bool, Option<Inline>);
 
+/// A file modified this recently when a peer's version meets it is not looked at yet.
+const JUST_NOW: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A content to fetch: (record decided, record as the peer sent it, its hash, `new`,
 /// `expect`; see [`Step::Fetch`]).
 type PendingFetch = (
@@ -73,12 +76,24 @@ impl FolderEngine {
             && self.replica.get(&remote.path).is_none_or(|l| l.deleted)
     }
 
-    /// True when the disk at `path` still shows what the index says (so it may be replaced).
     /// True while a local program has `path` open for writing (as the watcher saw it).
     pub(in crate::engine) fn being_written(&self, path: &RelPath) -> bool {
         self.own.is_writing(&self.root.join(path.as_str()))
     }
 
+    /// True when the file at `path` was modified within [`JUST_NOW`] (its writer may not be
+    /// done, and its events may not have reached the watcher yet).
+    pub(in crate::engine) fn changed_just_now(&self, path: &RelPath) -> bool {
+        std::fs::symlink_metadata(self.root.join(path.as_str()))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| {
+                std::time::SystemTime::now()
+                    .duration_since(t)
+                    .is_ok_and(|age| age < JUST_NOW)
+            })
+    }
+
+    /// True when the disk at `path` still shows what the index says (so it may be replaced).
     pub(in crate::engine) fn disk_matches_index(&self, path: &RelPath) -> bool {
         let meta = std::fs::symlink_metadata(self.root.join(path.as_str()));
         match (self.replica.get(path), meta) {
@@ -220,6 +235,17 @@ impl FolderEngine {
                 && look_first
                 && !block(|| self.disk_matches_index(&remote.path))
             {
+                if block(|| self.changed_just_now(&remote.path)) {
+                    // Changed under us a moment ago, likely by a writer whose events the
+                    // watcher has not read yet: not looked at half-written; retried.
+                    debug!(folder = %self.id, path = %remote.path, peer = %peer, "the file changed a moment ago; the peer's version is retried");
+                    waiting.note(
+                        &remote,
+                        "the local file changed a moment ago; the peer's version is retried".into(),
+                        false,
+                    );
+                    continue;
+                }
                 // The file changed under us since the last look: record that first, so the
                 // peer's version meets it as a concurrent change instead of overwriting it.
                 // (`observe` commits it to the index on its own.)
