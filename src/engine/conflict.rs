@@ -247,58 +247,6 @@ mod tests {
         task.await.expect("engine task");
     }
 
-    /// A file changed a moment ago, before the watcher has told anyone (its writer may be
-    /// between the truncate and the write): the peer's version is retried rather than decided
-    /// against what is on disk now; a moment later it meets the complete local version.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_file_changed_a_moment_ago_is_not_taken_half_written() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("root");
-        std::fs::create_dir_all(&root).expect("mkdir");
-        let target = root.join("x.xml");
-        write_settled(&target, b"<local v1/>");
-        let (handle, store, cancel, task) = engine_on(dir.path()).await;
-        std::fs::write(&target, b"").expect("truncate, just now");
-        let peer = || {
-            let mut inc = remote_file("x.xml", b"<peer/>", 1, true);
-            inc.record.stamp.hlc = Hlc::default().tick(crate::now_ms() + 1_000);
-            inc
-        };
-        match handle.remote(batch(1, 1, vec![peer()])).await {
-            Err(EngineError::ApplyFailed { problem, .. }) => {
-                assert!(problem.contains("a moment ago"), "{problem}")
-            }
-            other => panic!("the peer's version must be retried, got {other:?}"),
-        }
-        assert_eq!(
-            row_of(&store, "x.xml").await.record.hash,
-            Some(*blake3::hash(b"<local v1/>").as_bytes()),
-            "the truncated file is not recorded"
-        );
-        write_settled(&target, b"<local v2/>");
-        handle
-            .remote(batch(2, 1, vec![peer()]))
-            .await
-            .expect("decided");
-        let copies: Vec<Vec<u8>> = walkdir::WalkDir::new(dir.path().join("conflicts"))
-            .into_iter()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_file())
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .collect();
-        // This node had seen the peer's stamp on the first attempt, so the complete local
-        // edit is the later write and wins (the peer keeps its own bytes as a conflict copy
-        // when this record reaches it): nothing to copy here, and never an empty version.
-        assert!(copies.is_empty(), "{copies:?}");
-        assert_eq!(std::fs::read(&target).expect("x.xml"), b"<local v2/>");
-        assert_eq!(
-            row_of(&store, "x.xml").await.record.hash,
-            Some(*blake3::hash(b"<local v2/>").as_bytes())
-        );
-        cancel.cancel();
-        task.await.expect("engine task");
-    }
-
     /// Local bytes held back by the XML gate were never shipped: a peer's version that
     /// replaces them (a new file at that path, or a newer version of a known file) keeps them
     /// as a conflict copy first, and the path is no longer held.

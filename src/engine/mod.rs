@@ -328,6 +328,8 @@ impl FolderEngine {
                     self.live.busy();
                     let mut paths: Vec<RelPath> = std::mem::take(&mut self.unstable).into_iter().collect();
                     paths.extend(self.held.keys().cloned());
+                    // Looks the watcher did not ask for: its marks first (see `sync_marks`).
+                    self.sync_marks();
                     let change = if self.paused.is_some() { Change::Rescan } else { Change::Paths(paths) };
                     if let Err(e) = self.on_local(change).await {
                         debug!(folder = %self.id, error = %e, "retry look failed");

@@ -15,12 +15,23 @@
 //! (written to, not closed yet): the engine neither looks at such a file nor replaces it, and
 //! a peer's version of it waits for the writer's close, so no half-written local version is
 //! recorded, shipped or kept as a conflict copy. A mark ends at the close, when the watcher
-//! hands the path over anyway (`open_write_hold`), or at a rescan.
+//! hands the path over anyway (`open_write_hold`), or at a rescan. A mark is set when the
+//! watcher *reads* the event, which can lag behind the write; before it trusts the marks, the
+//! engine puts a barrier through the watcher ([`OwnWrites::sync_with_watcher`]): it creates
+//! and removes a file of its own and waits until the watcher has read that event, so every
+//! event before it (inotify keeps one queue, in order) has set its mark.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::Hash;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use super::ignore::{TEMP_PREFIX, TEMP_SUFFIX};
+
+/// The name of a barrier file (a temp name: never scanned, never synced).
+const BARRIER: &str = "barrier-";
 
 /// Entries kept per list; far more than one batch puts in place before its events arrive.
 const KEPT: usize = 16_384;
@@ -71,6 +82,12 @@ struct Inner {
 #[derive(Debug)]
 pub struct OwnWrites {
     inner: Mutex<Inner>,
+    /// A watcher reads this folder's events (no barrier is waited for otherwise).
+    watching: AtomicBool,
+    /// The last barrier number handed out, and the last one the watcher has read.
+    next_barrier: AtomicU64,
+    barrier_seen: Mutex<u64>,
+    barrier_cv: Condvar,
 }
 
 impl Default for OwnWrites {
@@ -81,8 +98,23 @@ impl Default for OwnWrites {
                 temps: Recent::new(),
                 writing: Recent::new(),
             }),
+            watching: AtomicBool::new(false),
+            next_barrier: AtomicU64::new(0),
+            barrier_seen: Mutex::new(0),
+            barrier_cv: Condvar::new(),
         }
     }
+}
+
+/// The number of a barrier file's name, if `path` names one.
+pub fn barrier_number(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(TEMP_PREFIX)?
+        .strip_prefix(BARRIER)?
+        .strip_suffix(TEMP_SUFFIX)?
+        .parse()
+        .ok()
 }
 
 impl OwnWrites {
@@ -135,6 +167,47 @@ impl OwnWrites {
         self.with(|i| i.writing.set.contains(path)).unwrap_or(false)
     }
 
+    /// A watcher reads this folder's events from now on.
+    pub fn watch_started(&self) {
+        self.watching.store(true, Ordering::Release);
+    }
+
+    /// The watcher read the event of barrier `n` (and so every event before it).
+    pub fn barrier_seen(&self, n: u64) {
+        if let Ok(mut seen) = self.barrier_seen.lock() {
+            *seen = (*seen).max(n);
+            self.barrier_cv.notify_all();
+        }
+    }
+
+    /// Makes the writing marks current: creates and removes a barrier file in `root` and
+    /// waits (at most `timeout`) until the watcher has read its event. Blocking. True when
+    /// the marks are current (also when no watcher runs); false when the barrier could not
+    /// be made or did not come through in time (the marks are then only as current as the
+    /// watcher is).
+    pub fn sync_with_watcher(&self, root: &Path, timeout: Duration) -> bool {
+        if !self.watching.load(Ordering::Acquire) {
+            return true;
+        }
+        let n = self.next_barrier.fetch_add(1, Ordering::AcqRel) + 1;
+        let path = root.join(format!("{TEMP_PREFIX}{BARRIER}{n}{TEMP_SUFFIX}"));
+        let made = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map(drop);
+        let _ = std::fs::remove_file(&path);
+        if made.is_err() {
+            return false;
+        }
+        let Ok(seen) = self.barrier_seen.lock() else {
+            return false;
+        };
+        self.barrier_cv
+            .wait_timeout_while(seen, timeout, |seen| *seen < n)
+            .is_ok_and(|(seen, _)| *seen >= n)
+    }
+
     /// The watcher rescans (its pending paths are dropped): no mark may outlive the look
     /// that would end it.
     pub fn end_all_writing(&self) {
@@ -155,6 +228,19 @@ impl OwnWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn barrier_names_are_recognised() {
+        assert_eq!(
+            barrier_number(Path::new("/r/.artisync.barrier-42.tmp")),
+            Some(42)
+        );
+        assert_eq!(barrier_number(Path::new("/r/.artisync.abc.tmp")), None);
+        assert_eq!(barrier_number(Path::new("/r/barrier-42.tmp")), None);
+        // Without a watcher there is nothing to wait for.
+        let own = OwnWrites::default();
+        assert!(own.sync_with_watcher(Path::new("/nonexistent"), Duration::from_millis(1)));
+    }
 
     #[test]
     fn writing_marks_end_at_the_close_and_at_a_rescan() {

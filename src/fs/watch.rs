@@ -152,8 +152,18 @@ impl FolderWatcher {
         let flag = overflow.clone();
         let mut burst = Burst::default();
         let marks = own.clone();
+        own.watch_started();
         let handler = move |res: notify::Result<notify::Event>| {
             burst.pace();
+            if let Ok(event) = &res {
+                for n in event
+                    .paths
+                    .iter()
+                    .filter_map(|p| super::own::barrier_number(p))
+                {
+                    own.barrier_seen(n);
+                }
+            }
             let items = match res {
                 Ok(event) => convert(&event, &own),
                 Err(_) => {
@@ -457,6 +467,10 @@ mod tests {
             }
         };
         until(true);
+        assert!(
+            own.sync_with_watcher(&root, Duration::from_secs(10)),
+            "a barrier comes through the watcher"
+        );
         f.write_all(b"<half").expect("write");
         drop(f);
         until(false);

@@ -43,8 +43,10 @@ pub struct FaultNet {
 }
 
 impl FaultNet {
-    /// A proxy for each ordered pair of `targets` (the nodes' listen addresses), all passing.
-    pub fn full_mesh(targets: &[SocketAddr]) -> Self {
+    /// A proxy for each ordered pair of `targets` (the nodes' listen addresses), all passing,
+    /// on the loopback ports `ports` (`n * (n - 1)` of them, reserved together with the
+    /// nodes' own ports so that no proxy can take a node's port).
+    pub fn full_mesh(targets: &[SocketAddr], ports: &[u16]) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -53,13 +55,15 @@ impl FaultNet {
             .expect("fault proxy runtime");
         let cancel = CancellationToken::new();
         let mut links = BTreeMap::new();
+        let mut free = ports.iter();
         for (i, _) in targets.iter().enumerate() {
             for (j, target) in targets.iter().enumerate() {
                 if i == j {
                     continue;
                 }
+                let port = *free.next().expect("a port for every link");
                 let listener = runtime
-                    .block_on(TcpListener::bind("127.0.0.1:0"))
+                    .block_on(TcpListener::bind(("127.0.0.1", port)))
                     .expect("bind a fault proxy port");
                 let port = listener.local_addr().expect("proxy address").port();
                 let (fault, rx) = watch::channel(Fault::Pass);

@@ -299,6 +299,16 @@ fn faults_for(rng: &mut StdRng, n: usize, net: &FaultNet) -> String {
     }
 }
 
+/// The lines of `node`'s log that name `path`.
+fn log_of(node: &Node, path: &str) -> String {
+    std::fs::read_to_string(node.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(path))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Every file below `root` (relative path → bytes), temp files included.
 fn files(root: &Path) -> BTreeMap<String, Vec<u8>> {
     walkdir::WalkDir::new(root)
@@ -348,12 +358,14 @@ fn randomized_partitions_converge_and_lose_no_write() {
     eprintln!("chaos: seed {seed}, {rounds} rounds, {n} nodes");
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let ports = artisync::demo::free_ports(n).expect("reserve loopback ports");
+    // The nodes' ports and the proxies' together, so none can take another's.
+    let all = artisync::demo::free_ports(n * n).expect("reserve loopback ports");
+    let (ports, proxy_ports) = all.split_at(n);
     let targets: Vec<SocketAddr> = ports
         .iter()
         .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
         .collect();
-    let net = FaultNet::full_mesh(&targets);
+    let net = FaultNet::full_mesh(&targets, proxy_ports);
     let names: Vec<String> = (0..n)
         .map(|i| char::from(b'a' + i as u8).to_string())
         .collect();
@@ -442,10 +454,14 @@ fn randomized_partitions_converge_and_lose_no_write() {
         for copy in node.conflict_copies() {
             let bytes = std::fs::read(&copy).expect("read conflict copy");
             let token = token_of(&bytes).unwrap_or_else(|| {
+                let name = copy.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let path = name.split(".xml").next().unwrap_or(name);
                 panic!(
-                    "conflict copy {} is not a complete version: {:?}",
+                    "conflict copy {} is not a complete version: {:?}; node {}'s log of {path}.xml:\n{}",
                     copy.display(),
-                    String::from_utf8_lossy(&bytes)
+                    String::from_utf8_lossy(&bytes),
+                    node.name,
+                    log_of(node, &format!("{path}.xml"))
                 )
             });
             present.insert(token);

@@ -215,13 +215,11 @@ impl FolderEngine {
             info!(folder = %self.id, peer = %peer, count = applied, "applied peer changes");
         }
         if !appeared.is_empty() {
-            // A file changed a moment ago may be half-written, its writer's events not read
-            // yet: looked at on the next retry tick (or when the watcher hands it over).
-            let (later, now): (BTreeSet<RelPath>, BTreeSet<RelPath>) = appeared
-                .into_iter()
-                .partition(|p| block(|| self.changed_just_now(p)));
-            self.unstable.extend(later);
-            if let Err(e) = self.observe(now).await {
+            // The files an apply met changed: once the marks are current, a file a writer
+            // is still at is left to the watcher's hand-over at its close (`observe` skips
+            // it), never looked at half-written.
+            self.sync_marks();
+            if let Err(e) = self.observe(appeared).await {
                 warn!(folder = %self.id, error = %e, "cannot look at files that appeared meanwhile");
             }
         }

@@ -8,8 +8,8 @@ use crate::engine::plan::{self, Step};
 /// content that travelled inline).
 type Applying = (FileRecord, FileRecord, bool, Option<Inline>);
 
-/// A file modified this recently when a peer's version meets it is not looked at yet.
-const JUST_NOW: std::time::Duration = std::time::Duration::from_millis(50);
+/// Longest wait for the watcher to confirm the writing marks are current.
+const MARKS_SYNC_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A content to fetch: (record decided, record as the peer sent it, its hash, `new`,
 /// `expect`; see [`Step::Fetch`]).
@@ -81,16 +81,12 @@ impl FolderEngine {
         self.own.is_writing(&self.root.join(path.as_str()))
     }
 
-    /// True when the file at `path` was modified within [`JUST_NOW`] (its writer may not be
-    /// done, and its events may not have reached the watcher yet).
-    pub(in crate::engine) fn changed_just_now(&self, path: &RelPath) -> bool {
-        std::fs::symlink_metadata(self.root.join(path.as_str()))
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| {
-                std::time::SystemTime::now()
-                    .duration_since(t)
-                    .is_ok_and(|age| age < JUST_NOW)
-            })
+    /// Makes the writing marks current (see [`OwnWrites::sync_with_watcher`]): once per
+    /// batch, before the first look at a file the watcher has not handed over.
+    pub(in crate::engine) fn sync_marks(&self) {
+        if !block(|| self.own.sync_with_watcher(&self.root, MARKS_SYNC_WAIT)) {
+            debug!(folder = %self.id, "the watcher did not confirm its marks in time; using them as they are");
+        }
     }
 
     /// True when the disk at `path` still shows what the index says (so it may be replaced).
@@ -203,6 +199,7 @@ impl FolderEngine {
         let mut stores: Vec<FileRecord> = Vec::new();
         let mut applies: Vec<Applying> = Vec::new();
         let mut waiting = Failures::default();
+        let mut synced = false;
         for Incoming {
             record: remote,
             inline,
@@ -215,10 +212,23 @@ impl FolderEngine {
                 self.note_clock_ahead(peer, &remote.path, ahead_ms, now);
             }
             let mut decision = self.replica.receive(&remote, now);
+            // A held file at the path is looked at even for a new file: its bytes must be
+            // kept before anything replaces them.
+            let look_first =
+                !self.placed_without_replacing(&remote) || self.held.contains_key(&remote.path);
+            let looks = matches!(decision, Decision::Apply { .. })
+                && look_first
+                && !block(|| self.disk_matches_index(&remote.path));
+            if looks && !synced {
+                // The file changed since the last look: before it is looked at, every event
+                // written so far has reached the watcher, so a writer still at it is marked.
+                self.sync_marks();
+                synced = true;
+            }
             if matches!(decision, Decision::Apply { .. }) && self.being_written(&remote.path) {
-                debug!(folder = %self.id, path = %remote.path, peer = %peer, "a local program is writing the file; the peer's version waits for its close");
                 // A path failure like any other: retried at once, and skipped after a few
                 // tries, so a file a program keeps open never holds up the rest of the stream.
+                debug!(folder = %self.id, path = %remote.path, peer = %peer, "a local program is writing the file; the peer's version waits for its close");
                 waiting.note(
                     &remote,
                     "a local program is writing the file; the peer's version waits for its close"
@@ -227,25 +237,7 @@ impl FolderEngine {
                 );
                 continue;
             }
-            // A held file at the path is looked at even for a new file: its bytes must be
-            // kept before anything replaces them.
-            let look_first =
-                !self.placed_without_replacing(&remote) || self.held.contains_key(&remote.path);
-            if matches!(decision, Decision::Apply { .. })
-                && look_first
-                && !block(|| self.disk_matches_index(&remote.path))
-            {
-                if block(|| self.changed_just_now(&remote.path)) {
-                    // Changed under us a moment ago, likely by a writer whose events the
-                    // watcher has not read yet: not looked at half-written; retried.
-                    debug!(folder = %self.id, path = %remote.path, peer = %peer, "the file changed a moment ago; the peer's version is retried");
-                    waiting.note(
-                        &remote,
-                        "the local file changed a moment ago; the peer's version is retried".into(),
-                        false,
-                    );
-                    continue;
-                }
+            if looks {
                 // The file changed under us since the last look: record that first, so the
                 // peer's version meets it as a concurrent change instead of overwriting it.
                 // (`observe` commits it to the index on its own.)
@@ -310,6 +302,17 @@ impl FolderEngine {
             let held = !conflict_copy
                 && plan::rewrites(&record, local.as_ref())
                 && self.held.contains_key(&record.path);
+            if held && self.being_written(&record.path) {
+                // Held bytes a writer is still adding to (a half-written file fails the gate;
+                // the marks were made current when the batch was decided): copied only once
+                // the writer is done, so the copy is a whole version.
+                fails.note(
+                    &remote,
+                    "a local program is writing the file held back as not well-formed; the peer's version waits for its close".into(),
+                    false,
+                );
+                continue;
+            }
             if held {
                 if let Err(e) = self.keep_held_copy(&record, now, peer).await {
                     fails.note(
