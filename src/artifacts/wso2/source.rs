@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{
-    ArtifactRow, ChangeLog, Fingerprint, RowInstruction, Selected, Snapshot, select, shown,
+    ArtifactRow, ChangeLog, Fingerprint, Routes, RowInstruction, Selected, Snapshot, select, shown,
 };
 use crate::artifacts::db::{Backend, placeholders, redact};
 use crate::artifacts::retriever::{Source, SourceError, Unavailable};
@@ -31,7 +31,7 @@ struct Scanned {
 /// that is down at start-up is retried like any other failure.
 pub struct Wso2Source {
     url: String,
-    folder: String,
+    routes: Routes,
     poll: Duration,
     queries: AtomicU64,
     pool: tokio::sync::Mutex<Option<(AnyPool, Backend)>>,
@@ -39,14 +39,15 @@ pub struct Wso2Source {
 }
 
 impl Wso2Source {
-    /// `folder`: the folder id rendered files deploy into (the retriever's `folder`).
-    pub fn new(url: &str, folder: &str, poll: Duration) -> Self {
+    /// `routes`: the folder id each tenant's rendered files deploy into (the retriever's
+    /// `folder` and `tenants`).
+    pub fn new(url: &str, routes: Routes, poll: Duration) -> Self {
         let first_id = i64::try_from(crate::now_ms())
             .unwrap_or(0)
             .saturating_mul(1000);
         Self {
             url: url.to_owned(),
-            folder: folder.to_owned(),
+            routes,
             poll,
             queries: AtomicU64::new(0),
             pool: tokio::sync::Mutex::new(None),
@@ -223,7 +224,7 @@ impl Wso2Source {
         }
         by_api
             .into_iter()
-            .filter_map(|(id, rows)| select(id, &rows, labels, &self.folder))
+            .filter_map(|(id, rows)| select(id, &rows, labels, &self.routes))
             .collect()
     }
 }
@@ -296,10 +297,10 @@ impl Source for Wso2Source {
         // Every row of those labels says Remove.
         Ok(Some(ArtifactMeta {
             id: id.clone(),
-            name: first.name.clone().unwrap_or_default(),
-            version: first.version.clone().unwrap_or_default(),
-            tenant: first.tenant.clone().unwrap_or_default(),
-            folder: self.folder.clone(),
+            name: first.name.as_deref().map(shown).unwrap_or_default(),
+            version: first.version.as_deref().map(shown).unwrap_or_default(),
+            tenant: first.tenant.as_deref().map(shown).unwrap_or_default(),
+            folder: self.routes.default_folder().to_owned(),
             revision: 0,
             removed: true,
             labels: Vec::new(),
@@ -339,14 +340,17 @@ impl Source for Wso2Source {
                     return Err(bad("has none of this node's labels".into()));
                 }
                 let selected =
-                    select(&meta.id, &rows, &meta.labels, &self.folder).ok_or_else(|| {
+                    select(&meta.id, &rows, &meta.labels, &self.routes).ok_or_else(|| {
                         bad(format!(
                             "is no longer published for labels {:?}",
                             meta.labels
                         ))
                     })?;
                 let bundle = selected.bundle.map_err(|e| bad(e.to_string()))?;
-                if selected.meta.revision != meta.revision || bundle.digest() != meta.digest {
+                if selected.meta.revision != meta.revision
+                    || selected.meta.folder != meta.folder
+                    || bundle.digest() != meta.digest
+                {
                     return Err(bad(
                         "ARTIFACT changed while being read; the change is deployed next".into(),
                     ));
@@ -419,7 +423,11 @@ mod tests {
             .await
             .expect("publish");
 
-        let source = Wso2Source::new(&url, "synapse-configs", Duration::from_millis(1));
+        let source = Wso2Source::new(
+            &url,
+            Routes::super_tenant_only("synapse-configs"),
+            Duration::from_millis(1),
+        );
         let start = source.last_event_id().await.expect("primes");
         let current = source.current(&labels(&["L1"])).await.expect("current");
         assert_eq!(current.len(), 1, "{name}: {current:?}");
@@ -579,7 +587,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("wso2.db");
         let url = format!("sqlite://{}", path.display());
-        let source = Wso2Source::new(&url, "synapse-configs", Duration::from_millis(1));
+        let source = Wso2Source::new(
+            &url,
+            Routes::super_tenant_only("synapse-configs"),
+            Duration::from_millis(1),
+        );
         let e = source
             .current(&labels(&["L1"]))
             .await
@@ -591,7 +603,7 @@ mod tests {
         std::fs::File::create(&empty).expect("an empty SQLite file");
         let source = Wso2Source::new(
             &format!("sqlite://{}", empty.display()),
-            "synapse-configs",
+            Routes::super_tenant_only("synapse-configs"),
             Duration::from_millis(1),
         );
         let e = source.last_event_id().await.expect_err("no tables");

@@ -126,6 +126,19 @@ impl Wso2Tables {
         Ok(())
     }
 
+    /// Sets the `TENANT_DOMAIN` of an API's details row (WSO2 writes the API's tenant there).
+    pub async fn set_tenant(&self, api_id: &str, tenant: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(AssertSqlSafe(placeholders(
+            self.backend,
+            "UPDATE AM_GW_PUBLISHED_API_DETAILS SET TENANT_DOMAIN = ? WHERE API_ID = ?",
+        )))
+        .bind(tenant)
+        .bind(api_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// `Publish` of `artifact` for `label`.
     pub async fn publish(
         &self,
@@ -230,6 +243,16 @@ pub fn gateway_api_json(api_id: &str, name: &str, tag: &str) -> Vec<u8> {
         "credentialsToBeAdd": [{"alias": "PizzaShackAPI--v1.0.0", "password": "s3cret-endpoint-password"}],
         "credentialsToBeRemove": [],
     }))
+}
+
+/// [`gateway_api_json`] as a tenant's API: `tenantDomain` is `tenant`.
+pub fn tenant_api_json(api_id: &str, name: &str, tag: &str, tenant: &str) -> Vec<u8> {
+    String::from_utf8_lossy(&gateway_api_json(api_id, name, tag))
+        .replace(
+            "\"tenantDomain\":\"carbon.super\"",
+            &format!("\"tenantDomain\":{tenant:?}"),
+        )
+        .into_bytes()
 }
 
 /// The Synapse API definition [`gateway_api_json`] carries.
