@@ -7,6 +7,29 @@ use super::{RenderError, render_dto, shown};
 use crate::artifacts::{ArtifactMeta, Bundle};
 use crate::config::SUPER_TENANT;
 
+/// The sizes at which MySQL's shorter blob types cut a value (`BLOB` 64 KiB, `MEDIUMBLOB`
+/// 16 MiB, less one byte), with the type's name.
+const MYSQL_BLOB_LIMITS: &[(usize, &str)] = &[(65_535, "BLOB"), (16_777_215, "MEDIUMBLOB")];
+
+/// Renders an `ARTIFACT`; one that does not render at exactly a MySQL blob type's size was cut
+/// by that column, and says so.
+fn render_row(bytes: &[u8], label: &str) -> Result<super::Rendered, SelectError> {
+    render_dto(bytes).map_err(|problem| {
+        match MYSQL_BLOB_LIMITS
+            .iter()
+            .find(|(max, _)| bytes.len() == *max)
+        {
+            Some((len, column)) => SelectError::Truncated {
+                label: label.to_owned(),
+                len: *len,
+                column,
+                problem: Box::new(problem),
+            },
+            None => SelectError::Render(problem),
+        }
+    })
+}
+
 /// Longest name, version or tenant taken from a row into an artifact's metadata.
 const MAX_FIELD: usize = 255;
 
@@ -69,6 +92,15 @@ pub struct Selected {
 pub enum SelectError {
     #[error(transparent)]
     Render(#[from] RenderError),
+    #[error(
+        "ARTIFACT of label {label:?} is {len} bytes, exactly what a MySQL {column} holds, and {problem}: the column cut it (a database upgraded from WSO2 API-M 3.0 has ARTIFACT as BLOB). Alter it: ALTER TABLE AM_GW_API_ARTIFACTS MODIFY ARTIFACT LONGBLOB; then save the API again in WSO2"
+    )]
+    Truncated {
+        label: String,
+        len: usize,
+        column: &'static str,
+        problem: Box<RenderError>,
+    },
     #[error("ARTIFACT of label {label:?} is NULL")]
     NullArtifact { label: String },
     #[error("GATEWAY_INSTRUCTION {what:?} of label {label:?} is neither Publish nor Remove")]
@@ -221,7 +253,7 @@ pub fn select(
     let chosen = *candidates.first()?;
     let rendered = match &chosen.instruction {
         RowInstruction::Publish => match &chosen.artifact {
-            Some(bytes) => render_dto(bytes).map_err(SelectError::from),
+            Some(bytes) => render_row(bytes, &chosen.label),
             None => Err(SelectError::NullArtifact {
                 label: chosen.label.clone(),
             }),
@@ -497,5 +529,49 @@ mod tests {
         r.name = Some(format!("a\u{1b}[31m{}", "n".repeat(1000)));
         let s = select(API, &[r], &labels(&["A"]), &routes).expect("listed");
         assert!(s.meta.name.len() <= 255 && !s.meta.name.contains('\u{1b}'));
+    }
+
+    /// Issue 14, item 8: MySQL's 3.0 -> 3.2 upgrade leaves ARTIFACT a BLOB, which cuts a large
+    /// API at 65,535 bytes; the reason says how to fix the column.
+    #[test]
+    fn an_artifact_cut_at_a_blob_size_names_the_column_fix() {
+        let big = gateway_api_json(API, PIZZA, &"x".repeat(70_000));
+        let cut_at = |len: usize| {
+            let r = row(API, "A", "Publish", Some(big[..len].to_vec()));
+            select(API, &[r], &labels(&["A"]), &sc())
+                .expect("listed")
+                .bundle
+                .expect_err("cut JSON fails")
+                .to_string()
+        };
+        let e = cut_at(65_535);
+        assert!(
+            e.contains("65535 bytes")
+                && e.contains("MySQL BLOB")
+                && e.contains("ALTER TABLE AM_GW_API_ARTIFACTS MODIFY ARTIFACT LONGBLOB")
+                && e.contains("\"A\""),
+            "{e}"
+        );
+        assert!(!e.contains("xxxx"), "never quotes the artifact: {e}");
+        let e = cut_at(65_534);
+        assert!(
+            !e.contains("LONGBLOB"),
+            "another size is another problem: {e}"
+        );
+        // A whole DTO of exactly that size deploys: only one that does not parse was cut.
+        let mut exact = gateway_api_json(API, PIZZA, "t");
+        exact.resize(65_535, b' ');
+        let r = row(API, "A", "Publish", Some(exact));
+        assert!(select(API, &[r], &labels(&["A"]), &sc()).is_some_and(|s| s.bundle.is_ok()));
+        // MEDIUMBLOB's limit too.
+        let mut huge = b"{\"apiDefinition\": \"".to_vec();
+        huge.resize(16_777_215, b'y');
+        let r = row(API, "A", "Publish", Some(huge));
+        let e = select(API, &[r], &labels(&["A"]), &sc())
+            .expect("listed")
+            .bundle
+            .expect_err("cut")
+            .to_string();
+        assert!(e.contains("MEDIUMBLOB") && e.contains("LONGBLOB"), "{e}");
     }
 }

@@ -50,6 +50,17 @@ pub struct Wso2Tables {
 impl Wso2Tables {
     /// Connects (creating an SQLite file) and creates WSO2's two tables.
     pub async fn create(url: &str) -> Result<Self, sqlx::Error> {
+        Self::create_with(url, false).await
+    }
+
+    /// MySQL/MariaDB as WSO2 API-M 3.0's upgrade to 3.2 leaves it: `ARTIFACT` is a `BLOB`
+    /// (64 KiB), and the writer's session is not strict, so a larger `ARTIFACT` is cut at
+    /// 65,535 bytes (with a warning) rather than refused.
+    pub async fn create_mysql_upgraded_from_3_0(url: &str) -> Result<Self, sqlx::Error> {
+        Self::create_with(url, true).await
+    }
+
+    async fn create_with(url: &str, blob: bool) -> Result<Self, sqlx::Error> {
         sqlx::any::install_default_drivers();
         let backend =
             Backend::of_url(url).map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
@@ -60,6 +71,16 @@ impl Wso2Tables {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(2)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if blob {
+                        sqlx::query("SET SESSION sql_mode = ''")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await?;
         let ddl = match backend {
@@ -69,6 +90,11 @@ impl Wso2Tables {
         };
         for statement in ddl {
             sqlx::query(*statement).execute(&pool).await?;
+        }
+        if blob {
+            sqlx::query("ALTER TABLE AM_GW_API_ARTIFACTS MODIFY ARTIFACT BLOB")
+                .execute(&pool)
+                .await?;
         }
         Ok(Self { pool, backend })
     }
