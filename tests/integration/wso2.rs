@@ -462,6 +462,95 @@ fn wso2_tenants(backend: Backend) {
     assert_eq!(deployed_ids(&retriever_status(&gw)), vec![PIZZA.to_owned()]);
 }
 
+/// A DTO whose only entry is a sequence named `sequence` holding `tag`.
+fn sequence_only_json(api: &str, sequence: &str, tag: &str) -> Vec<u8> {
+    gson(&serde_json::json!({
+        "name": "Seq", "version": "1.0.0", "provider": "admin", "apiId": api,
+        "tenantDomain": "carbon.super", "override": true,
+        "sequenceToBeAdd": [{
+            "name": sequence,
+            "content": format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{sequence}\"><log><property name=\"tag\" value=\"{tag}\"/></log></sequence>"),
+        }],
+    }))
+}
+
+/// Issue 14, item 1: the WSO2 names `a:b` and `a_b` map to one file, `a_b.xml`. Across two
+/// APIs that is a reported conflict the ownership rule resolves (the lower API_ID wins,
+/// whatever the order they deployed in), never a silent overwrite; when the winner goes, the
+/// file holds the other API's content.
+#[test]
+fn wso2_names_mapping_to_one_file_across_apis_are_a_resolved_conflict() {
+    let Some(db) = Wso2Db::new(Backend::Sqlite) else {
+        return;
+    };
+    // STORE (d4b2...) deploys first, then WEATHER (0b6f..., the lower id) claims the file.
+    db.put(
+        STORE,
+        LABEL,
+        "Publish",
+        &sequence_only_json(STORE, "a_b", "store"),
+    );
+    let mut gw = lone_node(
+        "gw",
+        &retriever(&format!(
+            "artifact_retriever = \"db\"\nschema = \"wso2-apim-3.2\"\n\
+             database_url = \"{}\"\ndata_retrieval_mode = \"sync\"\n",
+            db.url
+        )),
+    );
+    gw.start();
+    let seq = |name: &str, tag: &str| {
+        BTreeMap::from([(
+            "default/sequences/a_b.xml".to_owned(),
+            format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{name}\"><log><property name=\"tag\" value=\"{tag}\"/></log></sequence>").into_bytes(),
+        )])
+    };
+    tree_is(&gw.synapse(), &seq("a_b", "store")).unwrap_or_else(|e| panic!("{e}"));
+    db.put(
+        WEATHER,
+        LABEL,
+        "Publish",
+        &sequence_only_json(WEATHER, "a:b", "weather"),
+    );
+    wait_tree(
+        &gw,
+        "the lower API_ID's a:b wins a_b.xml",
+        &seq("a:b", "weather"),
+    );
+    wait_for(RETRIEVE_TIMEOUT, "the conflict is reported", || {
+        let r = retriever_status(&gw);
+        let listed = r["conflicts"].as_array().is_some_and(|l| {
+            l.iter().any(|c| {
+                c["path"] == "default/sequences/a_b.xml"
+                    && c["folder"] == SYNAPSE
+                    && c["winner"] == WEATHER
+                    && c["losers"] == serde_json::json!([STORE])
+            })
+        });
+        if listed {
+            Ok(())
+        } else {
+            Err(format!("conflicts {}", r["conflicts"]))
+        }
+    });
+    assert_eq!(
+        deployed_ids(&retriever_status(&gw)),
+        vec![WEATHER.to_owned(), STORE.to_owned()],
+        "both stay deployed"
+    );
+    // The winner goes: the file now holds the other API's content, the conflict is gone.
+    db.put(WEATHER, LABEL, "Remove", b"{}");
+    wait_tree(&gw, "the remaining API's a_b", &seq("a_b", "store"));
+    wait_for(RETRIEVE_TIMEOUT, "no conflict left", || {
+        let r = retriever_status(&gw);
+        if r["conflicts"] == serde_json::json!([]) {
+            Ok(())
+        } else {
+            Err(format!("conflicts {}", r["conflicts"]))
+        }
+    });
+}
+
 #[test]
 fn wso2_tenant_config_mistakes_are_named_by_check_config() {
     let dir = tempfile::tempdir().expect("tempdir");
