@@ -1,7 +1,7 @@
 //! The TOML configuration: serde structs with defaults, and `validate()`, which names the
 //! offending key. Nothing is touched on disk before a config has validated.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -145,9 +145,16 @@ pub struct RetrieverFile {
     /// read only; never written or migrated).
     #[serde(default = "default_schema")]
     pub schema: String,
-    /// Folder id that artifacts deploy into.
+    /// Folder id that artifacts deploy into (with WSO2's tables: the super tenant's APIs).
     #[serde(default = "default_retriever_folder")]
     pub folder: String,
+    /// `[retriever.tenants]`: WSO2 tenant domain -> id of the `[[folder]]` its APIs deploy
+    /// into (the folder on `repository/tenants/<tenant id>/synapse-configs`), e.g.
+    /// `"wso2.com" = "tenant-1-synapse"`. The super tenant `carbon.super` always deploys into
+    /// `folder` and cannot be listed; an API of a tenant not listed fails, naming the tenant.
+    /// The folders listed are this node's target folders beside `folder` in every mode.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, String>,
     /// `sqlite://...`, `postgres://...` or `mysql://...` (mode `db`).
     pub database_url: Option<String>,
     /// Address of the hub agent (mode `hub`).
@@ -245,8 +252,12 @@ pub struct RetrieverConfig {
     /// Where artifacts come from (`artifact_retriever` with `database_url` and `schema`, or
     /// `hub`).
     pub source: RetrieverSource,
-    /// Folder id that artifacts deploy into (a configured `[[folder]]`).
+    /// Folder id that artifacts deploy into (a configured `[[folder]]`); with WSO2's tables,
+    /// the super tenant's APIs.
     pub folder: String,
+    /// WSO2 tenant domain (lower case) -> the `[[folder]]` its APIs deploy into; never
+    /// [`SUPER_TENANT`], never `folder`, one folder per tenant.
+    pub tenants: BTreeMap<String, String>,
     /// Labels this node deploys (none: every label).
     pub gateway_labels: Vec<String>,
     /// First retry delay in ms; doubles per failure, capped at one hour.
@@ -325,6 +336,11 @@ impl std::fmt::Display for DataRetrievalMode {
         f.write_str(self.as_str())
     }
 }
+
+/// WSO2's super tenant, whose APIs deploy into `retriever.folder`.
+pub const SUPER_TENANT: &str = "carbon.super";
+/// Longest tenant domain accepted (WSO2 keeps it in a `VARCHAR(255)`).
+pub const MAX_TENANT_DOMAIN: usize = 255;
 
 /// `retriever.schema`: artisync's own artifact store.
 pub const SCHEMA_ARTISYNC: &str = "artisync";
@@ -627,6 +643,13 @@ impl RetrieverConfig {
         self.data_retrieval_mode == DataRetrievalMode::Sync
     }
 
+    /// Every folder id this retriever deploys into: `folder`, then each tenant's.
+    pub fn target_folders(&self) -> Vec<&str> {
+        let mut out = vec![self.folder.as_str()];
+        out.extend(self.tenants.values().map(String::as_str));
+        out
+    }
+
     /// The database holds WSO2 API-M 3.2's tables (read only) rather than artisync's own.
     pub fn is_wso2(&self) -> bool {
         matches!(
@@ -715,6 +738,7 @@ impl RetrieverFile {
                 format!("no [[folder]] has id {:?}", self.folder),
             ));
         }
+        let tenants = self.resolve_tenants(config)?;
         let data_retrieval_mode = match self.data_retrieval_mode.as_str() {
             "sync" => DataRetrievalMode::Sync,
             "async" => DataRetrievalMode::Async,
@@ -758,6 +782,7 @@ impl RetrieverFile {
         Ok(RetrieverConfig {
             source,
             folder: self.folder.clone(),
+            tenants,
             gateway_labels: self.gateway_labels.clone(),
             deployment_retry_duration: self.deployment_retry_duration,
             max_retry_count: self.max_retry_count,
@@ -768,6 +793,63 @@ impl RetrieverFile {
             poll_interval: self.poll_interval,
             publishers: self.publishers.clone(),
         })
+    }
+
+    /// Checks `[retriever.tenants]`: each domain a plausible tenant domain (kept lower case, as
+    /// WSO2 keeps them), not the super tenant, mapped to a configured `[[folder]]` that is
+    /// neither `retriever.folder` nor another tenant's (a tenant's APIs in another tenant's
+    /// `synapse-configs` would be served as that tenant's).
+    fn resolve_tenants(&self, config: &Config) -> Result<BTreeMap<String, String>, ConfigError> {
+        let mut out = BTreeMap::new();
+        let mut by_folder: BTreeMap<&str, &str> = BTreeMap::new();
+        for (domain, folder) in &self.tenants {
+            let shown: String = domain.chars().take(80).collect();
+            let key = format!("retriever.tenants.{shown:?}");
+            if let Err(problem) = check_tenant_domain(domain) {
+                return Err(invalid(key, format!("tenant domain {problem}")));
+            }
+            let lower = domain.to_ascii_lowercase();
+            if lower == SUPER_TENANT {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "the super tenant's APIs always deploy into retriever.folder {:?};                          set retriever.folder instead",
+                        self.folder
+                    ),
+                ));
+            }
+            if config.folder(folder).is_none() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "tenant {lower:?} maps to folder {folder:?}, but no [[folder]] has that id                          (add one on repository/tenants/<tenant id>/synapse-configs)"
+                    ),
+                ));
+            }
+            if *folder == self.folder {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "tenant {lower:?} maps to folder {folder:?}, which is retriever.folder, the                          super tenant's: its APIs would be served as the super tenant's; give it                          the [[folder]] on repository/tenants/<tenant id>/synapse-configs"
+                    ),
+                ));
+            }
+            if let Some(other) = by_folder.insert(folder, domain) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "tenant {lower:?} maps to folder {folder:?}, as tenant {other:?} does: each                          tenant has its own synapse-configs"
+                    ),
+                ));
+            }
+            if out.insert(lower.clone(), folder.clone()).is_some() {
+                return Err(invalid(
+                    key,
+                    format!("tenant {lower:?} is listed twice (tenant domains ignore case)"),
+                ));
+            }
+        }
+        Ok(out)
     }
 
     fn validate_publishers(
@@ -855,6 +937,21 @@ fn resolve_existing_prefix(path: &Path) -> std::io::Result<PathBuf> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Checks a WSO2 tenant domain (from the config or a database row): non-empty, at most
+/// [`MAX_TENANT_DOMAIN`] bytes, no whitespace or control characters. The problem, if any.
+pub fn check_tenant_domain(domain: &str) -> Result<(), &'static str> {
+    if domain.is_empty() {
+        return Err("must not be empty");
+    }
+    if domain.len() > MAX_TENANT_DOMAIN {
+        return Err("is longer than 255 bytes");
+    }
+    if domain.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("contains whitespace or control characters");
+    }
+    Ok(())
 }
 
 /// A node, folder or publisher name: 1-64 letters, digits, '-', '_' or '.'.
@@ -1093,6 +1190,99 @@ mod tests {
             "{b}\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\nfolder = \"nope\"\n"
         ));
         assert!(e.contains("retriever.folder"), "{e}");
+    }
+
+    #[test]
+    fn retriever_tenants_map_domains_to_folders_and_mistakes_are_named() {
+        let dir = setup();
+        std::fs::create_dir_all(dir.path().join("t1")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("t2")).expect("mkdir");
+        let b = format!(
+            "{}\n[[folder]]\nid = \"tenant-1\"\npath = \"{}\"\n\n[[folder]]\nid = \"tenant-2\"\npath = \"{}\"\n",
+            base(dir.path()),
+            dir.path().join("t1").display(),
+            dir.path().join("t2").display()
+        );
+        let db =
+            "\n[retriever]\ndatabase_url = \"sqlite:///tmp/a.db\"\nschema = \"wso2-apim-3.2\"\n";
+        let c = Config::parse(
+            &format!("{b}{db}\n[retriever.tenants]\n\"WSO2.com\" = \"tenant-1\"\n\"acme.org\" = \"tenant-2\"\n"),
+            Path::new("t"),
+        )
+        .expect("valid");
+        let r = c.retriever.expect("retriever");
+        assert_eq!(
+            r.tenants,
+            BTreeMap::from([
+                ("acme.org".to_owned(), "tenant-2".to_owned()),
+                ("wso2.com".to_owned(), "tenant-1".to_owned()),
+            ]),
+            "domains are kept lower case"
+        );
+        assert_eq!(
+            r.target_folders(),
+            vec!["synapse-configs", "tenant-2", "tenant-1"]
+        );
+        // No map: the super tenant's folder only.
+        let c = Config::parse(&format!("{b}{db}"), Path::new("t")).expect("valid");
+        assert!(c.retriever.expect("retriever").tenants.is_empty());
+        let long = "a".repeat(256);
+        for (tenants, needles) in [
+            (
+                "\"wso2.com\" = \"nope\"".to_owned(),
+                vec![
+                    "retriever.tenants.\"wso2.com\"",
+                    "\"nope\"",
+                    "no [[folder]]",
+                ],
+            ),
+            (
+                "\"wso2.com\" = \"synapse-configs\"".to_owned(),
+                vec!["retriever.tenants.\"wso2.com\"", "super tenant"],
+            ),
+            (
+                "\"Carbon.Super\" = \"tenant-1\"".to_owned(),
+                vec!["retriever.tenants.\"Carbon.Super\"", "retriever.folder"],
+            ),
+            (
+                "\"a.com\" = \"tenant-1\"\n\"b.com\" = \"tenant-1\"".to_owned(),
+                vec![
+                    "retriever.tenants.\"b.com\"",
+                    "\"a.com\"",
+                    "own synapse-configs",
+                ],
+            ),
+            (
+                "\"A.com\" = \"tenant-1\"\n\"a.com\" = \"tenant-2\"".to_owned(),
+                vec!["retriever.tenants.\"a.com\"", "twice"],
+            ),
+            (
+                "\"\" = \"tenant-1\"".to_owned(),
+                vec!["retriever.tenants.\"\"", "empty"],
+            ),
+            (
+                "\"a b.com\" = \"tenant-1\"".to_owned(),
+                vec!["retriever.tenants.\"a b.com\"", "whitespace"],
+            ),
+            (
+                "\"a\\u0007.com\" = \"tenant-1\"".to_owned(),
+                vec!["retriever.tenants.\"a\\u{7}.com\"", "control"],
+            ),
+            (
+                format!("\"{long}\" = \"tenant-1\""),
+                vec!["retriever.tenants.", "255"],
+            ),
+        ] {
+            let e = err_of(&format!("{b}{db}\n[retriever.tenants]\n{tenants}\n"));
+            for needle in needles {
+                assert!(e.contains(needle), "{tenants}: {needle:?} not in {e}");
+            }
+        }
+        let e = err_of(&format!("{b}{db}\n[retriever.tenants]\n\"wso2.com\" = 1\n"));
+        assert!(
+            e.contains("\"wso2.com\" = 1") && e.contains("expected a string"),
+            "a non-string folder is shown: {e}"
+        );
     }
 
     #[test]

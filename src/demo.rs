@@ -484,14 +484,18 @@ pub fn render_retriever(r: &crate::artifacts::retriever::RetrieverStatus) -> Str
             ", start-up deploy in progress"
         }
     );
+    for (tenant, folder) in &r.tenants {
+        out.push_str(&format!("    tenant {tenant:?} -> folder {folder}\n"));
+    }
     for d in &r.deployed {
         out.push_str(&format!(
-            "    deployed {}  {} {}  rev {}  labels {:?}  {}\n",
+            "    deployed {}  {} {}  rev {}  labels {:?}  folder {}  {}\n",
             d.id,
             d.name,
             d.version,
             d.revision,
             d.labels,
+            d.folder,
             plural(d.paths.len() as u64, "file", "files")
         ));
         for w in &d.warnings {
@@ -514,7 +518,8 @@ pub fn render_retriever(r: &crate::artifacts::retriever::RetrieverStatus) -> Str
     }
     for c in &r.conflicts {
         out.push_str(&format!(
-            "    CONFLICT {}: holds artifact {}'s content, not {} ({})\n",
+            "    CONFLICT {}/{}: holds artifact {}'s content, not {} ({})\n",
+            c.folder,
             c.path,
             c.winner,
             c.losers.join(", "),

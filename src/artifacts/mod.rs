@@ -40,7 +40,8 @@ pub async fn source_for(
         } => {
             // WSO2's own tables, read only: hub subscribers get the rendered bundles, and
             // publish/remove are refused (WSO2 API-M writes those tables).
-            let wso2 = Arc::new(wso2::Wso2Source::new(url, &config.folder, poll));
+            let routes = wso2::Routes::new(&config.folder, &config.tenants);
+            let wso2 = Arc::new(wso2::Wso2Source::new(url, routes, poll));
             (wso2.clone(), Some(hub::HubService::read_only(wso2)))
         }
         RetrieverSource::Db {

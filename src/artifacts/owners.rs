@@ -1,8 +1,9 @@
 //! Who owns each deployed file. Pure: the retriever's deployed records (and what is on disk)
 //! in, the bytes each path must hold out.
 //!
-//! Every deployed artifact *claims* the paths of its bundle, each with the BLAKE3 hash of the
-//! bytes it wants there. A path is owned with a reference count: it stays while at least one
+//! Every deployed artifact *claims* the paths of its bundle in its folder, each with the BLAKE3
+//! hash of the bytes it wants there. A path is a (folder, relative path) pair: `default/api/x.xml`
+//! in a tenant's folder is another file than `default/api/x.xml` in the super tenant's. A path is owned with a reference count: it stays while at least one
 //! deployed artifact claims it, and is removed only when none does (WSO2's shared
 //! `ga-config-key` local entry, global fault sequences, endpoints an API Product shares with its
 //! API). Claims that want the same bytes share the file. Claims that want different bytes are a
@@ -108,46 +109,62 @@ pub fn resolve<'a>(claims: &[Claim<'a>], on_disk: Option<&str>) -> Resolution<'a
     }
 }
 
-/// Every claim of a set of deployed artifacts, by path.
+/// Every claim of a set of deployed artifacts, by folder and path.
 #[derive(Debug, Default)]
 pub struct Owners<'a> {
-    by_path: BTreeMap<&'a str, Vec<Claim<'a>>>,
+    /// Folder -> path -> claims.
+    by_path: BTreeMap<&'a str, BTreeMap<&'a str, Vec<Claim<'a>>>>,
 }
 
 impl<'a> Owners<'a> {
     pub fn of(deployed: impl IntoIterator<Item = &'a DeployedArtifact>) -> Self {
-        let mut by_path: BTreeMap<&'a str, Vec<Claim<'a>>> = BTreeMap::new();
+        let mut by_path: BTreeMap<&'a str, BTreeMap<&'a str, Vec<Claim<'a>>>> = BTreeMap::new();
         for d in deployed {
             if d.files.is_empty() {
                 // A record from before claims had hashes: its paths, hash unknown.
                 for p in &d.paths {
-                    by_path.entry(p).or_default().push(Claim {
-                        artifact: &d.id,
-                        hash: "",
-                        keep: false,
-                    });
+                    by_path
+                        .entry(&d.folder)
+                        .or_default()
+                        .entry(p)
+                        .or_default()
+                        .push(Claim {
+                            artifact: &d.id,
+                            hash: "",
+                            keep: false,
+                        });
                 }
                 continue;
             }
             for f in &d.files {
-                by_path.entry(&f.path).or_default().push(Claim {
-                    artifact: &d.id,
-                    hash: &f.hash,
-                    keep: f.keep,
-                });
+                by_path
+                    .entry(&d.folder)
+                    .or_default()
+                    .entry(&f.path)
+                    .or_default()
+                    .push(Claim {
+                        artifact: &d.id,
+                        hash: &f.hash,
+                        keep: f.keep,
+                    });
             }
         }
         Self { by_path }
     }
 
-    /// The claims on `path` (empty: nobody wants it).
-    pub fn claims(&self, path: &str) -> &[Claim<'a>] {
-        self.by_path.get(path).map_or(&[], Vec::as_slice)
+    /// The claims on `path` in `folder` (empty: nobody wants it).
+    pub fn claims(&self, folder: &str, path: &str) -> &[Claim<'a>] {
+        self.by_path
+            .get(folder)
+            .and_then(|paths| paths.get(path))
+            .map_or(&[], Vec::as_slice)
     }
 
-    /// Every claimed path.
-    pub fn paths(&self) -> impl Iterator<Item = &'a str> + '_ {
-        self.by_path.keys().copied()
+    /// Every claimed (folder, path).
+    pub fn paths(&self) -> impl Iterator<Item = (&'a str, &'a str)> + '_ {
+        self.by_path
+            .iter()
+            .flat_map(|(folder, paths)| paths.keys().map(move |p| (*folder, *p)))
     }
 }
 
@@ -155,7 +172,10 @@ impl<'a> Owners<'a> {
 /// `artifact deployed` until they agree or one goes.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PathConflict {
-    /// Below the retriever's folder.
+    /// The folder id the path is in.
+    #[serde(default)]
+    pub folder: String,
+    /// Below that folder's root.
     pub path: String,
     /// The artifact whose bytes the file holds.
     pub winner: String,
@@ -166,8 +186,8 @@ pub struct PathConflict {
 }
 
 impl PathConflict {
-    /// The conflict a [`Resolution`] describes, if it is one.
-    pub fn of(path: &str, resolution: &Resolution<'_>) -> Option<Self> {
+    /// The conflict a [`Resolution`] of `path` in `folder` describes, if it is one.
+    pub fn of(folder: &str, path: &str, resolution: &Resolution<'_>) -> Option<Self> {
         let Resolution::Hold {
             winner,
             losers,
@@ -185,6 +205,7 @@ impl PathConflict {
             "the lowest artifact id wins"
         };
         Some(Self {
+            folder: folder.to_owned(),
             path: path.to_owned(),
             winner: winner.artifact.to_owned(),
             losers: losers.iter().map(|c| c.artifact.to_owned()).collect(),
@@ -220,7 +241,10 @@ mod tests {
         let shared = [claim("b", "h", false), claim("a", "h", false)];
         let r = resolve(&shared, None);
         assert_eq!(winner(&r), Some(("a".into(), "h".into())));
-        assert!(PathConflict::of("p", &r).is_none(), "same bytes: shared");
+        assert!(
+            PathConflict::of("f", "p", &r).is_none(),
+            "same bytes: shared"
+        );
         assert_eq!(
             resolve(&[claim("a", "", false)], Some("x")),
             Resolution::Leave
@@ -240,7 +264,7 @@ mod tests {
             for order in [&claims[..], &rev[..]] {
                 let r = resolve(order, disk);
                 assert_eq!(winner(&r), Some(("a".into(), "ha".into())), "{disk:?}");
-                let c = PathConflict::of("p", &r).expect("a conflict");
+                let c = PathConflict::of("f", "p", &r).expect("a conflict");
                 assert_eq!(c.losers, vec!["b".to_owned(), "c".to_owned()]);
                 assert!(c.rule.contains("lowest"));
             }
@@ -257,7 +281,7 @@ mod tests {
         let r = resolve(&claims, Some("hb"));
         assert_eq!(winner(&r), Some(("b".into(), "hb".into())));
         assert!(
-            PathConflict::of("p", &r)
+            PathConflict::of("f", "p", &r)
                 .expect("reported")
                 .rule
                 .contains("kept")
@@ -298,8 +322,56 @@ mod tests {
             warnings: vec![],
         };
         let owners = Owners::of([&old]);
-        assert_eq!(owners.claims("p"), &[claim("a", "", false)]);
-        assert!(owners.claims("q").is_empty());
-        assert_eq!(owners.paths().collect::<Vec<_>>(), vec!["p"]);
+        assert_eq!(owners.claims("f", "p"), &[claim("a", "", false)]);
+        assert!(owners.claims("f", "q").is_empty());
+        assert_eq!(owners.paths().collect::<Vec<_>>(), vec![("f", "p")]);
+    }
+
+    /// A tenant's API and the super tenant's deploy the same relative paths (same API name,
+    /// the shared `ga-config-key`) into different folders: different files, no conflict, and
+    /// dropping one leaves the other folder's claims whole.
+    #[test]
+    fn one_path_in_two_folders_is_two_files() {
+        let record = |id: &str, folder: &str, hash: &str| DeployedArtifact {
+            id: id.into(),
+            name: "n".into(),
+            version: "v".into(),
+            revision: 1,
+            labels: vec![],
+            folder: folder.into(),
+            paths: vec!["default/api/a.xml".into()],
+            deployed_ms: 0,
+            files: vec![crate::store::DeployedFile {
+                path: "default/api/a.xml".into(),
+                hash: hash.into(),
+                keep: false,
+            }],
+            warnings: vec![],
+        };
+        let (sup, tenant) = (
+            record("a", "synapse-configs", "h1"),
+            record("b", "tenant-1", "h2"),
+        );
+        let owners = Owners::of([&sup, &tenant]);
+        let p = "default/api/a.xml";
+        for (folder, id, hash) in [("synapse-configs", "a", "h1"), ("tenant-1", "b", "h2")] {
+            let r = resolve(owners.claims(folder, p), None);
+            assert_eq!(winner(&r), Some((id.into(), hash.into())), "{folder}");
+            assert!(PathConflict::of(folder, p, &r).is_none(), "{folder}");
+        }
+        assert_eq!(
+            owners.paths().collect::<Vec<_>>(),
+            vec![("synapse-configs", p), ("tenant-1", p)]
+        );
+        // The tenant's API goes: its folder's file goes, the super tenant's stays.
+        let owners = Owners::of([&sup]);
+        assert_eq!(
+            resolve(owners.claims("tenant-1", p), Some("h2")),
+            Resolution::Remove
+        );
+        assert_eq!(
+            winner(&resolve(owners.claims("synapse-configs", p), Some("h1"))),
+            Some(("a".into(), "h1".into()))
+        );
     }
 }

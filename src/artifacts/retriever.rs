@@ -1,5 +1,5 @@
-//! The retriever: deploys every current artifact of this node's gateway labels into its folder,
-//! follows publish/remove events, retries failures with capped exponential backoff, keeps what
+//! The retriever: deploys every current artifact of this node's gateway labels into its target
+//! folders (`retriever.folder`, and with WSO2's tables each tenant's folder), follows publish/remove events, retries failures with capped exponential backoff, keeps what
 //! it has while the source is down, and reconciles against the source after every reconnect
 //! and periodically, so a lost or reordered event never leaves the node stale.
 //!
@@ -307,6 +307,11 @@ impl Staged {
     }
 }
 
+/// Every (folder, path) a deployed record has.
+fn paths_of(d: &DeployedArtifact) -> impl Iterator<Item = (String, String)> + '_ {
+    d.paths.iter().map(|p| (d.folder.clone(), p.clone()))
+}
+
 /// Why deployed files could not be brought to what the deployed artifacts want.
 #[derive(Debug, thiserror::Error)]
 enum SettleError {
@@ -336,7 +341,11 @@ pub struct Failure {
 pub struct RetrieverStatus {
     pub mode: String,
     pub source: String,
+    /// The default folder (WSO2: the super tenant's).
     pub folder: String,
+    /// Tenant domain -> folder id (`[retriever.tenants]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenants: BTreeMap<String, String>,
     pub labels: Vec<String>,
     pub startup_done: bool,
     pub source_available: bool,
@@ -401,15 +410,16 @@ impl RetrieverHandle {
 
 pub struct Retriever {
     config: RetrieverConfig,
-    folder: FolderHandle,
+    /// The target folders, by id: `retriever.folder` and each tenant's.
+    folders: BTreeMap<String, FolderHandle>,
     store: Store,
     source: Arc<dyn Source>,
     deployed: BTreeMap<String, DeployedArtifact>,
     failures: BTreeMap<String, Failure>,
     /// Undeployed by an operator: not brought back by reconcile until redeploy or a new event.
     held_off: BTreeSet<String>,
-    /// Paths where deployed artifacts disagree, as last settled.
-    conflicts: BTreeMap<String, PathConflict>,
+    /// (folder, path)s where deployed artifacts disagree, as last settled.
+    conflicts: BTreeMap<(String, String), PathConflict>,
     status: Arc<Mutex<RetrieverStatus>>,
     commands: mpsc::Receiver<Command>,
     cursor: i64,
@@ -420,9 +430,11 @@ pub struct Retriever {
 }
 
 impl Retriever {
+    /// `folders`: a handle on each of `config`'s target folders
+    /// ([`RetrieverConfig::target_folders`]).
     pub async fn new(
         config: RetrieverConfig,
-        folder: FolderHandle,
+        folders: BTreeMap<String, FolderHandle>,
         store: Store,
         source: Arc<dyn Source>,
     ) -> Result<(Self, RetrieverHandle), crate::store::StoreError> {
@@ -442,7 +454,7 @@ impl Retriever {
         let status = Arc::new(Mutex::new(RetrieverStatus::default()));
         let r = Self {
             config,
-            folder,
+            folders,
             store,
             source,
             deployed,
@@ -466,6 +478,7 @@ impl Retriever {
             mode: self.config.data_retrieval_mode.as_str().to_owned(),
             source: self.source.describe(),
             folder: self.config.folder.clone(),
+            tenants: self.config.tenants.clone(),
             labels: self.config.gateway_labels.clone(),
             startup_done: self.startup_done,
             source_available: self.available,
@@ -703,9 +716,9 @@ impl Retriever {
                 return false;
             }
         }
-        self.deployed
-            .get(&m.id)
-            .is_none_or(|d| d.revision != m.revision || d.labels != m.labels)
+        self.deployed.get(&m.id).is_none_or(|d| {
+            d.revision != m.revision || d.labels != m.labels || d.folder != m.folder
+        })
     }
 
     /// Compares deployed revisions with the source and fixes every difference. Returns how
@@ -830,17 +843,19 @@ impl Retriever {
         }
     }
 
-    /// An artifact for a folder this node does not deploy fails for good (until a new event).
+    /// An artifact for a folder this node does not deploy into fails for good (until a new
+    /// event).
     fn refuse_folder(&mut self, meta: &ArtifactMeta) -> bool {
-        if meta.folder == self.config.folder {
+        if self.folders.contains_key(&meta.folder) {
             return false;
         }
         self.fail(
             &meta.id,
             meta.revision,
             format!(
-                "targets folder {:?}, but this node deploys into {:?}",
-                meta.folder, self.config.folder
+                "targets folder {:?}, but this node deploys into {:?} only",
+                meta.folder,
+                self.folders.keys().collect::<Vec<_>>()
             ),
         );
         if let Some(f) = self.failures.get_mut(&meta.id) {
@@ -853,16 +868,16 @@ impl Retriever {
     /// the deployed set wants; the claims are recorded once the disk has them, and dropped
     /// again if it cannot.
     async fn apply(&mut self, staged: Vec<Staged>) -> Result<(), SettleError> {
-        let mut paths: BTreeSet<String> = BTreeSet::new();
+        let mut paths: BTreeSet<(String, String)> = BTreeSet::new();
         let mut in_hand: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
         let mut before: Vec<(String, Option<DeployedArtifact>)> = Vec::new();
         let mut records = Vec::with_capacity(staged.len());
         for s in staged {
             let old = self.deployed.insert(s.record.id.clone(), s.record.clone());
             if let Some(old) = &old {
-                paths.extend(old.paths.iter().cloned());
+                paths.extend(paths_of(old));
             }
-            paths.extend(s.record.paths.iter().cloned());
+            paths.extend(paths_of(&s.record));
             for (path, data) in s.bytes {
                 in_hand.insert((s.record.id.clone(), path), data);
             }
@@ -882,7 +897,7 @@ impl Retriever {
             warn!(count = records.len(), error = %e, "deployed, but cannot record it in the index");
         }
         for record in records {
-            info!(artifact = %record.id, name = %record.name, revision = record.revision, files = record.paths.len(), "artifact deployed");
+            info!(artifact = %record.id, name = %record.name, revision = record.revision, folder = %record.folder, files = record.paths.len(), "artifact deployed");
             for warning in &record.warnings {
                 warn!(artifact = %record.id, name = %record.name, warning = %warning, "deployed; the operator must provision this");
             }
@@ -891,20 +906,53 @@ impl Retriever {
         Ok(())
     }
 
-    /// Brings each of `paths` to what the deployed artifacts want (see [`super::owners`]):
-    /// removed when none claims it, left alone when the disk already holds the winning bytes,
-    /// written otherwise, with bytes `in_hand` (by artifact and path) or fetched again from
-    /// the winner's current bundle. Conflicts found are kept for status.
+    /// Brings each of `paths` (folder, path) to what the deployed artifacts want (see
+    /// [`super::owners`]): removed when none claims it, left alone when the disk already holds
+    /// the winning bytes, written otherwise, with bytes `in_hand` (by artifact and path) or
+    /// fetched again from the winner's current bundle. Conflicts found are kept for status.
+    /// Paths in a folder this node no longer deploys into are left as they are.
     async fn settle(
         &mut self,
-        paths: BTreeSet<String>,
+        paths: BTreeSet<(String, String)>,
         in_hand: &BTreeMap<(String, String), Vec<u8>>,
     ) -> Result<(), SettleError> {
-        if paths.is_empty() {
-            return Ok(());
+        let mut by_folder: BTreeMap<String, Vec<RelPath>> = BTreeMap::new();
+        for (folder, path) in paths {
+            if let Ok(p) = RelPath::new(&path) {
+                by_folder.entry(folder).or_default().push(p);
+            }
         }
-        let rel: Vec<RelPath> = paths.iter().filter_map(|p| RelPath::new(p).ok()).collect();
-        let hashes = self.folder.disk_hashes(rel.clone()).await;
+        let mut requests: Vec<(String, FolderHandle, DeployRequest)> = Vec::new();
+        for (folder, rel) in by_folder {
+            let Some(handle) = self.folders.get(&folder).cloned() else {
+                warn!(folder = %folder, paths = rel.len(), "deployed files in a folder this node no longer deploys into; left as they are");
+                continue;
+            };
+            let request = self.settle_folder(&folder, &handle, rel, in_hand).await?;
+            if !request.writes.is_empty() || !request.removes.is_empty() {
+                requests.push((folder, handle, request));
+            }
+        }
+        // Writes first: an artifact that moved folders (its tenant remapped) is in its new
+        // folder before it leaves the old one.
+        requests.sort_by_key(|(_, _, r)| r.writes.is_empty());
+        for (folder, handle, request) in requests {
+            let (written, removed) = (request.writes.len(), request.removes.len());
+            handle.deploy(request).await.map_err(SettleError::Engine)?;
+            tracing::debug!(folder = %folder, written, removed, "deployed files settled");
+        }
+        Ok(())
+    }
+
+    /// What [`Self::settle`] writes and removes in one folder.
+    async fn settle_folder(
+        &mut self,
+        folder: &str,
+        handle: &FolderHandle,
+        rel: Vec<RelPath>,
+        in_hand: &BTreeMap<(String, String), Vec<u8>>,
+    ) -> Result<DeployRequest, SettleError> {
+        let hashes = handle.disk_hashes(rel.clone()).await;
         let disk: BTreeMap<String, String> = rel
             .iter()
             .zip(hashes)
@@ -917,16 +965,17 @@ impl Retriever {
             let owners = Owners::of(self.deployed.values());
             for path in &rel {
                 let on_disk = disk.get(path.as_str()).map(String::as_str);
-                let resolution = resolve(owners.claims(path.as_str()), on_disk);
-                match PathConflict::of(path.as_str(), &resolution) {
+                let resolution = resolve(owners.claims(folder, path.as_str()), on_disk);
+                let key = (folder.to_owned(), path.to_string());
+                match PathConflict::of(folder, path.as_str(), &resolution) {
                     Some(c) => {
-                        if self.conflicts.get(path.as_str()) != Some(&c) {
-                            warn!(path = %path, winner = %c.winner, losers = ?c.losers, rule = %c.rule, "deployed artifacts want different content at one path");
+                        if self.conflicts.get(&key) != Some(&c) {
+                            warn!(folder = %folder, path = %path, winner = %c.winner, losers = ?c.losers, rule = %c.rule, "deployed artifacts want different content at one path");
                         }
-                        self.conflicts.insert(path.to_string(), c);
+                        self.conflicts.insert(key, c);
                     }
                     None => {
-                        self.conflicts.remove(path.as_str());
+                        self.conflicts.remove(&key);
                     }
                 }
                 match resolution {
@@ -940,6 +989,8 @@ impl Retriever {
                         if on_disk == Some(winner.hash) {
                             continue;
                         }
+                        // The winner claims this path in this folder, so its record (and the
+                        // bytes in hand for it) is of this folder.
                         let key = (winner.artifact.to_owned(), path.to_string());
                         match in_hand.get(&key) {
                             Some(data) => request.writes.push((path.clone(), data.clone())),
@@ -955,16 +1006,7 @@ impl Retriever {
         for (id, wanted) in refetch {
             request.writes.extend(self.refetch(&id, wanted).await?);
         }
-        if request.writes.is_empty() && request.removes.is_empty() {
-            return Ok(());
-        }
-        let (written, removed) = (request.writes.len(), request.removes.len());
-        self.folder
-            .deploy(request)
-            .await
-            .map_err(SettleError::Engine)?;
-        tracing::debug!(written, removed, "deployed files settled");
-        Ok(())
+        Ok(request)
     }
 
     /// The bytes `wanted` (path, hash) of deployed artifact `id`, from its current bundle.
@@ -1038,14 +1080,14 @@ impl Retriever {
         let Some(d) = self.deployed.remove(id) else {
             return;
         };
-        let paths: BTreeSet<String> = d.paths.iter().cloned().collect();
+        let paths: BTreeSet<(String, String)> = paths_of(&d).collect();
         match self.settle(paths, &BTreeMap::new()).await {
             Ok(()) => {
                 if let Err(e) = self.store.remove_deployed(id).await {
                     warn!(artifact = %id, error = %e, "undeployed, but cannot record it in the index");
                 }
                 self.failures.remove(id);
-                info!(artifact = %id, name = %d.name, "artifact undeployed");
+                info!(artifact = %id, name = %d.name, folder = %d.folder, "artifact undeployed");
             }
             Err(e) => {
                 warn!(artifact = %id, error = %e, "cannot undeploy artifact");
@@ -1058,9 +1100,9 @@ impl Retriever {
     /// Checks every deployed file on disk against what the deployed artifacts want, and
     /// restores what differs (a shared file deleted by hand, or by a peer that undeployed).
     async fn check_files(&mut self) -> Result<(), SourceError> {
-        let paths: BTreeSet<String> = Owners::of(self.deployed.values())
+        let paths: BTreeSet<(String, String)> = Owners::of(self.deployed.values())
             .paths()
-            .map(str::to_owned)
+            .map(|(f, p)| (f.to_owned(), p.to_owned()))
             .collect();
         match self.settle(paths, &BTreeMap::new()).await {
             Ok(()) => Ok(()),

@@ -1,7 +1,7 @@
 //! Starting the artifact retriever: its source (a DB-backed node also serves the hub and the
 //! saver to agents without DB access), then its task once the gRPC server serves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -45,13 +45,18 @@ impl RetrieverStart {
         if let Some(hub) = hub {
             grpc = grpc.with_hub(hub);
         }
-        let folder = folders.get(&rc.folder).cloned().ok_or_else(|| {
-            DaemonError::Retriever(format!(
-                "retriever.folder {:?} is not a configured folder",
-                rc.folder
-            ))
-        })?;
-        let (retriever, handle) = Retriever::new(rc.clone(), folder, store.clone(), source).await?;
+        // A handle on each target folder: retriever.folder and each tenant's.
+        let mut targets = BTreeMap::new();
+        for id in rc.target_folders() {
+            let folder = folders.get(id).cloned().ok_or_else(|| {
+                DaemonError::Retriever(format!(
+                    "retriever folder {id:?} is not a configured folder"
+                ))
+            })?;
+            targets.insert(id.to_owned(), folder);
+        }
+        let (retriever, handle) =
+            Retriever::new(rc.clone(), targets, store.clone(), source).await?;
         let start = Self {
             retriever,
             handle,

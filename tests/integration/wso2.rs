@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use artisync::artifacts::db::Backend;
 use artisync::artifacts::db::testing::{drop_db, fresh_url};
 use artisync::artifacts::wso2::testing::{
-    Wso2Tables, api_xml, ga_config_xml, gateway_api_json, gson, rendered_files,
+    Wso2Tables, api_xml, ga_config_xml, gateway_api_json, gson, rendered_files, tenant_api_json,
 };
 use serde_json::Value;
 
@@ -47,6 +47,22 @@ mod wso2_shared_files {
     #[test]
     fn mysql() {
         super::wso2_shared_files(Backend::MySql);
+    }
+}
+
+mod wso2_tenants {
+    use super::Backend;
+    #[test]
+    fn sqlite() {
+        super::wso2_tenants(Backend::Sqlite);
+    }
+    #[test]
+    fn postgres() {
+        super::wso2_tenants(Backend::Postgres);
+    }
+    #[test]
+    fn mysql() {
+        super::wso2_tenants(Backend::MySql);
     }
 }
 
@@ -115,6 +131,19 @@ impl Wso2Db {
         self.put(api, label, "Publish", &gateway_api_json(api, name, tag));
     }
 
+    /// A tenant's API: `tenantDomain` in its DTO and `TENANT_DOMAIN` in its details row.
+    fn publish_tenant(&self, api: &str, name: &str, label: &str, tag: &str, tenant: &str) {
+        self.put(
+            api,
+            label,
+            "Publish",
+            &tenant_api_json(api, name, tag, tenant),
+        );
+        self.rt
+            .block_on(self.tables().set_tenant(api, tenant))
+            .unwrap_or_else(|e| panic!("set the tenant of {api}: {e}"));
+    }
+
     fn table_names(&self) -> Vec<String> {
         self.rt
             .block_on(self.tables().tables())
@@ -144,10 +173,14 @@ fn union(sets: &[BTreeMap<String, Vec<u8>>]) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn wait_tree(node: &Node, what: &str, want: &BTreeMap<String, Vec<u8>>) {
+    wait_root(node, &node.synapse(), what, want);
+}
+
+fn wait_root(node: &Node, root: &std::path::Path, what: &str, want: &BTreeMap<String, Vec<u8>>) {
     wait_for(
         RETRIEVE_TIMEOUT,
         format!("node {}: {what}", node.name),
-        || tree_is(&node.synapse(), want),
+        || tree_is(root, want),
     );
 }
 
@@ -326,6 +359,250 @@ fn wso2_schema(backend: Backend) {
         wso2_tables,
         "artisync created or dropped tables in WSO2's database"
     );
+}
+
+/// A tenant's API of WSO2 3.2 (same API name as the super tenant's, so every shared path
+/// coincides).
+const TENANT_PIZZA: &str = "7e8f9a0b-1c2d-4e3f-8a5b-6c7d8e9f0a1b";
+/// An API of a tenant the node does not map.
+const UNMAPPED: &str = "8f9a0b1c-2d3e-4f5a-9b6c-7d8e9f0a1b2c";
+const TENANT: &str = "wso2.com";
+const TENANT_FOLDER: &str = "tenant-1-synapse";
+
+/// Issue 14, item 2: APIs are routed by tenant. The super tenant's API lands in
+/// `retriever.folder`, a mapped tenant's in its own `[[folder]]` (the same relative paths,
+/// other files), an unmapped tenant's fails naming the tenant; removing the tenant's API
+/// empties the tenant's folder only.
+fn wso2_tenants(backend: Backend) {
+    let Some(db) = Wso2Db::new(backend) else {
+        return;
+    };
+    db.publish(PIZZA, PIZZA_API, LABEL, "v1");
+    db.publish_tenant(TENANT_PIZZA, PIZZA_API, LABEL, "tenant", TENANT);
+    db.publish_tenant(UNMAPPED, STORE_API, LABEL, "v1", "acme.org");
+    let port = artisync::demo::free_ports(1).expect("reserve a loopback port")[0];
+    let mut gw = Node::new("gw", port, &[]);
+    let tenant_root = gw.dir().join("tenants/1/synapse-configs");
+    std::fs::create_dir_all(&tenant_root).expect("create the tenant's folder");
+    gw.append_config(&format!(
+        "\n[[folder]]\nid = \"{TENANT_FOLDER}\"\npath = \"{}\"\n{}\n[retriever.tenants]\n\"{TENANT}\" = \"{TENANT_FOLDER}\"\n",
+        tenant_root.display(),
+        retriever(&format!(
+            "artifact_retriever = \"db\"\nschema = \"wso2-apim-3.2\"\n\
+             database_url = \"{}\"\ndata_retrieval_mode = \"sync\"\n",
+            db.url
+        ))
+    ));
+    gw.start();
+    let tenant_files = files(TENANT_PIZZA, PIZZA_API, "tenant");
+    // Sync start-up: SERVING means both are deployed, each in its own folder.
+    tree_is(&gw.synapse(), &files(PIZZA, PIZZA_API, "v1"))
+        .unwrap_or_else(|e| panic!("the super tenant's folder holds its API only: {e}"));
+    tree_is(&tenant_root, &tenant_files)
+        .unwrap_or_else(|e| panic!("the tenant's folder holds the tenant's API: {e}"));
+    let r = retriever_status(&gw);
+    assert_eq!(
+        r["conflicts"],
+        serde_json::json!([]),
+        "two folders, no conflict: {r}"
+    );
+    let folders: BTreeMap<String, String> = r["deployed"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no deployed list in {r}"))
+        .iter()
+        .map(|d| {
+            (
+                d["id"].as_str().unwrap_or_default().to_owned(),
+                d["folder"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        folders,
+        BTreeMap::from([
+            (PIZZA.to_owned(), SYNAPSE.to_owned()),
+            (TENANT_PIZZA.to_owned(), TENANT_FOLDER.to_owned()),
+        ]),
+        "{r}"
+    );
+    let failing = wait_failing(&gw, UNMAPPED);
+    let reason = failing["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("\"acme.org\"") && reason.contains("[retriever.tenants]"),
+        "{failing}"
+    );
+    let out = gw.cli(&["artifact", "deployed"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("folder {TENANT_FOLDER}"))
+            && text.contains(&format!("tenant \"{TENANT}\" -> folder {TENANT_FOLDER}"))
+            && text.contains("acme.org"),
+        "{text}"
+    );
+
+    // The tenant removes its API: its folder empties (ga-config-key included: the super
+    // tenant's claim is on the other folder's file); the super tenant's folder is untouched.
+    db.put(
+        TENANT_PIZZA,
+        LABEL,
+        "Remove",
+        b"{\"apiId\":\"7e8f9a0b-1c2d-4e3f-8a5b-6c7d8e9f0a1b\",\"tenantDomain\":\"wso2.com\"}",
+    );
+    wait_root(
+        &gw,
+        &tenant_root,
+        "the tenant's API removed",
+        &BTreeMap::new(),
+    );
+    holds_for(
+        std::time::Duration::from_millis(300),
+        "the super tenant's API stays",
+        || tree_is(&gw.synapse(), &files(PIZZA, PIZZA_API, "v1")),
+    );
+    assert_eq!(deployed_ids(&retriever_status(&gw)), vec![PIZZA.to_owned()]);
+}
+
+/// A DTO whose only entry is a sequence named `sequence` holding `tag`.
+fn sequence_only_json(api: &str, sequence: &str, tag: &str) -> Vec<u8> {
+    gson(&serde_json::json!({
+        "name": "Seq", "version": "1.0.0", "provider": "admin", "apiId": api,
+        "tenantDomain": "carbon.super", "override": true,
+        "sequenceToBeAdd": [{
+            "name": sequence,
+            "content": format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{sequence}\"><log><property name=\"tag\" value=\"{tag}\"/></log></sequence>"),
+        }],
+    }))
+}
+
+/// Issue 14, item 1: the WSO2 names `a:b` and `a_b` map to one file, `a_b.xml`. Across two
+/// APIs that is a reported conflict the ownership rule resolves (the lower API_ID wins,
+/// whatever the order they deployed in), never a silent overwrite; when the winner goes, the
+/// file holds the other API's content.
+#[test]
+fn wso2_names_mapping_to_one_file_across_apis_are_a_resolved_conflict() {
+    let Some(db) = Wso2Db::new(Backend::Sqlite) else {
+        return;
+    };
+    // STORE (d4b2...) deploys first, then WEATHER (0b6f..., the lower id) claims the file.
+    db.put(
+        STORE,
+        LABEL,
+        "Publish",
+        &sequence_only_json(STORE, "a_b", "store"),
+    );
+    let mut gw = lone_node(
+        "gw",
+        &retriever(&format!(
+            "artifact_retriever = \"db\"\nschema = \"wso2-apim-3.2\"\n\
+             database_url = \"{}\"\ndata_retrieval_mode = \"sync\"\n",
+            db.url
+        )),
+    );
+    gw.start();
+    let seq = |name: &str, tag: &str| {
+        BTreeMap::from([(
+            "default/sequences/a_b.xml".to_owned(),
+            format!("<sequence xmlns=\"http://ws.apache.org/ns/synapse\" name=\"{name}\"><log><property name=\"tag\" value=\"{tag}\"/></log></sequence>").into_bytes(),
+        )])
+    };
+    tree_is(&gw.synapse(), &seq("a_b", "store")).unwrap_or_else(|e| panic!("{e}"));
+    db.put(
+        WEATHER,
+        LABEL,
+        "Publish",
+        &sequence_only_json(WEATHER, "a:b", "weather"),
+    );
+    wait_tree(
+        &gw,
+        "the lower API_ID's a:b wins a_b.xml",
+        &seq("a:b", "weather"),
+    );
+    wait_for(RETRIEVE_TIMEOUT, "the conflict is reported", || {
+        let r = retriever_status(&gw);
+        let listed = r["conflicts"].as_array().is_some_and(|l| {
+            l.iter().any(|c| {
+                c["path"] == "default/sequences/a_b.xml"
+                    && c["folder"] == SYNAPSE
+                    && c["winner"] == WEATHER
+                    && c["losers"] == serde_json::json!([STORE])
+            })
+        });
+        if listed {
+            Ok(())
+        } else {
+            Err(format!("conflicts {}", r["conflicts"]))
+        }
+    });
+    assert_eq!(
+        deployed_ids(&retriever_status(&gw)),
+        vec![WEATHER.to_owned(), STORE.to_owned()],
+        "both stay deployed"
+    );
+    // The winner goes: the file now holds the other API's content, the conflict is gone.
+    db.put(WEATHER, LABEL, "Remove", b"{}");
+    wait_tree(&gw, "the remaining API's a_b", &seq("a_b", "store"));
+    wait_for(RETRIEVE_TIMEOUT, "no conflict left", || {
+        let r = retriever_status(&gw);
+        if r["conflicts"] == serde_json::json!([]) {
+            Ok(())
+        } else {
+            Err(format!("conflicts {}", r["conflicts"]))
+        }
+    });
+}
+
+#[test]
+fn wso2_tenant_config_mistakes_are_named_by_check_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for d in ["sc", "t1"] {
+        std::fs::create_dir(dir.path().join(d)).expect("mkdir");
+    }
+    let base = format!(
+        "node = \"gw1\"\nlisten = \"127.0.0.1:1\"\nstate_dir = \"{}\"\n\n\
+         [[folder]]\nid = \"synapse-configs\"\npath = \"{}\"\n\n\
+         [[folder]]\nid = \"{TENANT_FOLDER}\"\npath = \"{}\"\n\n\
+         [retriever]\nschema = \"wso2-apim-3.2\"\ndatabase_url = \"sqlite://{}\"\n\n\
+         [retriever.tenants]\n",
+        dir.path().join("state").display(),
+        dir.path().join("sc").display(),
+        dir.path().join("t1").display(),
+        dir.path().join("wso2.db").display(),
+    );
+    let check = |tenants: &str| {
+        let path = dir.path().join("artisync.toml");
+        std::fs::write(&path, format!("{base}{tenants}\n")).expect("write config");
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run artisync");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = check(&format!("\"{TENANT}\" = \"{TENANT_FOLDER}\""));
+    assert!(ok, "{stderr}");
+    for (tenants, needles) in [
+        (
+            format!("\"{TENANT}\" = \"tenant-9\""),
+            ["retriever.tenants.\"wso2.com\"", "\"tenant-9\""],
+        ),
+        (
+            "\"carbon.super\" = \"tenant-1-synapse\"".to_owned(),
+            ["retriever.tenants.\"carbon.super\"", "retriever.folder"],
+        ),
+    ] {
+        let (ok, stderr) = check(&tenants);
+        assert!(!ok, "{tenants}: accepted");
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{tenants}: {needle:?} not in {stderr}"
+            );
+        }
+    }
 }
 
 #[test]

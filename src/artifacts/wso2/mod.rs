@@ -12,7 +12,7 @@
 //!   `default/sequences/`, `default/endpoints/` and `default/local-entries/` files, named as
 //!   Synapse names them ([`synapse_file_name`]).
 //! - [`select`] (pure): an API's rows, one per label, become what a node with some labels
-//!   deploys: metadata, revision, digest and bundle.
+//!   deploys: metadata, revision, digest and bundle, into its tenant's folder ([`Routes`]).
 //! - [`ChangeLog`] (pure): WSO2 has no event table. Successive snapshots of every row's cheap
 //!   version ([`Fingerprint`]) become the event log the retriever follows.
 //! - [`Wso2Source`]: the retriever [`Source`](crate::artifacts::retriever::Source) over them, on SQLite, PostgreSQL or
@@ -31,10 +31,11 @@ pub use render::{
     ApiNameError, GA_CONFIG_KEY, NameError, RenderError, Rendered, render, render_dto,
     synapse_file_name,
 };
-pub use select::{ArtifactRow, RowInstruction, SelectError, Selected, select};
+pub use select::{ArtifactRow, Routes, RowInstruction, SelectError, Selected, select, tenant_of};
 pub use source::Wso2Source;
 
-/// Where each kind of entry goes, below the retriever's folder (the `synapse-configs` root).
+/// Where each kind of entry goes, below the API's folder (a `synapse-configs` root: the super
+/// tenant's, or its tenant's).
 pub const API_DIR: &str = "default/api";
 pub const SEQUENCES_DIR: &str = "default/sequences";
 pub const ENDPOINTS_DIR: &str = "default/endpoints";

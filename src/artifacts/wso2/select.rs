@@ -1,8 +1,37 @@
 //! An API's rows in `AM_GW_API_ARTIFACTS` (one per gateway label) -> what a node with some
 //! labels deploys of it: metadata, revision, digest and bundle. Pure.
 
+use std::collections::BTreeMap;
+
 use super::{RenderError, render_dto, shown};
 use crate::artifacts::{ArtifactMeta, Bundle};
+use crate::config::SUPER_TENANT;
+
+/// The sizes at which MySQL's shorter blob types cut a value (`BLOB` 64 KiB, `MEDIUMBLOB`
+/// 16 MiB, less one byte), with the type's name.
+const MYSQL_BLOB_LIMITS: &[(usize, &str)] = &[(65_535, "BLOB"), (16_777_215, "MEDIUMBLOB")];
+
+/// Renders an `ARTIFACT`; one that does not render at exactly a MySQL blob type's size was cut
+/// by that column, and says so.
+fn render_row(bytes: &[u8], label: &str) -> Result<super::Rendered, SelectError> {
+    render_dto(bytes).map_err(|problem| {
+        match MYSQL_BLOB_LIMITS
+            .iter()
+            .find(|(max, _)| bytes.len() == *max)
+        {
+            Some((len, column)) => SelectError::Truncated {
+                label: label.to_owned(),
+                len: *len,
+                column,
+                problem: Box::new(problem),
+            },
+            None => SelectError::Render(problem),
+        }
+    })
+}
+
+/// Longest name, version or tenant taken from a row into an artifact's metadata.
+const MAX_FIELD: usize = 255;
 
 /// What a `GATEWAY_INSTRUCTION` says (WSO2 writes `Publish` and `Remove`; case is ignored).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +92,15 @@ pub struct Selected {
 pub enum SelectError {
     #[error(transparent)]
     Render(#[from] RenderError),
+    #[error(
+        "ARTIFACT of label {label:?} is {len} bytes, exactly what a MySQL {column} holds, and {problem}: the column cut it (a database upgraded from WSO2 API-M 3.0 has ARTIFACT as BLOB). Alter it: ALTER TABLE AM_GW_API_ARTIFACTS MODIFY ARTIFACT LONGBLOB; then save the API again in WSO2"
+    )]
+    Truncated {
+        label: String,
+        len: usize,
+        column: &'static str,
+        problem: Box<RenderError>,
+    },
     #[error("ARTIFACT of label {label:?} is NULL")]
     NullArtifact { label: String },
     #[error("GATEWAY_INSTRUCTION {what:?} of label {label:?} is neither Publish nor Remove")]
@@ -70,22 +108,99 @@ pub enum SelectError {
     #[error("removed")]
     Removed,
     #[error(
-        "belongs to tenant {tenant:?}: tenant APIs are not deployed yet (only {SUPER_TENANT}'s go to this folder; a tenant's would land in the super tenant's default/)"
+        "belongs to tenant {tenant:?}, which [retriever.tenants] maps to no folder: add `{tenant:?} = \"<folder id>\"` with a [[folder]] on repository/tenants/<tenant id>/synapse-configs (it is not deployed into the super tenant's folder)"
     )]
     Tenant { tenant: String },
+    #[error(
+        "names two tenants: {row:?} in AM_GW_PUBLISHED_API_DETAILS.TENANT_DOMAIN, {dto:?} in the GatewayAPIDTO's tenantDomain"
+    )]
+    TenantMismatch { row: String, dto: String },
+    #[error("{what} {tenant:?} is not a tenant domain: it {problem}")]
+    BadTenant {
+        what: &'static str,
+        tenant: String,
+        problem: &'static str,
+    },
 }
 
-/// WSO2's super tenant, whose APIs go to `synapse-configs/default/`.
-pub const SUPER_TENANT: &str = "carbon.super";
+/// Where a node deploys each tenant's APIs: the super tenant's into `default` (the
+/// retriever's `folder`), another tenant's into the folder `[retriever.tenants]` maps it to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routes {
+    default: String,
+    /// Lower-case tenant domain -> folder id.
+    tenants: BTreeMap<String, String>,
+}
 
-/// The tenant of an API that is not the super tenant, from its details row or its DTO.
-fn other_tenant(row: Option<&str>, dto: Option<&str>) -> Option<String> {
-    [row, dto]
-        .into_iter()
-        .flatten()
-        .map(str::trim)
-        .find(|t| !t.is_empty() && !t.eq_ignore_ascii_case(SUPER_TENANT))
-        .map(shown)
+impl Routes {
+    /// `tenants` as [`crate::config::RetrieverConfig::tenants`] holds them (lower case).
+    pub fn new(default: &str, tenants: &BTreeMap<String, String>) -> Self {
+        Self {
+            default: default.to_owned(),
+            tenants: tenants.clone(),
+        }
+    }
+
+    /// The super tenant's folder.
+    pub fn default_folder(&self) -> &str {
+        &self.default
+    }
+
+    /// Every API into `default`; a tenant's API fails.
+    pub fn super_tenant_only(default: &str) -> Self {
+        Self::new(default, &BTreeMap::new())
+    }
+
+    /// The folder of an API of `tenant` (as [`tenant_of`] gives it), or why there is none.
+    pub fn folder_of(&self, tenant: &str) -> Result<&str, SelectError> {
+        if tenant == SUPER_TENANT {
+            return Ok(&self.default);
+        }
+        self.tenants
+            .get(tenant)
+            .map(String::as_str)
+            .ok_or_else(|| SelectError::Tenant {
+                tenant: tenant.to_owned(),
+            })
+    }
+}
+
+/// The tenant of an API, lower case (WSO2 keeps tenant domains lower case), from its details
+/// row (`TENANT_DOMAIN`) and its DTO (`tenantDomain`): the one they name, [`SUPER_TENANT`]
+/// when neither does. Both are database values: a value that is no tenant domain, or two that
+/// differ, fail the API rather than pick a folder.
+pub fn tenant_of(row: Option<&str>, dto: Option<&str>) -> Result<String, SelectError> {
+    let check = |what: &'static str, value: Option<&str>| -> Result<Option<String>, SelectError> {
+        let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        crate::config::check_tenant_domain(v).map_err(|problem| SelectError::BadTenant {
+            what,
+            tenant: shown(v),
+            problem,
+        })?;
+        Ok(Some(v.to_ascii_lowercase()))
+    };
+    let row = check("TENANT_DOMAIN", row)?;
+    let dto = check("tenantDomain", dto)?;
+    match (row, dto) {
+        (Some(row), Some(dto)) if row != dto => Err(SelectError::TenantMismatch { row, dto }),
+        (Some(t), _) | (None, Some(t)) => Ok(t),
+        (None, None) => Ok(SUPER_TENANT.to_owned()),
+    }
+}
+
+/// A name or version from a database row, as shown in status: at most 255 bytes, control
+/// characters replaced.
+fn field(value: Option<&str>) -> String {
+    let mut out = String::new();
+    for c in value.unwrap_or_default().chars() {
+        if out.len() + c.len_utf8() > MAX_FIELD {
+            break;
+        }
+        out.push(if c.is_control() { '\u{fffd}' } else { c });
+    }
+    out
 }
 
 /// Revision of a row's content: the first 63 bits of BLAKE3 over instruction and `ARTIFACT`.
@@ -117,11 +232,15 @@ fn revision_of(instruction: &RowInstruction, artifact: Option<&[u8]>) -> i64 {
 /// of the first label (in byte order) is the one deployed, so every node with the same labels
 /// deploys the same bytes. A row with an unknown instruction or a NULL `ARTIFACT`, or one that
 /// does not render, makes the API fail (reported, retried) rather than deploy something else.
+///
+/// The API deploys into its tenant's folder by `routes` (see [`tenant_of`]); an API of a
+/// tenant `routes` does not map fails, naming the tenant (its metadata names the default
+/// folder then).
 pub fn select(
     api_id: &str,
     rows: &[ArtifactRow],
     labels: &[String],
-    folder: &str,
+    routes: &Routes,
 ) -> Option<Selected> {
     let mut candidates: Vec<&ArtifactRow> = rows
         .iter()
@@ -134,7 +253,7 @@ pub fn select(
     let chosen = *candidates.first()?;
     let rendered = match &chosen.instruction {
         RowInstruction::Publish => match &chosen.artifact {
-            Some(bytes) => render_dto(bytes).map_err(SelectError::from),
+            Some(bytes) => render_row(bytes, &chosen.label),
             None => Err(SelectError::NullArtifact {
                 label: chosen.label.clone(),
             }),
@@ -145,10 +264,17 @@ pub fn select(
         }),
         RowInstruction::Remove => Err(SelectError::Removed),
     };
+    let mut tenant = field(chosen.tenant.as_deref());
+    let mut folder = routes.default.as_str();
     let (bundle, keep, warnings) = match rendered {
-        Ok(r) => match other_tenant(chosen.tenant.as_deref(), r.tenant.as_deref()) {
-            Some(tenant) => (Err(SelectError::Tenant { tenant }), Vec::new(), Vec::new()),
-            None => (Ok(r.bundle), r.keep, r.warnings),
+        Ok(r) => match tenant_of(chosen.tenant.as_deref(), r.tenant.as_deref())
+            .and_then(|t| Ok((routes.folder_of(&t)?, t)))
+        {
+            Ok((f, t)) => {
+                (folder, tenant) = (f, t);
+                (Ok(r.bundle), r.keep, r.warnings)
+            }
+            Err(e) => (Err(e), Vec::new(), Vec::new()),
         },
         Err(e) => (Err(e), Vec::new(), Vec::new()),
     };
@@ -161,9 +287,9 @@ pub fn select(
     };
     let meta = ArtifactMeta {
         id: api_id.to_owned(),
-        name: chosen.name.clone().unwrap_or_default(),
-        version: chosen.version.clone().unwrap_or_default(),
-        tenant: chosen.tenant.clone().unwrap_or_default(),
+        name: field(chosen.name.as_deref()),
+        version: field(chosen.version.as_deref()),
+        tenant,
         folder: folder.to_owned(),
         revision: revision_of(&chosen.instruction, chosen.artifact.as_deref()),
         removed: false,
@@ -198,6 +324,10 @@ mod tests {
         }
     }
 
+    fn sc() -> Routes {
+        Routes::super_tenant_only("sc")
+    }
+
     fn labels(l: &[&str]) -> Vec<String> {
         l.iter().map(|s| s.to_string()).collect()
     }
@@ -217,8 +347,13 @@ mod tests {
                 Some(gateway_api_json(API2, "x", "y")),
             ),
         ];
-        let both = select(API, &rows, &labels(&["Sandbox", "Production", "Old"]), "sc")
-            .expect("published");
+        let both = select(
+            API,
+            &rows,
+            &labels(&["Sandbox", "Production", "Old"]),
+            &sc(),
+        )
+        .expect("published");
         assert_eq!(both.meta.labels, labels(&["Production", "Sandbox"]));
         assert_eq!(both.meta.folder, "sc");
         assert_eq!(both.meta.name, "PizzaShackAPI");
@@ -229,21 +364,21 @@ mod tests {
             (bundle.digest(), bundle.size())
         );
 
-        let sandbox_only = select(API, &rows, &labels(&["Sandbox"]), "sc").expect("published");
+        let sandbox_only = select(API, &rows, &labels(&["Sandbox"]), &sc()).expect("published");
         assert_eq!(sandbox_only.meta.labels, labels(&["Sandbox"]));
         assert_eq!(sandbox_only.bundle, Ok(render(&sand).expect("renders")));
         assert_ne!(sandbox_only.meta.revision, both.meta.revision);
         assert!(sandbox_only.meta.revision >= 0);
 
-        let all = select(API, &rows, &[], "sc").expect("every label");
+        let all = select(API, &rows, &[], &sc()).expect("every label");
         assert_eq!(all.meta.revision, both.meta.revision);
         assert!(
-            select(API, &rows, &labels(&["Old"]), "sc").is_none(),
+            select(API, &rows, &labels(&["Old"]), &sc()).is_none(),
             "removed"
         );
-        assert!(select(API, &rows, &labels(&["Nobody"]), "sc").is_none());
+        assert!(select(API, &rows, &labels(&["Nobody"]), &sc()).is_none());
         // Same content, same revision: a restart or another node agrees.
-        let again = select(API, &rows.clone(), &labels(&["Production"]), "sc").expect("published");
+        let again = select(API, &rows.clone(), &labels(&["Production"]), &sc()).expect("published");
         assert_eq!(again.meta.revision, both.meta.revision);
     }
 
@@ -267,7 +402,7 @@ mod tests {
                 "not GatewayAPIDTO JSON",
             ),
         ] {
-            let s = select(API, &rows, &labels(&["A", "B"]), "sc").expect("listed, failing");
+            let s = select(API, &rows, &labels(&["A", "B"]), &sc()).expect("listed, failing");
             let e = s.bundle.expect_err("fails").to_string();
             assert!(e.contains(problem), "{e}");
             assert_eq!(s.meta.digest, [0; 32]);
@@ -276,7 +411,7 @@ mod tests {
         // the super tenant's default/.
         let mut tenant_row = row(API, "A", "Publish", Some(good.clone()));
         tenant_row.tenant = Some("wso2.com".into());
-        let e = select(API, &[tenant_row], &labels(&["A"]), "sc")
+        let e = select(API, &[tenant_row], &labels(&["A"]), &sc())
             .expect("listed")
             .bundle
             .expect_err("fails");
@@ -284,15 +419,12 @@ mod tests {
         let dto_tenant = String::from_utf8(good.clone())
             .expect("utf-8")
             .replace("carbon.super", "wso2.com");
-        let e = select(
-            API,
-            &[row(API, "A", "Publish", Some(dto_tenant.into_bytes()))],
-            &labels(&["A"]),
-            "sc",
-        )
-        .expect("listed")
-        .bundle
-        .expect_err("fails");
+        let mut no_details = row(API, "A", "Publish", Some(dto_tenant.into_bytes()));
+        no_details.tenant = None;
+        let e = select(API, &[no_details], &labels(&["A"]), &sc())
+            .expect("listed")
+            .bundle
+            .expect_err("fails");
         assert_eq!(
             e,
             SelectError::Tenant {
@@ -301,7 +433,7 @@ mod tests {
         );
         let mut upper = row(API, "A", "Publish", Some(good.clone()));
         upper.tenant = Some("CARBON.SUPER".into());
-        assert!(select(API, &[upper], &labels(&["A"]), "sc").is_some_and(|s| s.bundle.is_ok()));
+        assert!(select(API, &[upper], &labels(&["A"]), &sc()).is_some_and(|s| s.bundle.is_ok()));
         // Case is not significant in GATEWAY_INSTRUCTION; NULL is unknown.
         assert_eq!(
             RowInstruction::parse(Some("PUBLISH")),
@@ -316,6 +448,130 @@ mod tests {
             RowInstruction::Unknown(_)
         ));
         let rows = vec![row(API, "A", "publish", Some(good))];
-        assert!(select(API, &rows, &labels(&["A"]), "sc").is_some_and(|s| s.bundle.is_ok()));
+        assert!(select(API, &rows, &labels(&["A"]), &sc()).is_some_and(|s| s.bundle.is_ok()));
+    }
+
+    #[test]
+    fn apis_are_routed_to_their_tenant_folder() {
+        let routes = Routes::new(
+            "synapse-configs",
+            &BTreeMap::from([("wso2.com".to_owned(), "tenant-1".to_owned())]),
+        );
+        let tenant_dto = |tenant: &str| {
+            String::from_utf8(gateway_api_json(API, PIZZA, "t"))
+                .expect("utf-8")
+                .replace("carbon.super", tenant)
+                .into_bytes()
+        };
+        let routed = |row_tenant: Option<&str>, dto_tenant: &str| {
+            let mut r = row(API, "A", "Publish", Some(tenant_dto(dto_tenant)));
+            r.tenant = row_tenant.map(str::to_owned);
+            select(API, &[r], &labels(&["A"]), &routes).expect("listed")
+        };
+        // The tenant's API: into its folder, whichever of row and DTO names it, any case.
+        for (row_tenant, dto_tenant) in [
+            (Some("wso2.com"), "wso2.com"),
+            (None, "wso2.com"),
+            (Some("WSO2.com"), ""),
+            (Some(" wso2.com "), "Wso2.Com"),
+        ] {
+            let s = routed(row_tenant, dto_tenant);
+            assert_eq!(
+                (s.meta.folder.as_str(), s.meta.tenant.as_str()),
+                ("tenant-1", "wso2.com"),
+                "{row_tenant:?} / {dto_tenant:?}"
+            );
+            assert!(s.bundle.is_ok(), "{:?}", s.bundle);
+        }
+        // The super tenant's (or none named): the default folder.
+        for (row_tenant, dto_tenant) in [
+            (Some("carbon.super"), "carbon.super"),
+            (None, ""),
+            (Some("CARBON.SUPER"), "carbon.super"),
+        ] {
+            let s = routed(row_tenant, dto_tenant);
+            assert_eq!(
+                (s.meta.folder.as_str(), s.meta.tenant.as_str()),
+                ("synapse-configs", "carbon.super")
+            );
+            assert!(s.bundle.is_ok());
+        }
+        // An unmapped tenant fails naming it, and its metadata names no tenant folder.
+        let s = routed(Some("acme.org"), "acme.org");
+        assert_eq!(s.meta.folder, "synapse-configs");
+        let e = s.bundle.expect_err("unmapped").to_string();
+        assert!(
+            e.contains("\"acme.org\"") && e.contains("[retriever.tenants]"),
+            "{e}"
+        );
+        // Hostile values: two tenants, a huge or control-character domain; never a folder.
+        let e = routed(Some("carbon.super"), "wso2.com")
+            .bundle
+            .expect_err("two tenants");
+        assert_eq!(
+            e,
+            SelectError::TenantMismatch {
+                row: "carbon.super".into(),
+                dto: "wso2.com".into()
+            }
+        );
+        for bad in ["wso2.com\nx", "a\u{0}b", &"x".repeat(10_000), "wso2 .com"] {
+            let mut r = row(API, "A", "Publish", Some(tenant_dto("wso2.com")));
+            r.tenant = Some(bad.to_owned());
+            let s = select(API, &[r], &labels(&["A"]), &routes).expect("listed");
+            assert_eq!(s.meta.folder, "synapse-configs", "{bad:?}");
+            assert!(s.meta.tenant.len() <= 255);
+            let e = s.bundle.expect_err("bad tenant").to_string();
+            assert!(e.contains("TENANT_DOMAIN") && e.len() < 400, "{e}");
+        }
+        // Names and versions from rows are bounded and printable too.
+        let mut r = row(API, "A", "Publish", Some(tenant_dto("wso2.com")));
+        r.name = Some(format!("a\u{1b}[31m{}", "n".repeat(1000)));
+        let s = select(API, &[r], &labels(&["A"]), &routes).expect("listed");
+        assert!(s.meta.name.len() <= 255 && !s.meta.name.contains('\u{1b}'));
+    }
+
+    /// Issue 14, item 8: MySQL's 3.0 -> 3.2 upgrade leaves ARTIFACT a BLOB, which cuts a large
+    /// API at 65,535 bytes; the reason says how to fix the column.
+    #[test]
+    fn an_artifact_cut_at_a_blob_size_names_the_column_fix() {
+        let big = gateway_api_json(API, PIZZA, &"x".repeat(70_000));
+        let cut_at = |len: usize| {
+            let r = row(API, "A", "Publish", Some(big[..len].to_vec()));
+            select(API, &[r], &labels(&["A"]), &sc())
+                .expect("listed")
+                .bundle
+                .expect_err("cut JSON fails")
+                .to_string()
+        };
+        let e = cut_at(65_535);
+        assert!(
+            e.contains("65535 bytes")
+                && e.contains("MySQL BLOB")
+                && e.contains("ALTER TABLE AM_GW_API_ARTIFACTS MODIFY ARTIFACT LONGBLOB")
+                && e.contains("\"A\""),
+            "{e}"
+        );
+        assert!(!e.contains("xxxx"), "never quotes the artifact: {e}");
+        let e = cut_at(65_534);
+        assert!(
+            !e.contains("LONGBLOB"),
+            "another size is another problem: {e}"
+        );
+        // A whole DTO of exactly that size deploys: only one that does not parse was cut.
+        let mut exact = gateway_api_json(API, PIZZA, "t");
+        exact.resize(65_535, b' ');
+        let r = row(API, "A", "Publish", Some(exact));
+        assert!(select(API, &[r], &labels(&["A"]), &sc()).is_some_and(|s| s.bundle.is_ok()));
+        // MEDIUMBLOB's limit too.
+        let mut huge = b"{\"apiDefinition\": \"".to_vec();
+        huge.resize(16_777_215, b'y');
+        let r = row(API, "A", "Publish", Some(huge));
+        let e = select(API, &[r], &labels(&["A"]), &sc())
+            .expect("listed")
+            .bundle
+            .expect_err("cut")
+            .to_string();
+        assert!(e.contains("MEDIUMBLOB") && e.contains("LONGBLOB"), "{e}");
     }
 }

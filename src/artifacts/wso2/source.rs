@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{
-    ArtifactRow, ChangeLog, Fingerprint, RowInstruction, Selected, Snapshot, select, shown,
+    ArtifactRow, ChangeLog, Fingerprint, Routes, RowInstruction, Selected, Snapshot, select, shown,
 };
 use crate::artifacts::db::{Backend, placeholders, redact};
 use crate::artifacts::retriever::{Source, SourceError, Unavailable};
@@ -31,7 +31,7 @@ struct Scanned {
 /// that is down at start-up is retried like any other failure.
 pub struct Wso2Source {
     url: String,
-    folder: String,
+    routes: Routes,
     poll: Duration,
     queries: AtomicU64,
     pool: tokio::sync::Mutex<Option<(AnyPool, Backend)>>,
@@ -39,14 +39,15 @@ pub struct Wso2Source {
 }
 
 impl Wso2Source {
-    /// `folder`: the folder id rendered files deploy into (the retriever's `folder`).
-    pub fn new(url: &str, folder: &str, poll: Duration) -> Self {
+    /// `routes`: the folder id each tenant's rendered files deploy into (the retriever's
+    /// `folder` and `tenants`).
+    pub fn new(url: &str, routes: Routes, poll: Duration) -> Self {
         let first_id = i64::try_from(crate::now_ms())
             .unwrap_or(0)
             .saturating_mul(1000);
         Self {
             url: url.to_owned(),
-            folder: folder.to_owned(),
+            routes,
             poll,
             queries: AtomicU64::new(0),
             pool: tokio::sync::Mutex::new(None),
@@ -108,37 +109,21 @@ impl Wso2Source {
         Ok((pool, backend))
     }
 
-    /// Rows (with details) of the given labels, or of the given API ids; never both empty.
+    /// Rows (with details) of the given labels (empty: every label), or only those of the given
+    /// API ids when `by_id` is not empty; nothing when both are empty.
     async fn rows(
         &self,
         by_label: &[String],
         by_id: &[String],
     ) -> Result<Vec<ArtifactRow>, SourceError> {
-        let (pool, backend) = self.pool().await?;
-        let artifact = if backend == Backend::Sqlite {
-            "CAST(a.ARTIFACT AS BLOB)"
-        } else {
-            "a.ARTIFACT"
-        };
-        let (column, values) = if by_id.is_empty() {
-            ("a.GATEWAY_LABEL", by_label)
-        } else {
-            ("LOWER(a.API_ID)", by_id)
-        };
-        if values.is_empty() {
+        if by_label.is_empty() && by_id.is_empty() {
             return Ok(Vec::new());
         }
-        let marks = vec!["?"; values.len()].join(", ");
-        let q = format!(
-            "SELECT a.API_ID, a.GATEWAY_LABEL, a.GATEWAY_INSTRUCTION, \
-             CASE WHEN UPPER(a.GATEWAY_INSTRUCTION) = 'REMOVE' THEN NULL ELSE {artifact} END, \
-             d.API_NAME, d.API_VERSION, d.TENANT_DOMAIN \
-             FROM AM_GW_API_ARTIFACTS a LEFT JOIN AM_GW_PUBLISHED_API_DETAILS d ON d.API_ID = a.API_ID \
-             WHERE {column} IN ({marks})"
-        );
-        let mut query = sqlx::query(AssertSqlSafe(placeholders(backend, &q)));
-        for v in values {
-            query = query.bind(v.as_str());
+        let (pool, backend) = self.pool().await?;
+        let (q, binds) = rows_query(backend, by_label, by_id);
+        let mut query = sqlx::query(AssertSqlSafe(q));
+        for v in binds {
+            query = query.bind(v);
         }
         let rows = query
             .fetch_all(&pool)
@@ -154,7 +139,7 @@ impl Wso2Source {
             let (Some(id), Some(label)) = (text(0)?, text(1)?) else {
                 continue;
             };
-            let Ok(api_id) = crate::artifacts::parse_id(id.trim()) else {
+            let Some(api_id) = stored_id(&id) else {
                 unusable.push(id);
                 continue;
             };
@@ -172,7 +157,7 @@ impl Wso2Source {
         }
         if let Some(first) = unusable.first() {
             // Ids travel to hub subscribers and into the index as UUIDs (WSO2's are).
-            warn!(count = unusable.len(), first = %shown(first), "skipping WSO2 artifact rows whose API_ID is not a UUID");
+            warn!(count = unusable.len(), first = %shown(first), "skipping WSO2 artifact rows whose API_ID is not a UUID in lower (as WSO2 writes it) or upper case");
         }
         Ok(out)
     }
@@ -223,9 +208,56 @@ impl Wso2Source {
         }
         by_api
             .into_iter()
-            .filter_map(|(id, rows)| select(id, &rows, labels, &self.folder))
+            .filter_map(|(id, rows)| select(id, &rows, labels, &self.routes))
             .collect()
     }
+}
+
+/// The canonical (lower-case) id of a stored `API_ID`, if it is a UUID as WSO2 writes it (lower
+/// case; upper case is taken too). Ids in other spellings are not looked up by id, since that
+/// lookup compares the column itself, so the index serves it (see [`rows_query`]).
+fn stored_id(id: &str) -> Option<String> {
+    let canonical = crate::artifacts::parse_id(id).ok()?;
+    (id == canonical || id == canonical.to_ascii_uppercase()).then_some(canonical)
+}
+
+/// The query of [`Wso2Source::rows`] and its bound values. WSO2's key on
+/// `AM_GW_API_ARTIFACTS` is `(GATEWAY_LABEL, API_ID)` (and MySQL indexes `API_ID` alone for
+/// its foreign key): the columns are compared as stored, never through a function such as
+/// `LOWER(API_ID)`, which no index serves. An id is looked for as WSO2 writes it (lower case)
+/// and in upper case; a lookup by id with labels names both key columns.
+fn rows_query(backend: Backend, by_label: &[String], by_id: &[String]) -> (String, Vec<String>) {
+    let artifact = if backend == Backend::Sqlite {
+        "CAST(a.ARTIFACT AS BLOB)"
+    } else {
+        "a.ARTIFACT"
+    };
+    let marks = |n: usize| vec!["?"; n].join(", ");
+    let mut conditions = Vec::new();
+    let mut binds: Vec<String> = Vec::new();
+    if !by_label.is_empty() {
+        conditions.push(format!("a.GATEWAY_LABEL IN ({})", marks(by_label.len())));
+        binds.extend(by_label.iter().cloned());
+    }
+    if !by_id.is_empty() {
+        let mut ids: Vec<String> = by_id
+            .iter()
+            .flat_map(|id| [id.to_ascii_lowercase(), id.to_ascii_uppercase()])
+            .collect();
+        ids.sort();
+        ids.dedup();
+        conditions.push(format!("a.API_ID IN ({})", marks(ids.len())));
+        binds.extend(ids);
+    }
+    let q = format!(
+        "SELECT a.API_ID, a.GATEWAY_LABEL, a.GATEWAY_INSTRUCTION, \
+         CASE WHEN UPPER(a.GATEWAY_INSTRUCTION) = 'REMOVE' THEN NULL ELSE {artifact} END, \
+         d.API_NAME, d.API_VERSION, d.TENANT_DOMAIN \
+         FROM AM_GW_API_ARTIFACTS a LEFT JOIN AM_GW_PUBLISHED_API_DETAILS d ON d.API_ID = a.API_ID \
+         WHERE {}",
+        conditions.join(" AND ")
+    );
+    (placeholders(backend, &q), binds)
 }
 
 fn snapshot_of(rows: &[AnyRow], backend: Backend) -> Result<Snapshot, sqlx::Error> {
@@ -237,7 +269,7 @@ fn snapshot_of(rows: &[AnyRow], backend: Backend) -> Result<Snapshot, sqlx::Erro
         ) else {
             continue;
         };
-        let Ok(api_id) = crate::artifacts::parse_id(id.trim()) else {
+        let Some(api_id) = stored_id(&id) else {
             continue;
         };
         let hash = match backend {
@@ -286,7 +318,8 @@ impl Source for Wso2Source {
         let Ok(id) = crate::artifacts::parse_id(id) else {
             return Ok(None);
         };
-        let rows = self.rows(&[], std::slice::from_ref(&id)).await?;
+        // Only the rows of `labels`: a lookup that names both key columns.
+        let rows = self.rows(labels, std::slice::from_ref(&id)).await?;
         let Some(first) = rows.first() else {
             return Ok(None);
         };
@@ -296,10 +329,10 @@ impl Source for Wso2Source {
         // Every row of those labels says Remove.
         Ok(Some(ArtifactMeta {
             id: id.clone(),
-            name: first.name.clone().unwrap_or_default(),
-            version: first.version.clone().unwrap_or_default(),
-            tenant: first.tenant.clone().unwrap_or_default(),
-            folder: self.folder.clone(),
+            name: first.name.as_deref().map(shown).unwrap_or_default(),
+            version: first.version.as_deref().map(shown).unwrap_or_default(),
+            tenant: first.tenant.as_deref().map(shown).unwrap_or_default(),
+            folder: self.routes.default_folder().to_owned(),
             revision: 0,
             removed: true,
             labels: Vec::new(),
@@ -327,7 +360,14 @@ impl Source for Wso2Source {
         metas: &[ArtifactMeta],
     ) -> Result<Vec<Result<Bundle, SourceError>>, SourceError> {
         let ids: Vec<String> = metas.iter().map(|m| m.id.clone()).collect();
-        let rows = self.rows(&[], &ids).await?;
+        let mut labels: Vec<String> = metas.iter().flat_map(|m| m.labels.clone()).collect();
+        labels.sort();
+        labels.dedup();
+        // A meta without labels fails below; with none at all, every label is read.
+        if metas.iter().any(|m| m.labels.is_empty()) {
+            labels.clear();
+        }
+        let rows = self.rows(&labels, &ids).await?;
         Ok(metas
             .iter()
             .map(|meta| {
@@ -339,14 +379,17 @@ impl Source for Wso2Source {
                     return Err(bad("has none of this node's labels".into()));
                 }
                 let selected =
-                    select(&meta.id, &rows, &meta.labels, &self.folder).ok_or_else(|| {
+                    select(&meta.id, &rows, &meta.labels, &self.routes).ok_or_else(|| {
                         bad(format!(
                             "is no longer published for labels {:?}",
                             meta.labels
                         ))
                     })?;
                 let bundle = selected.bundle.map_err(|e| bad(e.to_string()))?;
-                if selected.meta.revision != meta.revision || bundle.digest() != meta.digest {
+                if selected.meta.revision != meta.revision
+                    || selected.meta.folder != meta.folder
+                    || bundle.digest() != meta.digest
+                {
                     return Err(bad(
                         "ARTIFACT changed while being read; the change is deployed next".into(),
                     ));
@@ -419,7 +462,11 @@ mod tests {
             .await
             .expect("publish");
 
-        let source = Wso2Source::new(&url, "synapse-configs", Duration::from_millis(1));
+        let source = Wso2Source::new(
+            &url,
+            Routes::super_tenant_only("synapse-configs"),
+            Duration::from_millis(1),
+        );
         let start = source.last_event_id().await.expect("primes");
         let current = source.current(&labels(&["L1"])).await.expect("current");
         assert_eq!(current.len(), 1, "{name}: {current:?}");
@@ -448,12 +495,9 @@ mod tests {
             "{name}"
         );
         assert_eq!(
-            source
-                .get(API, &labels(&["L2"]))
-                .await
-                .expect("get")
-                .map(|m| m.removed),
-            Some(true)
+            source.get(API, &labels(&["L2"])).await.expect("get"),
+            None,
+            "{name}: no row of the node's labels"
         );
         assert_eq!(
             source
@@ -542,6 +586,40 @@ mod tests {
             "{e}"
         );
 
+        // Lookups by id use WSO2's key (issue 14, item 8: `LOWER(API_ID)` used none).
+        if backend == Backend::Postgres {
+            // A label of some size, so the planner weighs the key's second column (ids that
+            // are not UUIDs: the source skips them).
+            use sqlx::Connection;
+            let mut conn = sqlx::AnyConnection::connect(&url).await.expect("connect");
+            for q in [
+                "INSERT INTO AM_GW_PUBLISHED_API_DETAILS (API_ID) \
+                 SELECT 'filler-' || g FROM generate_series(1, 2000) g",
+                "INSERT INTO AM_GW_API_ARTIFACTS (API_ID, GATEWAY_LABEL, GATEWAY_INSTRUCTION) \
+                 SELECT 'filler-' || g, 'L1', 'Publish' FROM generate_series(1, 2000) g",
+                "ANALYZE",
+            ] {
+                sqlx::query(q)
+                    .execute(&mut conn)
+                    .await
+                    .expect("filler rows");
+            }
+        }
+        let (by_label, label_binds) = rows_query(backend, &labels(&["L1"]), &[]);
+        let label_only = plan_of(&url, backend, &by_label, &label_binds).await;
+        let (q, binds) = rows_query(backend, &labels(&["L1"]), &[API.to_owned()]);
+        let plan = plan_of(&url, backend, &q, &binds).await;
+        assert!(
+            id_in_key(backend, &plan, &label_only),
+            "{name}: {q}\n{plan}"
+        );
+        let lowered = q.replace("a.API_ID IN", "LOWER(a.API_ID) IN");
+        let plan = plan_of(&url, backend, &lowered, &binds).await;
+        assert!(
+            !id_in_key(backend, &plan, &label_only),
+            "{name}: the check tells the old query apart: {plan}"
+        );
+
         let (pool, _) = source.pool().await.expect("connected");
         let write = sqlx::query("DELETE FROM AM_GW_API_ARTIFACTS")
             .execute(&pool)
@@ -559,6 +637,92 @@ mod tests {
         crate::artifacts::db::testing::drop_db(&url).await;
     }
 
+    #[test]
+    fn api_ids_are_taken_as_wso2_writes_them() {
+        assert_eq!(stored_id(API).as_deref(), Some(API));
+        assert_eq!(stored_id(&API.to_uppercase()).as_deref(), Some(API));
+        for bad in [
+            "6F1C2A9E-3b1d-4c2e-9a8f-0d1e2f3a4b5c",
+            " 6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c",
+            "6f1c2a9e3b1d4c2e9a8f0d1e2f3a4b5c",
+            "../../etc/passwd",
+            "",
+        ] {
+            assert_eq!(stored_id(bad), None, "{bad:?}");
+        }
+        let (q, binds) = rows_query(Backend::Postgres, &[], &[API.to_owned()]);
+        assert!(q.ends_with("WHERE a.API_ID IN ($1, $2)"), "{q}");
+        assert_eq!(binds, vec![API.to_uppercase(), API.to_owned()]);
+        assert!(!q.contains("LOWER"), "{q}");
+    }
+
+    /// The plan `backend` makes for `q` over `AM_GW_API_ARTIFACTS` (alias `a`), one line per
+    /// step. PostgreSQL plans with sequential scans discouraged, as it would on a table of
+    /// real size (a test table is small enough that a scan is cheapest).
+    async fn plan_of(url: &str, backend: Backend, q: &str, binds: &[String]) -> String {
+        use sqlx::Connection;
+        let mut conn = sqlx::AnyConnection::connect(url).await.expect("connect");
+        let explain = match backend {
+            Backend::Sqlite => format!("EXPLAIN QUERY PLAN {q}"),
+            Backend::Postgres => {
+                sqlx::query("SET enable_seqscan = off")
+                    .execute(&mut conn)
+                    .await
+                    .expect("set");
+                format!("EXPLAIN {q}")
+            }
+            Backend::MySql => format!("EXPLAIN {q}"),
+        };
+        let mut query = sqlx::query(AssertSqlSafe(explain));
+        for b in binds {
+            query = query.bind(b.as_str());
+        }
+        let rows = query.fetch_all(&mut conn).await.expect("explain");
+        let text = |r: &AnyRow, column: &str| -> String {
+            r.try_get::<Option<String>, _>(column)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        };
+        rows.iter()
+            .map(|r| match backend {
+                Backend::Sqlite => text(r, "detail"),
+                Backend::Postgres => text(r, "QUERY PLAN"),
+                Backend::MySql => format!(
+                    "table={} type={} key={} key_len={}",
+                    text(r, "table"),
+                    text(r, "type"),
+                    text(r, "key"),
+                    text(r, "key_len")
+                ),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Whether `plan` finds rows of `AM_GW_API_ARTIFACTS` by `API_ID` in an index (not only by
+    /// `GATEWAY_LABEL`, as `label_only`, the plan of a lookup by label, does).
+    fn id_in_key(backend: Backend, plan: &str, label_only: &str) -> bool {
+        match backend {
+            Backend::Sqlite => plan
+                .lines()
+                .any(|l| l.starts_with("SEARCH a USING") && l.contains("API_ID=")),
+            Backend::Postgres => plan.lines().any(|l| {
+                l.contains("Index Cond:") && l.contains("gateway_label") && l.contains("(api_id)")
+            }),
+            Backend::MySql => {
+                let key_len = |plan: &str| -> u64 {
+                    plan.lines()
+                        .find(|l| l.starts_with("table=a "))
+                        .and_then(|l| l.split("key_len=").nth(1))
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                key_len(plan) > key_len(label_only)
+            }
+        }
+    }
+
     #[tokio::test]
     async fn source_suite_sqlite() {
         source_suite(Backend::Sqlite).await;
@@ -574,12 +738,59 @@ mod tests {
         source_suite(Backend::MySql).await;
     }
 
+    /// Issue 14, item 8, on MariaDB: a large API written into a `BLOB` `ARTIFACT` arrives cut
+    /// at 65,535 bytes; it fails with the column fix in its reason, the other APIs deploy.
+    #[tokio::test]
+    async fn an_artifact_cut_by_a_mysql_blob_column_names_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some(url) = crate::artifacts::db::testing::fresh_url(Backend::MySql, dir.path()).await
+        else {
+            return;
+        };
+        let wso2 = Wso2Tables::create_mysql_upgraded_from_3_0(&url)
+            .await
+            .expect("create WSO2's tables with a BLOB column");
+        let big = gateway_api_json(API, PIZZA, &"x".repeat(70_000));
+        assert!(big.len() > 65_535);
+        wso2.publish(API, "L1", &big).await.expect("publish, cut");
+        wso2.publish(API2, "L1", &gateway_api_json(API2, "small", "v1"))
+            .await
+            .expect("publish");
+        let source = Wso2Source::new(
+            &url,
+            Routes::super_tenant_only("synapse-configs"),
+            Duration::from_millis(1),
+        );
+        let mut listed = source.current(&labels(&["L1"])).await.expect("current");
+        listed.sort_by(|a, b| a.id.cmp(&b.id));
+        let bundles = source.bundles(&listed).await.expect("bundles");
+        let by_id: BTreeMap<&str, &Result<Bundle, SourceError>> = listed
+            .iter()
+            .map(|m| m.id.as_str())
+            .zip(bundles.iter())
+            .collect();
+        let e = by_id[API].as_ref().expect_err("cut").to_string();
+        assert!(
+            e.contains(API)
+                && e.contains("65535 bytes")
+                && e.contains("ALTER TABLE AM_GW_API_ARTIFACTS MODIFY ARTIFACT LONGBLOB"),
+            "{e}"
+        );
+        assert!(by_id[API2].is_ok(), "{:?}", by_id[API2]);
+        wso2.close().await;
+        crate::artifacts::db::testing::drop_db(&url).await;
+    }
+
     #[tokio::test]
     async fn the_source_never_creates_or_writes_a_database() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("wso2.db");
         let url = format!("sqlite://{}", path.display());
-        let source = Wso2Source::new(&url, "synapse-configs", Duration::from_millis(1));
+        let source = Wso2Source::new(
+            &url,
+            Routes::super_tenant_only("synapse-configs"),
+            Duration::from_millis(1),
+        );
         let e = source
             .current(&labels(&["L1"]))
             .await
@@ -591,7 +802,7 @@ mod tests {
         std::fs::File::create(&empty).expect("an empty SQLite file");
         let source = Wso2Source::new(
             &format!("sqlite://{}", empty.display()),
-            "synapse-configs",
+            Routes::super_tenant_only("synapse-configs"),
             Duration::from_millis(1),
         );
         let e = source.last_event_id().await.expect_err("no tables");

@@ -50,6 +50,17 @@ pub struct Wso2Tables {
 impl Wso2Tables {
     /// Connects (creating an SQLite file) and creates WSO2's two tables.
     pub async fn create(url: &str) -> Result<Self, sqlx::Error> {
+        Self::create_with(url, false).await
+    }
+
+    /// MySQL/MariaDB as WSO2 API-M 3.0's upgrade to 3.2 leaves it: `ARTIFACT` is a `BLOB`
+    /// (64 KiB), and the writer's session is not strict, so a larger `ARTIFACT` is cut at
+    /// 65,535 bytes (with a warning) rather than refused.
+    pub async fn create_mysql_upgraded_from_3_0(url: &str) -> Result<Self, sqlx::Error> {
+        Self::create_with(url, true).await
+    }
+
+    async fn create_with(url: &str, blob: bool) -> Result<Self, sqlx::Error> {
         sqlx::any::install_default_drivers();
         let backend =
             Backend::of_url(url).map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
@@ -60,6 +71,16 @@ impl Wso2Tables {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(2)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if blob {
+                        sqlx::query("SET SESSION sql_mode = ''")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await?;
         let ddl = match backend {
@@ -69,6 +90,11 @@ impl Wso2Tables {
         };
         for statement in ddl {
             sqlx::query(*statement).execute(&pool).await?;
+        }
+        if blob {
+            sqlx::query("ALTER TABLE AM_GW_API_ARTIFACTS MODIFY ARTIFACT BLOB")
+                .execute(&pool)
+                .await?;
         }
         Ok(Self { pool, backend })
     }
@@ -123,6 +149,19 @@ impl Wso2Tables {
             .bind(label)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Sets the `TENANT_DOMAIN` of an API's details row (WSO2 writes the API's tenant there).
+    pub async fn set_tenant(&self, api_id: &str, tenant: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(AssertSqlSafe(placeholders(
+            self.backend,
+            "UPDATE AM_GW_PUBLISHED_API_DETAILS SET TENANT_DOMAIN = ? WHERE API_ID = ?",
+        )))
+        .bind(tenant)
+        .bind(api_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -230,6 +269,16 @@ pub fn gateway_api_json(api_id: &str, name: &str, tag: &str) -> Vec<u8> {
         "credentialsToBeAdd": [{"alias": "PizzaShackAPI--v1.0.0", "password": "s3cret-endpoint-password"}],
         "credentialsToBeRemove": [],
     }))
+}
+
+/// [`gateway_api_json`] as a tenant's API: `tenantDomain` is `tenant`.
+pub fn tenant_api_json(api_id: &str, name: &str, tag: &str, tenant: &str) -> Vec<u8> {
+    String::from_utf8_lossy(&gateway_api_json(api_id, name, tag))
+        .replace(
+            "\"tenantDomain\":\"carbon.super\"",
+            &format!("\"tenantDomain\":{tenant:?}"),
+        )
+        .into_bytes()
 }
 
 /// The Synapse API definition [`gateway_api_json`] carries.
