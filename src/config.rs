@@ -351,6 +351,8 @@ pub const SCHEMA_WSO2_APIM_32: &str = "wso2-apim-3.2";
 const INLINE_MAX_LIMIT: u64 = 1024 * 1024;
 /// The largest `max_clock_skew_ms` accepted: 7 days.
 const MAX_CLOCK_SKEW_LIMIT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The largest `tombstone_ttl_days` accepted: 100 years (a larger one overflowed the TTL).
+const MAX_TOMBSTONE_TTL_DAYS: u64 = 36_500;
 
 impl Config {
     /// Reads, parses and validates a config file.
@@ -429,6 +431,12 @@ impl Config {
             return Err(invalid(
                 "max_clock_skew_ms",
                 format!("must be between 1 and {MAX_CLOCK_SKEW_LIMIT_MS} (7 days)"),
+            ));
+        }
+        if !(1..=MAX_TOMBSTONE_TTL_DAYS).contains(&self.tombstone_ttl_days) {
+            return Err(invalid(
+                "tombstone_ttl_days",
+                format!("must be between 1 and {MAX_TOMBSTONE_TTL_DAYS} (100 years)"),
             ));
         }
         if self.inline_max_bytes > INLINE_MAX_LIMIT {
@@ -1052,6 +1060,21 @@ mod tests {
         let text = format!("skip_retry_ms = 500\n{}", base(dir.path()));
         let c = Config::parse(&text, Path::new("t")).expect("valid");
         assert_eq!(c.skip_retry_ms, 500);
+    }
+
+    /// Found with the config fuzz harness (tests/fuzz/config/): a TTL of more days than fit in a u64 of seconds
+    /// passed check-config, then overflowed when the daemon computed it (wrapped in a
+    /// release build, to a TTL that purges tombstones early); 0 purged every tombstone.
+    #[test]
+    fn tombstone_ttl_out_of_range_is_named() {
+        let dir = setup();
+        for bad in ["0", "36501", "9223372036854775807"] {
+            let e = err_of(&format!("tombstone_ttl_days = {bad}\n{}", base(dir.path())));
+            assert!(e.contains("tombstone_ttl_days"), "{e}");
+        }
+        let text = format!("tombstone_ttl_days = 36500\n{}", base(dir.path()));
+        let c = Config::parse(&text, Path::new("t")).expect("valid");
+        assert_eq!(c.tombstone_ttl().as_secs(), 36_500 * 24 * 3600);
     }
 
     #[test]

@@ -7,6 +7,10 @@
 
 mod common;
 
+/// The fuzz targets' harnesses (`fuzz/`), for `integration::fuzz_regressions`.
+#[path = "../fuzz/src/checks.rs"]
+mod fuzz_checks;
+
 mod integration {
     mod artifacts;
     mod bulk;
@@ -16,6 +20,7 @@ mod integration {
     mod conflict;
     mod crash;
     mod echo;
+    mod fuzz_regressions;
     mod gates;
     mod hostile;
     mod logs;
