@@ -164,7 +164,7 @@ pub fn config(data: &[u8]) {
         config.admin_socket(),
     );
     let names = artisync::engine::NodeNames::default();
-    let _ = artisync::engine::engine_options(&config, NodeId(1), names);
+    let _ = artisync::engine::engine_options(&config, NodeId(1), names, Default::default());
     for f in &config.folders {
         if let Err(e) = artisync::engine::folder_ignore(f) {
             panic!(
