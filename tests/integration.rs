@@ -15,6 +15,7 @@ mod integration {
     mod config;
     mod conflict;
     mod crash;
+    mod disk;
     mod echo;
     mod gates;
     mod hostile;
