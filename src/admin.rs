@@ -102,6 +102,7 @@ pub(crate) fn in_sync(f: &FolderStatus, engine: &EngineReport, peers: &[PeerStat
         .iter()
         .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));
     f.paused.is_none()
+        && f.index_error.is_none()
         && f.held.is_empty()
         && f.skipped.is_empty()
         && !engine.is_failing()

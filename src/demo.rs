@@ -570,6 +570,11 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
             )),
             _ => {}
         }
+        if let Some(e) = &f.index_error {
+            out.push_str(&format!(
+                "    INDEX NOT WRITABLE: {e}\n    (no change is taken or applied until it can be written: free space in state_dir; it resumes by itself)\n"
+            ));
+        }
         if let Some(p) = &f.paused {
             out.push_str(&format!(
                 "    PAUSED: {p}\n    (confirm with: artisync resume --config FILE --folder {})\n",

@@ -19,6 +19,7 @@ mod integration {
     mod config;
     mod conflict;
     mod crash;
+    mod disk;
     mod echo;
     mod fuzz_regressions;
     mod gates;

@@ -13,6 +13,7 @@ impl FolderEngine {
                 reason: reason.clone(),
             });
         }
+        self.index_writable()?;
         // Deployed files get the folder's permissions (without execute bits), never wider.
         let root_mode = block(|| std::fs::metadata(&self.root))
             .map(|m| {

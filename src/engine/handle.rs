@@ -33,6 +33,10 @@ pub enum EngineError {
         reason: String,
     },
     #[error(
+        "folder {folder}: the index cannot be written ({reason}); no change is taken until it can"
+    )]
+    IndexUnwritable { folder: String, reason: String },
+    #[error(
         "folder {folder}: an earlier batch from peer {peer} on this stream failed; resubscribing"
     )]
     StreamFailed { folder: String, peer: String },

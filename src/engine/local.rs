@@ -32,6 +32,10 @@ pub(in crate::engine) fn merge_changes(a: Change, b: Change) -> Change {
 impl FolderEngine {
     /// Looks at local paths (or the whole folder) and records what changed.
     pub(in crate::engine) async fn on_local(&mut self, change: Change) -> Result<(), EngineError> {
+        if self.index_error.is_some() {
+            // Nothing can be recorded now; the rescan after the index reload sees it all.
+            return Ok(());
+        }
         // Mass-delete guard, part 1: the root must be there and be the same directory.
         let identity = block(|| scan::root_identity(&self.root));
         match identity {

@@ -17,6 +17,8 @@
 //! - `remote`: peer batches, chained (`chain`), staged (`stage`) and settled (`settle`).
 //! - `plan`: PURE: a decided peer record and the local state give one disk step.
 //! - `recover`: peer changes placed before a crash, adopted from the batch journal.
+//! - `index`: an index that cannot be written (a full `state_dir`): no change taken until a
+//!   reload from it goes through.
 //! - `skip`: the strikes/skip/retry book of peer changes that keep failing.
 //! - `conflict`: conflict copies and copies of held local files.
 //! - `deploy`: artifacts deployed from the database.
@@ -36,6 +38,7 @@ mod conflict;
 mod deploy;
 mod feed;
 mod handle;
+mod index;
 mod local;
 mod plan;
 mod recover;
@@ -111,6 +114,9 @@ pub struct FolderEngine {
     /// Idle or busy, and progress, for the daemon's watchdog (see [`crate::liveness`]).
     live: Arc<Liveness>,
     paused: Option<String>,
+    /// Why the index could not be written (see `index`): set, the folder takes no change
+    /// until a reload from the index goes through.
+    index_error: Option<String>,
     /// The operator confirmed the folder's current state: the next scan may delete.
     confirmed: bool,
     held: BTreeMap<RelPath, String>,
@@ -230,6 +236,7 @@ impl FolderEngine {
             status: status.clone(),
             live: live.clone(),
             paused: None,
+            index_error: None,
             confirmed: false,
             held: BTreeMap::new(),
             unreadable: BTreeMap::new(),
@@ -312,6 +319,7 @@ impl FolderEngine {
                     self.live.busy();
                     if let Err(e) = self.on_local(Change::Rescan).await {
                         warn!(folder = %self.id, error = %e, "periodic rescan failed");
+                        self.note_index_failure(&e);
                     }
                     self.purge_tombstones().await;
                 }
@@ -324,8 +332,14 @@ impl FolderEngine {
                         pending.extend(self.remote_chain(batch, reply, &mut rx).await);
                     }
                 }
-                _ = retry.tick(), if !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
+                _ = retry.tick(), if self.index_error.is_some() || !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
                     self.live.busy();
+                    if self.index_error.is_some() {
+                        self.reload_index().await;
+                        self.live.progress();
+                        self.publish_status();
+                        continue;
+                    }
                     let mut paths: Vec<RelPath> = std::mem::take(&mut self.unstable).into_iter().collect();
                     paths.extend(self.held.keys().cloned());
                     // Looks the watcher did not ask for: its marks first (see `sync_marks`).
@@ -349,6 +363,7 @@ impl FolderEngine {
                 if let Err(e) = self.on_local(change).await {
                     warn!(folder = %self.id, error = %e, "local change not recorded");
                     self.last_error = Some(e.to_string());
+                    self.note_index_failure(&e);
                 }
             }
             Msg::Remote(batch, reply) => return self.remote_chain(batch, reply, rx).await,
@@ -356,6 +371,7 @@ impl FolderEngine {
                 let r = self.on_deploy(request).await;
                 if let Err(e) = &r {
                     self.last_error = Some(e.to_string());
+                    self.note_index_failure(e);
                 }
                 let _ = reply.send(r);
             }

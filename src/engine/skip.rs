@@ -181,7 +181,7 @@ impl FolderEngine {
     /// retry that fails before it gets to them (a folder error) cannot spin; their outcome
     /// then sets it for good.
     pub(in crate::engine) fn due_retry(&mut self, now_ms: u64) -> Option<RemoteBatch> {
-        if self.paused.is_some() {
+        if self.paused.is_some() || self.index_error.is_some() {
             return None;
         }
         let fetchers = &self.fetchers;
@@ -215,7 +215,7 @@ impl FolderEngine {
 
     /// How long until a skipped change is due for a retry (of a peer with a known source).
     pub(in crate::engine) fn next_retry_in(&self, now_ms: u64) -> Option<std::time::Duration> {
-        if self.paused.is_some() {
+        if self.paused.is_some() || self.index_error.is_some() {
             return None;
         }
         self.skipped

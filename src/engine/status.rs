@@ -16,6 +16,10 @@ pub struct FolderStatus {
     pub epoch: u64,
     /// Why the folder is paused (mass-delete guard), if it is.
     pub paused: Option<String>,
+    /// Why the index cannot be written (a full or read-only `state_dir`), if so: the folder
+    /// takes no change until it can, and resumes by itself.
+    #[serde(default)]
+    pub index_error: Option<String>,
     /// Files held back by the validation gate, with the reason.
     pub held: BTreeMap<String, String>,
     /// Local paths that could not be read on the last look.
@@ -90,6 +94,7 @@ impl FolderEngine {
             seq: self.replica.seq(),
             epoch: self.epoch,
             paused: self.paused.clone(),
+            index_error: self.index_error.clone(),
             held: self
                 .held
                 .iter()

@@ -20,7 +20,9 @@ impl Store {
         batch: u64,
         records: &[&FileRecord],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
+        let mut conn = self.write_conn().await?;
+        let result = async {
+let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|e| self.db_err(e))?;
         for r in records {
             let q = sqlx::query(
                 "INSERT OR REPLACE INTO applying (folder, batch, path, kind, deleted, size, mode, \
@@ -34,6 +36,8 @@ impl Store {
                 .map_err(|e| self.db_err(e))?;
         }
         tx.commit().await.map_err(|e| self.db_err(e))
+}.await;
+        self.written(conn, result)
     }
 
     /// The journaled records of `folder` (left by batches whose commit never came).

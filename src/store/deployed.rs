@@ -65,21 +65,28 @@ impl Store {
 
     /// Records deployed artifacts in one transaction.
     pub async fn set_deployed(&self, list: &[DeployedArtifact]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
-        for d in list {
-            let doc = serde_json::to_string(d).map_err(|e| StoreError::Corrupt {
-                path: self.path.clone(),
-                what: format!("deployed artifact {}", d.id),
-                problem: e.to_string(),
-            })?;
-            sqlx::query("INSERT OR REPLACE INTO deployed (artifact_id, doc) VALUES (?, ?)")
-                .bind(&d.id)
-                .bind(doc)
-                .execute(&mut *tx)
+        let mut conn = self.write_conn().await?;
+        let result = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn)
                 .await
                 .map_err(|e| self.db_err(e))?;
+            for d in list {
+                let doc = serde_json::to_string(d).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("deployed artifact {}", d.id),
+                    problem: e.to_string(),
+                })?;
+                sqlx::query("INSERT OR REPLACE INTO deployed (artifact_id, doc) VALUES (?, ?)")
+                    .bind(&d.id)
+                    .bind(doc)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.db_err(e))?;
+            }
+            tx.commit().await.map_err(|e| self.db_err(e))
         }
-        tx.commit().await.map_err(|e| self.db_err(e))
+        .await;
+        self.written(conn, result)
     }
 
     pub async fn remove_deployed(&self, id: &str) -> Result<(), StoreError> {

@@ -244,41 +244,48 @@ impl Store {
         skips: &SkipChanges,
         journal: Journal,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
-        // Many rows per statement: one round trip to SQLite's worker thread per chunk, not
-        // per record. Chunk sizes are powers of two, so a handful of statements is prepared
-        // and cached for any batch size.
-        let mut rest = records;
-        while !rest.is_empty() {
-            let n = chunk_rows(rest.len());
-            let (chunk, tail) = rest.split_at(n);
-            rest = tail;
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_files_sql(n)));
-            for StoredRecord {
-                record: r,
-                stat,
-                origin,
-            } in chunk
-            {
-                q = bind_record(q.bind(folder), r)
-                    .bind(stat.map(|s| to_db(s.size)))
-                    .bind(stat.map(|s| s.mtime_ns))
-                    .bind(stat.map(|s| to_db(s.ino)))
-                    .bind(origin.as_ref().map(|o| o.peer.as_str()))
-                    .bind(origin.as_ref().map(|o| to_db(o.epoch)));
+        let mut conn = self.write_conn().await?;
+        let result = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn)
+                .await
+                .map_err(|e| self.db_err(e))?;
+            // Many rows per statement: one round trip to SQLite's worker thread per chunk, not
+            // per record. Chunk sizes are powers of two, so a handful of statements is prepared
+            // and cached for any batch size.
+            let mut rest = records;
+            while !rest.is_empty() {
+                let n = chunk_rows(rest.len());
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_files_sql(n)));
+                for StoredRecord {
+                    record: r,
+                    stat,
+                    origin,
+                } in chunk
+                {
+                    q = bind_record(q.bind(folder), r)
+                        .bind(stat.map(|s| to_db(s.size)))
+                        .bind(stat.map(|s| s.mtime_ns))
+                        .bind(stat.map(|s| to_db(s.ino)))
+                        .bind(origin.as_ref().map(|o| o.peer.as_str()))
+                        .bind(origin.as_ref().map(|o| to_db(o.epoch)));
+                }
+                q.execute(&mut *tx).await.map_err(|e| self.db_err(e))?;
             }
-            q.execute(&mut *tx).await.map_err(|e| self.db_err(e))?;
+            if let Some((peer, c)) = cursor {
+                self.put_cursor(&mut tx, peer, folder, c).await?;
+            }
+            self.change_skipped(&mut tx, folder, skips).await?;
+            match journal {
+                Journal::Keep => {}
+                Journal::Batch(b) => self.clear_applying(&mut tx, folder, Some(b)).await?,
+                Journal::Folder => self.clear_applying(&mut tx, folder, None).await?,
+            }
+            tx.commit().await.map_err(|e| self.db_err(e))
         }
-        if let Some((peer, c)) = cursor {
-            self.put_cursor(&mut tx, peer, folder, c).await?;
-        }
-        self.change_skipped(&mut tx, folder, skips).await?;
-        match journal {
-            Journal::Keep => {}
-            Journal::Batch(b) => self.clear_applying(&mut tx, folder, Some(b)).await?,
-            Journal::Folder => self.clear_applying(&mut tx, folder, None).await?,
-        }
-        tx.commit().await.map_err(|e| self.db_err(e))
+        .await;
+        self.written(conn, result)
     }
 
     /// Updates only the stat keys of records (after a rescan found the same content).
@@ -287,7 +294,9 @@ impl Store {
         folder: &str,
         stats: &[(RelPath, StatKey)],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
+        let mut conn = self.write_conn().await?;
+        let result = async {
+let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|e| self.db_err(e))?;
         for (path, s) in stats {
             sqlx::query("UPDATE files SET stat_size = ?, stat_mtime_ns = ?, stat_ino = ? WHERE folder = ? AND path = ?")
                 .bind(to_db(s.size))
@@ -300,20 +309,29 @@ impl Store {
                 .map_err(|e| self.db_err(e))?;
         }
         tx.commit().await.map_err(|e| self.db_err(e))
+}.await;
+        self.written(conn, result)
     }
 
     /// Removes rows (purged tombstones).
     pub async fn remove(&self, folder: &str, paths: &[RelPath]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.db_err(e))?;
-        for p in paths {
-            sqlx::query("DELETE FROM files WHERE folder = ? AND path = ?")
-                .bind(folder)
-                .bind(p.as_str())
-                .execute(&mut *tx)
+        let mut conn = self.write_conn().await?;
+        let result = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn)
                 .await
                 .map_err(|e| self.db_err(e))?;
+            for p in paths {
+                sqlx::query("DELETE FROM files WHERE folder = ? AND path = ?")
+                    .bind(folder)
+                    .bind(p.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.db_err(e))?;
+            }
+            tx.commit().await.map_err(|e| self.db_err(e))
         }
-        tx.commit().await.map_err(|e| self.db_err(e))
+        .await;
+        self.written(conn, result)
     }
 }
 
@@ -322,6 +340,110 @@ mod tests {
     use super::*;
     use crate::model::{Kind, NodeId};
     use crate::store::testing::{from_peer, paths, rec};
+
+    /// A tmpfs mounted on a temp dir, unmounted (lazily) when dropped.
+    struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        /// `None` where this process cannot mount (not root); in CI that fails instead.
+        fn mount(size_kib: u64) -> Option<Self> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs"])
+                .arg(dir.path())
+                .output();
+            match out {
+                Ok(o) if o.status.success() => Some(Self(dir)),
+                other => {
+                    let why = format!("cannot mount a tmpfs: {other:?}");
+                    assert!(
+                        std::env::var("CI").is_ok_and(|v| v != "true")
+                            || std::env::var("CI").is_err(),
+                        "{why}"
+                    );
+                    eprintln!("skipping: {why}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .output();
+        }
+    }
+
+    /// Regression (issue 16, item 3): a commit failing with SQLITE_FULL left its pooled
+    /// connection inside a transaction as sqlx saw it. Later commits drawn on that connection
+    /// answered Ok without ever committing, and the others failed with "database is locked"
+    /// after the busy timeout, until the process ended: once the disk had room again, the
+    /// index still took nothing (or lost what it said it took).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_after_a_full_disk_are_real_once_there_is_room_again() {
+        use std::io::Write;
+        let Some(disk) = SmallDisk::mount(2048) else {
+            return;
+        };
+        let dir = disk.0.path();
+        let store = Store::open(dir).await.expect("open");
+        let none = SkipChanges::default();
+        store
+            .commit("f", &[rec("a.xml", 1)], None, &none)
+            .await
+            .expect("commit");
+        let filler = dir.join("filler");
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![1u8; 4096];
+        for _ in 0..10_000 {
+            if f.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        drop(f);
+        let mut said_ok = vec!["a.xml".to_owned()];
+        let mut failed = 0;
+        for i in 0..20u64 {
+            let recs: Vec<_> = (0..50)
+                .map(|j| rec(&format!("full{i}/{j}.xml"), 2 + i * 100 + j))
+                .collect();
+            match store.commit("f", &recs, None, &none).await {
+                Ok(()) => said_ok.extend(recs.iter().map(|r| r.record.path.to_string())),
+                Err(_) => failed += 1,
+            }
+        }
+        assert!(failed > 0, "the full disk must fail some commits");
+        std::fs::remove_file(&filler).expect("remove the filler");
+        for i in 0..8u64 {
+            let path = format!("after{i}.xml");
+            let t = std::time::Instant::now();
+            store
+                .commit("f", &[rec(&path, 10_000 + i)], None, &none)
+                .await
+                .expect("a commit once there is room");
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(5),
+                "no lock wait"
+            );
+            said_ok.push(path);
+        }
+        drop(store);
+        // What was answered Ok is in the index, as a new process sees it.
+        let reopened = Store::open(dir).await.expect("reopen");
+        let mut held: Vec<String> = reopened
+            .load_folder("f")
+            .await
+            .expect("load")
+            .iter()
+            .map(|r| r.record.path.to_string())
+            .collect();
+        held.sort();
+        said_ok.sort();
+        assert_eq!(held, said_ok);
+    }
 
     #[test]
     fn insert_chunks_are_powers_of_two_that_cover_any_batch() {

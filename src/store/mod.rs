@@ -16,8 +16,9 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row, Sqlite, SqlitePool};
 use tracing::info;
 
 use crate::model::FileRecord;
@@ -224,6 +225,30 @@ impl Store {
             info!(path = %self.path.display(), column = name, "index database: added a column");
         }
         tx.commit().await.map_err(|e| self.db_err(e))
+    }
+
+    /// A connection of the pool for one write transaction; its outcome goes to
+    /// [`Store::written`].
+    async fn write_conn(&self) -> Result<PoolConnection<Sqlite>, StoreError> {
+        self.pool.acquire().await.map_err(|e| self.db_err(e))
+    }
+
+    /// Returns `conn` to the pool after a write transaction that went through, and closes it
+    /// after one that failed. A write failing with SQLITE_FULL (a full `state_dir`) can leave
+    /// sqlx believing the connection is still in its transaction: back in the pool, it then
+    /// nests every later "transaction" on it in a savepoint that never commits, and holds
+    /// the write lock against the other connections ("database is locked") until the
+    /// process ends. Closing it rolls back whatever SQLite still had open.
+    fn written<T>(
+        &self,
+        mut conn: PoolConnection<Sqlite>,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if let Err(e) = &result {
+            tracing::debug!(path = %self.path.display(), error = %e, "closing the index connection of a failed write");
+            conn.close_on_drop();
+        }
+        result
     }
 
     fn db_err(&self, source: sqlx::Error) -> StoreError {

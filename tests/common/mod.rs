@@ -548,6 +548,7 @@ impl std::ops::IndexMut<usize> for Cluster {
 }
 
 pub mod db;
+pub mod disk;
 pub mod faults;
 pub mod hostile;
 pub mod proxy;

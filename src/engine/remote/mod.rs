@@ -83,9 +83,13 @@ impl FolderEngine {
     /// Notes how a batch of `stream` ended: a failure stops the stream.
     fn note_outcome<T>(&mut self, stream: u64, result: &Result<T, EngineError>) {
         let Err(e) = result else { return };
-        if !matches!(e, EngineError::StreamFailed { .. }) {
+        if !matches!(
+            e,
+            EngineError::StreamFailed { .. } | EngineError::IndexUnwritable { .. }
+        ) {
             self.last_error = Some(e.to_string());
         }
+        self.note_index_failure(e);
         if !self.failed_streams.contains(&stream) {
             if self.failed_streams.len() == FAILED_STREAMS_KEPT {
                 self.failed_streams.pop_front();

@@ -61,6 +61,7 @@ impl FolderEngine {
                 .await
             {
                 warn!(folder = %self.id, error = %e, "cannot record index-only merges");
+                self.note_index_failure(&e.into());
             }
             self.seq_tx.send_replace(self.replica.seq());
         }
@@ -120,6 +121,7 @@ impl FolderEngine {
                 reason: reason.clone(),
             });
         }
+        self.index_writable()?;
         let now = crate::now_ms();
         let t_prepare = std::time::Instant::now();
         if !batch.retry {
@@ -160,7 +162,13 @@ impl FolderEngine {
         } else {
             let id = rand::random::<u64>();
             let records: Vec<&FileRecord> = op_meta.iter().map(|(r, _)| r).collect();
-            self.store.journal_applying(&self.id, id, &records).await?;
+            if let Err(e) = self.store.journal_applying(&self.id, id, &records).await {
+                // Nothing is placed: the staged temp files go now, not at the next start.
+                if let Some(staged) = staged {
+                    block(|| staged.discard());
+                }
+                return Err(e.into());
+            }
             Some(id)
         };
         let n_ops = op_meta.len();
