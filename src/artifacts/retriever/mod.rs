@@ -10,25 +10,26 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::db::{ArtifactDb, DbError};
 use super::owners::{Owners, PathConflict, Resolution, resolve};
-use super::{ArtifactMeta, Bundle, Event};
+use super::{ArtifactMeta, Bundle};
 use crate::config::RetrieverConfig;
 use crate::engine::{DeployRequest, FolderHandle};
 use crate::model::RelPath;
 use crate::store::{DeployedArtifact, DeployedFile, Store};
 
-/// Longest delay between two retries of a failed deployment.
-pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
-/// Sync start-up: the wait before the second try of the failing artifacts, doubling after
-/// (with the default 3 `startup_attempts`: 0.5 s, then 1 s).
-pub const STARTUP_RETRY_BASE: Duration = Duration::from_millis(500);
+mod handle;
+mod retry;
+mod source;
+
+pub use handle::{Command, CommandError, Failure, RetrieverHandle, RetrieverStatus};
+pub use retry::{MAX_RETRY_DELAY, RetryPlan, STARTUP_RETRY_BASE, retry_delay};
+pub use source::{DbSource, Source, SourceError, Unavailable};
+
 /// Events re-read below the cursor, so an event whose id committed late is still seen.
 const EVENT_LOOKBACK: i64 = 64;
 const EVENT_BATCH: i64 = 500;
@@ -37,234 +38,6 @@ const DEPLOY_BATCH: usize = 200;
 /// Reconnect backoff while the source is down.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
-
-/// Delay before retry number `attempt` (1-based): `base`, doubling, never above one hour.
-pub fn retry_delay(base: Duration, attempt: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(attempt.saturating_sub(1))
-        .unwrap_or(u32::MAX);
-    base.checked_mul(factor)
-        .unwrap_or(MAX_RETRY_DELAY)
-        .min(MAX_RETRY_DELAY)
-}
-
-/// The retry plan of one operation: `max_retries` retries after the first try, waiting
-/// [`retry_delay`] before each.
-#[derive(Debug, Clone)]
-pub struct RetryPlan {
-    base: Duration,
-    max_retries: u32,
-    retries: u32,
-}
-
-impl RetryPlan {
-    pub fn new(base: Duration, max_retries: u32) -> Self {
-        Self {
-            base,
-            max_retries,
-            retries: 0,
-        }
-    }
-
-    /// After a failed try: how long to wait before the next one, or `None` when retries ran out.
-    pub fn next_delay(&mut self) -> Option<Duration> {
-        if self.retries >= self.max_retries {
-            return None;
-        }
-        self.retries += 1;
-        Some(retry_delay(self.base, self.retries))
-    }
-
-    pub fn retries(&self) -> u32 {
-        self.retries
-    }
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SourceError {
-    /// The database (or hub) cannot be reached: retry everything later.
-    #[error("artifact source unavailable: {0}")]
-    Unavailable(#[from] Unavailable),
-    /// One artifact cannot be used (corrupt bundle, bad path, ...): skip it, report it.
-    #[error("artifact {id}: {problem}")]
-    Artifact { id: String, problem: String },
-}
-
-/// Why a source cannot be reached (or trusted) right now. Sources are behind `Arc` so the
-/// error stays `Clone`.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Unavailable {
-    #[error(transparent)]
-    Db(Arc<DbError>),
-    #[error("WSO2 database ({backend}): {source}")]
-    Wso2 {
-        backend: &'static str,
-        source: Arc<sqlx::Error>,
-    },
-    /// The hub's status text: all a gRPC status carries.
-    #[error("hub: {0}")]
-    Hub(String),
-    #[error(
-        "the artifact event log went back from id {from} to {to} (database replaced or restored?); keeping deployed artifacts; restart the agent to accept this database"
-    )]
-    EventLogBackwards { from: i64, to: i64 },
-}
-
-impl From<DbError> for SourceError {
-    fn from(e: DbError) -> Self {
-        match e {
-            DbError::Artifact { id, problem } => SourceError::Artifact { id, problem },
-            DbError::NotFound(id) => SourceError::Artifact {
-                id,
-                problem: "does not exist".into(),
-            },
-            other => Unavailable::Db(Arc::new(other)).into(),
-        }
-    }
-}
-
-/// Where artifacts come from.
-#[tonic::async_trait]
-pub trait Source: Send + Sync {
-    fn describe(&self) -> String;
-    async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError>;
-    /// One artifact as a node with `labels` sees it (empty: every label). Its `labels` may
-    /// still list others; the caller filters. With WSO2's tables the content (so revision and
-    /// digest) depends on the labels, since WSO2 renders an API per gateway environment.
-    async fn get(&self, id: &str, labels: &[String]) -> Result<Option<ArtifactMeta>, SourceError>;
-    /// The files of `meta`'s revision, for `meta.labels`.
-    async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, SourceError>;
-    /// Several bundles at once (one result each, in order); an outage fails the whole call.
-    async fn bundles(
-        &self,
-        metas: &[ArtifactMeta],
-    ) -> Result<Vec<Result<Bundle, SourceError>>, SourceError> {
-        let mut out = Vec::with_capacity(metas.len());
-        for m in metas {
-            match self.bundle(m).await {
-                Err(SourceError::Unavailable(e)) => return Err(SourceError::Unavailable(e)),
-                other => out.push(other),
-            }
-        }
-        Ok(out)
-    }
-    async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, SourceError>;
-    async fn last_event_id(&self) -> Result<i64, SourceError>;
-    /// Returns when new events may be there (a notification, or `max` elapsed).
-    async fn wait(&self, max: Duration);
-    /// Queries (or hub calls) issued so far, for status and benchmarks.
-    fn queries(&self) -> u64 {
-        0
-    }
-}
-
-/// The database as a source. Connects lazily, so a database that is down at start-up is
-/// retried like any other failure.
-pub struct DbSource {
-    url: String,
-    queries: std::sync::atomic::AtomicU64,
-    db: tokio::sync::Mutex<Option<ArtifactDb>>,
-    listener: tokio::sync::Mutex<Option<sqlx::postgres::PgListener>>,
-    poll: Duration,
-}
-
-impl DbSource {
-    pub fn new(url: &str, poll: Duration) -> Self {
-        Self {
-            url: url.to_owned(),
-            queries: std::sync::atomic::AtomicU64::new(0),
-            db: tokio::sync::Mutex::new(None),
-            listener: tokio::sync::Mutex::new(None),
-            poll,
-        }
-    }
-
-    /// A shared handle on the connected database (the hub serves from the same pool).
-    /// Every call stands for one query issued with it.
-    pub async fn db(&self) -> Result<ArtifactDb, SourceError> {
-        self.queries
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut guard = self.db.lock().await;
-        if let Some(db) = guard.as_ref() {
-            return Ok(db.clone());
-        }
-        let db = ArtifactDb::connect_with(&self.url, Duration::from_secs(3)).await?;
-        *guard = Some(db.clone());
-        Ok(db)
-    }
-}
-
-#[tonic::async_trait]
-impl Source for DbSource {
-    fn describe(&self) -> String {
-        super::db::redact(&self.url)
-    }
-
-    fn queries(&self) -> u64 {
-        self.queries.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    async fn current(&self, labels: &[String]) -> Result<Vec<ArtifactMeta>, SourceError> {
-        Ok(self.db().await?.current_for_labels(labels).await?)
-    }
-
-    async fn get(&self, id: &str, _labels: &[String]) -> Result<Option<ArtifactMeta>, SourceError> {
-        // A revision is the same for every label here: the caller filters the labels.
-        Ok(self.db().await?.get(id).await?)
-    }
-
-    async fn bundle(&self, meta: &ArtifactMeta) -> Result<Bundle, SourceError> {
-        Ok(self.db().await?.bundle(meta).await?)
-    }
-
-    async fn bundles(
-        &self,
-        metas: &[ArtifactMeta],
-    ) -> Result<Vec<Result<Bundle, SourceError>>, SourceError> {
-        let results = self.db().await?.bundles(metas).await?;
-        Ok(results
-            .into_iter()
-            .map(|r| r.map_err(SourceError::from))
-            .collect())
-    }
-
-    async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, SourceError> {
-        Ok(self.db().await?.events_after(after, limit).await?)
-    }
-
-    async fn last_event_id(&self) -> Result<i64, SourceError> {
-        Ok(self.db().await?.last_event_id().await?)
-    }
-
-    async fn wait(&self, max: Duration) {
-        let is_pg = self.url.starts_with("postgres");
-        if !is_pg {
-            tokio::time::sleep(self.poll.min(max)).await;
-            return;
-        }
-        // PostgreSQL: LISTEN wakes us at once; the poll interval stays as the safety net.
-        let mut guard = self.listener.lock().await;
-        if guard.is_none() {
-            // Bounded: a server that is down must not hold up polling (the safety net).
-            let connect = tokio::time::timeout(
-                Duration::from_secs(3),
-                sqlx::postgres::PgListener::connect(&self.url),
-            );
-            if let Ok(Ok(mut l)) = connect.await {
-                if l.listen("artisync_artifacts").await.is_ok() {
-                    *guard = Some(l);
-                }
-            }
-        }
-        match guard.as_mut() {
-            Some(l) => match tokio::time::timeout(self.poll.min(max), l.recv()).await {
-                Ok(Ok(_)) | Err(_) => {}
-                Ok(Err(_)) => *guard = None,
-            },
-            None => tokio::time::sleep(self.poll.min(max)).await,
-        }
-    }
-}
 
 /// An artifact's new revision, ready to deploy: its record (with what it claims) and the
 /// bytes it brought, by path.
@@ -321,91 +94,6 @@ enum SettleError {
     /// The folder did not take the writes.
     #[error(transparent)]
     Engine(crate::engine::EngineError),
-}
-
-/// A deployment that failed, and when it is tried again.
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    pub id: String,
-    pub revision: i64,
-    pub attempts: u32,
-    pub reason: String,
-    /// Retries ran out: the node runs without it until a new event or `redeploy`.
-    pub gave_up: bool,
-    #[serde(skip)]
-    next_at: Option<Instant>,
-}
-
-/// What `artisync status` shows about the retriever.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct RetrieverStatus {
-    pub mode: String,
-    pub source: String,
-    /// The default folder (WSO2: the super tenant's).
-    pub folder: String,
-    /// Tenant domain -> folder id (`[retriever.tenants]`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub tenants: BTreeMap<String, String>,
-    pub labels: Vec<String>,
-    pub startup_done: bool,
-    pub source_available: bool,
-    pub last_event_id: i64,
-    /// Queries issued to the database (or calls to the hub) since start.
-    pub source_queries: u64,
-    pub deployed: Vec<DeployedArtifact>,
-    pub failing: Vec<serde_json::Value>,
-    pub last_error: Option<String>,
-    /// Paths where deployed artifacts want different content, and which one the file holds.
-    #[serde(default)]
-    pub conflicts: Vec<PathConflict>,
-}
-
-/// Local admin actions (this node only). The reply is the text the admin prints.
-pub enum Command {
-    Redeploy(String, oneshot::Sender<Result<String, CommandError>>),
-    Undeploy(String, oneshot::Sender<Result<String, CommandError>>),
-}
-
-/// Why a local admin action on one artifact did not do what was asked.
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError {
-    #[error("artifact {id} failed: {reason}")]
-    Failed { id: String, reason: String },
-    #[error("artifact {id} is not current for this node's labels")]
-    NotCurrent { id: String },
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error("artifact {id} could not be undeployed (see log)")]
-    NotUndeployed { id: String },
-    #[error("artifact {id} is not deployed on this node")]
-    NotDeployed { id: String },
-    #[error("retriever has stopped")]
-    Stopped,
-}
-
-/// Handle for the admin service.
-#[derive(Clone)]
-pub struct RetrieverHandle {
-    tx: mpsc::Sender<Command>,
-    status: Arc<Mutex<RetrieverStatus>>,
-}
-
-impl RetrieverHandle {
-    pub fn status(&self) -> RetrieverStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    pub async fn command(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<String, CommandError>>) -> Command,
-    ) -> Result<String, CommandError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .await
-            .map_err(|_| CommandError::Stopped)?;
-        rx.await.map_err(|_| CommandError::Stopped)?
-    }
 }
 
 pub struct Retriever {

@@ -1,0 +1,97 @@
+//! The retriever's status and the commands the admin service sends it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::SourceError;
+use crate::artifacts::owners::PathConflict;
+use crate::store::DeployedArtifact;
+
+/// A deployment that failed, and when it is tried again.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub id: String,
+    pub revision: i64,
+    pub attempts: u32,
+    pub reason: String,
+    /// Retries ran out: the node runs without it until a new event or `redeploy`.
+    pub gave_up: bool,
+    #[serde(skip)]
+    pub(super) next_at: Option<Instant>,
+}
+
+/// What `artisync status` shows about the retriever.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct RetrieverStatus {
+    pub mode: String,
+    pub source: String,
+    /// The default folder (WSO2: the super tenant's).
+    pub folder: String,
+    /// Tenant domain -> folder id (`[retriever.tenants]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenants: BTreeMap<String, String>,
+    pub labels: Vec<String>,
+    pub startup_done: bool,
+    pub source_available: bool,
+    pub last_event_id: i64,
+    /// Queries issued to the database (or calls to the hub) since start.
+    pub source_queries: u64,
+    pub deployed: Vec<DeployedArtifact>,
+    pub failing: Vec<serde_json::Value>,
+    pub last_error: Option<String>,
+    /// Paths where deployed artifacts want different content, and which one the file holds.
+    #[serde(default)]
+    pub conflicts: Vec<PathConflict>,
+}
+
+/// Local admin actions (this node only). The reply is the text the admin prints.
+pub enum Command {
+    Redeploy(String, oneshot::Sender<Result<String, CommandError>>),
+    Undeploy(String, oneshot::Sender<Result<String, CommandError>>),
+}
+
+/// Why a local admin action on one artifact did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("artifact {id} failed: {reason}")]
+    Failed { id: String, reason: String },
+    #[error("artifact {id} is not current for this node's labels")]
+    NotCurrent { id: String },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("artifact {id} could not be undeployed (see log)")]
+    NotUndeployed { id: String },
+    #[error("artifact {id} is not deployed on this node")]
+    NotDeployed { id: String },
+    #[error("retriever has stopped")]
+    Stopped,
+}
+
+/// Handle for the admin service.
+#[derive(Clone)]
+pub struct RetrieverHandle {
+    pub(super) tx: mpsc::Sender<Command>,
+    pub(super) status: Arc<Mutex<RetrieverStatus>>,
+}
+
+impl RetrieverHandle {
+    pub fn status(&self) -> RetrieverStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub async fn command(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<String, CommandError>>) -> Command,
+    ) -> Result<String, CommandError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| CommandError::Stopped)?;
+        rx.await.map_err(|_| CommandError::Stopped)?
+    }
+}
