@@ -152,6 +152,22 @@ fn hist_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     prev.0
 }
 
+/// The open tag of API number `i` (the generated documents must pass the XML gate).
+fn api_open(i: usize) -> String {
+    format!("<api xmlns=\"http://ws.apache.org/ns/synapse\" name=\"api-{i}\" context=\"/api-{i}\">")
+}
+
+/// Every seeded file is well-formed, or the gate would hold it and the bench measure nothing.
+fn check_seed(root: &Path, sample: &[String]) {
+    for p in sample {
+        let bytes = fs::read(root.join(p)).expect("read a seeded file");
+        assert!(
+            artisync::fs::xml::check_well_formed(&bytes).is_ok(),
+            "the bench generated XML that is not well-formed: {p}"
+        );
+    }
+}
+
 fn main() {
     let n = env_or("ARTISYNC_LOAD_NODES", 10).clamp(2, 26) as usize;
     let files = env_or("ARTISYNC_LOAD_FILES", 20_000) as usize;
@@ -212,15 +228,16 @@ fn main() {
     let paths: Vec<String> = (0..files)
         .map(|i| format!("default/api/d{:02}/api-{i:05}.xml", i % 50))
         .collect();
-    for p in &paths {
+    for (i, p) in paths.iter().enumerate() {
         let full = nodes[0].root.join(p);
         if let Some(dir) = full.parent() {
             fs::create_dir_all(dir).expect("mkdir");
         }
         let size = rng.log_uniform(500, 8000) as usize;
-        fs::write(&full, xml_doc(&mut rng, "<api", "api", size)).expect("seed");
+        fs::write(&full, xml_doc(&mut rng, &api_open(i), "api", size)).expect("seed");
     }
 
+    check_seed(&nodes[0].root, &paths[..paths.len().min(200)]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -333,9 +350,10 @@ fn main() {
             behind_schedule = behind_schedule.max(now - due);
         }
         let node = rng.below(n as u64) as usize;
-        let path = &paths[rng.below(paths.len() as u64) as usize];
+        let k = rng.below(paths.len() as u64) as usize;
+        let path = &paths[k];
         let size = rng.log_uniform(500, 8000) as usize;
-        let mut doc = xml_doc(&mut rng, "<api", "api", size);
+        let mut doc = xml_doc(&mut rng, &api_open(k), "api", size);
         let _ = writeln!(doc, "<!-- edit {i} on {node} -->");
         let _ = fs::write(roots[node].join(path), doc);
     }
@@ -366,6 +384,18 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let converged = quiet.elapsed();
+    let held: f64 = metrics_ports
+        .iter()
+        .map(|p| {
+            series(&scrape(*p), "artisync_folder_held_files")
+                .map(|(_, v)| v)
+                .sum::<f64>()
+        })
+        .sum();
+    assert!(
+        held == 0.0,
+        "{held} files held back by the XML gate: the bench's edits are not well-formed"
+    );
     let (mut probe_lags, lost) = probe.join().expect("probe");
     let (mut behind, mut lag, rss_max) = sampler.join().expect("sampler");
 
