@@ -244,7 +244,7 @@ impl Collector for StatusCollector {
         gauges(
             e,
             "peer_lag_seconds",
-            "Seconds since this node first knew of a change from the peer that is still not applied here; 0 when caught up",
+            "Age of the oldest change from the peer known here and not applied yet (since it arrived), seconds; 0 when caught up",
             rows,
         )?;
 

@@ -61,9 +61,11 @@ pub struct PeerStatus {
     /// Per folder: what came from the peer since this agent started.
     #[serde(default)]
     pub received: HashMap<String, Received>,
-    /// Per folder, while `behind` is above 0: when this node first knew of a change of the
-    /// peer's that it has not applied (ms since the epoch). A change the peer made while
-    /// disconnected is not known here until it reconnects.
+    /// Per folder, while `behind` is above 0: when the oldest change of the peer's that this
+    /// node knows of and has not applied arrived here (ms since the epoch). Under a steady
+    /// flow that is applied promptly it stays recent; it grows only while the oldest change
+    /// waits. A change the peer made while disconnected is not known here until it
+    /// reconnects.
     #[serde(default)]
     pub behind_since_ms: HashMap<String, u64>,
     /// Folder streams currently up.
@@ -73,15 +75,21 @@ pub struct PeerStatus {
 
 impl PeerStatus {
     /// Notes that `behind` of the peer's sequence numbers of `folder` are not applied here,
-    /// at `now_ms`; the lag runs from when that went above 0.
-    fn note_behind(&mut self, folder: &str, behind: u64, now_ms: u64) {
+    /// the oldest of them known since `oldest_ms`. With `arrival` (a batch came in, nothing
+    /// was applied), an older time already noted stays: the batch may be the same changes
+    /// again, after a session that failed to apply them.
+    fn note_behind(&mut self, folder: &str, behind: u64, oldest_ms: u64, arrival: bool) {
         self.behind.insert(folder.to_owned(), behind);
         if behind == 0 {
             self.behind_since_ms.remove(folder);
-        } else {
-            self.behind_since_ms
+        } else if arrival {
+            let since = self
+                .behind_since_ms
                 .entry(folder.to_owned())
-                .or_insert(now_ms);
+                .or_insert(oldest_ms);
+            *since = (*since).min(oldest_ms);
+        } else {
+            self.behind_since_ms.insert(folder.to_owned(), oldest_ms);
         }
     }
 }
@@ -350,8 +358,9 @@ impl PeerSession {
             },
             other => perr(other.to_string()),
         };
-        // Batches queued to the engine, oldest first, with the peer's max_seq at the time.
-        let mut in_flight: std::collections::VecDeque<(EngineAnswer, u64)> =
+        // Batches queued to the engine, oldest first, with the peer's max_seq at the time and
+        // when each arrived (ms since the epoch).
+        let mut in_flight: std::collections::VecDeque<(EngineAnswer, u64, u64)> =
             std::collections::VecDeque::new();
         // How far this node has applied the peer's index (the cursor it subscribed from, in
         // the same epoch), and the peer's largest sequence number known: what lies between
@@ -364,17 +373,25 @@ impl PeerSession {
                 // Answers first: a failure must stop the stream before more is queued.
                 applied = async {
                     match in_flight.front_mut() {
-                        Some((answer, _)) => Pin::as_mut(answer).await,
+                        Some((answer, _, _)) => Pin::as_mut(answer).await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    let max_seq = in_flight.pop_front().map_or(0, |(_, m)| m);
+                    let max_seq = in_flight.pop_front().map_or(0, |(_, m, _)| m);
                     let applied = applied.map_err(engine_err)?;
                     applied_here = Some(applied);
                     let now = crate::now_ms();
+                    // The oldest change still waiting: the next batch in flight, or (more of
+                    // the peer's index not received yet) from now.
+                    let oldest = in_flight.front().map_or(now, |(_, _, at)| *at);
                     set_status(&self.statuses, &name, |s| {
                         s.last_seen_ms = Some(now);
-                        s.note_behind(&handle.id, known_max.max(max_seq).saturating_sub(applied), now);
+                        s.note_behind(
+                            &handle.id,
+                            known_max.max(max_seq).saturating_sub(applied),
+                            oldest,
+                            false,
+                        );
                         s.applied_seq.insert(handle.id.clone(), applied);
                     });
                     continue;
@@ -408,11 +425,13 @@ impl PeerSession {
             link.received(batch.records.len() as u64, inline_bytes as u64);
             let base = applied_here.unwrap_or(if batch.epoch == c.epoch { c.seq } else { 0 });
             known_max = known_max.max(batch.max_seq);
+            let arrived = crate::now_ms();
+            let oldest = in_flight.front().map_or(arrived, |(_, _, at)| *at);
             set_status(&self.statuses, &name, |s| {
                 let r = s.received.entry(handle.id.clone()).or_default();
                 r.batches += 1;
                 r.records += batch.records.len() as u64;
-                s.note_behind(&handle.id, known_max.saturating_sub(base), crate::now_ms());
+                s.note_behind(&handle.id, known_max.saturating_sub(base), oldest, true);
             });
             let pb::IndexBatch {
                 epoch,
@@ -452,7 +471,7 @@ impl PeerSession {
                 })
                 .await
                 .map_err(engine_err)?;
-            in_flight.push_back((Box::pin(answer), max_seq));
+            in_flight.push_back((Box::pin(answer), max_seq, arrived));
         }
     }
 }
@@ -501,6 +520,30 @@ pub fn peer_sessions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lag is the age of the oldest change known and not applied: a steady flow applied
+    /// promptly keeps moving it forward; a batch received again after a failed session keeps
+    /// the older time; caught up clears it.
+    #[test]
+    fn the_lag_runs_from_the_oldest_change_still_waiting() {
+        let mut s = PeerStatus::default();
+        s.note_behind("f", 5, 1_000, true);
+        s.note_behind("f", 9, 1_100, true);
+        assert_eq!(
+            s.behind_since_ms.get("f"),
+            Some(&1_000),
+            "the older one waits"
+        );
+        // The first batch applied, the second (arrived at 1,100) is now the oldest.
+        s.note_behind("f", 4, 1_100, false);
+        assert_eq!(s.behind_since_ms.get("f"), Some(&1_100));
+        // The session failed; the same changes arrive again later: still waiting since 1,100.
+        s.note_behind("f", 4, 5_000, true);
+        assert_eq!(s.behind_since_ms.get("f"), Some(&1_100));
+        s.note_behind("f", 0, 6_000, false);
+        assert_eq!(s.behind_since_ms.get("f"), None, "caught up");
+        assert_eq!(s.behind.get("f"), Some(&0));
+    }
 
     /// Repeated partitions must not push the reconnect of a peer that was healthy a moment
     /// ago to tens of seconds: while it had a session lately, the wait stays at or under
