@@ -111,6 +111,21 @@ pub fn tree_diff(a: &BTreeMap<String, [u8; 32]>, b: &BTreeMap<String, [u8; 32]>)
     )
 }
 
+/// No temp file of the agent's under `root` (fails the test, naming them).
+pub fn no_temp_files(root: &Path) {
+    let stray: Vec<PathBuf> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(artisync::fs::ignore::Ignore::is_temp)
+        })
+        .map(|e| e.path().to_owned())
+        .collect();
+    assert!(stray.is_empty(), "temp files left behind: {stray:?}");
+}
+
 /// Waits until every root in `roots` holds the same files with the same bytes.
 pub fn wait_same_trees(timeout: Duration, what: impl Display, roots: &[PathBuf]) {
     wait_for(timeout, what, || {

@@ -35,21 +35,6 @@ fn only_complete_files(root: &Path, expected: &BTreeMap<String, [u8; 32]>, when:
     }
 }
 
-/// No temp file of the agent's under `root`.
-fn no_temp_files(root: &Path) {
-    let stray: Vec<PathBuf> = walkdir::WalkDir::new(root)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(artisync::fs::ignore::Ignore::is_temp)
-        })
-        .map(|e| e.path().to_owned())
-        .collect();
-    assert!(stray.is_empty(), "temp files left behind: {stray:?}");
-}
-
 /// `n` files of `size` pseudo-random bytes under `dir`.
 fn large_files(dir: &Path, n: usize, size: usize, seed: u64) {
     std::fs::create_dir_all(dir).expect("mkdir");

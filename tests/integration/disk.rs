@@ -6,7 +6,7 @@
 //!
 //! The mounts (tmpfs, bind) need root: see `common::disk`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::common::disk::{BindMount, Tmpfs, fill};
@@ -14,21 +14,6 @@ use crate::common::*;
 
 /// How long a waiting change is watched to stay waiting (the old file intact meanwhile).
 const WAITING_WATCHED: Duration = Duration::from_secs(3);
-
-/// No temp file of the agent's under `root`.
-fn no_temp_files(root: &Path) {
-    let stray: Vec<PathBuf> = walkdir::WalkDir::new(root)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(artisync::fs::ignore::Ignore::is_temp)
-        })
-        .map(|e| e.path().to_owned())
-        .collect();
-    assert!(stray.is_empty(), "temp files left behind: {stray:?}");
-}
 
 /// `n` bytes that differ from file to file (so nothing compresses or dedups by accident).
 fn bytes(n: usize, tag: u8) -> Vec<u8> {

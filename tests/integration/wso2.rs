@@ -30,57 +30,33 @@ const STORE_API: &str = "admin--StoreAPI:v1.0.0";
 /// WSO2's default gateway label (with spaces: labels match exactly).
 const LABEL: &str = "Production and Sandbox";
 const OTHER_LABEL: &str = "Internal";
-/// Bound for an agent to deploy or undeploy what WSO2 wrote.
 /// In a broken row: must never reach a log.
 const SECRET: &str = "s3cret-in-a-broken-row";
 
-mod wso2_shared_files {
-    use super::Backend;
-    #[test]
-    fn sqlite() {
-        super::wso2_shared_files(Backend::Sqlite);
-    }
-    #[test]
-    fn postgres() {
-        super::wso2_shared_files(Backend::Postgres);
-    }
-    #[test]
-    fn mysql() {
-        super::wso2_shared_files(Backend::MySql);
-    }
+/// One test per database backend for each scenario: `<scenario>::{sqlite, postgres, mysql}`.
+macro_rules! on_every_backend {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use super::Backend;
+                #[test]
+                fn sqlite() {
+                    super::$scenario(Backend::Sqlite);
+                }
+                #[test]
+                fn postgres() {
+                    super::$scenario(Backend::Postgres);
+                }
+                #[test]
+                fn mysql() {
+                    super::$scenario(Backend::MySql);
+                }
+            }
+        )*
+    };
 }
 
-mod wso2_tenants {
-    use super::Backend;
-    #[test]
-    fn sqlite() {
-        super::wso2_tenants(Backend::Sqlite);
-    }
-    #[test]
-    fn postgres() {
-        super::wso2_tenants(Backend::Postgres);
-    }
-    #[test]
-    fn mysql() {
-        super::wso2_tenants(Backend::MySql);
-    }
-}
-
-mod wso2_schema {
-    use super::Backend;
-    #[test]
-    fn sqlite() {
-        super::wso2_schema(Backend::Sqlite);
-    }
-    #[test]
-    fn postgres() {
-        super::wso2_schema(Backend::Postgres);
-    }
-    #[test]
-    fn mysql() {
-        super::wso2_schema(Backend::MySql);
-    }
-}
+on_every_backend!(wso2_shared_files, wso2_tenants, wso2_schema);
 
 /// A fresh database with WSO2's tables, and the runtime its pool lives on; dropped (best
 /// effort) at the end, after the nodes declared later have stopped.
