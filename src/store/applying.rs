@@ -10,10 +10,29 @@ use sqlx::Row;
 use crate::model::FileRecord;
 
 use super::codec::{bind_record, record_at, to_db};
+use super::files::chunk_rows;
 use super::{Store, StoreError};
 
+fn insert_applying_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT OR REPLACE INTO applying (folder, batch, path, kind, deleted, size, mode, hash, \
+         version, stamp_hlc, stamp_node, seq) VALUES ",
+    );
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    }
+    sql
+}
+
 impl Store {
-    /// Journals the records of batch `batch` of `folder` before they are placed.
+    /// Journals the records of batch `batch` of `folder` before they are placed: many rows
+    /// per statement, each statement its own commit (one round trip to SQLite for a small
+    /// batch). A journal cut short by an error is harmless: the batch then fails before
+    /// anything is placed, and a journaled record is only ever adopted when the disk holds
+    /// exactly it.
     pub async fn journal_applying(
         &self,
         folder: &str,
@@ -22,21 +41,20 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut conn = self.write_conn().await?;
         let result = async {
-let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|e| self.db_err(e))?;
-        for r in records {
-            let q = sqlx::query(
-                "INSERT OR REPLACE INTO applying (folder, batch, path, kind, deleted, size, mode, \
-                 hash, version, stamp_hlc, stamp_node, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(folder)
-            .bind(to_db(batch));
-            bind_record(q, r)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.db_err(e))?;
+            let mut rest = records;
+            while !rest.is_empty() {
+                let n = chunk_rows(rest.len());
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_applying_sql(n)));
+                for r in chunk {
+                    q = bind_record(q.bind(folder).bind(to_db(batch)), r);
+                }
+                q.execute(&mut *conn).await.map_err(|e| self.db_err(e))?;
+            }
+            Ok(())
         }
-        tx.commit().await.map_err(|e| self.db_err(e))
-}.await;
+        .await;
         self.written(conn, result)
     }
 
@@ -131,5 +149,13 @@ mod tests {
             .await
             .expect("commit");
         assert!(store.applying("f").await.expect("read").is_empty());
+        // A batch larger than one statement's rows is journaled whole.
+        let many: Vec<_> = (0..300).map(|i| rec(&format!("d/{i:03}.xml"), i)).collect();
+        let refs: Vec<_> = many.iter().map(|r| &r.record).collect();
+        store
+            .journal_applying("f", 9, &refs)
+            .await
+            .expect("journal");
+        assert_eq!(store.applying("f").await.expect("read").len(), 300);
     }
 }

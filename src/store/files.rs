@@ -20,7 +20,7 @@ macro_rules! columns {
 const MAX_INSERT_ROWS: usize = 256;
 
 /// The largest power of two that is at most `left` and [`MAX_INSERT_ROWS`].
-fn chunk_rows(left: usize) -> usize {
+pub(super) fn chunk_rows(left: usize) -> usize {
     let cap = left.min(MAX_INSERT_ROWS);
     1 << (usize::BITS - 1 - cap.leading_zeros())
 }
