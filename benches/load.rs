@@ -64,7 +64,7 @@ fn scrape(port: u16) -> String {
     out
 }
 
-/// Sum of the values of every series `name{...}` in a scrape (labels filtered by `with`).
+/// Every series `name{...}` in a scrape: its label text and its value.
 fn series<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
     text.lines().filter_map(move |l| {
         let rest = l.strip_prefix(name)?;

@@ -236,12 +236,7 @@ mod tests {
             .await
             .expect("decided after the close");
         assert_eq!(std::fs::read(&target).expect("x.xml"), b"<peer/>");
-        let copies: Vec<Vec<u8>> = walkdir::WalkDir::new(dir.path().join("conflicts"))
-            .into_iter()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_file())
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .collect();
+        let copies = conflict_copies(dir.path());
         assert_eq!(copies, vec![b"<local v2, complete/>".to_vec()]);
         cancel.cancel();
         task.await.expect("engine task");
@@ -280,7 +275,7 @@ mod tests {
             ))
             .await
             .expect("applies");
-        write_settled(&root.join("known.xml"), b"<v1");
+        std::fs::write(root.join("known.xml"), b"<v1").expect("write");
         handle
             .local(Change::Paths(vec![
                 RelPath::new("known.xml").expect("valid"),

@@ -340,10 +340,14 @@ impl FolderEngine {
                         self.publish_status();
                         continue;
                     }
+                    // Files looked at again because they were changing: the watcher's marks
+                    // first (see `sync_marks`), so a writer still at one is left alone. Held
+                    // files are not shipped while they do not parse, and a rescan needs none.
+                    if !self.unstable.is_empty() && self.paused.is_none() {
+                        self.sync_marks();
+                    }
                     let mut paths: Vec<RelPath> = std::mem::take(&mut self.unstable).into_iter().collect();
                     paths.extend(self.held.keys().cloned());
-                    // Looks the watcher did not ask for: its marks first (see `sync_marks`).
-                    self.sync_marks();
                     let change = if self.paused.is_some() { Change::Rescan } else { Change::Paths(paths) };
                     if let Err(e) = self.on_local(change).await {
                         debug!(folder = %self.id, error = %e, "retry look failed");

@@ -251,14 +251,12 @@ pub(crate) async fn liveness_until(
     panic!("liveness never got there; last: {:?}", handle.liveness());
 }
 
-/// Writes `bytes` at `path` as a local program did a while ago (its mtime a second back), so a
-/// peer's version meeting it does not wait for a writer that may still be at it.
-pub(crate) fn write_settled(path: &Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).expect("write");
-    let back = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
-    std::fs::File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(back))
-        .expect("set mtime");
+/// The bytes of every conflict copy under `dir/conflicts`.
+pub(crate) fn conflict_copies(dir: &Path) -> Vec<Vec<u8>> {
+    walkdir::WalkDir::new(dir.join("conflicts"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .collect()
 }

@@ -10,21 +10,16 @@ use sqlx::Row;
 use crate::model::FileRecord;
 
 use super::codec::{bind_record, record_at, to_db};
-use super::files::chunk_rows;
+use super::files::{chunk_rows, values_sql};
 use super::{Store, StoreError};
 
 fn insert_applying_sql(rows: usize) -> String {
-    let mut sql = String::from(
+    values_sql(
         "INSERT OR REPLACE INTO applying (folder, batch, path, kind, deleted, size, mode, hash, \
          version, stamp_hlc, stamp_node, seq) VALUES ",
-    );
-    for i in 0..rows {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-    }
-    sql
+        12,
+        rows,
+    )
 }
 
 impl Store {

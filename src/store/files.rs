@@ -26,16 +26,24 @@ pub(super) fn chunk_rows(left: usize) -> usize {
 }
 
 fn insert_files_sql(rows: usize) -> String {
-    let mut sql = String::from(
+    values_sql(
         "INSERT OR REPLACE INTO files (folder, path, kind, deleted, size, mode, hash, version, \
          stamp_hlc, stamp_node, seq, stat_size, stat_mtime_ns, stat_ino, origin_peer, \
          origin_epoch) VALUES ",
-    );
+        16,
+        rows,
+    )
+}
+
+/// `head` followed by `rows` groups of `columns` placeholders: one multi-row insert.
+pub(super) fn values_sql(head: &str, columns: usize, rows: usize) -> String {
+    let group = format!("({})", vec!["?"; columns].join(", "));
+    let mut sql = String::from(head);
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        sql.push_str(&group);
     }
     sql
 }

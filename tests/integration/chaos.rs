@@ -17,7 +17,7 @@
 //! integration chaos -- --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -139,11 +139,12 @@ impl Writer {
         let token = self.token(round);
         let bytes = content(&token);
         f.set_len(0).expect("truncate");
+        f.seek(std::io::SeekFrom::Start(0)).expect("seek");
         let half = bytes.len() / 2;
         std::thread::sleep(Duration::from_millis(self.rng.random_range(0..4)));
-        f.write_all_at_end(&bytes[..half]);
+        f.write_all(&bytes[..half]).expect("write");
         std::thread::sleep(Duration::from_millis(self.rng.random_range(0..4)));
-        f.write_all_at_end(&bytes[half..]);
+        f.write_all(&bytes[half..]).expect("write");
         drop(f);
         let landed = std::fs::symlink_metadata(&path).is_ok_and(|m| m.ino() == ino);
         if landed {
@@ -245,18 +246,6 @@ impl Writer {
                 RenameFlags::RENAME_NOREPLACE,
             );
         }
-    }
-}
-
-trait AppendAll {
-    fn write_all_at_end(&mut self, bytes: &[u8]);
-}
-
-impl AppendAll for std::fs::File {
-    fn write_all_at_end(&mut self, bytes: &[u8]) {
-        use std::io::Seek;
-        self.seek(std::io::SeekFrom::End(0)).expect("seek");
-        self.write_all(bytes).expect("write");
     }
 }
 

@@ -578,12 +578,7 @@ mod tests {
             again.fetcher = Arc::new(Serve(b"<v2 from the peer/>".to_vec()));
             handle.remote(again).await.expect("decided the second time");
             let on_disk = std::fs::read(&target).expect("x.xml");
-            let copies: Vec<Vec<u8>> = walkdir::WalkDir::new(dir.path().join("conflicts"))
-                .into_iter()
-                .filter_map(Result::ok)
-                .filter(|e| e.file_type().is_file())
-                .filter_map(|e| std::fs::read(e.path()).ok())
-                .collect();
+            let copies = conflict_copies(dir.path());
             assert!(
                 on_disk == local || copies.contains(&local),
                 "the local edit is lost: disk has {:?}, conflict copies {:?}",
