@@ -124,7 +124,8 @@ impl Store {
         &self,
         folder: &str,
     ) -> Result<Vec<(FileRecord, Option<StatKey>)>, StoreError> {
-        let mut out = Vec::new();
+        let generation = self.recent().generation();
+        let mut out: Vec<(FileRecord, Option<StatKey>)> = Vec::new();
         let mut after: Option<String> = None;
         loop {
             let query = match &after {
@@ -143,7 +144,12 @@ impl Store {
             self.decode_json_rows(folder, &page, &mut |r| out.push((r.record, r.stat)))?;
             match last {
                 Some(last) if count >= INDEX_PAGE_ROWS => after = Some(last),
-                _ => return Ok(out),
+                _ => {
+                    // The whole index was read: the rows committed from now on are kept.
+                    let high = out.iter().map(|(r, _)| r.seq).max().unwrap_or(0);
+                    self.recent().anchor(folder, high, generation);
+                    return Ok(out);
+                }
             }
         }
     }
@@ -168,6 +174,20 @@ impl Store {
     /// Up to `limit` records of a folder changed after `seq`, in sequence order, leaving out
     /// the rows whose origin is `except` (they are not decoded, nor counted in `limit`).
     pub async fn since(
+        &self,
+        folder: &str,
+        seq: u64,
+        limit: u32,
+        except: Option<&Origin>,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        if let Some(rows) = self.recent().since(folder, seq, limit, except) {
+            return Ok(rows);
+        }
+        self.since_in_db(folder, seq, limit, except).await
+    }
+
+    /// [`Store::since`], always from the database.
+    pub(super) async fn since_in_db(
         &self,
         folder: &str,
         seq: u64,
@@ -293,7 +313,8 @@ impl Store {
             tx.commit().await.map_err(|e| self.db_err(e))
         }
         .await;
-        self.written(conn, result)
+        let result = self.written(conn, result);
+        self.wrote_files(folder, result, |recent| recent.committed(folder, records))
     }
 
     /// Updates only the stat keys of records (after a rescan found the same content).
@@ -318,7 +339,8 @@ let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|e| self.db_err(e
         }
         tx.commit().await.map_err(|e| self.db_err(e))
 }.await;
-        self.written(conn, result)
+        let result = self.written(conn, result);
+        self.wrote_files(folder, result, |recent| recent.restated(folder, stats))
     }
 
     /// Removes rows (purged tombstones).
@@ -339,7 +361,8 @@ let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|e| self.db_err(e
             tx.commit().await.map_err(|e| self.db_err(e))
         }
         .await;
-        self.written(conn, result)
+        let result = self.written(conn, result);
+        self.wrote_files(folder, result, |recent| recent.removed(folder, paths))
     }
 }
 

@@ -30,6 +30,7 @@ mod cursors;
 mod deployed;
 mod files;
 mod meta;
+mod recent;
 mod skipped;
 
 pub use conflicts::ConflictEntry;
@@ -91,6 +92,8 @@ pub enum Journal {
 pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
+    /// The newest rows of each folder, for feeds that have caught up (see `recent`).
+    recent: std::sync::Arc<std::sync::Mutex<recent::RecentRows>>,
 }
 
 const SCHEMA: &str = r#"
@@ -200,7 +203,11 @@ impl Store {
             .await
             .map_err(err)?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err)?;
-        let store = Self { pool, path };
+        let store = Self {
+            pool,
+            path,
+            recent: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -247,6 +254,28 @@ impl Store {
         if let Err(e) = &result {
             tracing::debug!(path = %self.path.display(), error = %e, "closing the index connection of a failed write");
             conn.close_on_drop();
+        }
+        result
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, recent::RecentRows> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps the newest rows of `folder` in step with a write of its `files` rows: `apply`
+    /// when it went through, dropped when it failed.
+    fn wrote_files<T>(
+        &self,
+        folder: &str,
+        result: Result<T, StoreError>,
+        apply: impl FnOnce(&mut recent::RecentRows),
+    ) -> Result<T, StoreError> {
+        let mut recent = self.recent();
+        match &result {
+            Ok(_) => apply(&mut recent),
+            Err(_) => recent.forget(folder),
         }
         result
     }
