@@ -152,6 +152,8 @@ pub struct FolderHandle {
     pub(in crate::engine) live: Arc<Liveness>,
     /// The folder's ignore rules: an ignored path is never served to a peer.
     pub(in crate::engine) ignore: Arc<Ignore>,
+    /// Cursors the engine has not written to the index yet (see [`super::LazyCursors`]).
+    pub(in crate::engine) lazy_cursors: super::LazyCursors,
 }
 
 /// Why a peer's `Fetch` gets nothing.
@@ -212,7 +214,17 @@ impl FolderHandle {
     /// Where `peer`'s stream of this folder stands here: its epoch and the last sequence
     /// applied from it.
     pub async fn cursor(&self, peer: &str) -> Result<Cursor, StoreError> {
-        self.store.cursor(peer, &self.id).await
+        let lazy = self
+            .lazy_cursors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(peer)
+            .copied();
+        match lazy {
+            // Newer than the index's: the engine drops it once a later commit writes one.
+            Some(c) => Ok(c),
+            None => self.store.cursor(peer, &self.id).await,
+        }
     }
 
     /// Sends local changes (from the watcher or a timer).

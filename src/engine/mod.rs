@@ -139,7 +139,20 @@ pub struct FolderEngine {
     clock_ahead: Option<ClockAhead>,
     /// This folder's metrics (see [`crate::metrics`]).
     metrics: crate::metrics::FolderMetrics,
+    /// Cursors of peer batches that changed nothing here, not written to the index yet (see
+    /// [`LazyCursors`]).
+    lazy_cursors: LazyCursors,
 }
+
+/// Peer cursors moved by batches that changed nothing here (every record already known, as
+/// in a full mesh, where each change also comes relayed by every other peer): written to the
+/// index at most every [`LAZY_CURSOR_FLUSH`], not in a commit of their own per batch. Losing
+/// one (a crash) only makes the peer send records this node already has again. The folder's
+/// handle reads them too, so a session that resubscribes starts from the newest.
+pub(in crate::engine) type LazyCursors = Arc<Mutex<HashMap<String, Cursor>>>;
+
+/// How often the cursors of batches that changed nothing are written.
+const LAZY_CURSOR_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Messages queued to one engine before senders wait.
 const ENGINE_QUEUE: usize = 64;
@@ -251,6 +264,7 @@ impl FolderEngine {
             fetchers: HashMap::new(),
             metrics,
             clock_ahead: None,
+            lazy_cursors: LazyCursors::default(),
         };
         engine.publish_status();
         let handle = FolderHandle {
@@ -263,6 +277,7 @@ impl FolderEngine {
             status,
             live,
             ignore: Arc::new(folder_ignore(folder)?),
+            lazy_cursors: engine.lazy_cursors.clone(),
         };
         Ok((engine, handle, Inbox(rx)))
     }
@@ -293,6 +308,8 @@ impl FolderEngine {
         rescan.tick().await;
         let mut retry = tokio::time::interval(retry_every);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(LAZY_CURSOR_FLUSH);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // However the task ends (return or panic), the daemon sees the engine stopped.
         let _stopped = StopOnDrop(self.live.clone());
         // Messages taken off the queue by a batch chain (see `remote_chain`), handled next,
@@ -310,6 +327,10 @@ impl FolderEngine {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                _ = flush.tick(), if self.has_lazy_cursors() => {
+                    self.flush_lazy_cursors().await;
+                    continue;
+                }
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
                     self.live.busy();
@@ -357,6 +378,7 @@ impl FolderEngine {
             self.live.progress();
             self.publish_status();
         }
+        self.flush_lazy_cursors().await;
         debug!(folder = %self.id, "engine stopped");
     }
 

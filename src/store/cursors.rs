@@ -29,6 +29,28 @@ impl Store {
             .unwrap_or_default())
     }
 
+    /// Writes cursors of `folder` on their own, in one transaction: the cursors of batches
+    /// that changed nothing here, which the engine writes late (see `engine::remote`'s
+    /// lazy cursors).
+    pub async fn put_cursors(
+        &self,
+        folder: &str,
+        cursors: &[(String, Cursor)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.write_conn().await?;
+        let result = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn)
+                .await
+                .map_err(|e| self.db_err(e))?;
+            for (peer, c) in cursors {
+                self.put_cursor(&mut tx, peer, folder, *c).await?;
+            }
+            tx.commit().await.map_err(|e| self.db_err(e))
+        }
+        .await;
+        self.written(conn, result)
+    }
+
     /// Writes a peer's cursor of a folder, in the transaction of the batch that advances it.
     pub(super) async fn put_cursor(
         &self,

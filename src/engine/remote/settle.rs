@@ -164,6 +164,44 @@ impl FolderEngine {
         let _ = reply.send(r);
     }
 
+    fn lazy_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cursor>> {
+        self.lazy_cursors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(in crate::engine) fn has_lazy_cursors(&self) -> bool {
+        !self.lazy_cursors().is_empty()
+    }
+
+    /// Writes the cursors of batches that changed nothing (see `LazyCursors`). Each stays
+    /// readable by the handle until the index holds it, and one moved meanwhile stays for
+    /// the next flush.
+    pub(in crate::engine) async fn flush_lazy_cursors(&mut self) {
+        let cursors: Vec<(String, Cursor)> = self
+            .lazy_cursors()
+            .iter()
+            .map(|(p, c)| (p.clone(), *c))
+            .collect();
+        if cursors.is_empty() {
+            return;
+        }
+        match self.store.put_cursors(&self.id, &cursors).await {
+            Ok(()) => {
+                let mut lazy = self.lazy_cursors();
+                for (peer, c) in cursors {
+                    if lazy.get(&peer) == Some(&c) {
+                        lazy.remove(&peer);
+                    }
+                }
+            }
+            Err(e) => {
+                // Kept in memory: the peers resend a little more after a restart.
+                debug!(folder = %self.id, error = %e, "cannot write peer cursors yet");
+            }
+        }
+    }
+
     /// Commits index-only decisions to the replica; returns them as rows for the index.
     pub(in crate::engine) fn commit_stores(
         &mut self,
@@ -199,6 +237,20 @@ impl FolderEngine {
             journal,
             ..
         } = done;
+        let changed_nothing = commits.is_empty()
+            && skips.set.is_empty()
+            && skips.cleared.is_empty()
+            && journal.is_none()
+            && appeared.is_empty();
+        match cursor {
+            // Every record was known here already: only the cursor moves, and it is written
+            // later (see `LazyCursors`), not in a commit of its own.
+            Some(c) if changed_nothing => {
+                self.lazy_cursors().insert(peer.clone(), c);
+                return outcome;
+            }
+            _ => {}
+        }
         self.store
             .commit_journaled(
                 &self.id,
@@ -208,6 +260,10 @@ impl FolderEngine {
                 journal.map_or(Journal::Keep, Journal::Batch),
             )
             .await?;
+        if cursor.is_some() {
+            // The index now holds this peer's newest cursor.
+            self.lazy_cursors().remove(&peer);
+        }
         if !commits.is_empty() {
             self.seq_tx.send_replace(self.replica.seq());
         }
@@ -317,9 +373,10 @@ mod tests {
     }
 
     /// A batch with no records that moves the cursor (the sender left out rows the
-    /// subscriber has) is answered like any other: cursor committed, `up_to_seq` returned.
+    /// subscriber has) is answered like any other, but commits nothing: its cursor is one of
+    /// the lazy ones, which the handle reads at once and the index gets by the engine's stop.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_empty_batch_moves_the_peer_cursor() {
+    async fn an_empty_batch_moves_the_peer_cursor_without_a_commit_of_its_own() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (handle, store, cancel, task) = engine_on(dir.path()).await;
         let seq = handle.status().seq;
@@ -327,16 +384,58 @@ mod tests {
             handle.remote(batch(1, 42, Vec::new())).await.expect("ok"),
             42
         );
-        let cursor = store
-            .cursor("gw2", "synapse-configs")
-            .await
-            .expect("cursor");
-        assert_eq!((cursor.epoch, cursor.seq), (5, 42));
+        let c = handle.cursor("gw2").await.expect("cursor");
+        assert_eq!((c.epoch, c.seq), (5, 42), "a resubscribe starts after it");
         assert_eq!(
             handle.status().seq,
             seq,
             "nothing was committed but the cursor"
         );
+        cancel.cancel();
+        task.await.expect("engine task");
+        let c = store
+            .cursor("gw2", "synapse-configs")
+            .await
+            .expect("cursor");
+        assert_eq!((c.epoch, c.seq), (5, 42), "written when the engine stops");
+    }
+
+    /// A batch of records this node already has (each change also comes relayed by every
+    /// other peer of a full mesh) changes nothing in the index; the next batch that does
+    /// change something writes its cursor in its own commit, superseding the lazy one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn known_records_move_the_cursor_lazily_and_a_real_commit_supersedes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (handle, store, cancel, task) = engine_on(dir.path()).await;
+        let x = remote_file("x.xml", b"<x/>", 1, true);
+        assert_eq!(
+            handle
+                .remote(batch(1, 1, vec![x.clone()]))
+                .await
+                .expect("ok"),
+            1
+        );
+        let seq = handle.status().seq;
+        let mut again = x.clone();
+        again.record.seq = 7;
+        assert_eq!(
+            handle.remote(batch(1, 7, vec![again])).await.expect("ok"),
+            7
+        );
+        assert_eq!(
+            handle.status().seq,
+            seq,
+            "a known record is not recorded again"
+        );
+        assert_eq!(handle.cursor("gw2").await.expect("cursor").seq, 7);
+        let y = remote_file("y.xml", b"<y/>", 8, true);
+        assert_eq!(handle.remote(batch(1, 8, vec![y])).await.expect("ok"), 8);
+        let c = store
+            .cursor("gw2", "synapse-configs")
+            .await
+            .expect("cursor");
+        assert_eq!(c.seq, 8, "committed with the batch that changed something");
+        assert_eq!(handle.cursor("gw2").await.expect("cursor").seq, 8);
         cancel.cancel();
         task.await.expect("engine task");
     }
