@@ -444,54 +444,6 @@ impl Retriever {
         Ok(self.failures.values().filter(|f| !f.gave_up).count())
     }
 
-    async fn retry_due(&mut self) {
-        let now = Instant::now();
-        let due: Vec<String> = self
-            .failures
-            .values()
-            .filter(|f| !f.gave_up && f.next_at.is_some_and(|t| t <= now))
-            .map(|f| f.id.clone())
-            .collect();
-        for id in due {
-            if let Err(e) = self.sync_one(&id).await {
-                self.available = false;
-                self.last_error = Some(e.to_string());
-                return;
-            }
-        }
-    }
-
-    fn fail(&mut self, id: &str, revision: i64, reason: String) {
-        let max = self.config.max_retry_count;
-        let base = self.retry_base();
-        let f = self
-            .failures
-            .entry(id.to_owned())
-            .or_insert_with(|| Failure {
-                id: id.to_owned(),
-                revision,
-                attempts: 0,
-                reason: String::new(),
-                gave_up: false,
-                next_at: None,
-            });
-        if f.revision != revision {
-            f.attempts = 0;
-            f.revision = revision;
-        }
-        f.attempts += 1;
-        f.reason = reason;
-        if f.attempts > max {
-            f.gave_up = true;
-            f.next_at = None;
-            warn!(artifact = %id, revision, attempts = f.attempts, reason = %f.reason, "deployment retries ran out; running without this artifact");
-        } else {
-            let delay = retry_delay(base, f.attempts);
-            f.next_at = Some(Instant::now() + delay);
-            warn!(artifact = %id, revision, attempt = f.attempts, retry_in_ms = delay.as_millis() as u64, reason = %f.reason, "artifact not deployed");
-        }
-    }
-
     /// Deploys many artifacts with one bundle query and one batched write (the start-up path).
     /// If the batched write fails, each artifact is deployed on its own so one bad artifact
     /// cannot block the others.
@@ -843,26 +795,5 @@ impl Retriever {
                 let _ = reply.send(r);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delays_double_and_cap_at_one_hour() {
-        let base = Duration::from_millis(15_000);
-        let got: Vec<u64> = (1..=10).map(|a| retry_delay(base, a).as_secs()).collect();
-        assert_eq!(got, vec![15, 30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
-        assert_eq!(
-            retry_delay(base, 200),
-            MAX_RETRY_DELAY,
-            "no overflow for huge attempt counts"
-        );
-        assert_eq!(
-            retry_delay(Duration::from_millis(1), 1),
-            Duration::from_millis(1)
-        );
     }
 }
