@@ -6,7 +6,7 @@
 //! The source is either the database itself ([`DbSource`]) or a hub agent that has the
 //! database ([`super::hub::HubSource`]); the retriever does not know which.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use crate::engine::FolderHandle;
 use crate::store::{DeployedArtifact, Store};
 
 mod deploy;
+mod events;
 mod handle;
 mod reconcile;
 mod retry;
@@ -31,9 +32,6 @@ pub use handle::{Command, CommandError, Failure, RetrieverHandle, RetrieverStatu
 pub use retry::{MAX_RETRY_DELAY, RetryPlan, STARTUP_RETRY_BASE, retry_delay};
 pub use source::{DbSource, Source, SourceError, Unavailable};
 
-/// Events re-read below the cursor, so an event whose id committed late is still seen.
-const EVENT_LOOKBACK: i64 = 64;
-const EVENT_BATCH: i64 = 500;
 /// Reconnect backoff while the source is down.
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
@@ -269,72 +267,6 @@ impl Retriever {
             }
             self.publish_status();
         }
-    }
-
-    async fn poll_events(&mut self) -> Result<(), SourceError> {
-        let events = self
-            .source
-            .events_after((self.cursor - EVENT_LOOKBACK).max(0), EVENT_BATCH)
-            .await?;
-        if !self.available {
-            info!("artifact source is back; reconciling");
-            self.available = true;
-            self.last_error = None;
-            self.reconcile().await?;
-        }
-        let mine: HashSet<&String> = self.config.gateway_labels.iter().collect();
-        let mut ids: Vec<String> = Vec::new();
-        for e in events {
-            if !self.seen.insert(e.id) {
-                continue;
-            }
-            self.cursor = self.cursor.max(e.id);
-            if mine.contains(&e.label) && !ids.contains(&e.artifact_id) {
-                ids.push(e.artifact_id);
-            }
-        }
-        let floor = self.cursor - EVENT_LOOKBACK;
-        self.seen = self.seen.split_off(&floor);
-        if ids.is_empty() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(self.config.event_waiting_time)).await;
-        for id in ids {
-            // A new event supersedes an operator's undeploy and a given-up retry.
-            self.held_off.remove(&id);
-            self.failures.remove(&id);
-            self.sync_one(&id).await?;
-        }
-        Ok(())
-    }
-
-    /// Brings one artifact to its current state for this node's labels.
-    async fn sync_one(&mut self, id: &str) -> Result<(), SourceError> {
-        let meta = match self.source.get(id, &self.config.gateway_labels).await {
-            Ok(m) => m,
-            Err(SourceError::Artifact { problem, .. }) => {
-                self.fail(id, 0, problem);
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        let wanted = meta.filter(|m| !m.removed).map(|mut m| {
-            m.labels.retain(|l| self.config.gateway_labels.contains(l));
-            m
-        });
-        match wanted {
-            Some(m) if !m.labels.is_empty() => {
-                if self.needs_deploy(&m) {
-                    self.deploy(m).await?;
-                }
-            }
-            _ => {
-                if self.deployed.contains_key(id) {
-                    self.undeploy(id).await;
-                }
-            }
-        }
-        Ok(())
     }
 
     async fn command(&mut self, cmd: Command) {
