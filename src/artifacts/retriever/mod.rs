@@ -5,6 +5,12 @@
 //!
 //! The source is either the database itself ([`DbSource`]) or a hub agent that has the
 //! database ([`super::hub::HubSource`]); the retriever does not know which.
+//!
+//! This file holds the retriever's state, its start-up and its run loop; the rest is one file
+//! per concern: `events.rs` (following the event log), `reconcile.rs` (comparing with the
+//! source), `deploy.rs` (deploying and undeploying artifacts), `settle.rs` (bringing deployed
+//! paths to what their owners want), `retry.rs` (failures and their backoff), `handle.rs`
+//! (status, and the admin's commands), `source.rs` (the [`Source`] trait and [`DbSource`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -266,48 +272,6 @@ impl Retriever {
                 }
             }
             self.publish_status();
-        }
-    }
-
-    async fn command(&mut self, cmd: Command) {
-        match cmd {
-            Command::Redeploy(id, reply) => {
-                self.held_off.remove(&id);
-                self.failures.remove(&id);
-                if let Some(d) = self.deployed.get_mut(&id) {
-                    d.revision = -1; // fetched again, and its files checked
-                }
-                let r = match self.sync_one(&id).await {
-                    Ok(()) => match (self.deployed.get(&id), self.failures.get(&id)) {
-                        (_, Some(f)) => Err(CommandError::Failed {
-                            id: id.clone(),
-                            reason: f.reason.clone(),
-                        }),
-                        (Some(d), None) => {
-                            Ok(format!("artifact {id} deployed at revision {}", d.revision))
-                        }
-                        (None, None) => Err(CommandError::NotCurrent { id: id.clone() }),
-                    },
-                    Err(e) => Err(e.into()),
-                };
-                let _ = reply.send(r);
-            }
-            Command::Undeploy(id, reply) => {
-                let r = if self.deployed.contains_key(&id) {
-                    self.undeploy(&id).await;
-                    if self.deployed.contains_key(&id) {
-                        Err(CommandError::NotUndeployed { id: id.clone() })
-                    } else {
-                        self.held_off.insert(id.clone());
-                        Ok(format!(
-                            "artifact {id} undeployed on this node (until redeploy or a new publish)"
-                        ))
-                    }
-                } else {
-                    Err(CommandError::NotDeployed { id: id.clone() })
-                };
-                let _ = reply.send(r);
-            }
         }
     }
 }
