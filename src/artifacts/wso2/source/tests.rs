@@ -6,7 +6,8 @@ use std::time::Duration;
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Wso2Source, rows_query, stored_id};
+use super::Wso2Source;
+use super::query::{rows_query, stored_id};
 use crate::artifacts::db::Backend;
 use crate::artifacts::retriever::{Source, SourceError};
 use crate::artifacts::wso2::testing::{Wso2Tables, gateway_api_json};
