@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
@@ -13,8 +14,8 @@ use tonic_health::server::HealthReporter;
 use tracing::{debug, error, info};
 
 use super::{DaemonError, RETRY_LOOK, Tasks};
-use crate::config::Config;
-use crate::engine::{self, EngineOptions, FolderEngine, FolderHandle};
+use crate::config::{Config, FolderConfig};
+use crate::engine::{self, EngineOptions, FolderEngine, FolderHandle, Inbox};
 use crate::fs::own::OwnWrites;
 use crate::fs::watch::{Change, FolderWatcher};
 use crate::store::Store;
@@ -40,47 +41,18 @@ impl FolderRuntime {
         let mut handles = HashMap::new();
         let mut watchers = Vec::new();
         for folder in &config.folders {
-            let started = std::time::Instant::now();
-            // Watch first, then scan: nothing changed during the scan is missed. Setting up the
-            // watch walks the whole tree (notify adds one watch per directory), so it runs on a
-            // blocking thread while the index loads; the scan waits for both.
-            let (tx, mut rx) = mpsc::channel::<Change>(64);
-            let own = Arc::new(OwnWrites::default());
-            let watching = {
-                let (root, ignore, own) = (
-                    folder.path.clone(),
-                    engine::folder_ignore(folder)?,
-                    own.clone(),
-                );
-                let (quiet, hold, cancel) = (
-                    config.quiet_period(),
-                    config.open_write_hold(),
-                    cancel.clone(),
-                );
-                tokio::task::spawn_blocking(move || {
-                    FolderWatcher::start(&root, ignore, own, quiet, hold, tx, cancel)
-                })
-            };
-            let (opened, watching) = tokio::join!(
-                FolderEngine::open_with(folder, store.clone(), opts.clone(), own),
-                watching
-            );
-            let watcher = watching.map_err(|e| DaemonError::WatchSetup {
-                path: folder.path.clone(),
-                message: e.to_string(),
-            })??;
+            let started = Instant::now();
+            let Opened {
+                mut engine,
+                handle,
+                inbox,
+                watcher,
+                changes,
+            } = open_watched(folder, config, store, opts, cancel).await?;
             watchers.push(watcher);
-            let (mut engine, handle, inbox) = opened?;
-            let loaded = std::time::Instant::now();
+            let loaded = Instant::now();
             scan_at_start(&folder.id, engine.initial_scan()).await?;
-            let status = handle.status();
-            info!(folder = %folder.id, files = status.files, seq = status.seq, "folder scanned");
-            debug!(
-                folder = %folder.id,
-                open_and_watch_ms = (loaded - started).as_secs_f64() * 1e3,
-                scan_ms = loaded.elapsed().as_secs_f64() * 1e3,
-                "folder start-up times"
-            );
+            log_scanned(&folder.id, &handle, started, loaded);
             tasks.tracker.spawn(watch_engine(
                 folder.id.clone(),
                 engine.run(inbox, config.rescan_interval(), RETRY_LOOK, cancel.clone()),
@@ -88,14 +60,9 @@ impl FolderRuntime {
                 health.clone(),
                 gone.clone(),
             ));
-            let h = handle.clone();
-            tasks.tracker.spawn(async move {
-                while let Some(change) = rx.recv().await {
-                    if h.local(change).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            tasks
+                .tracker
+                .spawn(pump_local_changes(changes, handle.clone()));
             handles.insert(folder.id.clone(), handle);
         }
         Ok(Self {
@@ -108,6 +75,84 @@ impl FolderRuntime {
     pub(super) async fn join_watchers(self) {
         for w in self.watchers {
             w.join().await;
+        }
+    }
+}
+
+/// A folder's engine, opened (its start-up scan still to run), and its watcher, already
+/// sending the folder's changes.
+struct Opened {
+    engine: FolderEngine,
+    handle: FolderHandle,
+    inbox: Inbox,
+    watcher: FolderWatcher,
+    changes: mpsc::Receiver<Change>,
+}
+
+/// Sets up a folder's watch and opens its engine at the same time. Watch first, then scan:
+/// nothing changed during the scan is missed. Setting up the watch walks the whole tree
+/// (notify adds one watch per directory), so it runs on a blocking thread while the index
+/// loads; the scan waits for both.
+async fn open_watched(
+    folder: &FolderConfig,
+    config: &Config,
+    store: &Store,
+    opts: &EngineOptions,
+    cancel: &CancellationToken,
+) -> Result<Opened, DaemonError> {
+    let (tx, changes) = mpsc::channel::<Change>(64);
+    let own = Arc::new(OwnWrites::default());
+    let watching = {
+        let (root, ignore, own) = (
+            folder.path.clone(),
+            engine::folder_ignore(folder)?,
+            own.clone(),
+        );
+        let (quiet, hold, cancel) = (
+            config.quiet_period(),
+            config.open_write_hold(),
+            cancel.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            FolderWatcher::start(&root, ignore, own, quiet, hold, tx, cancel)
+        })
+    };
+    let (opened, watching) = tokio::join!(
+        FolderEngine::open_with(folder, store.clone(), opts.clone(), own),
+        watching
+    );
+    let watcher = watching.map_err(|e| DaemonError::WatchSetup {
+        path: folder.path.clone(),
+        message: e.to_string(),
+    })??;
+    let (engine, handle, inbox) = opened?;
+    Ok(Opened {
+        engine,
+        handle,
+        inbox,
+        watcher,
+        changes,
+    })
+}
+
+/// Logs a folder's start-up scan, and (at debug) how long opening and watching it, then
+/// scanning it, took.
+fn log_scanned(folder: &str, handle: &FolderHandle, started: Instant, loaded: Instant) {
+    let status = handle.status();
+    info!(folder = %folder, files = status.files, seq = status.seq, "folder scanned");
+    debug!(
+        folder = %folder,
+        open_and_watch_ms = (loaded - started).as_secs_f64() * 1e3,
+        scan_ms = loaded.elapsed().as_secs_f64() * 1e3,
+        "folder start-up times"
+    );
+}
+
+/// Hands the watcher's local changes to the folder's engine, until either side stops.
+async fn pump_local_changes(mut changes: mpsc::Receiver<Change>, engine: FolderHandle) {
+    while let Some(change) = changes.recv().await {
+        if engine.local(change).await.is_err() {
+            break;
         }
     }
 }

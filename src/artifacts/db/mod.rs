@@ -208,6 +208,9 @@ mod tests {
 
     /// One suite, run against every backend.
     async fn suite(db: &ArtifactDb) {
+        // Long: one story on one database (publish two artifacts, read them by label,
+        // re-publish with fewer labels, remove), each step reading the rows and events the
+        // steps before it left.
         let name = db.backend().name();
         assert_eq!(db.last_event_id().await.expect("events"), 0, "{name}");
         let b1 = bundle(&[

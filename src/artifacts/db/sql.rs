@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 
-use super::write::{TRANSIENT_RETRIES, is_transient, transient_backoff};
+use super::write::retry_transient;
 use super::*;
 
 /// `query` with its `?` placeholders as `backend` wants them: `$1, $2, ...` for PostgreSQL,
@@ -88,16 +88,7 @@ impl ArtifactDb {
             // WAL lets retrievers read while a publisher writes. Switching needs the file to
             // itself: two connections switching at once (agents and publishers starting
             // together on a new file) get SQLITE_BUSY without a wait, so try again.
-            let mut attempt = 0;
-            loop {
-                match self.exec("PRAGMA journal_mode=WAL").await {
-                    Err(e) if attempt < TRANSIENT_RETRIES && is_transient(&e) => {
-                        attempt += 1;
-                        tokio::time::sleep(transient_backoff(attempt)).await;
-                    }
-                    other => break other?,
-                }
-            }
+            retry_transient(|| self.exec("PRAGMA journal_mode=WAL")).await?;
         }
         let schema = match self.backend {
             Backend::Sqlite => SQLITE_SCHEMA,

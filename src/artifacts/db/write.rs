@@ -7,9 +7,9 @@ use super::*;
 use crate::artifacts::{Bundle, Instruction};
 
 /// Tries of a write transaction that lost to a concurrent one.
-pub(super) const TRANSIENT_RETRIES: u32 = 8;
+const TRANSIENT_RETRIES: u32 = 8;
 
-pub(super) fn transient_backoff(attempt: u32) -> std::time::Duration {
+fn transient_backoff(attempt: u32) -> std::time::Duration {
     // 10, 20, 40 ... ms, with jitter so two losers do not collide again.
     let base = 10u64 << attempt.min(6);
     std::time::Duration::from_millis(base + rand::random::<u64>() % base)
@@ -18,7 +18,7 @@ pub(super) fn transient_backoff(attempt: u32) -> std::time::Duration {
 /// True for errors a retry of the whole transaction cures: MySQL/MariaDB deadlock (1213) and
 /// lock wait timeout (1205), PostgreSQL serialization failure / deadlock (40001, 40P01),
 /// SQLite busy / locked.
-pub(super) fn is_transient(e: &DbError) -> bool {
+fn is_transient(e: &DbError) -> bool {
     let DbError::Sql {
         source: sqlx::Error::Database(db),
         ..
@@ -34,6 +34,25 @@ pub(super) fn is_transient(e: &DbError) -> bool {
         || db.message().contains("Deadlock found")
 }
 
+/// Runs `once` until it succeeds, fails with an error a retry does not cure, or has been
+/// retried [`TRANSIENT_RETRIES`] times, waiting [`transient_backoff`] before each retry.
+pub(super) async fn retry_transient<T, F, Fut>(mut once: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match once().await {
+            Err(e) if attempt < TRANSIENT_RETRIES && is_transient(&e) => {
+                attempt += 1;
+                tokio::time::sleep(transient_backoff(attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl ArtifactDb {
     /// Saves a bundle as the artifact's next revision, with `publish` events for its labels
     /// (and `remove` events for labels it no longer has), in one transaction. A transaction
@@ -45,16 +64,7 @@ impl ArtifactDb {
         bundle: &Bundle,
         now_ms: u64,
     ) -> Result<i64, DbError> {
-        let mut attempt = 0;
-        loop {
-            match self.publish_once(meta, bundle, now_ms).await {
-                Err(e) if attempt < TRANSIENT_RETRIES && is_transient(&e) => {
-                    attempt += 1;
-                    tokio::time::sleep(transient_backoff(attempt)).await;
-                }
-                other => return other,
-            }
-        }
+        retry_transient(|| self.publish_once(meta, bundle, now_ms)).await
     }
 
     // Long: one transaction read top to bottom (revision, files, labels, events, commit), so
@@ -238,16 +248,7 @@ impl ArtifactDb {
         label: Option<&str>,
         now_ms: u64,
     ) -> Result<Vec<String>, DbError> {
-        let mut attempt = 0;
-        loop {
-            match self.remove_once(id, label, now_ms).await {
-                Err(e) if attempt < TRANSIENT_RETRIES && is_transient(&e) => {
-                    attempt += 1;
-                    tokio::time::sleep(transient_backoff(attempt)).await;
-                }
-                other => return other,
-            }
-        }
+        retry_transient(|| self.remove_once(id, label, now_ms)).await
     }
 
     async fn remove_once(
@@ -322,6 +323,7 @@ mod tests {
     use super::super::tests::{bundle, meta};
     use super::*;
 
+    /// Publishers saving different artifacts at the same moment all succeed (each in its own
     /// pool, as separate CLI processes would): a transaction that loses a deadlock or finds
     /// SQLite busy is retried, never reported.
     async fn concurrent_publishes(backend: Backend) {

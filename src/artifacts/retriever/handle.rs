@@ -1,4 +1,5 @@
-//! The retriever's status and the commands the admin service sends it.
+//! The retriever's status and the commands the admin service sends it, and how the retriever
+//! carries those out.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -7,7 +8,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::SourceError;
+use super::{Retriever, SourceError};
 use crate::artifacts::owners::PathConflict;
 use crate::store::DeployedArtifact;
 
@@ -93,5 +94,49 @@ impl RetrieverHandle {
             .await
             .map_err(|_| CommandError::Stopped)?;
         rx.await.map_err(|_| CommandError::Stopped)?
+    }
+}
+
+impl Retriever {
+    pub(super) async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Redeploy(id, reply) => {
+                self.held_off.remove(&id);
+                self.failures.remove(&id);
+                if let Some(d) = self.deployed.get_mut(&id) {
+                    d.revision = -1; // fetched again, and its files checked
+                }
+                let r = match self.sync_one(&id).await {
+                    Ok(()) => match (self.deployed.get(&id), self.failures.get(&id)) {
+                        (_, Some(f)) => Err(CommandError::Failed {
+                            id: id.clone(),
+                            reason: f.reason.clone(),
+                        }),
+                        (Some(d), None) => {
+                            Ok(format!("artifact {id} deployed at revision {}", d.revision))
+                        }
+                        (None, None) => Err(CommandError::NotCurrent { id: id.clone() }),
+                    },
+                    Err(e) => Err(e.into()),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Undeploy(id, reply) => {
+                let r = if self.deployed.contains_key(&id) {
+                    self.undeploy(&id).await;
+                    if self.deployed.contains_key(&id) {
+                        Err(CommandError::NotUndeployed { id: id.clone() })
+                    } else {
+                        self.held_off.insert(id.clone());
+                        Ok(format!(
+                            "artifact {id} undeployed on this node (until redeploy or a new publish)"
+                        ))
+                    }
+                } else {
+                    Err(CommandError::NotDeployed { id: id.clone() })
+                };
+                let _ = reply.send(r);
+            }
+        }
     }
 }
