@@ -489,10 +489,11 @@ impl FolderEngine {
         staged: Option<apply::StagedBatch>,
     ) -> tokio::task::JoinHandle<Vec<apply::OpResult>> {
         let own = self.own.clone();
-        tokio::task::spawn_blocking(move || match staged {
-            Some(batch) => batch.finish(Some(&own)),
-            None => Vec::new(),
-        })
+        match staged {
+            Some(batch) => tokio::task::spawn_blocking(move || batch.finish(Some(&own))),
+            // Nothing to place (every record known, or index-only): no blocking thread.
+            None => tokio::spawn(async { Vec::new() }),
+        }
     }
 }
 
