@@ -58,7 +58,7 @@ pub use status::{ClockAhead, FolderStatus, SkippedStatus};
 
 use handle::Msg;
 use local::{merge_changes, waited_enough};
-use skip::{Failures, node_wide};
+use skip::{Failures, SkipBook, node_wide};
 
 use crate::config::{Config, FolderConfig};
 use crate::fs::apply::{self, Content, Op};
@@ -129,10 +129,8 @@ pub struct FolderEngine {
     failed_streams: VecDeque<u64>,
     /// The files this engine creates, for its watcher (see [`OwnWrites`]).
     own: Arc<OwnWrites>,
-    /// Peer changes failing in a row: (peer, path) -> (the version that fails, how often).
-    strikes: HashMap<(String, RelPath), (VersionVector, u32)>,
-    /// Skipped peer changes, by (peer, path); kept in the index too.
-    skipped: BTreeMap<(String, RelPath), Skipped>,
+    /// Peer changes failing in a row, and those skipped (see [`SkipBook`]).
+    skips: SkipBook,
     /// The latest content source of each peer, for retrying its skipped changes.
     fetchers: HashMap<String, Arc<dyn Fetcher>>,
     /// The latest peer record ahead of this node's clock (see [`ClockAhead`]).
@@ -229,11 +227,8 @@ impl FolderEngine {
             };
             store.commit(&folder.id, &[], None, &changes).await?;
         }
-        let skipped = skipped
-            .into_iter()
-            .map(|s| ((s.peer.clone(), s.record.path.clone()), s))
-            .collect();
         let metrics = opts.metrics.folder(&folder.id);
+        let skips = SkipBook::new(opts.skip_retry_ms, skipped);
         let engine = Self {
             id: folder.id.clone(),
             epoch,
@@ -259,8 +254,7 @@ impl FolderEngine {
             conflicts,
             failed_streams: VecDeque::new(),
             own,
-            strikes: HashMap::new(),
-            skipped,
+            skips,
             fetchers: HashMap::new(),
             metrics,
             clock_ahead: None,

@@ -84,21 +84,55 @@ pub(in crate::engine) fn skip_retry_at(now_ms: u64, base_ms: u64, attempts: u32)
     now_ms.saturating_add(delay)
 }
 
-impl FolderEngine {
-    /// Sorts the failures of a settled batch from `peer`. A change failing for the
-    /// [`SKIP_AFTER_FAILURES`]th time in a row is skipped; one already skipped (a retry, or
-    /// the stream meeting it again) stays skipped, tried next after a longer wait. What
+/// The skip book of one folder: the strikes of peer changes failing in a row, and the changes
+/// skipped, each with its next retry. Pure: the time comes in as an argument, and the index
+/// gets what changed as [`SkipChanges`] (the engine commits them with the batch).
+#[derive(Debug, Default)]
+pub(in crate::engine) struct SkipBook {
+    /// Peer changes failing in a row: (peer, path) -> (the version that fails, how often).
+    strikes: HashMap<(String, RelPath), (VersionVector, u32)>,
+    /// Skipped peer changes, by (peer, path); kept in the index too.
+    skipped: BTreeMap<(String, RelPath), Skipped>,
+    /// First retry of a skipped change, ms; it doubles after each failed retry.
+    base_ms: u64,
+}
+
+impl SkipBook {
+    /// A book holding the skipped changes the index kept.
+    pub(in crate::engine) fn new(base_ms: u64, skipped: Vec<Skipped>) -> Self {
+        Self {
+            strikes: HashMap::new(),
+            skipped: skipped
+                .into_iter()
+                .map(|s| ((s.peer.clone(), s.record.path.clone()), s))
+                .collect(),
+            base_ms,
+        }
+    }
+
+    /// The skipped changes, by peer and path.
+    pub(in crate::engine) fn skipped(&self) -> impl Iterator<Item = &Skipped> {
+        self.skipped.values()
+    }
+
+    /// Sorts the failures of a settled batch of `folder` from `peer`. A change failing for
+    /// the [`SKIP_AFTER_FAILURES`]th time in a row is skipped; one already skipped (a retry,
+    /// or the stream meeting it again) stays skipped, tried next after a longer wait. What
     /// remains in `fails` stops the stream. Paths of the batch that went through clear their
-    /// strikes and their skip; so does another peer's skipped change the index now holds (or
-    /// has overtaken). Returns the changes to the skip list, for the batch's index commit.
-    /// `now_ms`: wall time, ms since the epoch (a change's first skip and its next retry).
-    pub(in crate::engine) fn skip_failures(
+    /// strikes and their skip; so does another peer's skipped change that is `overtaken` (the
+    /// index holds it, or a newer version). Returns the changes to the skip list, for the
+    /// batch's index commit. `now_ms`: wall time, ms since the epoch (a change's first skip
+    /// and its next retry).
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::engine) fn sort(
         &mut self,
+        folder: &str,
         peer: &str,
         retry: bool,
         paths: &HashSet<RelPath>,
         fails: &mut Failures,
         now_ms: u64,
+        overtaken: impl Fn(&Skipped) -> bool,
     ) -> SkipChanges {
         let mut changes = SkipChanges::default();
         if !self.strikes.is_empty() || !self.skipped.is_empty() {
@@ -107,19 +141,10 @@ impl FolderEngine {
                 p == peer && paths.contains(path) && !failed.contains(path)
             };
             self.strikes.retain(|(p, path), _| !went_through(p, path));
-            let replica = &self.replica;
-            let overtaken = |s: &Skipped| {
-                replica.get(&s.record.path).is_some_and(|r| {
-                    matches!(
-                        r.version.compare(&s.record.version),
-                        Causality::Equal | Causality::After
-                    )
-                })
-            };
             self.skipped.retain(|(p, path), s| {
                 let keep = !(went_through(p, path) || (paths.contains(path) && overtaken(s)));
                 if !keep {
-                    info!(folder = %self.id, path = %path, peer = %p, "skipped change is done");
+                    info!(folder = %folder, path = %path, peer = %p, "skipped change is done");
                     changes.cleared.push((p.clone(), path.clone()));
                 }
                 keep
@@ -153,12 +178,12 @@ impl FolderEngine {
                     (SKIP_AFTER_FAILURES, now_ms)
                 }
             };
-            let retry_ms = skip_retry_at(now_ms, self.opts.skip_retry_ms, attempts);
+            let retry_ms = skip_retry_at(now_ms, self.base_ms, attempts);
             let wait_s = retry_ms.saturating_sub(now_ms) / 1000;
             if attempts == SKIP_AFTER_FAILURES {
-                warn!(folder = %self.id, path = %f.record.path, peer = %peer, problem = %f.problem, attempts, retry_in_s = wait_s, "skipping a peer change that keeps failing; the peer's other changes go on, and status lists it until it applies");
+                warn!(folder = %folder, path = %f.record.path, peer = %peer, problem = %f.problem, attempts, retry_in_s = wait_s, "skipping a peer change that keeps failing; the peer's other changes go on, and status lists it until it applies");
             } else {
-                info!(folder = %self.id, path = %f.record.path, peer = %peer, problem = %f.problem, attempts, retry_in_s = wait_s, "skipped change failed again");
+                info!(folder = %folder, path = %f.record.path, peer = %peer, problem = %f.problem, attempts, retry_in_s = wait_s, "skipped change failed again");
             }
             let entry = Skipped {
                 peer: peer.to_owned(),
@@ -175,20 +200,18 @@ impl FolderEngine {
         changes
     }
 
-    /// A batch retrying the skipped changes of one peer that are due at `now_ms`, when that
-    /// peer's content source is known (a session of it has delivered since the start) and
-    /// the folder is not paused. Their next retry is pushed out at once, in memory, so that a
-    /// retry that fails before it gets to them (a folder error) cannot spin; their outcome
-    /// then sets it for good.
-    pub(in crate::engine) fn due_retry(&mut self, now_ms: u64) -> Option<RemoteBatch> {
-        if self.paused.is_some() || self.index_error.is_some() {
-            return None;
-        }
-        let fetchers = &self.fetchers;
-        let due = |s: &Skipped| s.retry_ms <= now_ms && fetchers.contains_key(&s.peer);
+    /// The skipped changes of one peer due at `now_ms`, of a peer whose content source is
+    /// known (`has_source`), at most [`RETRY_BATCH_RECORDS`]. Their next retry is pushed
+    /// out at once, in memory, so that a retry that fails before it gets to them (a folder
+    /// error) cannot spin; their outcome then sets it for good.
+    pub(in crate::engine) fn due(
+        &mut self,
+        now_ms: u64,
+        has_source: impl Fn(&str) -> bool,
+    ) -> Option<(String, Vec<FileRecord>)> {
+        let due = |s: &Skipped| s.retry_ms <= now_ms && has_source(&s.peer);
         let peer = self.skipped.values().find(|s| due(s))?.peer.clone();
-        let fetcher = fetchers.get(&peer)?.clone();
-        let base = self.opts.skip_retry_ms;
+        let base = self.base_ms;
         let records = self
             .skipped
             .values_mut()
@@ -196,18 +219,72 @@ impl FolderEngine {
             .take(RETRY_BATCH_RECORDS)
             .map(|s| {
                 s.retry_ms = skip_retry_at(now_ms, base, s.attempts);
-                Incoming {
-                    record: s.record.clone(),
-                    inline: None,
-                }
+                s.record.clone()
             })
             .collect();
+        Some((peer, records))
+    }
+
+    /// How long until a skipped change (of a peer with a known source) is due.
+    pub(in crate::engine) fn next_in(
+        &self,
+        now_ms: u64,
+        has_source: impl Fn(&str) -> bool,
+    ) -> Option<std::time::Duration> {
+        self.skipped
+            .values()
+            .filter(|s| has_source(&s.peer))
+            .map(|s| s.retry_ms.saturating_sub(now_ms))
+            .min()
+            .map(std::time::Duration::from_millis)
+    }
+}
+
+impl FolderEngine {
+    /// [`SkipBook::sort`] for a settled batch; a skipped change is overtaken when the replica
+    /// holds its version or a newer one.
+    pub(in crate::engine) fn skip_failures(
+        &mut self,
+        peer: &str,
+        retry: bool,
+        paths: &HashSet<RelPath>,
+        fails: &mut Failures,
+        now_ms: u64,
+    ) -> SkipChanges {
+        let replica = &self.replica;
+        let overtaken = |s: &Skipped| {
+            replica.get(&s.record.path).is_some_and(|r| {
+                matches!(
+                    r.version.compare(&s.record.version),
+                    Causality::Equal | Causality::After
+                )
+            })
+        };
+        self.skips
+            .sort(&self.id, peer, retry, paths, fails, now_ms, overtaken)
+    }
+
+    /// A batch retrying the skipped changes of one peer that are due at `now_ms` (see
+    /// [`SkipBook::due`]), unless the folder is paused or its index cannot be written.
+    pub(in crate::engine) fn due_retry(&mut self, now_ms: u64) -> Option<RemoteBatch> {
+        if self.paused.is_some() || self.index_error.is_some() {
+            return None;
+        }
+        let fetchers = &self.fetchers;
+        let (peer, records) = self.skips.due(now_ms, |p| fetchers.contains_key(p))?;
+        let fetcher = fetchers.get(&peer)?.clone();
         Some(RemoteBatch {
             peer,
             stream: rand::random::<u64>(),
             epoch: 0,
             up_to_seq: 0,
-            records,
+            records: records
+                .into_iter()
+                .map(|record| Incoming {
+                    record,
+                    inline: None,
+                })
+                .collect(),
             fetcher,
             retry: true,
         })
@@ -218,12 +295,8 @@ impl FolderEngine {
         if self.paused.is_some() || self.index_error.is_some() {
             return None;
         }
-        self.skipped
-            .values()
-            .filter(|s| self.fetchers.contains_key(&s.peer))
-            .map(|s| s.retry_ms.saturating_sub(now_ms))
-            .min()
-            .map(std::time::Duration::from_millis)
+        self.skips
+            .next_in(now_ms, |p| self.fetchers.contains_key(p))
     }
 }
 
@@ -407,5 +480,48 @@ mod tests {
         assert_eq!(at(SKIP_AFTER_FAILURES + 3), 480_000);
         assert_eq!(at(SKIP_AFTER_FAILURES + 6), 3_600_000);
         assert_eq!(at(u32::MAX), 3_600_000);
+    }
+
+    /// The book alone, with the time as an input: strikes count one version in a row (a
+    /// newer version starts again), the third strike skips, a due retry is pushed out at once
+    /// so it cannot spin, and only a peer with a known source is ever due.
+    #[test]
+    fn the_book_skips_on_the_third_strike_and_retries_when_due() {
+        let mut book = SkipBook::new(60_000, Vec::new());
+        let x = RelPath::new("x.xml").expect("valid");
+        let paths = HashSet::from([x.clone()]);
+        let v1 = remote_file("x.xml", b"<x/>", 1, false).record;
+        let v2 = remote_update("x.xml", b"<x v=\"2\"/>", 2, 2).record;
+        let fail = |r: &FileRecord| {
+            let mut f = Failures::default();
+            f.note(r, "fetch failed".into(), false);
+            f
+        };
+        let never = |_: &Skipped| false;
+        for (record, skipped_now) in [(&v1, false), (&v1, false), (&v2, false), (&v2, false)] {
+            let mut fails = fail(record);
+            let changes = book.sort("f", "gw2", false, &paths, &mut fails, 1_000, never);
+            assert_eq!(changes.set.is_empty(), !skipped_now);
+            assert_eq!(fails.0.len(), 1, "a strike stops the stream");
+        }
+        let mut fails = fail(&v2);
+        let changes = book.sort("f", "gw2", false, &paths, &mut fails, 1_000, never);
+        assert!(fails.0.is_empty(), "skipped: the stream goes on");
+        assert_eq!(changes.set.len(), 1);
+        assert_eq!(changes.set[0].retry_ms, 61_000);
+        assert_eq!(
+            book.next_in(1_000, |_| true),
+            Some(std::time::Duration::from_secs(60))
+        );
+        assert_eq!(book.next_in(1_000, |_| false), None, "no source, never due");
+        assert!(book.due(60_999, |_| true).is_none());
+        let (peer, records) = book.due(61_000, |_| true).expect("due");
+        assert_eq!((peer.as_str(), records.len()), ("gw2", 1));
+        assert!(book.due(61_000, |_| true).is_none(), "pushed out at once");
+        // The stream brings the path through: the skip is done.
+        let mut none = Failures::default();
+        let changes = book.sort("f", "gw2", false, &paths, &mut none, 62_000, never);
+        assert_eq!(changes.cleared, vec![("gw2".to_owned(), x)]);
+        assert_eq!(book.skipped().count(), 0);
     }
 }

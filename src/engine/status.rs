@@ -108,8 +108,8 @@ impl FolderEngine {
             last_error: self.last_error.clone(),
             conflicts: self.conflicts,
             skipped: self
-                .skipped
-                .values()
+                .skips
+                .skipped()
                 .map(|s| SkippedStatus {
                     path: s.record.path.to_string(),
                     peer: s.peer.clone(),
