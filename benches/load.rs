@@ -3,7 +3,9 @@
 //!
 //! `cargo bench --bench load` (release build). Settings: `ARTISYNC_LOAD_NODES` (10),
 //! `ARTISYNC_LOAD_FILES` (20,000), `ARTISYNC_LOAD_RATE` (changes/s, 200),
-//! `ARTISYNC_LOAD_SECS` (120). It reports:
+//! `ARTISYNC_LOAD_SECS` (120), `ARTISYNC_LOAD_LOG` (the agents' log filter, `warn`), `ARTISYNC_LOAD_KEEP` (keep the
+//! run's directory). It
+//! reports:
 //! - the initial sync of the seeded tree to the empty nodes;
 //! - during the load, once a second: records behind and lag seconds (each agent's own
 //!   `artisync_peer_behind_records` / `artisync_peer_lag_seconds`, the largest over its
@@ -172,20 +174,30 @@ fn main() {
     let n = env_or("ARTISYNC_LOAD_NODES", 10).clamp(2, 26) as usize;
     let files = env_or("ARTISYNC_LOAD_FILES", 20_000) as usize;
     let rate = env_or("ARTISYNC_LOAD_RATE", 200).max(1);
+    // The agents' log filter (`ARTISYNC_LOG`); their logs are in the run's temp dir.
+    let log_level = std::env::var("ARTISYNC_LOAD_LOG").unwrap_or_else(|_| "warn".to_owned());
     let secs = env_or("ARTISYNC_LOAD_SECS", 120);
     println!(
         "load: {n} agents (full mesh), {files} files, {rate} changes/s on random nodes for {secs} s; agent {}",
         bin()
     );
-    let base = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix("artisync-load-")
         .tempdir()
         .expect("tempdir");
+    // `ARTISYNC_LOAD_KEEP=1` keeps the run's trees, states and logs.
+    let (base, _cleanup) = if std::env::var_os("ARTISYNC_LOAD_KEEP").is_some() {
+        let kept = tmp.keep();
+        println!("kept: {}", kept.display());
+        (kept, None)
+    } else {
+        (tmp.path().to_owned(), Some(tmp))
+    };
     let ports = free_ports(2 * n).expect("ports");
     let nodes: Vec<LoadNode> = (0..n)
         .map(|i| {
             let name = format!("n{i:02}");
-            let dir = base.path().join(&name);
+            let dir = base.as_path().join(&name);
             fs::create_dir_all(dir.join("tree").join(FOLDER)).expect("mkdir");
             LoadNode {
                 name: name.clone(),
@@ -193,7 +205,7 @@ fn main() {
                 metrics_port: ports[n + i],
                 root: dir.join("tree").join(FOLDER),
                 config: dir.join("artisync.toml"),
-                log: base.path().join(format!("{name}.log")),
+                log: base.as_path().join(format!("{name}.log")),
             }
         })
         .collect();
@@ -245,7 +257,7 @@ fn main() {
     let t0 = Instant::now();
     let mut agents: Vec<Agent> = nodes
         .iter()
-        .map(|nd| Agent::spawn(&nd.name, nd.port, &nd.config, &nd.log, "warn"))
+        .map(|nd| Agent::spawn(&nd.name, nd.port, &nd.config, &nd.log, &log_level))
         .collect();
     for a in agents.iter_mut() {
         a.wait_serving_every(&rt, Duration::from_millis(20));
