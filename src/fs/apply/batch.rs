@@ -251,7 +251,11 @@ fn make_durable(
     let durable = if staged.len() > SYNCFS_THRESHOLD {
         syncfs(root)
     } else {
-        staged.iter().try_for_each(|(_, s, _)| s.sync())
+        // At the same time: concurrent fsyncs share the file system's journal commits,
+        // where one after another each waits for its own.
+        par::map(staged, staged.len(), |(_, s, _)| s.sync())
+            .into_iter()
+            .collect()
     };
     if let Err(e) = durable {
         for (i, s, _) in staged.drain(..) {
@@ -347,10 +351,11 @@ fn sync_dirs(root: &Path, dirty_dirs: &BTreeSet<PathBuf>, results: &mut [Option<
     let dir_sync = if dirty_dirs.len() > SYNCFS_THRESHOLD {
         syncfs(root)
     } else {
-        dirty_dirs
-            .iter()
-            .filter(|d| d.exists())
-            .try_for_each(|d| sync_dir(d))
+        // At the same time, as the contents (see `make_durable`).
+        let dirs: Vec<&PathBuf> = dirty_dirs.iter().filter(|d| d.exists()).collect();
+        par::map(&dirs, dirs.len(), |d| sync_dir(d))
+            .into_iter()
+            .collect()
     };
     #[cfg(test)]
     let dir_sync = dir_sync.and_then(|()| tests::injected_dir_sync_failure());
