@@ -29,6 +29,15 @@ const BATCH_GROWTH: u32 = 16;
 /// a batch unsendable.
 const BATCH_META_BYTES: u64 = 16 * 1024 * 1024;
 
+/// How long a batch of only relayed rows (each one came from a peer, unchanged) waits after
+/// the batch before it, to take more with it. In a mesh every change reaches a node from each
+/// of its peers: the node that got it first relays it to the others, who mostly have it
+/// already, and a batch per change per subscriber was most of a loaded mesh's work. A row of
+/// this node's own (a local change, a merge) is never held, and takes the held ones along.
+/// A subscriber that can only get a change relayed (its link to the origin is down) gets it
+/// this much later at most.
+pub const RELAY_HOLD: Duration = Duration::from_millis(50);
+
 /// One folder's index as one subscriber is fed it: the rows after `since`, then new rows as
 /// they are committed. Rows whose origin is `skip` (the subscriber itself, in its current
 /// epoch) are left out; the cursor still moves past them, in a batch without records if need
@@ -47,6 +56,8 @@ pub struct Feed {
     ahead: Option<(u64, Vec<StoredRecord>)>,
     /// How many times the base batch size the next batch may be (see `BATCH_GROWTH`).
     scale: u32,
+    /// When the last batch was built (see [`RELAY_HOLD`]).
+    last_built: Option<Instant>,
 }
 
 /// The rows of the next batch, read from the index, contents not read yet (see
@@ -92,6 +103,7 @@ impl FolderHandle {
             announced: false,
             ahead: None,
             scale: 1,
+            last_built: None,
         }
     }
 }
@@ -133,6 +145,16 @@ impl Feed {
         }
     }
 
+    /// How long `pending` should wait before it is read again and sent (see
+    /// [`RELAY_HOLD`]); `None` to send it now.
+    pub fn hold_for(&self, pending: &PendingBatch) -> Option<Duration> {
+        relay_hold(
+            &pending.rows,
+            pending.complete && self.announced,
+            self.last_built.map(|t| t.elapsed()),
+        )
+    }
+
     /// Reads the inline contents of a batch's rows (on blocking threads) and cuts the batch
     /// to its budget; the rows cut off start the next batch. `None` when the blocking task
     /// failed.
@@ -164,6 +186,7 @@ impl Feed {
         self.scale = next_batch_scale(self.scale, complete && rest.is_empty());
         self.ahead = Some((current, rest));
         self.announced = true;
+        self.last_built = Some(Instant::now());
         self.since = up_to;
         Some(FeedBatch {
             up_to_seq: up_to,
@@ -178,6 +201,19 @@ impl Feed {
     pub async fn changed(&mut self) -> bool {
         self.seq_rx.changed().await.is_ok()
     }
+}
+
+/// How long a caught-up batch (`complete`) of `rows` waits when the last batch was built
+/// `since_last` ago: only rows relayed from peers (or none, a batch that only moves the
+/// cursor) wait, until [`RELAY_HOLD`] has passed since the last batch.
+fn relay_hold(
+    rows: &[StoredRecord],
+    complete: bool,
+    since_last: Option<Duration>,
+) -> Option<Duration> {
+    let since_last = since_last?;
+    let relayed_only = rows.iter().all(|r| r.origin.is_some());
+    (complete && relayed_only && since_last < RELAY_HOLD).then(|| RELAY_HOLD - since_last)
 }
 
 /// Reads the content of small live files for inline transfer, on a few threads.
@@ -310,5 +346,47 @@ mod tests {
         let mut large = rows;
         let (inline, rest) = read_inline(dir.path(), &mut large, 1000, NodeId(9), 1000);
         assert_eq!((inline.len(), rest.len()), (4, 0));
+    }
+
+    /// Only a caught-up batch of relayed rows (or of none) waits, and only until
+    /// `RELAY_HOLD` has passed since the last batch; a row of this node's own goes at once.
+    #[test]
+    fn only_relayed_rows_wait_for_more_and_never_past_the_hold() {
+        let row = |origin: Option<&str>| StoredRecord {
+            record: sample(),
+            stat: None,
+            origin: origin.map(|p| Origin {
+                peer: p.into(),
+                epoch: 1,
+            }),
+        };
+        let relayed = vec![row(Some("gw2")), row(Some("gw3"))];
+        let ms = Duration::from_millis;
+        assert_eq!(
+            relay_hold(&relayed, true, Some(ms(10))),
+            Some(RELAY_HOLD - ms(10))
+        );
+        assert_eq!(
+            relay_hold(&[], true, Some(ms(0))),
+            Some(RELAY_HOLD),
+            "cursor only"
+        );
+        assert_eq!(
+            relay_hold(&relayed, true, Some(RELAY_HOLD)),
+            None,
+            "held long enough"
+        );
+        assert_eq!(relay_hold(&relayed, true, None), None, "the first batch");
+        assert_eq!(
+            relay_hold(&relayed, false, Some(ms(1))),
+            None,
+            "catching up"
+        );
+        let mixed = vec![row(Some("gw2")), row(None)];
+        assert_eq!(
+            relay_hold(&mixed, true, Some(ms(1))),
+            None,
+            "an own row goes at once"
+        );
     }
 }

@@ -209,6 +209,18 @@ async fn pump_folder(
                 return;
             }
         };
+        if let Some(wait) = feed.hold_for(&pending) {
+            // Only rows relayed from peers: more may come to go with them (the rows are read
+            // again then, from memory).
+            tokio::select! {
+                _ = svc.cancel.cancelled() => return,
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(wait) => {}
+                // A change of this node's own is not held: look again.
+                changed = feed.changed() => if !changed { return },
+            }
+            continue;
+        }
         // A place in the stream's queue first, the contents after: a subscriber that does
         // not read pins the batch on the wire and the one queued, never a third one built
         // and waiting to be queued.
