@@ -73,10 +73,34 @@ macro_rules! index_page_sql {
         json_rows_sql!(
             ", count(*), max(path) FROM (SELECT * FROM files WHERE folder = ? ",
             $after,
-            " ORDER BY path LIMIT ?)"
+            " ORDER BY path LIMIT CAST(? AS INTEGER))"
         )
     };
 }
+
+// The `LIMIT` of these reads takes its parameter through a CAST, never as a bare `?`. Given a
+// bare parameter, SQLite (the bundled 3.51) compiles the bound value into the program and flags
+// the parameter, so that binding it again expires the statement; sqlx binds every parameter at
+// every execution, so every run of the cached statement compiled it anew at its first step
+// (`sqlite3Reprepare`: 16% of an agent's CPU under load). Behind the CAST the limit is read when
+// the statement runs; the plan is the same. (Turning the planner's use of bound values off,
+// SQLITE_DBCONFIG_ENABLE_QPSG, would do too, but only through unsafe FFI.)
+
+/// The first page of [`Store::load_index`]: folder, limit.
+const INDEX_FIRST_PAGE_SQL: &str = index_page_sql!("");
+/// A later page of [`Store::load_index`]: folder, last path of the page before, limit.
+const INDEX_NEXT_PAGE_SQL: &str = index_page_sql!("AND path > ?");
+/// [`Store::since`]: folder, seq, limit.
+const SINCE_SQL: &str = json_rows_sql!(
+    " FROM (SELECT * FROM files WHERE folder = ? AND seq > ? ORDER BY seq \
+     LIMIT CAST(? AS INTEGER))"
+);
+/// [`Store::since`] leaving out one origin: folder, seq, origin peer, origin epoch, limit.
+/// `IS`, not `=`: a row without origin (NULLs) must compare as "other", not NULL.
+const SINCE_EXCEPT_SQL: &str = json_rows_sql!(
+    " FROM (SELECT * FROM files WHERE folder = ? AND seq > ? \
+     AND NOT (origin_peer IS ? AND origin_epoch IS ?) ORDER BY seq LIMIT CAST(? AS INTEGER))"
+);
 
 impl Store {
     /// Every stored record of a folder.
@@ -129,8 +153,8 @@ impl Store {
         let mut after: Option<String> = None;
         loop {
             let query = match &after {
-                None => sqlx::query(index_page_sql!("")).bind(folder),
-                Some(last) => sqlx::query(index_page_sql!("AND path > ?"))
+                None => sqlx::query(INDEX_FIRST_PAGE_SQL).bind(folder),
+                Some(last) => sqlx::query(INDEX_NEXT_PAGE_SQL)
                     .bind(folder)
                     .bind(last.clone()),
             };
@@ -197,20 +221,12 @@ impl Store {
         // One JSON value for the whole batch, as in `load_index`: row by row, sqlx costs
         // several microseconds a row, and this runs for every batch sent to every peer.
         let query = match except {
-            None => sqlx::query(json_rows_sql!(
-                " FROM (SELECT * FROM files WHERE folder = ? AND seq > ? ORDER BY seq LIMIT ?)"
-            ))
-            .bind(folder)
-            .bind(to_db(seq)),
-            // `IS`, not `=`: a row without origin (NULLs) must compare as "other", not NULL.
-            Some(o) => sqlx::query(json_rows_sql!(
-                " FROM (SELECT * FROM files WHERE folder = ? AND seq > ? \
-                 AND NOT (origin_peer IS ? AND origin_epoch IS ?) ORDER BY seq LIMIT ?)"
-            ))
-            .bind(folder)
-            .bind(to_db(seq))
-            .bind(o.peer.as_str())
-            .bind(to_db(o.epoch)),
+            None => sqlx::query(SINCE_SQL).bind(folder).bind(to_db(seq)),
+            Some(o) => sqlx::query(SINCE_EXCEPT_SQL)
+                .bind(folder)
+                .bind(to_db(seq))
+                .bind(o.peer.as_str())
+                .bind(to_db(o.epoch)),
         };
         let row = query
             .bind(i64::from(limit))
@@ -604,6 +620,35 @@ mod tests {
                 .expect("since")
                 .is_empty()
         );
+    }
+
+    /// Regression: with a bare `LIMIT ?`, SQLite compiled the bound limit into the program of
+    /// `since` (and of the index pages), which makes it expire the statement whenever that
+    /// parameter is bound again: every call prepared the statement anew. Such a program holds
+    /// the bound value as a constant, which is what EXPLAIN shows.
+    #[tokio::test]
+    async fn the_limit_of_the_feed_and_index_reads_is_not_compiled_into_their_statements() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).await.expect("open");
+        const LIMIT: i64 = 7919;
+        for sql in [
+            SINCE_SQL,
+            SINCE_EXCEPT_SQL,
+            INDEX_FIRST_PAGE_SQL,
+            INDEX_NEXT_PAGE_SQL,
+        ] {
+            // The limit is the last parameter of each.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")));
+            for _ in 1..sql.matches('?').count() {
+                q = q.bind(0_i64);
+            }
+            let program = q.bind(LIMIT).fetch_all(&store.pool).await.expect("explain");
+            assert!(!program.is_empty());
+            let bound_into_program = program
+                .iter()
+                .any(|op| op.get::<String, _>(1) == "Integer" && op.get::<i64, _>(2) == LIMIT);
+            assert!(!bound_into_program, "{sql}");
+        }
     }
 
     #[tokio::test]
