@@ -1,7 +1,12 @@
 //! Keeping the losing side of a conflict, or a held local file a peer version replaces, as a
 //! copy under the conflicts directory, named after the node that wrote it.
 
-use super::*;
+use tracing::{debug, warn};
+
+use crate::engine::{FolderEngine, block};
+use crate::fs::apply;
+use crate::model::{FileRecord, Hash, Hlc, NodeId, RelPath};
+use crate::store::ConflictEntry;
 
 impl FolderEngine {
     /// Keeps the local bytes that lose a conflict under `state_dir/conflicts/<folder>/<path>.<node>.<stamp>`.
@@ -134,7 +139,9 @@ impl FolderEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::EngineError;
     use crate::engine::testing::*;
+    use crate::fs::watch::Change;
 
     /// A peer's new file never overwrites a local file the index does not know yet: the
     /// write fails, the local file is looked at, and the next attempt meets it as a

@@ -1,6 +1,11 @@
 //! Deploying artifacts from the database into the folder (see [`DeployRequest`]).
 
-use super::*;
+use std::collections::BTreeSet;
+
+use crate::engine::{DeployRequest, EngineError, FolderEngine, FolderHandle, block};
+use crate::fs::apply;
+use crate::fs::apply::{Content, Op};
+use crate::model::{Hash, RelPath};
 
 impl FolderEngine {
     pub(in crate::engine) async fn on_deploy(

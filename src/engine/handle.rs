@@ -2,7 +2,19 @@
 //! it sends, what a peer batch carries ([`RemoteBatch`], [`Incoming`], [`Inline`]), the content
 //! source of a peer ([`Fetcher`]), and what a peer may fetch ([`FolderHandle::open_for_peer`]).
 
-use super::*;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::engine::FolderStatus;
+use crate::fs::ignore::Ignore;
+use crate::fs::scan;
+use crate::fs::watch::Change;
+use crate::liveness;
+use crate::liveness::{EngineReport, Liveness};
+use crate::model::{FileRecord, Hash, RelPath};
+use crate::store::{Cursor, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -10,7 +10,14 @@
 //! a rescan records the local changes. Once that goes through, the folder takes changes
 //! again. No restart is needed, and none would help while the disk is full.
 
-use super::*;
+use std::collections::HashMap;
+
+use tracing::{debug, info, warn};
+
+use crate::engine::{EngineError, FolderEngine};
+use crate::fs::watch::Change;
+use crate::model::Replica;
+use crate::store::StoreError;
 
 impl FolderEngine {
     /// Stops the folder taking changes when `e` says the index could not be written.

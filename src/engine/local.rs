@@ -1,7 +1,16 @@
 //! Local changes: a watcher hint or a rescan becomes a `look` at each path (stat + hash), the
 //! model's `observe_local`, and an index commit that wakes the subscribers.
 
-use super::*;
+use std::collections::BTreeSet;
+
+use tracing::{debug, info, warn};
+
+use crate::engine::{EngineError, FolderEngine, block};
+use crate::fs::scan::Look;
+use crate::fs::watch::Change;
+use crate::fs::{par, scan, xml};
+use crate::model::{Kind, RelPath};
+use crate::store::{SkipChanges, StatKey, StoredRecord};
 
 /// Longest a local change waits for a chain of peer batches (see `remote_chain`). Ending a
 /// chain costs the overlap of one batch, so this bounds that cost to one batch a second of

@@ -25,11 +25,10 @@
 //! - `feed`: what a subscriber is sent ([`Feed`]): the batching policy and the inline reads.
 //! - `status`: [`FolderStatus`] and what is published after every message.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -57,25 +56,17 @@ pub use skip::SKIP_AFTER_FAILURES;
 pub use status::{ClockAhead, FolderStatus, SkippedStatus};
 
 use handle::Msg;
-use local::{merge_changes, waited_enough};
-use skip::{Failures, SkipBook, node_wide};
+use skip::SkipBook;
 
 use crate::config::{Config, FolderConfig};
-use crate::fs::apply::{self, Content, Op};
+use crate::fs::apply;
 use crate::fs::ignore::Ignore;
 use crate::fs::own::OwnWrites;
-use crate::fs::par;
-use crate::fs::scan::{self, Look};
+use crate::fs::scan;
 use crate::fs::watch::Change;
-use crate::fs::xml;
-use crate::liveness::{self, EngineReport, Liveness, StopOnDrop};
-use crate::model::{
-    Causality, Decision, FileRecord, Hash, Hlc, Kind, NodeId, RelPath, Replica, VersionVector,
-};
-use crate::store::{
-    ConflictEntry, Cursor, Journal, Origin, SkipChanges, Skipped, StatKey, Store, StoreError,
-    StoredRecord,
-};
+use crate::liveness::{Liveness, StopOnDrop};
+use crate::model::{Hash, NodeId, RelPath, Replica};
+use crate::store::{Cursor, SkipChanges, Skipped, StatKey, Store};
 
 /// Names of the nodes seen so far (from peer batches), for naming conflict copies.
 pub type NodeNames = Arc<Mutex<HashMap<NodeId, String>>>;

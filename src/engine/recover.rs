@@ -2,9 +2,14 @@
 //! index are adopted from the batch journal (see `Store::journal_applying`), before the
 //! start-up scan would take them for local writes.
 
-use super::*;
+use std::path::Path;
+
+use tracing::info;
+
+use crate::engine::{EngineError, FolderEngine, block};
 use crate::fs::scan;
-use crate::model::Causality;
+use crate::model::{Causality, FileRecord, Kind};
+use crate::store::{Journal, SkipChanges, StatKey, StoredRecord};
 
 impl FolderEngine {
     /// Adopts every journaled record that the disk holds exactly (a live file with its hash,
@@ -77,8 +82,9 @@ fn on_disk_as(full: &Path, record: &FileRecord) -> Option<Option<StatKey>> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::engine::testing::*;
+    use crate::model::NodeId;
+    use crate::store::Store;
 
     /// A crash after a peer's file was placed and before its batch was committed: the next
     /// start adopts the journaled record (the peer's version, not a new local write that

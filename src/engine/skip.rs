@@ -1,7 +1,13 @@
 //! The strikes/skip/retry book: a peer change failing [`SKIP_AFTER_FAILURES`] times in a row
 //! is skipped (kept in the index), and retried later with a doubling delay.
 
-use super::*;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use tracing::{info, warn};
+
+use crate::engine::{FolderEngine, Incoming, RemoteBatch};
+use crate::model::{Causality, FileRecord, RelPath, VersionVector};
+use crate::store::{SkipChanges, Skipped};
 
 /// One record of a batch that could not be applied.
 #[derive(Debug)]
@@ -303,7 +309,9 @@ impl FolderEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::EngineError;
     use crate::engine::testing::*;
+    use std::sync::Arc;
 
     /// A change that fails three times in a row stops its stream twice, then is skipped: the
     /// cursor moves past it, the rest applies, status and the index list it, and a retry

@@ -1,7 +1,13 @@
 //! What the engine reports: the [`FolderStatus`] the admin service shows, a peer clock ahead
 //! of ours ([`ClockAhead`]), and the status published after every message.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use tracing::warn;
+
+use crate::engine::FolderEngine;
+use crate::model::RelPath;
 
 /// Live state of a folder, as `artisync status` shows it.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
@@ -135,7 +141,14 @@ impl FolderEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::FetchError;
+    use crate::engine::Fetcher;
+    use crate::engine::Fetching;
     use crate::engine::testing::*;
+    use crate::liveness;
+    use crate::model::Hash;
+    use std::path::Path;
+    use std::sync::Arc;
 
     /// A peer that serves one file's bytes once the test opens its gate: the engine stays
     /// busy in the fetch until then.

@@ -2,7 +2,11 @@
 //! batches from a peer, an engine on a temp dir.
 
 use super::*;
-use crate::model::{Stamp, VersionVector};
+use std::path::Path;
+
+use crate::liveness;
+use crate::model::{FileRecord, Hlc, Kind, Stamp, VersionVector};
+use crate::store::{Origin, StoredRecord};
 
 /// A peer whose content cannot be fetched.
 pub(crate) struct NoFetch;

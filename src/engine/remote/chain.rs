@@ -1,7 +1,15 @@
 //! The chain of peer batches: the next batch is staged while the one before it is finished on
 //! a blocking thread, and a local change waits for the chain (at most `LOCAL_DEFER_MAX`).
 
-use super::*;
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+use crate::engine::handle::Msg;
+use crate::engine::local::{merge_changes, waited_enough};
+use crate::engine::{EngineError, FolderEngine, RemoteBatch};
+use crate::fs::watch::Change;
+
+use super::{InFlight, Reply, Settled};
 
 impl FolderEngine {
     /// Applies a peer batch, and the batches queued right behind it, as a pipeline: while
@@ -139,7 +147,10 @@ impl FolderEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Incoming;
     use crate::engine::testing::*;
+    use crate::fs::apply;
+    use crate::model::RelPath;
 
     /// Batches queued back to back are staged while the one before is finished; one that
     /// touches a path of the batch in flight waits for it, so the later version wins, and the

@@ -2,11 +2,19 @@
 //! and an index commit with the peer cursor. Batches are chained (`chain`): one is staged
 //! (`stage`) while the one before is finished and committed (`settle`).
 
+use std::collections::{BTreeSet, HashSet};
+
+use tokio::sync::oneshot;
+
+use crate::engine::skip::Failures;
+use crate::engine::{EngineError, FolderEngine, RemoteBatch};
+use crate::fs::apply;
+use crate::model::{FileRecord, RelPath};
+use crate::store::{Cursor, SkipChanges, StoredRecord};
+
 mod chain;
 mod settle;
 mod stage;
-
-use super::*;
 
 /// A peer batch decided and staged, waiting for its durability and placement.
 pub(in crate::engine) struct PreparedRemote {

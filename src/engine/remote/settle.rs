@@ -1,7 +1,17 @@
 //! Settling a staged peer batch once its disk ops are done: the replica, the skip book, the
 //! index commit with the peer cursor, and the session's answer.
 
-use super::*;
+use std::collections::{BTreeSet, HashMap};
+
+use tracing::{debug, info, warn};
+
+use crate::engine::skip::node_wide;
+use crate::engine::{EngineError, FolderEngine};
+use crate::fs::apply;
+use crate::model::{FileRecord, Kind, RelPath};
+use crate::store::{Cursor, Journal, Origin, StoredRecord};
+
+use super::{PreparedRemote, Reply, Settled};
 
 impl FolderEngine {
     /// Second half of a peer batch, once its disk operations are done (`joined`: the finish
@@ -287,6 +297,8 @@ impl FolderEngine {
 mod tests {
     use super::*;
     use crate::engine::testing::*;
+    use crate::fs::watch::Change;
+    use crate::model::Hlc;
 
     /// A version taken exactly as the peer sent it (a new path, a dominating version, a
     /// tombstone with nothing to remove) carries the batch's origin; a local re-observation

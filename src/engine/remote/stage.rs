@@ -1,8 +1,23 @@
 //! Staging a peer batch: decide each record with the model, re-check the disk, fetch large
 //! contents, and stage the disk ops (nothing placed yet).
 
-use super::*;
+use std::collections::{BTreeSet, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+
 use crate::engine::plan::{self, Step};
+use crate::engine::skip::{Failures, node_wide};
+use crate::engine::{
+    EngineError, FetchError, Fetcher, FolderEngine, Incoming, Inline, RemoteBatch, block,
+};
+use crate::fs::apply::{Content, Op};
+use crate::fs::{apply, scan};
+use crate::model::{Decision, FileRecord, Hash, Kind, RelPath};
+use crate::store::SkipChanges;
+
+use super::{FETCHES_AT_ONCE, PreparedRemote};
 
 /// A record to put on disk: (record decided, record as the peer sent it, conflict copy,
 /// content that travelled inline).
@@ -500,7 +515,9 @@ impl FolderEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Fetching;
     use crate::engine::testing::*;
+    use std::path::Path;
 
     /// A peer that serves one file's bytes, but first lets a local program write the target:
     /// the write lands after the batch was decided and before the peer's version is put in
