@@ -29,26 +29,19 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Writes cursors of `folder` on their own, in one transaction: the cursors of batches
-    /// that changed nothing here, which the engine writes late (see `engine::remote`'s
-    /// lazy cursors).
+    /// Writes cursors of `folder` on their own, each in a commit of its own: the cursors of
+    /// batches that changed nothing here, which the engine writes late (see
+    /// `engine::LazyCursors`).
     pub async fn put_cursors(
         &self,
         folder: &str,
         cursors: &[(String, Cursor)],
     ) -> Result<(), StoreError> {
-        let mut conn = self.write_conn().await?;
-        let result = async {
-            let mut tx = sqlx::Connection::begin(&mut *conn)
-                .await
-                .map_err(|e| self.db_err(e))?;
-            for (peer, c) in cursors {
-                self.put_cursor(&mut tx, peer, folder, *c).await?;
-            }
-            tx.commit().await.map_err(|e| self.db_err(e))
+        for (peer, c) in cursors {
+            self.commit(folder, &[], Some((peer, *c)), &Default::default())
+                .await?;
         }
-        .await;
-        self.written(conn, result)
+        Ok(())
     }
 
     /// Writes a peer's cursor of a folder, in the transaction of the batch that advances it.

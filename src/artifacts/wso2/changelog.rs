@@ -116,6 +116,7 @@ impl ChangeLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::artifacts::wso2::source::tests::summary;
 
     const API: &str = "6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c";
     const API2: &str = "0b6f7d4e-1c2a-4f3b-8e9d-5a6b7c8d9e0f";
@@ -132,20 +133,6 @@ mod tests {
         entries
             .iter()
             .map(|(a, l, f)| ((a.to_string(), l.to_string()), f.clone()))
-            .collect()
-    }
-
-    fn summary(events: &[Event]) -> Vec<(i64, &str, &str, &str)> {
-        events
-            .iter()
-            .map(|e| {
-                (
-                    e.id,
-                    e.artifact_id.as_str(),
-                    e.label.as_str(),
-                    e.instruction.as_str(),
-                )
-            })
             .collect()
     }
 

@@ -17,7 +17,7 @@ use crate::artifacts::{ArtifactMeta, Bundle, Event};
 
 mod query;
 #[cfg(test)]
-mod tests;
+pub(in crate::artifacts::wso2) mod tests;
 
 /// The change log and when the tables were last scanned.
 struct Scanned {

@@ -22,7 +22,8 @@ fn labels(l: &[&str]) -> Vec<String> {
     l.iter().map(|s| s.to_string()).collect()
 }
 
-fn summary(events: &[Event]) -> Vec<(i64, &str, &str, &str)> {
+/// Events as (id, artifact, label, instruction), for comparing.
+pub(in crate::artifacts::wso2) fn summary(events: &[Event]) -> Vec<(i64, &str, &str, &str)> {
     events
         .iter()
         .map(|e| {
