@@ -145,6 +145,11 @@ impl Feed {
         }
     }
 
+    /// True when the folder has committed more since `pending` was read.
+    pub fn moved_since(&self, pending: &PendingBatch) -> bool {
+        *self.seq_rx.borrow() != pending.current
+    }
+
     /// How long `pending` should wait before it is read again and sent (see
     /// [`RELAY_HOLD`]); `None` to send it now.
     pub fn hold_for(&self, pending: &PendingBatch) -> Option<Duration> {

@@ -231,6 +231,22 @@ async fn pump_folder(
                 Err(_) => return,
             },
         };
+        // Rows read before the wait for a place are a snapshot: under backpressure (a slow
+        // subscriber) the wait can be long, and everything committed meanwhile goes too,
+        // in this batch, not one small batch per wake.
+        let pending = if feed.moved_since(&pending) {
+            match feed.next_rows().await {
+                Ok(Some(fresh)) => fresh,
+                Ok(None) => pending,
+                Err(e) => {
+                    warn!(folder = %folder, peer = %subscriber, error = %e, "cannot read index for peer");
+                    let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                    return;
+                }
+            }
+        } else {
+            pending
+        };
         let Some(built) = feed.build(pending).await else {
             return;
         };
