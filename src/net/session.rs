@@ -29,6 +29,9 @@ const BATCHES_IN_FLIGHT: usize = 3;
 /// moving and hands the engine one batch, one durability pass, for all of them: with ten
 /// nodes, a change waited tens of seconds in that window while its batch's turn came.
 const MERGED_RECORDS_MAX: usize = 4000;
+/// Inline contents of the merged batches at most (a peer's single batch is bounded by the
+/// message size anyway).
+const MERGED_INLINE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// A fetch that receives nothing for this long is abandoned (a hung peer must not block the
 /// folder's engine).
 const FETCH_STALL: Duration = Duration::from_secs(30);
@@ -387,9 +390,9 @@ impl PeerSession {
                     in_flight.push_back((Box::pin(answer), max_seq, arrived));
                 }
             }
-            let reading = waiting
-                .as_ref()
-                .is_none_or(|m| m.records.len() < MERGED_RECORDS_MAX);
+            let reading = waiting.as_ref().is_none_or(|m| {
+                m.records.len() < MERGED_RECORDS_MAX && m.inline_bytes() < MERGED_INLINE_BYTES_MAX
+            });
             let next = tokio::select! {
                 biased;
                 // Answers first: a failure must stop the stream before more is queued.
@@ -540,6 +543,13 @@ impl Merged {
             records: self.records,
             arrived: self.arrived,
         })
+    }
+
+    fn inline_bytes(&self) -> usize {
+        self.records
+            .iter()
+            .filter_map(|r| r.inline.as_ref().map(|i| i.as_bytes().len()))
+            .sum()
     }
 
     fn into_batch(
