@@ -386,7 +386,7 @@ impl PeerSession {
                         .queue_remote(m.into_batch(name.clone(), stream_id, fetcher.clone()))
                         .await
                         .map_err(engine_err)?;
-                    debug!(peer = %name, folder = %handle.id, up_to_seq, since_arrival_ms = crate::now_ms().saturating_sub(arrived), "peer batches queued, merged");
+                    debug!(peer = %name, folder = %handle.id, up_to_seq, since_arrival_ms = crate::now_ms().saturating_sub(arrived), "peer batch queued");
                     in_flight.push_back((Box::pin(answer), max_seq, arrived));
                 }
             }
@@ -492,21 +492,12 @@ impl PeerSession {
                 records,
                 arrived,
             };
-            if waiting.is_some() || in_flight.len() >= BATCHES_IN_FLIGHT {
-                // The engine has enough for now: this batch waits, merged with the others
-                // that come meanwhile.
-                waiting = Some(match waiting.take() {
-                    None => received,
-                    Some(m) => m.merge(received).map_err(perr)?,
-                });
-                continue;
-            }
-            let answer = handle
-                .queue_remote(received.into_batch(name.clone(), stream_id, fetcher.clone()))
-                .await
-                .map_err(engine_err)?;
-            debug!(peer = %name, folder = %handle.id, up_to_seq, since_arrival_ms = crate::now_ms().saturating_sub(arrived), "peer batch queued");
-            in_flight.push_back((Box::pin(answer), max_seq, arrived));
+            // Queued at the top of the loop when the engine has room; until then merged with
+            // the batches that come meanwhile.
+            waiting = Some(match waiting.take() {
+                None => received,
+                Some(m) => m.merge(received).map_err(perr)?,
+            });
         }
     }
 }
