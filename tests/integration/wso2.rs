@@ -17,7 +17,7 @@ use artisync::artifacts::wso2::testing::{
 };
 use serde_json::Value;
 
-use crate::common::db::{RETRIEVE_TIMEOUT, retriever_status, tree_is, wait_failing};
+use crate::common::db::{RETRIEVE_TIMEOUT, per_backend, retriever_status, tree_is, wait_failing};
 use crate::common::*;
 
 const PIZZA: &str = "6f1c2a9e-3b1d-4c2e-9a8f-0d1e2f3a4b5c";
@@ -33,30 +33,7 @@ const OTHER_LABEL: &str = "Internal";
 /// In a broken row: must never reach a log.
 const SECRET: &str = "s3cret-in-a-broken-row";
 
-/// One test per database backend for each scenario: `<scenario>::{sqlite, postgres, mysql}`.
-macro_rules! on_every_backend {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                use super::Backend;
-                #[test]
-                fn sqlite() {
-                    super::$scenario(Backend::Sqlite);
-                }
-                #[test]
-                fn postgres() {
-                    super::$scenario(Backend::Postgres);
-                }
-                #[test]
-                fn mysql() {
-                    super::$scenario(Backend::MySql);
-                }
-            }
-        )*
-    };
-}
-
-on_every_backend!(wso2_shared_files, wso2_tenants, wso2_schema);
+per_backend!(wso2_shared_files, wso2_tenants, wso2_schema);
 
 /// A fresh database with WSO2's tables, and the runtime its pool lives on; dropped (best
 /// effort) at the end, after the nodes declared later have stopped.
