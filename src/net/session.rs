@@ -391,7 +391,7 @@ impl PeerSession {
                 }
             }
             let reading = waiting.as_ref().is_none_or(|m| {
-                m.records.len() < MERGED_RECORDS_MAX && m.inline_bytes() < MERGED_INLINE_BYTES_MAX
+                m.records.len() < MERGED_RECORDS_MAX && m.inline_bytes < MERGED_INLINE_BYTES_MAX
             });
             let next = tokio::select! {
                 biased;
@@ -485,13 +485,7 @@ impl PeerSession {
                     }
                 }
             }
-            let received = Merged {
-                epoch,
-                up_to_seq,
-                max_seq,
-                records,
-                arrived,
-            };
+            let received = Merged::new(epoch, up_to_seq, max_seq, records, arrived);
             // Queued at the top of the loop when the engine has room; until then merged with
             // the batches that come meanwhile.
             waiting = Some(match waiting.take() {
@@ -511,9 +505,27 @@ struct Merged {
     records: Vec<Incoming>,
     /// When the first of them arrived (ms since the epoch).
     arrived: u64,
+    /// The inline contents of `records`, in bytes.
+    inline_bytes: usize,
+}
+
+fn inline_len(r: &Incoming) -> usize {
+    r.inline.as_ref().map_or(0, |i| i.as_bytes().len())
 }
 
 impl Merged {
+    fn new(epoch: u64, up_to_seq: u64, max_seq: u64, records: Vec<Incoming>, arrived: u64) -> Self {
+        let inline_bytes = records.iter().map(inline_len).sum();
+        Self {
+            epoch,
+            up_to_seq,
+            max_seq,
+            records,
+            arrived,
+            inline_bytes,
+        }
+    }
+
     /// `self` followed by `next`, the batch after it on the same stream. A path in both keeps
     /// `next`'s record: the peer's index replaced the earlier one with it (a peer sends one
     /// row per path, its newest). Refused when the epochs differ (a stream has one).
@@ -525,7 +537,14 @@ impl Merged {
             ));
         }
         let newer: HashSet<&RelPath> = next.records.iter().map(|r| &r.record.path).collect();
-        self.records.retain(|r| !newer.contains(&r.record.path));
+        let mut inline_bytes = self.inline_bytes + next.inline_bytes;
+        self.records.retain(|r| {
+            let keep = !newer.contains(&r.record.path);
+            if !keep {
+                inline_bytes -= inline_len(r);
+            }
+            keep
+        });
         self.records.extend(next.records);
         Ok(Merged {
             epoch: self.epoch,
@@ -533,14 +552,8 @@ impl Merged {
             max_seq: next.max_seq.max(self.max_seq),
             records: self.records,
             arrived: self.arrived,
+            inline_bytes,
         })
-    }
-
-    fn inline_bytes(&self) -> usize {
-        self.records
-            .iter()
-            .filter_map(|r| r.inline.as_ref().map(|i| i.as_bytes().len()))
-            .sum()
     }
 
     fn into_batch(
@@ -706,21 +719,21 @@ mod tests {
     /// arrival, and a batch of another epoch is refused (a stream has one).
     #[test]
     fn merged_batches_keep_the_later_record_of_a_path() {
+        // Each record carries `seq` bytes inline.
         let incoming = |path: &str, seq: u64| {
             let mut record = crate::model::sample_record();
             record.path = RelPath::new(path).expect("valid");
             record.seq = seq;
+            let bytes = vec![b'x'; seq as usize];
+            let hash = *blake3::hash(&bytes).as_bytes();
+            record.hash = Some(hash);
             Incoming {
                 record,
-                inline: None,
+                inline: crate::engine::Inline::verified(bytes, &hash),
             }
         };
-        let batch = |epoch, up_to_seq, arrived, records| Merged {
-            epoch,
-            up_to_seq,
-            max_seq: up_to_seq + 5,
-            records,
-            arrived,
+        let batch = |epoch, up_to_seq, arrived, records| {
+            Merged::new(epoch, up_to_seq, up_to_seq + 5, records, arrived)
         };
         let first = batch(7, 2, 100, vec![incoming("a.xml", 1), incoming("b.xml", 2)]);
         let second = batch(7, 4, 200, vec![incoming("a.xml", 3), incoming("c.xml", 4)]);
@@ -734,6 +747,11 @@ mod tests {
         assert_eq!(
             (merged.up_to_seq, merged.max_seq, merged.arrived),
             (4, 9, 100)
+        );
+        assert_eq!(
+            merged.inline_bytes,
+            2 + 3 + 4,
+            "the replaced record's bytes are gone"
         );
         let other = batch(8, 5, 300, vec![incoming("d.xml", 5)]);
         assert!(merged.merge(other).is_err(), "another epoch is refused");
