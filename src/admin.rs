@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{FolderHandle, FolderStatus};
 use crate::liveness::{self, ENGINE_STALL_LIMIT, EngineReport};
-use crate::model::NodeId;
+use crate::model::{FolderId, NodeId};
 use crate::net::{PeerStatus, PeerStatuses};
 use crate::pb::admin as pb;
 use crate::store::{ConflictEntry, Store};
@@ -45,10 +45,10 @@ pub struct FolderReport {
 #[derive(Clone)]
 pub struct AdminService {
     pub node: NodeId,
-    pub node_name: String,
+    pub node_name: crate::model::PeerName,
     pub listen: String,
     pub started: std::time::Instant,
-    pub folders: Arc<HashMap<String, FolderHandle>>,
+    pub folders: Arc<HashMap<FolderId, FolderHandle>>,
     pub peers: PeerStatuses,
     pub store: Store,
     pub retriever: Option<crate::artifacts::retriever::RetrieverHandle>,
@@ -81,7 +81,7 @@ impl AdminService {
             .collect();
         folders.sort_by(|a, b| a.status.id.cmp(&b.status.id));
         StatusReport {
-            node: self.node_name.clone(),
+            node: self.node_name.to_string(),
             node_id: self.node.to_string(),
             listen: self.listen.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -100,7 +100,7 @@ impl AdminService {
 pub(crate) fn in_sync(f: &FolderStatus, engine: &EngineReport, peers: &[PeerStatus]) -> bool {
     let peers_done = peers
         .iter()
-        .all(|p| p.connected && p.behind.get(&f.id).is_some_and(|b| *b == 0));
+        .all(|p| p.connected && p.behind.get(f.id.as_str()).is_some_and(|b| *b == 0));
     f.paused.is_none()
         && f.index_error.is_none()
         && f.held.is_empty()
@@ -137,7 +137,7 @@ impl pb::admin_server::Admin for AdminService {
         let folder = request.into_inner().folder;
         let handle = self
             .folders
-            .get(&folder)
+            .get(folder.as_str())
             .ok_or_else(|| Status::not_found(format!("no folder {folder:?}")))?;
         let text = handle
             .resume()
@@ -275,7 +275,7 @@ mod tests {
         let peer = PeerStatus {
             name: "gw2".into(),
             connected: true,
-            behind: [("synapse-configs".to_owned(), 0)].into(),
+            behind: [(FolderId::literal("synapse-configs"), 0)].into(),
             ..Default::default()
         };
         let engine = |state| EngineReport {

@@ -28,7 +28,9 @@ pub enum CertError {
     Rcgen(#[from] rcgen::Error),
     #[error("{0} already exists; remove it first to replace it")]
     Exists(PathBuf),
-    #[error("--name {0:?} must be 1-64 characters of letters, digits, '-', '_' or '.'")]
+    #[error(
+        "--name {0:?} must be 1-64 characters of letters, digits, '-', '_' or '.' (not . or ..)"
+    )]
     Name(String),
 }
 

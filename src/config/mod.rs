@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::model::{FolderId, PeerName};
 use serde::Deserialize;
 
 mod retriever;
@@ -43,7 +44,7 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Unique human name of this node in the cluster (logs, status, conflict copy names).
-    pub node: String,
+    pub node: PeerName,
     /// gRPC listen address for peers and the health probe.
     pub listen: SocketAddr,
     /// Directory for the index, node id, conflict copies and the admin socket.
@@ -120,7 +121,7 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields)]
 pub struct FolderConfig {
     /// Folder id, the same on every node (e.g. `synapse-configs`).
-    pub id: String,
+    pub id: FolderId,
     /// Local root directory of the folder.
     pub path: PathBuf,
     /// Extra glob patterns (relative to the root) that are never synced.
@@ -135,7 +136,7 @@ pub struct FolderConfig {
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// The peer's node name (as in its own `node` key).
-    pub name: String,
+    pub name: PeerName,
     /// `http://host:port` (plaintext) or `https://host:port` (TLS).
     pub address: Option<String>,
 }
@@ -198,15 +199,6 @@ impl Config {
 
     /// Checks everything serde cannot: names, paths, addresses, cross-references.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !valid_name(&self.node) {
-            return Err(invalid(
-                "node",
-                format!(
-                    "{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
-                    self.node
-                ),
-            ));
-        }
         if self.state_dir.as_os_str().is_empty() || !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
         }
@@ -304,15 +296,6 @@ impl Config {
             .map_err(|e| invalid("state_dir", format!("{}: {e}", self.state_dir.display())))?;
         for (i, f) in self.folders.iter().enumerate() {
             let key = format!("folder[{i}]");
-            if !valid_name(&f.id) {
-                return Err(invalid(
-                    format!("{key}.id"),
-                    format!(
-                        "{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
-                        f.id
-                    ),
-                ));
-            }
             if !ids.insert(f.id.as_str()) {
                 return Err(invalid(
                     format!("{key}.id"),
@@ -387,12 +370,6 @@ impl Config {
         let mut names = HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
             let key = format!("peer[{i}]");
-            if !valid_name(&p.name) {
-                return Err(invalid(
-                    format!("{key}.name"),
-                    format!("{:?} is not a valid node name", p.name),
-                ));
-            }
             if p.name == self.node {
                 return Err(invalid(
                     format!("{key}.name"),
@@ -498,13 +475,7 @@ fn resolve_existing_prefix(path: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
-/// A node, folder or publisher name: 1-64 letters, digits, '-', '_' or '.'.
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
+pub use crate::model::valid_name;
 
 /// Splits a peer address into (uses TLS, host). Errors name the problem.
 pub fn parse_peer_address(address: &str) -> Result<(bool, String), String> {

@@ -467,3 +467,26 @@ fn example_config_in_repo_parses_after_path_substitution() {
     assert_eq!(c.folders.len(), 2);
     assert_eq!(c.peers.len(), 1);
 }
+
+#[test]
+fn names_that_are_not_names_are_refused_where_they_stand() {
+    let dir = setup();
+    let b = base(dir.path());
+    for (from, to, what) in [
+        (
+            "id = \"synapse-configs\"",
+            "id = \"..\"",
+            "folder id \"..\"",
+        ),
+        (
+            "id = \"synapse-configs\"",
+            "id = \"a/b\"",
+            "folder id \"a/b\"",
+        ),
+        ("node = \"gw1\"", "node = \"gw 1\"", "node name \"gw 1\""),
+    ] {
+        assert!(b.contains(from), "the base config has {from}");
+        let e = err_of(&b.replacen(from, to, 1));
+        assert!(e.contains(what) && e.contains("1-64"), "{e}");
+    }
+}

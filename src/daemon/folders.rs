@@ -18,11 +18,12 @@ use crate::config::{Config, FolderConfig};
 use crate::engine::{self, EngineOptions, FolderEngine, FolderHandle, Inbox};
 use crate::fs::own::OwnWrites;
 use crate::fs::watch::{Change, FolderWatcher};
+use crate::model::FolderId;
 use crate::store::Store;
 
 /// The running folders: their engines' handles, and their watchers (joined at shutdown).
 pub(super) struct FolderRuntime {
-    pub(super) handles: Arc<HashMap<String, FolderHandle>>,
+    pub(super) handles: Arc<HashMap<FolderId, FolderHandle>>,
     watchers: Vec<FolderWatcher>,
 }
 
@@ -158,14 +159,14 @@ async fn pump_local_changes(mut changes: mpsc::Receiver<Change>, engine: FolderH
 }
 
 /// The first folder engine that ended while the agent ran, and how (see [`watch_engine`]).
-pub(super) type Gone = Arc<OnceLock<(String, String)>>;
+pub(super) type Gone = Arc<OnceLock<(FolderId, String)>>;
 
 /// Runs a folder engine and notices when it ends while the agent is not shutting down
 /// (returned, or panicked: tokio would catch the panic and leave the folder silently
 /// unsynced). That is critical: health goes NOT_SERVING and the agent shuts down, and
 /// [`super::run`] then fails, so the process exits non-zero and systemd restarts it.
 async fn watch_engine(
-    folder: String,
+    folder: FolderId,
     engine: impl std::future::Future<Output = ()>,
     cancel: CancellationToken,
     health: HealthReporter,
@@ -194,14 +195,14 @@ async fn watch_engine(
 /// fails the start like any other error, named after the folder, and the agent shuts down
 /// in order (state lock released, other tasks stopped) instead of the process aborting.
 async fn scan_at_start(
-    folder: &str,
+    folder: &FolderId,
     scan: impl std::future::Future<Output = Result<(), engine::EngineError>>,
 ) -> Result<(), DaemonError> {
     // Unwind safety: after a panic the engine is dropped unused.
     match std::panic::AssertUnwindSafe(scan).catch_unwind().await {
         Ok(r) => Ok(r?),
         Err(panic) => Err(DaemonError::ScanPanicked {
-            folder: folder.to_owned(),
+            folder: folder.clone(),
             reason: panic_message(panic.as_ref()).to_owned(),
         }),
     }
@@ -225,7 +226,7 @@ mod tests {
         let (cancel, health, gone) = (CancellationToken::new(), health_serving(), Gone::default());
         assert!(serving(&health).await);
         watch_engine(
-            "synapse-configs".into(),
+            FolderId::literal("synapse-configs"),
             async { panic!("index row 7 is corrupt") },
             cancel.clone(),
             health.clone(),
@@ -241,7 +242,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_in_the_start_up_scan_is_an_error_naming_the_folder() {
-        let r = scan_at_start("executionplans", async {
+        let r = scan_at_start(&FolderId::literal("executionplans"), async {
             panic!("stat key of a.siddhiql is corrupt")
         })
         .await;
@@ -252,9 +253,15 @@ mod tests {
             }
             other => panic!("expected ScanPanicked, got {other:?}"),
         }
-        assert!(scan_at_start("f", async { Ok(()) }).await.is_ok());
-        let failed =
-            scan_at_start("f", async { Err(engine::EngineError::Stopped("f".into())) }).await;
+        assert!(
+            scan_at_start(&FolderId::literal("f"), async { Ok(()) })
+                .await
+                .is_ok()
+        );
+        let failed = scan_at_start(&FolderId::literal("f"), async {
+            Err(engine::EngineError::Stopped(FolderId::literal("f")))
+        })
+        .await;
         assert!(matches!(failed, Err(DaemonError::Engine(_))), "{failed:?}");
     }
 
@@ -262,7 +269,7 @@ mod tests {
     async fn an_engine_that_returns_while_the_agent_runs_is_a_failure_too() {
         let (cancel, health, gone) = (CancellationToken::new(), health_serving(), Gone::default());
         watch_engine(
-            "plans".into(),
+            FolderId::literal("plans"),
             async {},
             cancel.clone(),
             health,
@@ -272,7 +279,7 @@ mod tests {
         assert!(cancel.is_cancelled());
         assert_eq!(
             gone.get(),
-            Some(&("plans".to_owned(), "stopped".to_owned()))
+            Some(&(FolderId::literal("plans"), "stopped".to_owned()))
         );
     }
 
@@ -281,7 +288,7 @@ mod tests {
         let (cancel, health, gone) = (CancellationToken::new(), health_serving(), Gone::default());
         cancel.cancel();
         watch_engine(
-            "plans".into(),
+            FolderId::literal("plans"),
             async {},
             cancel,
             health.clone(),

@@ -33,7 +33,7 @@ use crate::admin::AdminService;
 use crate::config::Config;
 use crate::engine::{self, FolderHandle};
 use crate::metrics::{self, Metrics};
-use crate::model::NodeId;
+use crate::model::{FolderId, NodeId};
 use crate::net;
 use crate::store::Store;
 use folders::{FolderRuntime, Gone};
@@ -90,11 +90,11 @@ pub enum DaemonError {
     #[error(
         "the engine of folder {folder} {reason} while the agent was running; the agent stopped so that it can be restarted"
     )]
-    EngineGone { folder: String, reason: String },
+    EngineGone { folder: FolderId, reason: String },
     #[error(
         "the start-up scan of folder {folder} panicked ({reason}); the agent stopped before serving, so that it can be restarted"
     )]
-    ScanPanicked { folder: String, reason: String },
+    ScanPanicked { folder: FolderId, reason: String },
 }
 
 /// Handles the caller gets once the agent is up (tests and the demo use them).
@@ -102,7 +102,7 @@ pub enum DaemonError {
 pub struct Running {
     pub node: NodeId,
     pub listen: std::net::SocketAddr,
-    pub folders: Arc<HashMap<String, FolderHandle>>,
+    pub folders: Arc<HashMap<FolderId, FolderHandle>>,
 }
 
 /// Where the agent's tasks run: the tracker that shutdown waits on, and the agent's

@@ -11,6 +11,7 @@ use super::{DaemonError, Tasks};
 use crate::artifacts::retriever::{Retriever, RetrieverHandle};
 use crate::config::Config;
 use crate::engine::FolderHandle;
+use crate::model::FolderId;
 use crate::store::Store;
 
 /// A retriever made and waiting to run.
@@ -32,7 +33,7 @@ impl RetrieverStart {
     /// source is a database.
     pub(super) async fn prepare(
         config: &Config,
-        folders: &Arc<HashMap<String, FolderHandle>>,
+        folders: &Arc<HashMap<FolderId, FolderHandle>>,
         store: &Store,
         mut grpc: GrpcServer,
     ) -> Result<(GrpcServer, Option<Self>), DaemonError> {
@@ -53,7 +54,7 @@ impl RetrieverStart {
                     "retriever folder {id:?} is not a configured folder"
                 ))
             })?;
-            targets.insert(id.to_owned(), folder);
+            targets.insert(folder.id.clone(), folder);
         }
         let (retriever, handle) =
             Retriever::new(rc.clone(), targets, store.clone(), source).await?;

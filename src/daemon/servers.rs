@@ -20,7 +20,7 @@ use crate::artifacts::hub::HubService;
 use crate::config::Config;
 use crate::engine::FolderHandle;
 use crate::metrics::{Metrics, MetricsServer, Sources};
-use crate::model::NodeId;
+use crate::model::{FolderId, NodeId};
 use crate::net::{self, PeerService};
 
 /// Binds the gRPC listen address; returns the listener and the address it got.
@@ -52,7 +52,7 @@ impl GrpcServer {
     pub(super) async fn build(
         config: &Config,
         node: NodeId,
-        folders: &Arc<HashMap<String, FolderHandle>>,
+        folders: &Arc<HashMap<FolderId, FolderHandle>>,
         health: &HealthReporter,
         metrics: &Metrics,
         tasks: &Tasks,

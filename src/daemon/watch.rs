@@ -14,19 +14,20 @@ use tracing::{error, info, warn};
 use super::ENGINE_CHECK_EVERY;
 use crate::engine::FolderHandle;
 use crate::liveness::{self, ENGINE_STALL_LIMIT, Verdict};
+use crate::model::FolderId;
 
 /// Watches the folder engines' liveness after start-up: sets health, and pets systemd's
 /// watchdog only while every engine is alive (idle, or busy and progressing).
 pub(super) struct EngineWatch {
     node: String,
-    folders: Arc<HashMap<String, FolderHandle>>,
+    folders: Arc<HashMap<FolderId, FolderHandle>>,
     health: HealthReporter,
     /// Sync start-up mode: becomes true once the start-up deploy finished (or its retries ran
     /// out); `None` in async mode and without a retriever.
     startup: Option<watch::Receiver<bool>>,
     startup_done: bool,
     /// Engines found stalled, by folder: when they last showed progress (ms, `mono_ms`).
-    stalled: BTreeMap<String, u64>,
+    stalled: BTreeMap<FolderId, u64>,
     /// The health status last set (`None`: not set yet).
     serving: Option<bool>,
 }
@@ -35,7 +36,7 @@ impl EngineWatch {
     /// Takes over the health status after start-up, with a first look at every engine.
     pub(super) async fn first_look(
         node: &str,
-        folders: Arc<HashMap<String, FolderHandle>>,
+        folders: Arc<HashMap<FolderId, FolderHandle>>,
         health: HealthReporter,
         startup: Option<watch::Receiver<bool>>,
     ) -> Self {
@@ -54,7 +55,7 @@ impl EngineWatch {
     }
 
     /// Every engine's liveness, now.
-    fn snapshots(&self) -> Vec<(String, liveness::Snapshot)> {
+    fn snapshots(&self) -> Vec<(FolderId, liveness::Snapshot)> {
         self.folders
             .iter()
             .map(|(folder, handle)| (folder.clone(), handle.liveness()))
@@ -63,7 +64,7 @@ impl EngineWatch {
 
     /// Looks at every engine's liveness once, logs the ones that stalled or moved again since
     /// the last look, and sets health. True when every engine is alive.
-    async fn check(&mut self, engines: &[(String, liveness::Snapshot)], now_ms: u64) -> bool {
+    async fn check(&mut self, engines: &[(FolderId, liveness::Snapshot)], now_ms: u64) -> bool {
         let mut alive = true;
         for (folder, snapshot) in engines {
             let snapshot = *snapshot;
@@ -184,9 +185,9 @@ mod tests {
         }
     }
 
-    fn engine(activity: Activity, since_ms: u64, progress_ms: u64) -> (String, Snapshot) {
+    fn engine(activity: Activity, since_ms: u64, progress_ms: u64) -> (FolderId, Snapshot) {
         (
-            "synapse-configs".into(),
+            FolderId::literal("synapse-configs"),
             Snapshot {
                 activity,
                 since_ms,

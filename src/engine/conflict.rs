@@ -76,13 +76,13 @@ impl FolderEngine {
     /// The human name of a node, as far as this node knows it.
     pub(in crate::engine) fn name_of(&self, id: NodeId) -> String {
         if id == self.opts.node {
-            return self.opts.node_name.clone();
+            return self.opts.node_name.to_string();
         }
         self.opts
             .names
             .lock()
             .ok()
-            .and_then(|m| m.get(&id).cloned())
+            .and_then(|m| m.get(&id).map(|n| n.to_string()))
             .unwrap_or_else(|| id.to_string())
     }
 
@@ -123,7 +123,7 @@ impl FolderEngine {
         warn!(folder = %self.id, path = %path, peer = %peer, copy = %dest.display(), "{warning}");
         self.conflicts += 1;
         let entry = ConflictEntry {
-            folder: self.id.clone(),
+            folder: self.id.to_string(),
             path: path.to_string(),
             copy: dest.display().to_string(),
             winner_node: winner_name,

@@ -13,7 +13,7 @@ use crate::fs::scan;
 use crate::fs::watch::Change;
 use crate::liveness;
 use crate::liveness::{EngineReport, Liveness};
-use crate::model::{FileRecord, Hash, RelPath};
+use crate::model::{FileRecord, FolderId, Hash, PeerName, RelPath};
 use crate::store::{Cursor, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,37 +21,37 @@ pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("folder {folder} is paused: {reason}")]
-    Paused { folder: String, reason: String },
+    Paused { folder: FolderId, reason: String },
     #[error(
         "folder {folder}: {failed} of the peer's changes could not be applied yet (first: {path}: {problem})"
     )]
     ApplyFailed {
-        folder: String,
+        folder: FolderId,
         failed: usize,
         path: String,
         problem: String,
     },
     #[error("folder {folder}: {source}")]
     Scan {
-        folder: String,
+        folder: FolderId,
         source: scan::ScanError,
     },
     #[error("folder engine {0} has stopped")]
-    Stopped(String),
+    Stopped(FolderId),
     #[error("folder {folder}: {what} did not finish: {reason}")]
     Task {
-        folder: String,
+        folder: FolderId,
         what: &'static str,
         reason: String,
     },
     #[error(
         "folder {folder}: the index cannot be written ({reason}); no change is taken until it can"
     )]
-    IndexUnwritable { folder: String, reason: String },
+    IndexUnwritable { folder: FolderId, reason: String },
     #[error(
         "folder {folder}: an earlier batch from peer {peer} on this stream failed; resubscribing"
     )]
-    StreamFailed { folder: String, peer: String },
+    StreamFailed { folder: FolderId, peer: PeerName },
 }
 
 /// Why a content could not be fetched: this node's trouble (the temp file) or the peer's
@@ -120,7 +120,7 @@ impl Inline {
 
 /// A batch of a peer's index.
 pub struct RemoteBatch {
-    pub peer: String,
+    pub peer: PeerName,
     /// The subscription stream the batch came on. Once one of its batches fails, later ones
     /// from the same stream are refused: they would move the peer's cursor past the failure.
     pub stream: u64,
@@ -154,7 +154,7 @@ pub struct DeployRequest {
 /// Cheap, cloneable access to a running folder engine.
 #[derive(Clone)]
 pub struct FolderHandle {
-    pub id: String,
+    pub id: FolderId,
     pub(in crate::engine) root: PathBuf,
     pub epoch: u64,
     pub(in crate::engine) store: Store,

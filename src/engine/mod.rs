@@ -65,24 +65,24 @@ use crate::fs::own::OwnWrites;
 use crate::fs::scan;
 use crate::fs::watch::Change;
 use crate::liveness::{Liveness, StopOnDrop};
-use crate::model::{Hash, NodeId, RelPath, Replica};
+use crate::model::{FolderId, Hash, NodeId, PeerName, RelPath, Replica};
 use crate::store::{Cursor, SkipChanges, Skipped, StatKey, Store};
 
 /// Names of the nodes seen so far (from peer batches), for naming conflict copies.
-pub type NodeNames = Arc<Mutex<HashMap<NodeId, String>>>;
+pub type NodeNames = Arc<Mutex<HashMap<NodeId, PeerName>>>;
 
 /// Knobs of an engine that come from the config.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub node: NodeId,
     pub names: NodeNames,
-    pub node_name: String,
+    pub node_name: PeerName,
     pub conflicts_dir: PathBuf,
     pub tombstone_ttl_ms: u64,
     /// First retry of a skipped peer change, ms; it doubles after each failed retry.
     pub skip_retry_ms: u64,
     /// Names of the configured peers: skipped changes of any other peer are dropped at start.
-    pub peers: Vec<String>,
+    pub peers: Vec<PeerName>,
     /// A peer's stamp further ahead of this node's clock than this does not move it, ms.
     pub max_clock_skew_ms: u64,
     /// Where the engines count applied batches and propagation latency.
@@ -90,7 +90,7 @@ pub struct EngineOptions {
 }
 
 pub struct FolderEngine {
-    id: String,
+    id: FolderId,
     epoch: u64,
     root: PathBuf,
     root_identity: Option<(u64, u64)>,
@@ -123,7 +123,7 @@ pub struct FolderEngine {
     /// Peer changes failing in a row, and those skipped (see [`SkipBook`]).
     skips: SkipBook,
     /// The latest content source of each peer, for retrying its skipped changes.
-    fetchers: HashMap<String, Arc<dyn Fetcher>>,
+    fetchers: HashMap<PeerName, Arc<dyn Fetcher>>,
     /// The latest peer record ahead of this node's clock (see [`ClockAhead`]).
     clock_ahead: Option<ClockAhead>,
     /// This folder's metrics (see [`crate::metrics`]).
@@ -138,7 +138,7 @@ pub struct FolderEngine {
 /// index at most every [`LAZY_CURSOR_FLUSH`], not in a commit of their own per batch. Losing
 /// one (a crash) only makes the peer send records this node already has again. The folder's
 /// handle reads them too, so a session that resubscribes starts from the newest.
-pub(in crate::engine) type LazyCursors = Arc<Mutex<HashMap<String, Cursor>>>;
+pub(in crate::engine) type LazyCursors = Arc<Mutex<HashMap<PeerName, Cursor>>>;
 
 /// How often the cursors of batches that changed nothing are written.
 const LAZY_CURSOR_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
@@ -208,7 +208,7 @@ impl FolderEngine {
             .skipped(&folder.id)
             .await?
             .into_iter()
-            .partition(|s| opts.peers.contains(&s.peer));
+            .partition(|s| opts.peers.iter().any(|p| *p == s.peer));
         if !gone.is_empty() {
             info!(folder = %folder.id, count = gone.len(), "dropping skipped changes of peers no longer configured");
             let cleared = gone.into_iter().map(|s| (s.peer, s.record.path)).collect();

@@ -278,9 +278,9 @@ impl FolderEngine {
         }
         let fetchers = &self.fetchers;
         let (peer, records) = self.skips.due(now_ms, |p| fetchers.contains_key(p))?;
-        let fetcher = fetchers.get(&peer)?.clone();
+        let (peer, fetcher) = fetchers.get_key_value(peer.as_str())?;
         Some(RemoteBatch {
-            peer,
+            peer: peer.clone(),
             stream: rand::random::<u64>(),
             epoch: 0,
             up_to_seq: 0,
@@ -291,7 +291,7 @@ impl FolderEngine {
                     inline: None,
                 })
                 .collect(),
-            fetcher,
+            fetcher: fetcher.clone(),
             retry: true,
         })
     }

@@ -95,7 +95,7 @@ impl FolderEngine {
 
     pub(in crate::engine) fn publish_status(&self) {
         let mut s = FolderStatus {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             path: self.root.display().to_string(),
             seq: self.replica.seq(),
             epoch: self.epoch,

@@ -5,7 +5,7 @@ use super::*;
 use std::path::Path;
 
 use crate::liveness;
-use crate::model::{FileRecord, Hlc, Kind, Stamp, VersionVector};
+use crate::model::{FileRecord, FolderId, Hlc, Kind, PeerName, Stamp, VersionVector};
 use crate::store::{Origin, StoredRecord};
 
 /// A peer whose content cannot be fetched.
@@ -80,7 +80,7 @@ pub(crate) fn remote_file(path: &str, bytes: &[u8], seq: u64, inline: bool) -> I
 
 pub(crate) fn batch(stream: u64, up_to_seq: u64, records: Vec<Incoming>) -> RemoteBatch {
     RemoteBatch {
-        peer: "gw2".into(),
+        peer: PeerName::literal("gw2"),
         stream,
         epoch: 5,
         up_to_seq,
@@ -145,7 +145,7 @@ async fn engine_told_by(
     std::fs::create_dir_all(&root).expect("mkdir");
     let store = Store::open(dir).await.expect("store");
     let folder = FolderConfig {
-        id: "synapse-configs".into(),
+        id: FolderId::literal("synapse-configs"),
         path: root,
         ignore: Vec::new(),
         xml_gate: true,
@@ -153,11 +153,14 @@ async fn engine_told_by(
     let opts = EngineOptions {
         node: NodeId(1),
         names: NodeNames::default(),
-        node_name: "gw1".into(),
+        node_name: PeerName::literal("gw1"),
         conflicts_dir: dir.join("conflicts"),
         tombstone_ttl_ms: 1000,
         skip_retry_ms,
-        peers: peers.iter().map(|p| p.to_string()).collect(),
+        peers: peers
+            .iter()
+            .map(|p| PeerName::new(*p).expect("a valid test peer name"))
+            .collect(),
         max_clock_skew_ms: crate::model::DEFAULT_MAX_CLOCK_SKEW_MS,
         metrics: Default::default(),
     };

@@ -14,12 +14,13 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use crate::artifacts::retriever::RetrieverHandle;
 use crate::engine::FolderHandle;
 use crate::liveness::{self, ENGINE_STALL_LIMIT};
+use crate::model::FolderId;
 use crate::net::{PeerStatus, PeerStatuses};
 
 /// Where the scrape-time series come from.
 #[derive(Clone, Default)]
 pub struct Sources {
-    pub folders: Arc<HashMap<String, FolderHandle>>,
+    pub folders: Arc<HashMap<FolderId, FolderHandle>>,
     pub peers: PeerStatuses,
     pub retriever: Option<RetrieverHandle>,
     /// When the retriever's event cursor last moved (kept by the metrics server's sampler).

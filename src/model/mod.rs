@@ -1,11 +1,13 @@
 //! The pure core: paths, versions, records and the replica state machine. No I/O, no clock
 //! reads; everything that acts on the world lives in `fs`, `store` and `net`.
 
+mod name;
 mod path;
 mod record;
 mod replica;
 mod version;
 
+pub use name::{FolderId, NameError, PeerName, valid_name};
 pub use path::{MAX_PATH_BYTES, PathError, RelPath};
 pub use record::{FileRecord, Hash, Kind, Observed};
 pub use replica::{DEFAULT_MAX_CLOCK_SKEW_MS, Decision, Replica, Totals};

@@ -31,7 +31,7 @@ pub enum NetError {
     #[error("peer {peer}: folder {folder} is paused here: {reason}")]
     Paused {
         peer: String,
-        folder: String,
+        folder: crate::model::FolderId,
         reason: String,
     },
     #[error("TLS material {path}: {source}")]

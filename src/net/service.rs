@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::{MAX_MESSAGE_BYTES, record_to_pb};
 use crate::engine::{Feed, FolderHandle, ServeError};
-use crate::model::{Hash, NodeId, RelPath};
+use crate::model::{FolderId, Hash, NodeId, PeerName, RelPath};
 use crate::pb::sync as pb;
 use crate::pb::sync::peer_server::Peer;
 use crate::store::Origin;
@@ -32,8 +32,8 @@ const CHUNK_BYTES: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct PeerService {
     node: NodeId,
-    node_name: String,
-    folders: Arc<HashMap<String, FolderHandle>>,
+    node_name: PeerName,
+    folders: Arc<HashMap<FolderId, FolderHandle>>,
     inline_max: u64,
     cancel: CancellationToken,
     slots: Arc<Mutex<Slots>>,
@@ -153,8 +153,8 @@ fn merge_cursors(
 impl PeerService {
     pub fn new(
         node: NodeId,
-        node_name: String,
-        folders: Arc<HashMap<String, FolderHandle>>,
+        node_name: PeerName,
+        folders: Arc<HashMap<FolderId, FolderHandle>>,
         inline_max: u64,
         cancel: CancellationToken,
     ) -> Self {
@@ -186,10 +186,10 @@ impl PeerService {
 async fn pump_folder(
     svc: PeerService,
     mut feed: Feed,
-    folder: String,
+    folder: FolderId,
     epoch: u64,
     tx: mpsc::Sender<Result<pb::IndexBatch, Status>>,
-    subscriber: String,
+    subscriber: PeerName,
 ) {
     let link = svc.metrics.link(&subscriber, &folder);
     loop {
@@ -258,8 +258,8 @@ async fn pump_folder(
             .sum();
         let batch = pb::IndexBatch {
             node_id: svc.node.0,
-            node_name: svc.node_name.clone(),
-            folder: folder.clone(),
+            node_name: svc.node_name.to_string(),
+            folder: folder.to_string(),
             epoch,
             up_to_seq: built.up_to_seq,
             max_seq: built.max_seq,
@@ -286,7 +286,11 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        crate::identity::authorize_subscriber(&request, &request.get_ref().node_name)?;
+        // The name is the subscriber's key here (its origins, its metrics, the logs): a name
+        // the cluster could not have configured is refused before anything uses it.
+        let subscriber = PeerName::new(request.get_ref().node_name.as_str())
+            .map_err(|e| Status::invalid_argument(format!("subscriber: {e}")))?;
+        crate::identity::authorize_subscriber(&request, &subscriber)?;
         let connection = request.remote_addr();
         let req = request.into_inner();
         if req.node_id == self.node.0 {
@@ -296,16 +300,15 @@ impl Peer for PeerService {
         }
         let cursors = merge_cursors(req.folders, |f| self.folders.contains_key(f))?;
         let slot = Slot::take(&self.slots, connection).inspect_err(|e| {
-            warn!(peer = %req.node_name, remote = ?connection, error = %e.message(), "subscription refused");
+            warn!(peer = %subscriber, remote = ?connection, error = %e.message(), "subscription refused");
         })?;
-        let subscriber = req.node_name.clone();
         info!(peer = %subscriber, folders = cursors.len(), "peer subscribed");
         // One batch queued ahead of the one on the wire (plus one per folder waiting to be
         // queued): batches grow to 16 MiB, and a deeper queue only held more of them in memory
         // while the receiver, the slower side, worked (4 queued: no faster initial sync).
         let (tx, rx) = mpsc::channel(1);
         for cursor in cursors {
-            let Some(handle) = self.folders.get(&cursor.folder) else {
+            let Some(handle) = self.folders.get(cursor.folder.as_str()) else {
                 continue;
             };
             let since = if cursor.epoch == handle.epoch {
@@ -317,7 +320,7 @@ impl Peer for PeerService {
             // and its session refuses batches whose node_name is not that name (see
             // `PeerSession::session_once`): it is the name the subscriber gives here.
             let skip = (cursor.subscriber_epoch != 0).then(|| Origin {
-                peer: subscriber.clone(),
+                peer: subscriber.to_string(),
                 epoch: cursor.subscriber_epoch,
             });
             let feed = handle.feed(since, NodeId(req.node_id), skip, self.inline_max);
@@ -349,7 +352,7 @@ impl Peer for PeerService {
         let req = request.into_inner();
         let handle = self
             .folders
-            .get(&req.folder)
+            .get(req.folder.as_str())
             .ok_or_else(|| Status::not_found(format!("no folder {:?}", req.folder)))?;
         let path = RelPath::new(&req.path).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let hash: Hash = req.hash.as_slice().try_into().map_err(|_| {

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::{MAX_MESSAGE_BYTES, NetError, channel, record_from_pb};
 use crate::config::{Config, PeerConfig, TlsConfig};
 use crate::engine::{FetchError, FolderHandle, Incoming, RemoteBatch};
-use crate::model::{Hash, NodeId, RelPath};
+use crate::model::{FolderId, Hash, NodeId, PeerName, RelPath};
 use crate::pb::sync as pb;
 use crate::pb::sync::peer_client::PeerClient;
 
@@ -63,20 +63,20 @@ pub struct PeerStatus {
     pub last_seen_ms: Option<u64>,
     pub last_error: Option<String>,
     /// Per folder: how many of the peer's index sequence numbers are not applied here yet.
-    pub behind: HashMap<String, u64>,
+    pub behind: HashMap<FolderId, u64>,
     /// Per folder: the peer's index sequence applied here up to (this node's cursor into it).
     #[serde(default)]
-    pub applied_seq: HashMap<String, u64>,
+    pub applied_seq: HashMap<FolderId, u64>,
     /// Per folder: what came from the peer since this agent started.
     #[serde(default)]
-    pub received: HashMap<String, Received>,
+    pub received: HashMap<FolderId, Received>,
     /// Per folder, while `behind` is above 0: when the oldest change of the peer's that this
     /// node knows of and has not applied arrived here (ms since the epoch). Under a steady
     /// flow that is applied promptly it stays recent; it grows only while the oldest change
     /// waits. A change the peer made while disconnected is not known here until it
     /// reconnects.
     #[serde(default)]
-    pub behind_since_ms: HashMap<String, u64>,
+    pub behind_since_ms: HashMap<FolderId, u64>,
     /// Folder streams currently up.
     #[serde(skip)]
     pub streams: usize,
@@ -87,18 +87,18 @@ impl PeerStatus {
     /// the oldest of them known since `oldest_ms`. With `arrival` (a batch came in, nothing
     /// was applied), an older time already noted stays: the batch may be the same changes
     /// again, after a session that failed to apply them.
-    fn note_behind(&mut self, folder: &str, behind: u64, oldest_ms: u64, arrival: bool) {
-        self.behind.insert(folder.to_owned(), behind);
+    fn note_behind(&mut self, folder: &FolderId, behind: u64, oldest_ms: u64, arrival: bool) {
+        self.behind.insert(folder.clone(), behind);
         if behind == 0 {
             self.behind_since_ms.remove(folder);
         } else if arrival {
             let since = self
                 .behind_since_ms
-                .entry(folder.to_owned())
+                .entry(folder.clone())
                 .or_insert(oldest_ms);
             *since = (*since).min(oldest_ms);
         } else {
-            self.behind_since_ms.insert(folder.to_owned(), oldest_ms);
+            self.behind_since_ms.insert(folder.clone(), oldest_ms);
         }
     }
 }
@@ -111,7 +111,7 @@ pub struct Received {
 }
 
 /// Shared status of all peer sessions.
-pub type PeerStatuses = Arc<Mutex<HashMap<String, PeerStatus>>>;
+pub type PeerStatuses = Arc<Mutex<HashMap<PeerName, PeerStatus>>>;
 
 fn set_status(statuses: &PeerStatuses, name: &str, f: impl FnOnce(&mut PeerStatus)) {
     if let Ok(mut map) = statuses.lock() {
@@ -253,7 +253,7 @@ type EngineAnswer =
 /// the others.
 pub struct PeerSession {
     pub node: NodeId,
-    pub node_name: String,
+    pub node_name: PeerName,
     pub peer: PeerConfig,
     pub tls: Option<TlsConfig>,
     pub folder: FolderHandle,
@@ -310,7 +310,7 @@ impl PeerSession {
     async fn session_once(&self, counted: &mut bool) -> Result<(), NetError> {
         let name = self.peer.name.clone();
         let perr = |message: String| NetError::Peer {
-            peer: name.clone(),
+            peer: name.to_string(),
             message,
         };
         let address = self.peer.address.clone().unwrap_or_default();
@@ -324,7 +324,7 @@ impl PeerSession {
             .await
             .map_err(|e| perr(e.to_string()))?;
         let cursors = vec![pb::FolderCursor {
-            folder: handle.id.clone(),
+            folder: handle.id.to_string(),
             epoch: c.epoch,
             since_seq: c.seq,
             // The peer leaves out what it took unchanged from this index, in this epoch.
@@ -332,7 +332,7 @@ impl PeerSession {
         }];
         let subscribe = client.subscribe(pb::SubscribeRequest {
             node_id: self.node.0,
-            node_name: self.node_name.clone(),
+            node_name: self.node_name.to_string(),
             folders: cursors,
         });
         let mut stream = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe)
@@ -361,7 +361,7 @@ impl PeerSession {
         let stream_id = rand::random::<u64>();
         let engine_err = |e: crate::engine::EngineError| match e {
             crate::engine::EngineError::Paused { folder, reason } => NetError::Paused {
-                peer: name.clone(),
+                peer: name.to_string(),
                 folder,
                 reason,
             },
@@ -438,7 +438,7 @@ impl PeerSession {
             if let Ok(mut names) = self.names.lock() {
                 names
                     .entry(NodeId(batch.node_id))
-                    .or_insert_with(|| batch.node_name.clone());
+                    .or_insert_with(|| name.clone());
             }
             if batch.folder != handle.id {
                 continue;
@@ -558,7 +558,7 @@ impl Merged {
 
     fn into_batch(
         self,
-        peer: String,
+        peer: PeerName,
         stream: u64,
         fetcher: Arc<dyn crate::engine::Fetcher>,
     ) -> RemoteBatch {
@@ -578,7 +578,7 @@ impl Merged {
 pub fn peer_sessions(
     config: &Config,
     node: NodeId,
-    folders: Arc<HashMap<String, FolderHandle>>,
+    folders: Arc<HashMap<FolderId, FolderHandle>>,
     statuses: PeerStatuses,
     names: crate::engine::NodeNames,
     metrics: &crate::metrics::Metrics,
@@ -588,7 +588,7 @@ pub fn peer_sessions(
             map.insert(
                 p.name.clone(),
                 PeerStatus {
-                    name: p.name.clone(),
+                    name: p.name.to_string(),
                     address: p.address.clone().unwrap_or_default(),
                     ..Default::default()
                 },
@@ -625,20 +625,21 @@ mod tests {
     #[test]
     fn the_lag_runs_from_the_oldest_change_still_waiting() {
         let mut s = PeerStatus::default();
-        s.note_behind("f", 5, 1_000, true);
-        s.note_behind("f", 9, 1_100, true);
+        let f = FolderId::literal("f");
+        s.note_behind(&f, 5, 1_000, true);
+        s.note_behind(&f, 9, 1_100, true);
         assert_eq!(
             s.behind_since_ms.get("f"),
             Some(&1_000),
             "the older one waits"
         );
         // The first batch applied, the second (arrived at 1,100) is now the oldest.
-        s.note_behind("f", 4, 1_100, false);
+        s.note_behind(&f, 4, 1_100, false);
         assert_eq!(s.behind_since_ms.get("f"), Some(&1_100));
         // The session failed; the same changes arrive again later: still waiting since 1,100.
-        s.note_behind("f", 4, 5_000, true);
+        s.note_behind(&f, 4, 5_000, true);
         assert_eq!(s.behind_since_ms.get("f"), Some(&1_100));
-        s.note_behind("f", 0, 6_000, false);
+        s.note_behind(&f, 0, 6_000, false);
         assert_eq!(s.behind_since_ms.get("f"), None, "caught up");
         assert_eq!(s.behind.get("f"), Some(&0));
     }

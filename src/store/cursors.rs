@@ -35,7 +35,7 @@ impl Store {
     pub async fn put_cursors(
         &self,
         folder: &str,
-        cursors: &[(String, Cursor)],
+        cursors: &[(crate::model::PeerName, Cursor)],
     ) -> Result<(), StoreError> {
         for (peer, c) in cursors {
             self.commit(folder, &[], Some((peer, *c)), &Default::default())

@@ -151,7 +151,7 @@ impl Retriever {
     /// An artifact for a folder this node does not deploy into fails for good (until a new
     /// event).
     fn refuse_folder(&mut self, meta: &ArtifactMeta) -> bool {
-        if self.folders.contains_key(&meta.folder) {
+        if self.folders.contains_key(meta.folder.as_str()) {
             return false;
         }
         self.fail(

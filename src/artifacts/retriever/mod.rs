@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use super::owners::PathConflict;
 use crate::config::RetrieverConfig;
 use crate::engine::FolderHandle;
+use crate::model::FolderId;
 use crate::store::{DeployedArtifact, Store};
 
 mod deploy;
@@ -45,7 +46,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub struct Retriever {
     config: RetrieverConfig,
     /// The target folders, by id: `retriever.folder` and each tenant's.
-    folders: BTreeMap<String, FolderHandle>,
+    folders: BTreeMap<FolderId, FolderHandle>,
     store: Store,
     source: Arc<dyn Source>,
     deployed: BTreeMap<String, DeployedArtifact>,
@@ -68,7 +69,7 @@ impl Retriever {
     /// ([`RetrieverConfig::target_folders`]).
     pub async fn new(
         config: RetrieverConfig,
-        folders: BTreeMap<String, FolderHandle>,
+        folders: BTreeMap<FolderId, FolderHandle>,
         store: Store,
         source: Arc<dyn Source>,
     ) -> Result<(Self, RetrieverHandle), crate::store::StoreError> {

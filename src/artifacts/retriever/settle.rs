@@ -42,7 +42,7 @@ impl Retriever {
         }
         let mut requests: Vec<(String, FolderHandle, DeployRequest)> = Vec::new();
         for (folder, rel) in by_folder {
-            let Some(handle) = self.folders.get(&folder).cloned() else {
+            let Some(handle) = self.folders.get(folder.as_str()).cloned() else {
                 warn!(folder = %folder, paths = rel.len(), "deployed files in a folder this node no longer deploys into; left as they are");
                 continue;
             };

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use crate::engine::skip::Failures;
 use crate::engine::{EngineError, FolderEngine, RemoteBatch};
 use crate::fs::apply;
-use crate::model::{FileRecord, RelPath};
+use crate::model::{FileRecord, PeerName, RelPath};
 use crate::store::{Cursor, SkipChanges, StoredRecord};
 
 mod chain;
@@ -18,7 +18,7 @@ mod stage;
 
 /// A peer batch decided and staged, waiting for its durability and placement.
 pub(in crate::engine) struct PreparedRemote {
-    peer: String,
+    peer: PeerName,
     stream: u64,
     epoch: u64,
     up_to_seq: u64,
@@ -48,7 +48,7 @@ pub(in crate::engine) type Reply = oneshot::Sender<Result<u64, EngineError>>;
 
 /// A batch on disk and committed to the replica, waiting for its index commit.
 pub(in crate::engine) struct Settled {
-    peer: String,
+    peer: PeerName,
     stream: u64,
     commits: Vec<StoredRecord>,
     /// The peer's new cursor; `None` when the stream failed meanwhile.

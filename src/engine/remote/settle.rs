@@ -8,7 +8,7 @@ use tracing::{debug, info, warn};
 use crate::engine::skip::node_wide;
 use crate::engine::{EngineError, FolderEngine};
 use crate::fs::apply;
-use crate::model::{FileRecord, Kind, RelPath};
+use crate::model::{FileRecord, Kind, PeerName, RelPath};
 use crate::store::{Cursor, Journal, Origin, StoredRecord};
 
 use super::{PreparedRemote, Reply, Settled};
@@ -47,7 +47,7 @@ impl FolderEngine {
         // the peer has not seen.
         let origin = |as_sent: bool| {
             as_sent.then(|| Origin {
-                peer: peer.clone(),
+                peer: peer.to_string(),
                 epoch,
             })
         };
@@ -174,7 +174,7 @@ impl FolderEngine {
         let _ = reply.send(r);
     }
 
-    fn lazy_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cursor>> {
+    fn lazy_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<PeerName, Cursor>> {
         self.lazy_cursors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -188,7 +188,7 @@ impl FolderEngine {
     /// readable by the handle until the index holds it, and one moved meanwhile stays for
     /// the next flush.
     pub(in crate::engine) async fn flush_lazy_cursors(&mut self) {
-        let cursors: Vec<(String, Cursor)> = self
+        let cursors: Vec<(PeerName, Cursor)> = self
             .lazy_cursors()
             .iter()
             .map(|(p, c)| (p.clone(), *c))
