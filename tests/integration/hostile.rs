@@ -557,6 +557,40 @@ fn subscriptions_per_connection_are_bounded() {
     drop(streams);
 }
 
+/// A subscriber's name becomes its key here (origins of what it sends, metric labels, log
+/// fields): a name no config could hold (too long, a path, a forged log line) is refused
+/// before anything uses it, and a well-named subscriber is still served.
+#[test]
+fn a_subscriber_name_no_config_could_hold_is_refused() {
+    let evil = FakePeer::start("evil");
+    let a = agent_with(&evil, |_| {});
+    a.wait_in_sync(SYNAPSE);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut client = connect(a.port).await;
+        let long = "n".repeat(10_000);
+        for name in ["../../etc", "gw1\nlevel=ERROR forged", long.as_str(), "", ".."] {
+            let answer = client
+                .subscribe(subscribe_request(evil.node_id(), name, vec![cursor_from_start(SYNAPSE)]))
+                .await;
+            match answer {
+                Err(s) => assert!(
+                    s.code() == Code::InvalidArgument && s.message().contains("node name"),
+                    "{:.80?} is refused with INVALID_ARGUMENT naming the node name, not {:?} {:.200}",
+                    name,
+                    s.code(),
+                    s.message()
+                ),
+                Ok(_) => panic!("a subscriber named {name:.80?} is accepted"),
+            }
+        }
+        let ok = client
+            .subscribe(subscribe_request(evil.node_id(), evil.name(), vec![cursor_from_start(SYNAPSE)]))
+            .await;
+        assert!(ok.is_ok(), "a well-named subscriber is served: {:?}", ok.err());
+    });
+}
+
 // ---------------------------------------------------------------- 7. modes
 
 #[test]
