@@ -3,7 +3,9 @@
 //! among each other over gRPC with version vectors and deterministic conflict resolution.
 //!
 //! # Layout
-//! - [`model`]: the pure core: paths, version vectors, records, the replica state machine.
+//! - [`model`]: the pure core: paths, version vectors, records, the replica state machine,
+//!   and the names used as keys ([`model::FolderId`], [`model::PeerName`]), checked once where
+//!   they enter.
 //! - [`store`]: the crash-safe local index (SQLite, WAL), one file per table and one row codec.
 //! - [`fs`]: scan + hash, watch, safe batched apply (one file per step), durable state-file
 //!   writes, ignore rules, the XML gate.
