@@ -615,7 +615,13 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
             ));
         }
         if let Some(e) = &f.last_error {
-            out.push_str(&format!("    last error: {e}\n"));
+            match f.last_error_ms {
+                Some(at) => out.push_str(&format!(
+                    "    last error, {} s ago: {e}\n",
+                    now.saturating_sub(at) / 1000
+                )),
+                None => out.push_str(&format!("    last error: {e}\n")),
+            }
         }
     }
     for p in &r.peers {
@@ -643,4 +649,45 @@ pub fn render_status(r: &crate::admin::StatusReport) -> String {
         out.push_str(&render_retriever(r));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::{FolderReport, StatusReport};
+    use crate::engine::FolderStatus;
+
+    #[test]
+    fn status_says_how_old_the_last_error_is() {
+        let folder = |last_error_ms| FolderReport {
+            status: FolderStatus {
+                id: "synapse-configs".into(),
+                last_error: Some("disk full".into()),
+                last_error_ms,
+                ..Default::default()
+            },
+            engine: None,
+            in_sync: false,
+        };
+        let report = StatusReport {
+            node: "gw1".into(),
+            node_id: "01".into(),
+            listen: "127.0.0.1:7701".into(),
+            uptime_secs: 1,
+            folders: vec![
+                folder(Some(crate::now_ms().saturating_sub(90_000))),
+                folder(None),
+            ],
+            peers: Vec::new(),
+            retriever: None,
+        };
+        let text = render_status(&report);
+        assert!(
+            text.contains("last error, 90 s ago: disk full")
+                || text.contains("last error, 91 s ago: disk full"),
+            "{text}"
+        );
+        // A status from an older agent has no time: the error alone.
+        assert!(text.contains("    last error: disk full\n"), "{text}");
+    }
 }

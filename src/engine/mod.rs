@@ -114,7 +114,9 @@ pub struct FolderEngine {
     unreadable: BTreeMap<RelPath, String>,
     unstable: BTreeSet<RelPath>,
     symlinks_logged: BTreeSet<RelPath>,
-    last_error: Option<String>,
+    /// The latest failure and when it happened (wall time, ms): status shows its age, so an
+    /// error of last week is not read as today's.
+    last_error: Option<(String, u64)>,
     conflicts: u64,
     /// Streams whose batches are refused (see [`RemoteBatch::stream`]); the newest few.
     failed_streams: VecDeque<u64>,
@@ -373,7 +375,7 @@ impl FolderEngine {
             Msg::Local(change) => {
                 if let Err(e) = self.on_local(change).await {
                     warn!(folder = %self.id, error = %e, "local change not recorded");
-                    self.last_error = Some(e.to_string());
+                    self.note_error(&e);
                     self.note_index_failure(&e);
                 }
             }
@@ -381,7 +383,7 @@ impl FolderEngine {
             Msg::Deploy(request, reply) => {
                 let r = self.on_deploy(request).await;
                 if let Err(e) = &r {
-                    self.last_error = Some(e.to_string());
+                    self.note_error(e);
                     self.note_index_failure(e);
                 }
                 let _ = reply.send(r);
@@ -407,6 +409,11 @@ impl FolderEngine {
             }
             None => format!("folder {} was not paused", self.id),
         }
+    }
+
+    /// Keeps `e` as the folder's last error, stamped now.
+    fn note_error(&mut self, e: &EngineError) {
+        self.last_error = Some((e.to_string(), crate::now_ms()));
     }
 
     fn pause(&mut self, reason: String) {

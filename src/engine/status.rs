@@ -31,6 +31,9 @@ pub struct FolderStatus {
     /// Local paths that could not be read on the last look.
     pub unreadable: BTreeMap<String, String>,
     pub last_error: Option<String>,
+    /// When `last_error` happened, ms since the epoch.
+    #[serde(default)]
+    pub last_error_ms: Option<u64>,
     pub conflicts: u64,
     /// Peer changes that failed to apply [`SKIP_AFTER_FAILURES`] times in a row: set aside so
     /// the rest of the peer's changes flow, and retried with backoff.
@@ -111,7 +114,8 @@ impl FolderEngine {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
-            last_error: self.last_error.clone(),
+            last_error: self.last_error.as_ref().map(|(e, _)| e.clone()),
+            last_error_ms: self.last_error.as_ref().map(|(_, at)| *at),
             conflicts: self.conflicts,
             skipped: self
                 .skips

@@ -95,7 +95,7 @@ impl FolderEngine {
             e,
             EngineError::StreamFailed { .. } | EngineError::IndexUnwritable { .. }
         ) {
-            self.last_error = Some(e.to_string());
+            self.note_error(e);
         }
         self.note_index_failure(e);
         if !self.failed_streams.contains(&stream) {
