@@ -179,21 +179,11 @@ fn a_full_state_dir_stops_changes_without_losing_any_and_resumes_when_space_is_f
         "the log says so:\n{}",
         b.log_tail()
     );
-    std::thread::sleep(Duration::from_secs(2));
-    std::fs::write("/tmp/b-full.log", b.log()).ok();
     holds_for(WAITING_WATCHED, "B stays up", || {
         std::fs::metadata(format!("/proc/{}", pid.expect("running")))
             .map(|_| ())
             .map_err(|e| e.to_string())
     });
-    eprintln!(
-        "b's synapse while full: {:?}",
-        tree(&b.synapse()).keys().collect::<Vec<_>>()
-    );
-    eprintln!(
-        "a's synapse while full: {:?}",
-        tree(&a.synapse()).keys().collect::<Vec<_>>()
-    );
 
     // Space comes back: everything flows, both ways, without a restart.
     std::fs::remove_file(disk.path().join(FILLER)).expect("remove the filler");
@@ -243,7 +233,7 @@ fn a_folder_remounted_read_only_waits_stays_up_and_resumes_when_writable() {
     write(&a.synapse().join("keep.xml"), &new);
     write(&a.synapse().join("added.xml"), "<api name='added'/>");
     let text = wait_status_text(b, "Read-only file system");
-    assert!(text.contains("last error:"), "{text}");
+    assert!(text.contains("last error, "), "{text}");
     write(&a.plans().join("plan.siddhi"), "@App:name('plan')");
     wait_content(&b.plans().join("plan.siddhi"), b"@App:name('plan')");
     holds_for(
