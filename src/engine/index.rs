@@ -8,9 +8,11 @@
 //! engine reloads its replica from the index, as a restart would: peer changes placed on
 //! disk whose batch commit failed are adopted from the batch journal (see `recover`), and
 //! a rescan records the local changes. Once that goes through, the folder takes changes
-//! again. No restart is needed, and none would help while the disk is full.
+//! again. No restart is needed, and none would help while the disk is full. A reload reads
+//! the whole index and rescans the folder, so failed ones back off (see [`reload_delay`]).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
@@ -18,6 +20,24 @@ use crate::engine::{EngineError, FolderEngine};
 use crate::fs::watch::Change;
 use crate::model::Replica;
 use crate::store::StoreError;
+
+/// The longest wait between two reloads of an index that cannot be written: how long the
+/// folder may stay closed after space is freed.
+pub(in crate::engine) const RELOAD_MAX: Duration = Duration::from_secs(8);
+
+/// Failed reloads in a row, and when the next may run (monotonic ms).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(in crate::engine) struct ReloadBackoff {
+    pub(in crate::engine) failures: u32,
+    pub(in crate::engine) next_ms: u64,
+}
+
+/// The wait after the `failures`-th failed reload in a row: `first`, doubling, at most
+/// [`RELOAD_MAX`].
+pub(in crate::engine) fn reload_delay(failures: u32, first: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    first.saturating_mul(1 << doublings).min(RELOAD_MAX)
+}
 
 impl FolderEngine {
     /// Stops the folder taking changes when `e` says the index could not be written.
@@ -27,6 +47,7 @@ impl FolderEngine {
         };
         if self.index_error.is_none() {
             warn!(folder = %self.id, error = %e, "the index cannot be written; the folder takes no change until it can (free space in state_dir), and resumes by itself");
+            self.index_reload = ReloadBackoff::default();
         }
         self.index_error = Some(e.to_string());
     }
@@ -44,14 +65,23 @@ impl FolderEngine {
 
     /// Reloads the replica from the index, adopts the journaled peer changes on disk and
     /// rescans; the folder takes changes again when all of it went through.
-    pub(in crate::engine) async fn reload_index(&mut self) {
+    /// Does nothing until the backoff of failed reloads is over (`now_ms` on the monotonic
+    /// clock of [`crate::liveness::mono_ms`]).
+    pub(in crate::engine) async fn reload_index(&mut self, now_ms: u64, first: Duration) {
+        if now_ms < self.index_reload.next_ms {
+            return;
+        }
         match self.try_reload_index().await {
             Ok(()) => {
+                self.index_reload = ReloadBackoff::default();
                 info!(folder = %self.id, seq = self.replica.seq(), "the index can be written again; the folder takes changes again");
                 self.seq_tx.send_replace(self.replica.seq());
             }
             Err(e) => {
-                debug!(folder = %self.id, error = %e, "the index still cannot be written");
+                self.index_reload.failures = self.index_reload.failures.saturating_add(1);
+                let wait = reload_delay(self.index_reload.failures, first);
+                self.index_reload.next_ms = now_ms.saturating_add(wait.as_millis() as u64);
+                debug!(folder = %self.id, error = %e, retry_in_ms = wait.as_millis() as u64, "the index still cannot be written");
                 self.index_error = Some(e.to_string());
             }
         }
@@ -79,5 +109,21 @@ impl FolderEngine {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_reloads_back_off_to_a_bound() {
+        let first = Duration::from_millis(500);
+        let waits: Vec<u64> = (1..=7)
+            .map(|n| reload_delay(n, first).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 8000, 8000]);
+        assert_eq!(reload_delay(u32::MAX, first), RELOAD_MAX);
+        assert_eq!(reload_delay(1, Duration::from_secs(60)), RELOAD_MAX);
     }
 }

@@ -108,6 +108,8 @@ pub struct FolderEngine {
     /// Why the index could not be written (see `index`): set, the folder takes no change
     /// until a reload from the index goes through.
     index_error: Option<String>,
+    /// Failed reloads of that index, and when the next may run.
+    index_reload: index::ReloadBackoff,
     /// The operator confirmed the folder's current state: the next scan may delete.
     confirmed: bool,
     held: BTreeMap<RelPath, String>,
@@ -238,6 +240,7 @@ impl FolderEngine {
             live: live.clone(),
             paused: None,
             index_error: None,
+            index_reload: Default::default(),
             confirmed: false,
             held: BTreeMap::new(),
             unreadable: BTreeMap::new(),
@@ -343,7 +346,7 @@ impl FolderEngine {
                 _ = retry.tick(), if self.index_error.is_some() || !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
                     self.live.busy();
                     if self.index_error.is_some() {
-                        self.reload_index().await;
+                        self.reload_index(crate::liveness::mono_ms(), retry_every).await;
                         self.live.progress();
                         self.publish_status();
                         continue;
