@@ -183,14 +183,12 @@ impl ArtifactDb {
 
     /// Events with an id above `after`, oldest first.
     pub async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>, DbError> {
-        let rows = sqlx::query(AssertSqlSafe(self.sql(
-            "SELECT id, artifact_id, label, instruction, revision FROM artifact_events WHERE id > ? ORDER BY id LIMIT ?",
-        )))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.err(e))?;
+        let rows = sqlx::query(AssertSqlSafe(self.sql(events_after_sql(self.backend))))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
         rows.into_iter()
             .map(|r| {
                 let instruction: String = r.try_get(3).map_err(|e| self.err(e))?;
@@ -215,6 +213,24 @@ impl ArtifactDb {
             .try_get::<Option<i64>, _>(0)
             .map_err(|e| self.err(e))?
             .unwrap_or(0))
+    }
+}
+
+/// [`ArtifactDb::events_after`]'s query (after, limit). On SQLite the limit goes through a
+/// CAST: given a bare `LIMIT ?`, SQLite compiles the bound value into the statement and
+/// prepares it anew whenever it is bound again, which sqlx does on every call (every poll
+/// of every agent; see the same note in `store/files.rs`). MySQL's `LIMIT` takes no
+/// expression, so the others keep the bare parameter.
+fn events_after_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => {
+            "SELECT id, artifact_id, label, instruction, revision FROM artifact_events \
+             WHERE id > ? ORDER BY id LIMIT CAST(? AS INTEGER)"
+        }
+        Backend::Postgres | Backend::MySql => {
+            "SELECT id, artifact_id, label, instruction, revision FROM artifact_events \
+             WHERE id > ? ORDER BY id LIMIT ?"
+        }
     }
 }
 
@@ -270,5 +286,30 @@ mod tests {
     #[tokio::test]
     async fn large_bundle_mysql() {
         large_bundle(Backend::MySql).await;
+    }
+
+    /// Regression: SQLite compiled the bound limit of the event poll into its statement (an
+    /// `Integer` op holding it, as EXPLAIN shows), so every poll prepared it anew.
+    #[tokio::test]
+    async fn the_sqlite_event_poll_does_not_compile_its_limit_into_the_statement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/a.db?mode=rwc", dir.path().display());
+        let db = ArtifactDb::connect(&url).await.expect("connect");
+        const LIMIT: i64 = 7919;
+        let sql = format!("EXPLAIN {}", events_after_sql(Backend::Sqlite));
+        let program = sqlx::query(AssertSqlSafe(sql))
+            .bind(0_i64)
+            .bind(LIMIT)
+            .fetch_all(&db.pool)
+            .await
+            .expect("explain");
+        assert!(!program.is_empty());
+        let bound_into_program = program.iter().any(|op| {
+            op.try_get::<String, _>(1).ok().as_deref() == Some("Integer")
+                && op.try_get::<i64, _>(2).ok() == Some(LIMIT)
+        });
+        assert!(!bound_into_program);
+        // And the poll still answers, limited.
+        assert!(db.events_after(0, 10).await.expect("poll").is_empty());
     }
 }
