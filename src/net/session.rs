@@ -23,6 +23,14 @@ use crate::pb::sync::peer_client::PeerClient;
 /// Batches of one stream handed to the engine and not answered yet: one being finished, one
 /// being staged, one checked and waiting.
 const BATCHES_IN_FLIGHT: usize = 3;
+/// A batch of at most this many records and inline bytes is checked on the session's task
+/// (tens of microseconds); a larger one on a blocking thread.
+const SMALL_BATCH_RECORDS: usize = 64;
+const SMALL_BATCH_INLINE_BYTES: usize = 64 * 1024;
+
+fn is_small_batch(records: usize, inline_bytes: usize) -> bool {
+    records <= SMALL_BATCH_RECORDS && inline_bytes <= SMALL_BATCH_INLINE_BYTES
+}
 /// Records of the batches received while `BATCHES_IN_FLIGHT` are with the engine, merged into
 /// one batch for it at most. Reading on instead of leaving them in the connection's window
 /// (8 MiB, hundreds of small batches under a steady flow of edits) keeps the peer's stream
@@ -467,15 +475,23 @@ impl PeerSession {
                 folder,
                 ..
             } = batch;
-            // Validation and the hash check of inline contents run here, beside the engine.
-            let checked = tokio::task::spawn_blocking(move || {
+            let records_len = records.len();
+            // Validation and the hash check of inline contents: a small batch (most of them
+            // under a steady flow, and every relayed batch of a full mesh, often empty) on
+            // this task; a large one on a blocking thread, beside the engine.
+            let check = move || {
                 records
                     .into_iter()
                     .map(record_from_pb)
                     .collect::<Vec<Result<Incoming, String>>>()
-            })
-            .await
-            .map_err(|e| perr(format!("checking a batch: {e}")))?;
+            };
+            let checked = if is_small_batch(records_len, inline_bytes) {
+                check()
+            } else {
+                tokio::task::spawn_blocking(check)
+                    .await
+                    .map_err(|e| perr(format!("checking a batch: {e}")))?
+            };
             let mut records = Vec::with_capacity(checked.len());
             for r in checked {
                 match r {
