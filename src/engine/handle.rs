@@ -132,8 +132,31 @@ pub struct RemoteBatch {
     pub retry: bool,
 }
 
-/// The engine's message queue, handed from [`FolderEngine::open`] to [`FolderEngine::run`].
-pub struct Inbox(pub(in crate::engine) mpsc::Receiver<Msg>);
+/// The engine's message queues, handed from [`FolderEngine::open`] to [`FolderEngine::run`].
+/// Local changes have a queue of their own, read first: a change made on this node is seen
+/// at once, not behind the peer batches queued before it (in a busy mesh, dozens of them,
+/// each up to thousands of records, which had a local edit wait seconds to be recorded).
+pub struct Inbox {
+    pub(in crate::engine) msgs: mpsc::Receiver<Msg>,
+    pub(in crate::engine) local: mpsc::Receiver<Change>,
+}
+
+impl Inbox {
+    /// The next message: the local changes queued, merged into one, before anything else.
+    /// `None` once every handle is gone.
+    pub(in crate::engine) async fn recv(&mut self) -> Option<Msg> {
+        let change = tokio::select! {
+            biased;
+            Some(change) = self.local.recv() => change,
+            msg = self.msgs.recv() => return msg,
+        };
+        let mut merged = change;
+        while let Ok(more) = self.local.try_recv() {
+            merged = super::local::merge_changes(merged, more);
+        }
+        Some(Msg::Local(merged))
+    }
+}
 
 pub(in crate::engine) enum Msg {
     Local(Change),
@@ -159,6 +182,8 @@ pub struct FolderHandle {
     pub epoch: u64,
     pub(in crate::engine) store: Store,
     pub(in crate::engine) tx: mpsc::Sender<Msg>,
+    /// Local changes (see [`Inbox`]).
+    pub(in crate::engine) local_tx: mpsc::Sender<Change>,
     pub(in crate::engine) seq: watch::Receiver<u64>,
     pub(in crate::engine) status: Arc<Mutex<FolderStatus>>,
     pub(in crate::engine) live: Arc<Liveness>,
@@ -241,8 +266,8 @@ impl FolderHandle {
 
     /// Sends local changes (from the watcher or a timer).
     pub async fn local(&self, change: Change) -> Result<(), EngineError> {
-        self.tx
-            .send(Msg::Local(change))
+        self.local_tx
+            .send(change)
             .await
             .map_err(|_| EngineError::Stopped(self.id.clone()))
     }

@@ -198,6 +198,7 @@ impl FolderEngine {
             .with_records(records, crate::now_ms());
         let (seq_tx, seq_rx) = watch::channel(replica.seq());
         let (tx, rx) = mpsc::channel(ENGINE_QUEUE);
+        let (local_tx, local_rx) = mpsc::channel(ENGINE_QUEUE);
         let status = Arc::new(Mutex::new(FolderStatus::default()));
         let live = Arc::new(Liveness::default());
         let ignore = folder_ignore(folder)?;
@@ -263,13 +264,18 @@ impl FolderEngine {
             epoch,
             store,
             tx,
+            local_tx,
             seq: seq_rx,
             status,
             live,
             ignore: Arc::new(folder_ignore(folder)?),
             lazy_cursors: engine.lazy_cursors.clone(),
         };
-        Ok((engine, handle, Inbox(rx)))
+        let inbox = Inbox {
+            msgs: rx,
+            local: local_rx,
+        };
+        Ok((engine, handle, inbox))
     }
 
     /// Removes leftovers of a crash and brings the index up to date with the disk.
@@ -288,7 +294,7 @@ impl FolderEngine {
     /// Runs until cancelled. `rescan_every` is the backstop full scan.
     pub async fn run(
         mut self,
-        Inbox(mut rx): Inbox,
+        mut inbox: Inbox,
         rescan_every: std::time::Duration,
         retry_every: std::time::Duration,
         cancel: CancellationToken,
@@ -307,7 +313,7 @@ impl FolderEngine {
         let mut pending: VecDeque<Msg> = VecDeque::new();
         loop {
             if let Some(msg) = pending.pop_front() {
-                pending.extend(self.handle(msg, &mut rx).await);
+                pending.extend(self.handle(msg, &mut inbox).await);
                 self.live.progress();
                 self.publish_status();
                 continue;
@@ -321,10 +327,10 @@ impl FolderEngine {
                     self.flush_lazy_cursors().await;
                     continue;
                 }
-                msg = rx.recv() => {
+                msg = inbox.recv() => {
                     let Some(msg) = msg else { break };
                     self.live.busy();
-                    pending.extend(self.handle(msg, &mut rx).await);
+                    pending.extend(self.handle(msg, &mut inbox).await);
                 }
                 _ = rescan.tick() => {
                     self.live.busy();
@@ -340,7 +346,7 @@ impl FolderEngine {
                         debug!(folder = %self.id, peer = %batch.peer, records = batch.records.len(), "retrying skipped changes");
                         // Nobody waits for the answer: the outcome lands in the skip list.
                         let (reply, _) = oneshot::channel();
-                        pending.extend(self.remote_chain(batch, reply, &mut rx).await);
+                        pending.extend(self.remote_chain(batch, reply, &mut inbox).await);
                     }
                 }
                 _ = retry.tick(), if self.index_error.is_some() || !self.unstable.is_empty() || !self.held.is_empty() || self.paused.is_some() => {
@@ -373,7 +379,7 @@ impl FolderEngine {
     }
 
     /// Handles one message; returns those it took off the queue and left for the next turn.
-    async fn handle(&mut self, msg: Msg, rx: &mut mpsc::Receiver<Msg>) -> Vec<Msg> {
+    async fn handle(&mut self, msg: Msg, inbox: &mut Inbox) -> Vec<Msg> {
         match msg {
             Msg::Local(change) => {
                 if let Err(e) = self.on_local(change).await {
@@ -382,7 +388,7 @@ impl FolderEngine {
                     self.note_index_failure(&e);
                 }
             }
-            Msg::Remote(batch, reply) => return self.remote_chain(batch, reply, rx).await,
+            Msg::Remote(batch, reply) => return self.remote_chain(batch, reply, inbox).await,
             Msg::Deploy(request, reply) => {
                 let r = self.on_deploy(request).await;
                 if let Err(e) = &r {

@@ -141,6 +141,19 @@ async fn engine_told_by(
     CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
+    let (engine, handle, inbox, store) = engine_opened(dir, skip_retry_ms, peers, own).await;
+    let (cancel, task) = run_engine(engine, inbox);
+    (handle, store, cancel, task)
+}
+
+/// An engine opened and scanned, not running yet: messages sent to its handle wait in its
+/// queues until [`run_engine`].
+pub(crate) async fn engine_opened(
+    dir: &Path,
+    skip_retry_ms: u64,
+    peers: &[&str],
+    own: Arc<OwnWrites>,
+) -> (FolderEngine, FolderHandle, Inbox, Store) {
     let root = dir.join("root");
     std::fs::create_dir_all(&root).expect("mkdir");
     let store = Store::open(dir).await.expect("store");
@@ -168,6 +181,14 @@ async fn engine_told_by(
         .await
         .expect("open");
     engine.initial_scan().await.expect("scan");
+    (engine, handle, inbox, store)
+}
+
+/// Runs an engine of [`engine_opened`] (no rescans, no retry ticks).
+pub(crate) fn run_engine(
+    engine: FolderEngine,
+    inbox: Inbox,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let cancel = CancellationToken::new();
     let task = tokio::spawn(engine.run(
         inbox,
@@ -175,7 +196,7 @@ async fn engine_told_by(
         std::time::Duration::from_secs(3600),
         cancel.clone(),
     ));
-    (handle, store, cancel, task)
+    (cancel, task)
 }
 
 /// The index row of `path`, as stored.

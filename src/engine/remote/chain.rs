@@ -1,10 +1,10 @@
 //! The chain of peer batches: the next batch is staged while the one before it is finished on
 //! a blocking thread, and a local change waits for the chain (at most `LOCAL_DEFER_MAX`).
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::debug;
 
-use crate::engine::handle::Msg;
+use crate::engine::handle::{Inbox, Msg};
 use crate::engine::local::{merge_changes, waited_enough};
 use crate::engine::{EngineError, FolderEngine, RemoteBatch};
 use crate::fs::watch::Change;
@@ -31,7 +31,7 @@ impl FolderEngine {
         &mut self,
         batch: RemoteBatch,
         reply: oneshot::Sender<Result<u64, EngineError>>,
-        rx: &mut mpsc::Receiver<Msg>,
+        inbox: &mut Inbox,
     ) -> Vec<Msg> {
         let mut queued = Some((self.prepare_checked(batch).await, reply));
         // A batch on disk and settled in memory, whose index commit waits for the next
@@ -108,7 +108,7 @@ impl FolderEngine {
                 let arrived = tokio::select! {
                     biased;
                     joined = &mut current.finishing => Err(joined),
-                    msg = rx.recv() => Ok(msg),
+                    msg = inbox.recv() => Ok(msg),
                 };
                 match arrived {
                     Err(joined) => break joined,
@@ -222,6 +222,65 @@ mod tests {
         );
         assert_eq!(seqs.len(), 203, "x, y, 200 in d/, z: one row per path");
         assert_eq!(apply::remove_stale_temps(&root), 0);
+        cancel.cancel();
+        task.await.expect("engine task");
+    }
+
+    /// A local change sent after peer batches already waiting in the engine's queue is
+    /// recorded before them: it has a queue of its own, read first (see `Inbox`), and does not
+    /// wait for the batches queued ahead of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_change_is_recorded_before_the_peer_batches_queued_ahead_of_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let own = std::sync::Arc::new(crate::fs::own::OwnWrites::default());
+        let (engine, handle, inbox, store) = engine_opened(dir.path(), 60_000, &["gw2"], own).await;
+        let root = dir.path().join("root");
+        let mut answers = Vec::new();
+        for b in 0..5u64 {
+            let records = (0..20)
+                .map(|i| {
+                    let n = b * 20 + i;
+                    remote_file(
+                        &format!("p/{n}.xml"),
+                        format!("<p n=\"{n}\"/>").as_bytes(),
+                        n + 1,
+                        true,
+                    )
+                })
+                .collect();
+            answers.push(
+                handle
+                    .queue_remote(batch(9, (b + 1) * 20, records))
+                    .await
+                    .expect("queued"),
+            );
+        }
+        std::fs::write(root.join("local.xml"), b"<local/>").expect("write");
+        handle
+            .local(Change::Paths(vec![
+                RelPath::new("local.xml").expect("valid"),
+            ]))
+            .await
+            .expect("sent");
+        let (cancel, task) = run_engine(engine, inbox);
+        for a in answers {
+            a.await.expect("applied");
+        }
+        let local = row_of(&store, "local.xml").await.record.seq;
+        let rows = store
+            .since("synapse-configs", 0, 10_000, None)
+            .await
+            .expect("since");
+        let peer_seqs: Vec<u64> = rows
+            .iter()
+            .filter(|r| r.record.path.as_str().starts_with("p/"))
+            .map(|r| r.record.seq)
+            .collect();
+        assert_eq!(peer_seqs.len(), 100);
+        assert!(
+            peer_seqs.iter().all(|s| *s > local),
+            "local.xml got seq {local}, peer records {peer_seqs:?}"
+        );
         cancel.cancel();
         task.await.expect("engine task");
     }
