@@ -167,6 +167,12 @@ impl Collector for StatusCollector {
         )?;
         gauges(
             e,
+            "folder_index_writable",
+            "0 while the folder's index cannot be written (a full or read-only state_dir): it takes no change until it can",
+            per_folder(&|f, _| flag(f.index_error.is_none())),
+        )?;
+        gauges(
+            e,
             "folder_held_files",
             "Local files held back by the validation gate",
             per_folder(&|f, _| f.held.len() as i64),

@@ -566,6 +566,7 @@ pub mod db;
 pub mod disk;
 pub mod faults;
 pub mod hostile;
+pub mod metrics;
 pub mod proxy;
 
 /// Extensions for retriever tests: extra config, a start that does not wait for SERVING, and

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::disk::{BindMount, Tmpfs, fill};
+use crate::common::metrics::{metrics_on, scrape_until, value};
 use crate::common::*;
 
 /// How long a waiting change is watched to stay waiting (the old file intact meanwhile).
@@ -153,6 +154,7 @@ fn a_full_state_dir_stops_changes_without_losing_any_and_resumes_when_space_is_f
     let Some(disk) = Tmpfs::mount_on(&cluster[1].state_dir(), 8192) else {
         return;
     };
+    let b_metrics = metrics_on(&cluster[1]);
     cluster.start_all();
     let (a, b) = (&cluster[0], &cluster[1]);
     write(&a.synapse().join("seed.xml"), "<api name='seed'/>");
@@ -174,6 +176,10 @@ fn a_full_state_dir_stops_changes_without_losing_any_and_resumes_when_space_is_f
     write(&b.synapse().join("from-b.xml"), "<api name='from-b'/>");
     let text = wait_status_text(b, "INDEX NOT WRITABLE");
     assert!(text.contains("database or disk is full"), "{text}");
+    let folder = [("folder", SYNAPSE)];
+    scrape_until(b_metrics, "B's index_writable gauge to say 0", |t| {
+        (value(t, "artisync_folder_index_writable", &folder)? == 0.0).then_some(())
+    });
     assert!(
         b.log().contains("the index cannot be written"),
         "the log says so:\n{}",
@@ -193,6 +199,9 @@ fn a_full_state_dir_stops_changes_without_losing_any_and_resumes_when_space_is_f
     a.wait_in_sync(SYNAPSE);
     wait_same_trees(SYNC_TIMEOUT, "A and B", &cluster.synapse_roots());
     assert_eq!(b.pid(), pid, "B was never restarted");
+    scrape_until(b_metrics, "B's index_writable gauge to say 1 again", |t| {
+        (value(t, "artisync_folder_index_writable", &folder)? == 1.0).then_some(())
+    });
 
     // B's index holds what its disk holds: a restart finds nothing to record.
     let seq = b.seq(SYNAPSE);

@@ -3,90 +3,11 @@
 //! is stopped, the plaintext rule for a non-loopback address, and the Grafana dashboard's
 //! queries against a real scrape.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::metrics::*;
 use crate::common::*;
-
-/// Reserves a port and turns the node's metrics endpoint on there; returns the port.
-fn metrics_on(node: &Node) -> u16 {
-    let port = artisync::demo::free_ports(1).expect("reserve a loopback port")[0];
-    node.append_config(&format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
-    port
-}
-
-/// One HTTP/1.1 request; returns the status code and the body.
-fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send: {e}"))?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)
-        .map_err(|e| format!("read: {e}"))?;
-    let (head, body) = reply
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no header end in {reply:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status in {head:?}"))?;
-    Ok((code, body.to_owned()))
-}
-
-/// A scrape of `GET /metrics`.
-fn scrape(port: u16) -> String {
-    match http_get(port, "/metrics") {
-        Ok((200, body)) => body,
-        other => panic!("scrape of port {port}: {other:?}"),
-    }
-}
-
-/// Every sample of a scrape: (name, labels as written, value).
-fn samples(text: &str) -> Vec<(String, String, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            Some((name.to_owned(), labels.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The value of the series `name` whose labels include every `labels` pair.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    samples(text).into_iter().find_map(|(n, l, v)| {
-        let all = labels
-            .iter()
-            .all(|(k, val)| l.split(',').any(|kv| kv == format!("{k}=\"{val}\"")));
-        (n == name && all).then_some(v)
-    })
-}
-
-/// Polls scrapes until `check` accepts one (bounded); returns what it returned.
-fn scrape_until<T>(port: u16, what: &str, mut check: impl FnMut(&str) -> Option<T>) -> T {
-    wait_for(SYNC_TIMEOUT, what, || {
-        let text = scrape(port);
-        check(&text).ok_or_else(|| {
-            let relevant: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.starts_with('#') && !l.starts_with("process_"))
-                .collect();
-            format!("scrape:\n{}", relevant.join("\n"))
-        })
-    })
-}
 
 #[test]
 fn a_change_moves_the_counters_and_the_latency_histogram() {
@@ -106,6 +27,10 @@ fn a_change_moves_the_counters_and_the_latency_histogram() {
     )
     .expect("the folder's latency histogram exists from the start");
     assert_eq!(value(&before, "artisync_folder_files", &folder), Some(0.0));
+    assert_eq!(
+        value(&before, "artisync_folder_index_writable", &folder),
+        Some(1.0)
+    );
     assert!(
         before.contains("process_resident_memory_bytes "),
         "{before}"
