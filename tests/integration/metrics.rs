@@ -4,7 +4,6 @@
 //! queries against a real scrape.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use crate::common::metrics::*;
 use crate::common::*;
