@@ -312,7 +312,13 @@ impl Node {
     }
 
     fn start(&self) -> Agent {
-        Agent::spawn(&self.name, self.port, &self.config, &self.log, "warn")
+        Agent::spawn(
+            &self.name,
+            self.port,
+            &self.config,
+            &self.log,
+            &std::env::var("ARTISYNC_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
     }
 }
 

@@ -19,10 +19,19 @@ use super::FolderHandle;
 /// records, so the receiver pays its per-batch durability (a `syncfs`, the directory syncs, an
 /// index commit) fewer times; one that catches up starts small again, so a single change
 /// still goes out alone. Starting small also keeps what a subscriber that never reads pins:
-/// its first batch (on the wire) and its second (queued), 1 + 4 MiB of contents.
+/// the batch its transport took last (beyond its HTTP/2 window) and the one queued, at most
+/// 4 MiB of contents each, since batches grow past 4 MiB only for a subscriber that has taken
+/// [`FULL_GROWTH_TAKEN`] (see [`Feed::taken`]).
 const BATCH_RECORDS: u32 = 1000;
 const BATCH_INLINE_BYTES: u64 = 1024 * 1024;
 const BATCH_GROWTH: u32 = 16;
+/// Inline contents a subscriber's stream must have taken before its batches may grow past 4
+/// times the base. Before, a subscriber that stopped reading could be handed a third, 16 MiB
+/// batch to pin: its transport took the first two within its window, and which batch sat in
+/// the queue when the window closed was a matter of timing (1.1-1.3 GiB for 62 stalled
+/// subscribers against 0.56 GiB, in the sync bench's (d)). A subscriber that reads takes
+/// this within its first batches.
+const FULL_GROWTH_TAKEN: u64 = 32 * 1024 * 1024;
 /// Record metadata one batch may carry, whatever its scale: with the inline budget this keeps
 /// a batch far below the largest gRPC message (`net::MAX_MESSAGE_BYTES`) even when every record
 /// has the largest path and version vector a peer may send, so a relayed record can never make
@@ -56,6 +65,8 @@ pub struct Feed {
     ahead: Option<(u64, Vec<StoredRecord>)>,
     /// How many times the base batch size the next batch may be (see `BATCH_GROWTH`).
     scale: u32,
+    /// Inline bytes of the batches the subscriber's stream has taken (see [`Feed::taken`]).
+    taken: u64,
     /// When the last batch was built (see [`RELAY_HOLD`]).
     last_built: Option<Instant>,
 }
@@ -103,6 +114,7 @@ impl FolderHandle {
             announced: false,
             ahead: None,
             scale: 1,
+            taken: 0,
             last_built: None,
         }
     }
@@ -188,7 +200,7 @@ impl Feed {
         } else {
             last
         };
-        self.scale = next_batch_scale(self.scale, complete && rest.is_empty());
+        self.scale = next_batch_scale(self.scale, complete && rest.is_empty(), self.taken);
         self.ahead = Some((current, rest));
         self.announced = true;
         self.last_built = Some(Instant::now());
@@ -200,6 +212,12 @@ impl Feed {
             read_at,
             read,
         })
+    }
+
+    /// Notes that the subscriber's stream took a batch of `inline_bytes` of contents off its
+    /// queue (its transport wanted more): what lets batches grow to full size.
+    pub fn taken(&mut self, inline_bytes: u64) {
+        self.taken = self.taken.saturating_add(inline_bytes);
     }
 
     /// Waits until the folder's sequence moves; `false` once the engine is gone.
@@ -283,13 +301,19 @@ fn record_meta_bytes(r: &FileRecord) -> u64 {
 }
 
 /// The size of the next batch, in base batches: a full batch (cut by rows or by bytes) means
-/// more is waiting, so the next one may be four times as large, up to `BATCH_GROWTH`; a batch
-/// that took everything there was starts the next one small again.
-fn next_batch_scale(scale: u32, caught_up: bool) -> u32 {
+/// more is waiting, so the next one may be four times as large, up to `BATCH_GROWTH` once the
+/// subscriber has `taken` [`FULL_GROWTH_TAKEN`] and 4 before; a batch that took everything
+/// there was starts the next one small again.
+fn next_batch_scale(scale: u32, caught_up: bool, taken: u64) -> u32 {
+    let most = if taken >= FULL_GROWTH_TAKEN {
+        BATCH_GROWTH
+    } else {
+        4
+    };
     if caught_up {
         1
     } else {
-        scale.saturating_mul(4).clamp(1, BATCH_GROWTH)
+        scale.saturating_mul(4).clamp(1, most)
     }
 }
 
@@ -311,17 +335,24 @@ mod tests {
         let mut scale = 1;
         let mut seen = Vec::new();
         for _ in 0..5 {
-            scale = next_batch_scale(scale, false);
+            scale = next_batch_scale(scale, false, FULL_GROWTH_TAKEN);
             seen.push(scale);
         }
         assert_eq!(seen, [4, 16, 16, 16, 16]);
+        // A subscriber that has not taken enough yet (it may never read) gets 4 MiB at most.
+        let mut slow = 1;
+        for _ in 0..5 {
+            slow = next_batch_scale(slow, false, FULL_GROWTH_TAKEN - 1);
+            assert!(slow <= 4, "{slow}");
+        }
+        assert_eq!(next_batch_scale(slow, false, FULL_GROWTH_TAKEN), 16);
         assert_eq!(
             [1, 4, 16].map(batch_records),
             [1000, 1000, 4000],
             "records grow with the bytes past 4 MiB"
         );
-        assert_eq!(next_batch_scale(scale, true), 1);
-        assert_eq!(next_batch_scale(0, false), 1);
+        assert_eq!(next_batch_scale(scale, true, FULL_GROWTH_TAKEN), 1);
+        assert_eq!(next_batch_scale(0, false, 0), 1);
     }
 
     #[test]

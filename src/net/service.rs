@@ -192,6 +192,9 @@ async fn pump_folder(
     subscriber: PeerName,
 ) {
     let link = svc.metrics.link(&subscriber, &folder);
+    // Inline bytes of this folder's batch last queued: once a place is free again, the
+    // stream took it (see `Feed::taken`).
+    let mut queued_inline: Option<u64> = None;
     loop {
         let pending = match feed.next_rows().await {
             Ok(Some(pending)) => pending,
@@ -231,6 +234,10 @@ async fn pump_folder(
                 Err(_) => return,
             },
         };
+        // The queue holds one batch: a place free means the one queued before was taken.
+        if let Some(bytes) = queued_inline.take() {
+            feed.taken(bytes);
+        }
         // Rows read before the wait for a place are a snapshot: under backpressure (a slow
         // subscriber) the wait can be long, and everything committed meanwhile goes too,
         // in this batch, not one small batch per wake.
@@ -270,6 +277,7 @@ async fn pump_folder(
                 .collect(),
         };
         permit.send(Ok(batch));
+        queued_inline = Some(inline_bytes as u64);
         link.sent(records as u64, inline_bytes as u64);
         debug!(folder = %folder, peer = %subscriber, records, up_to_seq = built.up_to_seq, read_us = built.read.as_micros() as u64, queued_us = built.read_at.elapsed().as_micros() as u64, "batch sent to peer");
     }
