@@ -30,8 +30,10 @@ const BATCH_GROWTH: u32 = 16;
 /// batch to pin: its transport took the first two within its window, and which batch sat in
 /// the queue when the window closed was a matter of timing (1.1-1.3 GiB for 62 stalled
 /// subscribers against 0.56 GiB, in the sync bench's (d)). A subscriber that reads takes
-/// this within its first batches.
-const FULL_GROWTH_TAKEN: u64 = 32 * 1024 * 1024;
+/// this within its first five batches; one that never reads takes its window and a batch
+/// (about 5 MiB in the bench). 16 MiB kept the bench's initial sync as fast as before (32
+/// MiB slowed it by about 8 %: more of the tree went in 4 MiB batches).
+const FULL_GROWTH_TAKEN: u64 = 16 * 1024 * 1024;
 /// Record metadata one batch may carry, whatever its scale: with the inline budget this keeps
 /// a batch far below the largest gRPC message (`net::MAX_MESSAGE_BYTES`) even when every record
 /// has the largest path and version vector a peer may send, so a relayed record can never make
