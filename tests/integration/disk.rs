@@ -127,8 +127,10 @@ fn a_folder_on_a_full_file_system_waits_keeps_the_old_file_and_resumes_when_spac
     assert_eq!(b.pid(), pid, "B was never restarted");
     let b = &mut cluster[1];
     assert_eq!(b.health(), Ok(HealthStatus::Serving));
-    drop(cluster);
+    // Unmounted before the cluster's directories go, or they are left behind in /tmp.
+    cluster[1].stop();
     drop(disk);
+    drop(cluster);
 }
 
 /// The folder's status, and the status text, waiting for `what` in the text.
@@ -219,8 +221,10 @@ fn a_full_state_dir_stops_changes_without_losing_any_and_resumes_when_space_is_f
         &cluster.synapse_roots(),
     );
     no_temp_files(&cluster[1].synapse());
-    drop(cluster);
+    // Unmounted before the cluster's directories go, or they are left behind in /tmp.
+    cluster[1].stop();
     drop(disk);
+    drop(cluster);
 }
 
 #[test]
@@ -263,6 +267,8 @@ fn a_folder_remounted_read_only_waits_stays_up_and_resumes_when_writable() {
     b.wait_in_sync(SYNAPSE);
     assert_eq!(b.pid(), pid, "B was never restarted");
     wait_same_trees(SYNC_TIMEOUT, "A and B", &cluster.synapse_roots());
-    drop(cluster);
+    // Unmounted before the cluster's directories go, or they are left behind in /tmp.
+    cluster[1].stop();
     drop(bind);
+    drop(cluster);
 }
