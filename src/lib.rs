@@ -66,3 +66,17 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// The wait before try number `attempt` (1-based) of something that keeps failing: `base`,
+/// doubling with each attempt, never above `cap`. The one backoff rule of the retriever's
+/// deployments, the skip book's retries and the engine's index reloads.
+pub fn doubling_delay(
+    base: std::time::Duration,
+    attempt: u32,
+    cap: std::time::Duration,
+) -> std::time::Duration {
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    base.checked_mul(factor).unwrap_or(cap).min(cap)
+}

@@ -35,8 +35,7 @@ pub(in crate::engine) struct ReloadBackoff {
 /// The wait after the `failures`-th failed reload in a row: `first`, doubling, at most
 /// [`RELOAD_MAX`].
 pub(in crate::engine) fn reload_delay(failures: u32, first: Duration) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    first.saturating_mul(1 << doublings).min(RELOAD_MAX)
+    crate::doubling_delay(first, failures, RELOAD_MAX)
 }
 
 impl FolderEngine {

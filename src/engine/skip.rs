@@ -83,11 +83,16 @@ pub(in crate::engine) fn node_wide(e: &std::io::Error) -> bool {
 
 /// When a change skipped after `attempts` failures is tried next.
 pub(in crate::engine) fn skip_retry_at(now_ms: u64, base_ms: u64, attempts: u32) -> u64 {
-    let doublings = attempts.saturating_sub(SKIP_AFTER_FAILURES).min(32);
-    let delay = base_ms
-        .saturating_mul(1u64 << doublings)
-        .min(SKIP_RETRY_MAX_MS);
-    now_ms.saturating_add(delay)
+    // The first retry after the skip waits `base_ms`, each later one twice the one before.
+    let retry = attempts
+        .saturating_sub(SKIP_AFTER_FAILURES)
+        .saturating_add(1);
+    let delay = crate::doubling_delay(
+        std::time::Duration::from_millis(base_ms),
+        retry,
+        std::time::Duration::from_millis(SKIP_RETRY_MAX_MS),
+    );
+    now_ms.saturating_add(delay.as_millis() as u64)
 }
 
 /// The skip book of one folder: the strikes of peer changes failing in a row, and the changes

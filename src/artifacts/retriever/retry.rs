@@ -16,12 +16,7 @@ pub const STARTUP_RETRY_BASE: Duration = Duration::from_millis(500);
 
 /// Delay before retry number `attempt` (1-based): `base`, doubling, never above one hour.
 pub fn retry_delay(base: Duration, attempt: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(attempt.saturating_sub(1))
-        .unwrap_or(u32::MAX);
-    base.checked_mul(factor)
-        .unwrap_or(MAX_RETRY_DELAY)
-        .min(MAX_RETRY_DELAY)
+    crate::doubling_delay(base, attempt, MAX_RETRY_DELAY)
 }
 
 /// The retry plan of one operation: `max_retries` retries after the first try, waiting
