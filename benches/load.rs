@@ -3,9 +3,8 @@
 //!
 //! `cargo bench --bench load` (release build). Settings: `ARTISYNC_LOAD_NODES` (10),
 //! `ARTISYNC_LOAD_FILES` (20,000), `ARTISYNC_LOAD_RATE` (changes/s, 200),
-//! `ARTISYNC_LOAD_SECS` (120), `ARTISYNC_LOAD_LOG` (the agents' log filter, `warn`), `ARTISYNC_LOAD_KEEP` (keep the
-//! run's directory). It
-//! reports:
+//! `ARTISYNC_LOAD_SECS` (120), `ARTISYNC_LOAD_LOG` (the agents' log filter, `warn`),
+//! `ARTISYNC_LOAD_KEEP` (keep the run's directory). It reports:
 //! - the initial sync of the seeded tree to the empty nodes;
 //! - during the load, once a second: records behind and lag seconds (each agent's own
 //!   `artisync_peer_behind_records` / `artisync_peer_lag_seconds`, the largest over its

@@ -27,10 +27,6 @@ const BATCHES_IN_FLIGHT: usize = 3;
 /// (tens of microseconds); a larger one on a blocking thread.
 const SMALL_BATCH_RECORDS: usize = 64;
 const SMALL_BATCH_INLINE_BYTES: usize = 64 * 1024;
-
-fn is_small_batch(records: usize, inline_bytes: usize) -> bool {
-    records <= SMALL_BATCH_RECORDS && inline_bytes <= SMALL_BATCH_INLINE_BYTES
-}
 /// Records of the batches received while `BATCHES_IN_FLIGHT` are with the engine, merged into
 /// one batch for it at most. Reading on instead of leaving them in the connection's window
 /// (8 MiB, hundreds of small batches under a steady flow of edits) keeps the peer's stream
@@ -58,6 +54,11 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Longest wait for a peer to answer a subscription (a connection that was accepted but
 /// stalls must not hold the session until HTTP/2 keepalive notices).
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// See [`SMALL_BATCH_RECORDS`].
+fn is_small_batch(records: usize, inline_bytes: usize) -> bool {
+    records <= SMALL_BATCH_RECORDS && inline_bytes <= SMALL_BATCH_INLINE_BYTES
+}
 
 // ---------------------------------------------------------------- client sessions
 

@@ -304,9 +304,10 @@ mod tests {
             .await
             .expect("explain");
         assert!(!program.is_empty());
+        // Decoded with expect: a column that failed to decode must not pass as "no such op".
         let bound_into_program = program.iter().any(|op| {
-            op.try_get::<String, _>(1).ok().as_deref() == Some("Integer")
-                && op.try_get::<i64, _>(2).ok() == Some(LIMIT)
+            op.try_get::<String, _>(1).expect("opcode") == "Integer"
+                && op.try_get::<i64, _>(2).expect("p2") == LIMIT
         });
         assert!(!bound_into_program);
         // And the poll still answers, limited.
